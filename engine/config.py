@@ -1,0 +1,238 @@
+"""Model and engine configuration as plain dataclasses.
+
+One `ModelConfig` describes every supported family (MaxText style): Llama 2/3,
+SmolLM2 and Gemma differ only in the switches below, never in code copies.
+`EngineConfig` carries the serving knobs and accepts the fields of the
+`model.json` that JetStream's Triton backend used (booleans may arrive as the
+strings "True"/"False").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters of a decoder-only transformer."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    # Llama-3.1 style rope scaling: {"factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}; None for plain RoPE.
+    rope_scaling: Optional[dict] = None
+    rms_norm_eps: float = 1e-5
+    # Family switches.
+    activation: str = "silu"  # "silu" (SwiGLU, Llama) | "gelu_tanh" (GeGLU, Gemma)
+    norm_weight_offset: float = 0.0  # Gemma stores RMSNorm weights as w, applies (1 + w)
+    embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
+    tie_embeddings: bool = False  # lm_head shares the embedding matrix
+    bos_token_id: Optional[int] = 1
+    eos_token_ids: tuple = (2,)
+    family: str = "llama"  # informational: "llama" | "gemma"
+    name: str = "custom"
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def validate(self) -> "ModelConfig":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"unsupported activation {self.activation!r}")
+        return self
+
+    def param_count(self) -> int:
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = d * self.num_heads * self.head_dim * 2 + d * self.num_kv_heads * self.head_dim * 2
+        per_layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else v * d
+        return v * d + self.num_layers * per_layer + d + head
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        d = dict(d)
+        if "eos_token_ids" in d:
+            eos = d["eos_token_ids"]
+            d["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        return cls(**d).validate()
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["eos_token_ids"] = list(self.eos_token_ids)
+        return out
+
+    @classmethod
+    def from_hf(cls, hf: dict, name: str = "custom") -> "ModelConfig":
+        """Map a Hugging Face `config.json` onto our switches."""
+        archs = hf.get("architectures") or []
+        model_type = hf.get("model_type", "")
+        if model_type not in ("llama", "gemma", "mistral") and not any(
+                a in ("LlamaForCausalLM", "GemmaForCausalLM", "MistralForCausalLM") for a in archs):
+            raise ValueError(
+                f"unsupported architecture: model_type={model_type!r}, architectures={archs}; "
+                "supported: llama, gemma, mistral (no sliding window)")
+        if model_type == "mistral" and hf.get("sliding_window") not in (None, 0):
+            if hf["sliding_window"] < hf.get("max_position_embeddings", 0):
+                raise ValueError("mistral with a sliding window is not supported")
+        heads = hf["num_attention_heads"]
+        hidden = hf["hidden_size"]
+        gemma = model_type == "gemma"
+        eos = hf.get("eos_token_id", 2)
+        act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+        if gemma:
+            act = "gelu_tanh"  # Gemma 1 uses the tanh approximation in practice (HF does too)
+        elif act not in ("silu", "swish"):
+            raise ValueError(f"unsupported activation {act!r}")
+        else:
+            act = "silu"
+        rope_scaling = hf.get("rope_scaling")
+        if rope_scaling is not None:
+            kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+            if kind in (None, "default"):
+                rope_scaling = None
+            elif kind != "llama3":
+                raise ValueError(f"unsupported rope_scaling type {kind!r}")
+            else:
+                rope_scaling = {k: rope_scaling[k] for k in (
+                    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ValueError("attention/MLP biases are not supported")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hidden // heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_scaling=rope_scaling,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5)),
+            activation=act,
+            norm_weight_offset=1.0 if gemma else 0.0,
+            embed_scale=gemma,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
+            family="gemma" if gemma else "llama",
+            name=name,
+        ).validate()
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "y", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "n", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+@dataclass
+class EngineConfig:
+    """Serving knobs. Field names follow JetStream's model.json where one exists."""
+
+    checkpoint_path: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    param_size: Optional[str] = None  # e.g. "7b": picks configs/models/llama2-7b.json when no checkpoint
+    batch_size: int = 8  # decode slots
+    max_cache_length: int = 1024  # tokens per slot, prompt + completion
+    context_size: int = 512  # longest prompt accepted
+    quantize_weights: bool = False
+    quantize_kv_cache: bool = False
+    platform: str = "auto"  # "tpu=8" | "gpu=1" | "cpu" | "auto"
+    dtype: Optional[str] = None  # None: bfloat16 on accelerators, float32 on CPU
+    model: Optional[str] = None  # a config name (configs/models/NAME.json)
+    min_prefill_bucket: int = 16
+    decode_steps: int = 8  # decode steps per host round-trip
+    prefill_batch: int = 8  # prompts prefilled together per bucket
+    attention: str = "auto"  # "auto" | "xla" | "cudnn"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("quantize_weights", "quantize_kv_cache"):
+            setattr(self, name, _as_bool(getattr(self, name)))
+        for name in ("batch_size", "max_cache_length", "context_size", "min_prefill_bucket",
+                     "decode_steps", "prefill_batch", "seed"):
+            setattr(self, name, int(getattr(self, name)))
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.context_size < 1 or self.max_cache_length < 2:
+            raise ValueError("context_size must be >= 1 and max_cache_length >= 2")
+        if self.context_size >= self.max_cache_length:
+            raise ValueError(
+                f"context_size ({self.context_size}) must be smaller than max_cache_length "
+                f"({self.max_cache_length}) so at least one token can be generated")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.decode_steps < 1 or self.prefill_batch < 1:
+            raise ValueError("decode_steps and prefill_batch must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown engine config fields: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str) -> "EngineConfig":
+        with open(path) as f:
+            d = json.load(f)
+        base = os.path.dirname(os.path.abspath(path))
+        for key in ("checkpoint_path", "tokenizer_path"):
+            if d.get(key) and not os.path.isabs(d[key]) and "://" not in d[key]:
+                d[key] = os.path.join(base, d[key])
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def compute_dtype(self):
+        if self.dtype is not None:
+            return DTYPES[self.dtype]
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+    def prefill_buckets(self) -> list[int]:
+        """Power-of-two prompt lengths compiled for prefill, up to context_size."""
+        top = next_power_of_two(self.context_size)
+        b = min(next_power_of_two(self.min_prefill_bucket), top)
+        out = []
+        while b <= top:
+            out.append(min(b, self.max_cache_length))
+            b *= 2
+        return sorted(set(out))

@@ -1,0 +1,214 @@
+"""`JaxEngine`: the JetStream Engine API over our model, KV cache and sampler.
+
+Everything that runs per token is one jit-compiled function with static shapes:
+prefill per (prompt-count, length bucket), insert per the same, and `generate`, which
+runs `decode_steps` decode steps in one `lax.fori_loop` with sampling on device, so the
+host syncs once per several tokens. Decode state and cache are donated: updated in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine import sharding as shd
+from engine.config import EngineConfig, ModelConfig
+from engine.engine_api import Engine, ResultTokens
+from engine.kv_cache import KVCache, init_cache, insert_prefix, pack_prefix
+from engine.model import decode_step, prefill as model_prefill
+from engine.sampling import SlotSampling, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeState:
+    cache: KVCache
+    tokens: Any  # int32 [B]: last sampled token of each slot (the next input)
+    pos: Any  # int32 [B]: position that token will occupy (= tokens already in the cache)
+    step: Any  # int32 [B]: tokens generated so far by the slot's request
+    sampling: SlotSampling  # per-slot settings
+
+
+@dataclass
+class Prefix:
+    """The result of prefilling N prompts: their K/V, lengths, first tokens and sampling."""
+
+    cache: KVCache  # per layer [N, S, Hkv, D]
+    true_length: Any  # int32 [N]
+    first_token: Any  # int32 [N]
+    sampling: SlotSampling
+
+
+for _cls, _fields in ((DecodeState, ["cache", "tokens", "pos", "step", "sampling"]),
+                      (Prefix, ["cache", "true_length", "first_token", "sampling"])):
+    jax.tree_util.register_dataclass(_cls, data_fields=_fields, meta_fields=[])
+
+
+class JaxEngine(Engine):
+    """One model on one mesh, with `batch_size` decode slots of `max_cache_length` tokens."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, checkpoint=None):
+        self.config = config
+        self.model_config = model_config
+        self.checkpoint = checkpoint  # None: random weights (benchmarks, config-name models)
+        self.dtype = config.compute_dtype
+        self._mesh = shd.make_mesh(config.platform)
+        backend = self._mesh.devices.flat[0].platform
+        attn = config.attention
+        if attn == "auto":
+            attn = "cudnn" if backend == "gpu" and not config.quantize_kv_cache \
+                and self.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+        self.attention_impl = attn
+        self.buckets = config.prefill_buckets()
+        self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=())
+        self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))
+        self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,))
+        self._cache_sharding = shd.cache_shardings(self._mesh, model_config, config.quantize_kv_cache)
+
+    # ---- properties of the API ----
+    @property
+    def max_concurrent_decodes(self) -> int:
+        return self.config.batch_size
+
+    @property
+    def max_prefill_length(self) -> int:
+        return self.config.context_size
+
+    @property
+    def mesh(self):
+        return self._mesh
+
+    @property
+    def samples_per_slot(self) -> int:
+        return self.config.decode_steps
+
+    def bucket_for(self, length: int) -> int:
+        for b in self.buckets:
+            if b >= length:
+                return b
+        raise ValueError(f"prompt of {length} tokens exceeds context_size {self.config.context_size}")
+
+    # ---- weights ----
+    def load_params(self):
+        from engine.weights import load_params
+        return load_params(self.model_config, self.checkpoint, self._mesh, self.dtype,
+                           self.config.quantize_weights, seed=self.config.seed)
+
+    # ---- decode state ----
+    def init_decode_state(self) -> DecodeState:
+        cfg, b = self.model_config, self.config.batch_size
+
+        def build():
+            cache = init_cache(cfg.num_layers, b, self.config.max_cache_length, cfg.num_kv_heads,
+                               cfg.head_dim, self.dtype, self.config.quantize_kv_cache)
+            g = SlotSampling.greedy(b)
+            return DecodeState(cache, jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32),
+                               jnp.zeros(b, jnp.int32),
+                               SlotSampling(*(jnp.asarray(x) for x in (g.temperature, g.top_k, g.top_p, g.key))))
+
+        out_shardings = DecodeState(self._cache_sharding, *([shd.replicated(self._mesh)] * 3),
+                                    SlotSampling(*([shd.replicated(self._mesh)] * 4)))
+        return jax.jit(build, out_shardings=out_shardings)()
+
+    # ---- prefill ----
+    def _prefill_impl(self, params, tokens, true_length, sampling: SlotSampling):
+        logits, ks, vs = model_prefill(params, self.model_config, tokens, self.dtype,
+                                       last_index=true_length - 1)
+        first = sample(logits, sampling, jnp.zeros_like(true_length))
+        prefix_cache = pack_prefix(ks, vs, self.config.quantize_kv_cache)
+        return Prefix(prefix_cache, true_length, first, sampling)
+
+    def prefill(self, *, params, padded_tokens, true_length, existing_prefix=None,
+                sampling: Optional[SlotSampling] = None):
+        """Prefill one prompt (padded_tokens [S]) or a batch ([N, S] with true_length [N])."""
+        if existing_prefix is not None:
+            raise NotImplementedError("prefix caching (existing_prefix) is not supported")
+        tokens = np.asarray(padded_tokens, np.int32)
+        single = tokens.ndim == 1
+        if single:
+            tokens = tokens[None]
+        lengths = np.atleast_1d(np.asarray(true_length, np.int32))
+        n, s = tokens.shape
+        if s not in self.buckets:
+            raise ValueError(f"padded length {s} is not a prefill bucket {self.buckets}")
+        if (lengths < 1).any() or (lengths > min(s, self.config.context_size)).any():
+            raise ValueError(f"true_length {lengths} out of range for bucket {s}")
+        if sampling is None:
+            sampling = SlotSampling.greedy(n)
+        prefix = self._prefill_jit(params, tokens, lengths, sampling)
+        first = ResultTokens(prefix.first_token[:, None], jnp.ones((n, 1), bool), lengths[:, None])
+        return prefix, first
+
+    # ---- insert ----
+    def _insert_impl(self, state: DecodeState, prefix: Prefix, slots):
+        b = self.config.batch_size
+        cache = insert_prefix(state.cache, prefix.cache, slots)
+
+        def put(dst, src):
+            return dst.at[slots].set(src.astype(dst.dtype), mode="drop")
+
+        samp = SlotSampling(*(put(d, s) for d, s in zip(
+            (state.sampling.temperature, state.sampling.top_k, state.sampling.top_p, state.sampling.key),
+            (prefix.sampling.temperature, prefix.sampling.top_k, prefix.sampling.top_p, prefix.sampling.key))))
+        return DecodeState(cache, put(state.tokens, prefix.first_token), put(state.pos, prefix.true_length),
+                           put(state.step, jnp.ones_like(prefix.true_length)), samp)
+
+    def insert(self, prefix: Prefix, decode_state: DecodeState, slot) -> DecodeState:
+        """Insert a prefix into `slot` (an int, or [N] slots for a batched prefix; -1 skips a row)."""
+        slots = np.atleast_1d(np.asarray(slot, np.int32))
+        slots = np.where(slots < 0, self.config.batch_size, slots)  # out of range -> dropped
+        return self._insert_jit(decode_state, prefix, slots)
+
+    # ---- generate ----
+    def _generate_impl(self, params, state: DecodeState):
+        cfg = self.model_config
+        limit = self.config.max_cache_length - 1
+        steps = self.config.decode_steps
+
+        def body(i, carry):
+            state, out_tokens, out_pos = carry
+            logits, cache = decode_step(params, cfg, state.tokens, state.pos, state.cache, self.dtype,
+                                        self.attention_impl)
+            nxt = sample(logits, state.sampling, state.step)
+            pos = jnp.minimum(state.pos + 1, limit)
+            out_tokens = out_tokens.at[:, i].set(nxt)
+            out_pos = out_pos.at[:, i].set(pos)
+            return DecodeState(cache, nxt, pos, state.step + 1, state.sampling), out_tokens, out_pos
+
+        b = self.config.batch_size
+        init = (state, jnp.zeros((b, steps), jnp.int32), jnp.zeros((b, steps), jnp.int32))
+        state, toks, pos = jax.lax.fori_loop(0, steps, body, init)
+        return state, toks, pos
+
+    def generate(self, params, decode_state: DecodeState):
+        state, toks, pos = self._generate_jit(params, decode_state)
+        return state, ResultTokens(toks, pos > 0, pos)
+
+    # ---- compile everything up front ----
+    def warmup(self, params, decode_state: DecodeState, prefill_sizes=None) -> DecodeState:
+        """Compile every prefill bucket (for each prefill batch size) and the decode step."""
+        sizes = prefill_sizes or self.prefill_sizes()
+        for s in self.buckets:
+            for n in sizes:
+                prefix, _ = self.prefill(params=params, padded_tokens=np.zeros((n, s), np.int32),
+                                         true_length=np.ones(n, np.int32))
+                decode_state = self.insert(prefix, decode_state, np.full(n, -1, np.int32))
+        decode_state, res = self.generate(params, decode_state)
+        jax.block_until_ready(res.tokens)
+        return decode_state
+
+    def prefill_sizes(self) -> list[int]:
+        """Prompt counts per prefill call: powers of two up to min(prefill_batch, batch_size)."""
+        top = min(self.config.prefill_batch, self.config.batch_size)
+        out, n = [], 1
+        while n < top:
+            out.append(n)
+            n *= 2
+        return out + [top]

@@ -1,0 +1,125 @@
+"""The preallocated KV cache and decode attention over it.
+
+Layout per layer: K and V as [slots, max_cache_length, kv_heads, head_dim] (the BTNH
+layout cuDNN's attention reads directly), in the compute dtype or int8 with one float32
+scale per (slot, token, kv_head). Layers are separate arrays (a Python list), not one
+stacked array: on an H100 a scan over stacked layers copied each layer's slice and ran
+~3x slower than unrolled layers (../shared/notes/h100-measured.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from engine.quantize import quantize_kv
+
+NEG_INF = -1e30
+
+
+@dataclass
+class KVCache:
+    k: list  # per layer [B, T, Hkv, D] (dtype or int8)
+    v: list
+    k_scale: Optional[list] = None  # per layer [B, T, Hkv] float32 when quantized
+    v_scale: Optional[list] = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "k_scale", "v_scale"], meta_fields=[])
+
+
+def init_cache(num_layers: int, slots: int, length: int, kv_heads: int, head_dim: int,
+               dtype, quantized: bool) -> KVCache:
+    shape = (slots, length, kv_heads, head_dim)
+    if quantized:
+        z = lambda: jnp.zeros(shape, jnp.int8)
+        s = lambda: jnp.ones(shape[:3], jnp.float32)
+        return KVCache([z() for _ in range(num_layers)], [z() for _ in range(num_layers)],
+                       [s() for _ in range(num_layers)], [s() for _ in range(num_layers)])
+    z = lambda: jnp.zeros(shape, dtype)
+    return KVCache([z() for _ in range(num_layers)], [z() for _ in range(num_layers)])
+
+
+def pack_prefix(ks: list, vs: list, quantized: bool) -> KVCache:
+    """A prefill's K/V ([N, S, Hkv, D] per layer) in the cache's storage format."""
+    if not quantized:
+        return KVCache(list(ks), list(vs))
+    kq, ksc = zip(*[quantize_kv(k) for k in ks])
+    vq, vsc = zip(*[quantize_kv(v) for v in vs])
+    return KVCache(list(kq), list(vq), list(ksc), list(vsc))
+
+
+def insert_prefix(cache: KVCache, prefix: KVCache, slots) -> KVCache:
+    """Write N prefixes ([N, S, ...]) into rows `slots` [N] at positions [0, S).
+
+    Slots outside [0, B) are dropped, so a padded prefill batch can carry dummy rows.
+    """
+    def put(dst, src):
+        s = src.shape[1]
+        return dst.at[slots, :s].set(src.astype(dst.dtype), mode="drop")
+
+    fields = [cache.k, cache.v] + ([cache.k_scale, cache.v_scale] if cache.quantized else [])
+    srcs = [prefix.k, prefix.v] + ([prefix.k_scale, prefix.v_scale] if cache.quantized else [])
+    out = [[put(d, s) for d, s in zip(dl, sl)] for dl, sl in zip(fields, srcs)]
+    return KVCache(*out) if cache.quantized else KVCache(out[0], out[1])
+
+
+def write_token(cache: KVCache, layer: int, k, v, pos) -> KVCache:
+    """Write one new token's K/V ([B, Hkv, D]) for every slot at its position pos [B]."""
+    rows = jnp.arange(k.shape[0])
+    if cache.quantized:
+        kq, ks = quantize_kv(k)
+        vq, vs = quantize_kv(v)
+        cache.k[layer] = cache.k[layer].at[rows, pos].set(kq)
+        cache.v[layer] = cache.v[layer].at[rows, pos].set(vq)
+        cache.k_scale[layer] = cache.k_scale[layer].at[rows, pos].set(ks)
+        cache.v_scale[layer] = cache.v_scale[layer].at[rows, pos].set(vs)
+    else:
+        cache.k[layer] = cache.k[layer].at[rows, pos].set(k.astype(cache.k[layer].dtype))
+        cache.v[layer] = cache.v[layer].at[rows, pos].set(v.astype(cache.v[layer].dtype))
+    return cache
+
+
+def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str = "xla"):
+    """One query per slot (q: [B, H, D]) against that slot's cache positions [0, pos]."""
+    k, v = cache.k[layer], cache.v[layer]
+    b, t, hkv, d = k.shape
+    h = q.shape[1]
+    if impl == "cudnn" and not cache.quantized:
+        out = jax.nn.dot_product_attention(
+            q[:, None], k, v, scale=scale, implementation="cudnn",
+            query_seq_lengths=jnp.ones((b,), jnp.int32), key_value_seq_lengths=pos + 1)
+        return out[:, 0]
+    qg = q.reshape(b, hkv, h // hkv, d)
+    s = jnp.einsum("bhgd,bthd->bhgt", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    if cache.quantized:
+        s = s * jnp.transpose(cache.k_scale[layer], (0, 2, 1))[:, :, None, :]
+    s = s * scale
+    mask = jnp.arange(t)[None, :] <= pos[:, None]  # [B, T]
+    s = jnp.where(mask[:, None, None, :], s, NEG_INF)
+    p = jax.nn.softmax(s, axis=-1)
+    if cache.quantized:
+        p = p * jnp.transpose(cache.v_scale[layer], (0, 2, 1))[:, :, None, :]
+    out = jnp.einsum("bhgt,bthd->bhgd", p.astype(q.dtype), v.astype(q.dtype),
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, h, d).astype(q.dtype)
+
+
+def prefill_attention(q, k, v, scale: float):
+    """Causal self-attention over a right-padded prompt batch: q [N,S,H,D], k/v [N,S,Hkv,D]."""
+    n, s, h, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(n, s, hkv, h // hkv, d)
+    sc = jnp.einsum("nshgd,nthd->nhgst", qg, k, preferred_element_type=jnp.float32) * scale
+    causal = jnp.tril(jnp.ones((s, s), bool))
+    sc = jnp.where(causal, sc, NEG_INF)
+    p = jax.nn.softmax(sc, axis=-1)
+    out = jnp.einsum("nhgst,nthd->nshgd", p.astype(q.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(n, s, h, d).astype(q.dtype)

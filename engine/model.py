@@ -1,0 +1,137 @@
+"""The transformer, one definition for Llama-family and Gemma models (switches in ModelConfig).
+
+Params are a plain pytree (see engine/loaders/__init__.py for names and layouts):
+    {"embed", "layers": [ {attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down}, ... ],
+     "final_norm", "lm_head"?}
+Any matrix may be a `QuantizedWeight` (int8 + per-column scale).
+
+Two entry points: `prefill` runs right-padded prompts [N, S] from scratch and returns
+per-layer K/V; `decode_step` runs one token per slot [B] against the KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache, decode_attention, prefill_attention, write_token
+from engine.quantize import linear
+
+
+def rms_norm(x, w, cfg: ModelConfig):
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    if cfg.norm_weight_offset:  # Gemma: computed in float32, then cast (as HF does)
+        return (y * (cfg.norm_weight_offset + w.astype(jnp.float32))).astype(x.dtype)
+    return w.astype(x.dtype) * y.astype(x.dtype)  # Llama: cast, then scale
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    rs = cfg.rope_scaling
+    if rs:  # Llama 3.1 "llama3" frequency scaling
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_len = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        scaled = np.where(wavelen > old_len / lo, inv / factor, inv)
+        mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        inv = np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE (Hugging Face layout). x: [..., H, D], positions: [...]."""
+    ang = positions[..., None].astype(jnp.float32) * inv_freq  # [..., D/2]
+    cos = jnp.cos(ang)[..., None, :]
+    sin = jnp.sin(ang)[..., None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def embed(params, cfg: ModelConfig, tokens, dtype):
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    if cfg.embed_scale:  # Gemma: the normalizer is rounded to the activation dtype first
+        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
+    return x
+
+
+def mlp(layer, x, cfg: ModelConfig):
+    gate = linear(x, layer["w_gate"])
+    up = linear(x, layer["w_up"])
+    if cfg.activation == "gelu_tanh":
+        act = jax.nn.gelu(gate, approximate=True)
+    else:
+        act = jax.nn.silu(gate)
+    return linear(act * up, layer["w_down"])
+
+
+def logits(params, cfg: ModelConfig, x):
+    """Final norm and the output projection, in float32."""
+    x = rms_norm(x, params["final_norm"], cfg)
+    if cfg.tie_embeddings:
+        return jnp.einsum("...d,vd->...v", x, params["embed"].astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+    return linear(x, params["lm_head"]).astype(jnp.float32)
+
+
+def _qkv(layer, h, cfg: ModelConfig):
+    shape = h.shape[:-1]
+    q = linear(h, layer["wq"]).reshape(*shape, cfg.num_heads, cfg.head_dim)
+    k = linear(h, layer["wk"]).reshape(*shape, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(h, layer["wv"]).reshape(*shape, cfg.num_kv_heads, cfg.head_dim)
+    return q, k, v
+
+
+def prefill(params, cfg: ModelConfig, tokens, dtype, all_logits: bool = False, last_index=None):
+    """Run right-padded prompts tokens [N, S].
+
+    Returns (logits, ks, vs): logits [N, S, V] if all_logits else [N, V] at `last_index` [N]
+    (each prompt's last real position); ks/vs are per-layer [N, S, Hkv, D] in `dtype`.
+    """
+    n, s = tokens.shape
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    positions = jnp.broadcast_to(jnp.arange(s), (n, s))
+    scale = cfg.head_dim ** -0.5
+    x = embed(params, cfg, tokens, dtype)
+    ks, vs = [], []
+    for layer in params["layers"]:
+        h = rms_norm(x, layer["attn_norm"], cfg)
+        q, k, v = _qkv(layer, h, cfg)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        ks.append(k)
+        vs.append(v)
+        a = prefill_attention(q, k, v, scale)
+        x = x + linear(a.reshape(n, s, -1), layer["wo"])
+        x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], cfg), cfg)
+    if not all_logits:
+        x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
+    return logits(params, cfg, x), ks, vs
+
+
+def decode_step(params, cfg: ModelConfig, tokens, pos, cache: KVCache, dtype, attn_impl: str = "xla"):
+    """One token per slot: tokens [B] at positions pos [B]; returns (logits [B, V], cache)."""
+    cache = KVCache(list(cache.k), list(cache.v),
+                    None if cache.k_scale is None else list(cache.k_scale),
+                    None if cache.v_scale is None else list(cache.v_scale))
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    scale = cfg.head_dim ** -0.5
+    x = embed(params, cfg, tokens, dtype)
+    b = tokens.shape[0]
+    for i, layer in enumerate(params["layers"]):
+        h = rms_norm(x, layer["attn_norm"], cfg)
+        q, k, v = _qkv(layer, h, cfg)
+        q = apply_rope(q, pos, inv_freq)
+        k = apply_rope(k, pos, inv_freq)
+        cache = write_token(cache, i, k, v, pos)
+        a = decode_attention(q, cache, i, pos, scale, attn_impl)
+        x = x + linear(a.reshape(b, -1), layer["wo"])
+        x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], cfg), cfg)
+    return logits(params, cfg, x), cache

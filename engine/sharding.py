@@ -1,0 +1,96 @@
+"""Device mesh and tensor-parallel layouts.
+
+One mesh axis, "tp", over the devices `platform` names. Attention heads and MLP columns
+are split across it (Megatron style: column-parallel wq/wk/wv/w_gate/w_up, row-parallel
+wo/w_down) and the KV cache is split by KV head. A dimension that does not divide by the
+device count stays replicated, so the same code runs on any number of devices and XLA's
+partitioner inserts the collectives.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from engine.config import ModelConfig
+
+AXIS = "tp"
+
+
+def parse_platform(platform: str) -> tuple[str | None, int | None]:
+    """"tpu=8" -> ("tpu", 8); "cpu" -> ("cpu", 1); "gpu" -> ("gpu", all); "auto" -> (None, all)."""
+    platform = (platform or "auto").strip().lower()
+    if platform == "auto":
+        return None, None
+    name, _, count = platform.partition("=")
+    if name not in ("tpu", "gpu", "cpu", "cuda", "rocm"):
+        raise ValueError(f"platform must look like 'tpu=8', 'gpu=1', 'cpu' or 'auto', got {platform!r}")
+    if name in ("cuda", "rocm"):
+        name = "gpu"
+    if count:
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"bad device count in platform {platform!r}")
+        return name, int(count)
+    return name, 1 if name == "cpu" else None
+
+
+def make_mesh(platform: str) -> Mesh:
+    backend, count = parse_platform(platform)
+    try:
+        devices = jax.devices(backend) if backend else jax.devices()
+    except RuntimeError as e:
+        raise ValueError(f"platform {platform!r}: no {backend} devices available ({e})") from None
+    if count is not None:
+        if count > len(devices):
+            raise ValueError(f"platform {platform!r} asks for {count} devices but only {len(devices)} "
+                             f"{devices[0].platform} device(s) are visible")
+        devices = devices[:count]
+    return Mesh(np.array(devices), (AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _div(n: int, mesh: Mesh) -> bool:
+    return n % mesh.shape[AXIS] == 0
+
+
+def param_spec(name: str, shape: tuple, cfg: ModelConfig, mesh: Mesh) -> P:
+    """PartitionSpec for a canonical tensor name (see engine/loaders) of the given shape."""
+    leaf = name.split(".")[-1]
+    heads_ok = _div(cfg.num_heads, mesh)
+    kv_ok = _div(cfg.num_kv_heads, mesh)
+    ff_ok = _div(cfg.intermediate_size, mesh)
+    if leaf == "wq":
+        return P(None, AXIS) if heads_ok else P()
+    if leaf in ("wk", "wv"):
+        return P(None, AXIS) if kv_ok else P()
+    if leaf == "wo":
+        return P(AXIS, None) if heads_ok else P()
+    if leaf in ("w_gate", "w_up"):
+        return P(None, AXIS) if ff_ok else P()
+    if leaf == "w_down":
+        return P(AXIS, None) if ff_ok else P()
+    if leaf == "lm_head":
+        return P(None, AXIS) if _div(cfg.vocab_size, mesh) else P()
+    if leaf == "embed":
+        return P(AXIS, None) if _div(cfg.vocab_size, mesh) else P()
+    return P()  # norms
+
+
+def scale_spec(weight_spec: P) -> P:
+    """Per-output-column scales follow the weight's column split."""
+    return P(weight_spec[1]) if len(weight_spec) == 2 else P()
+
+
+def cache_shardings(mesh: Mesh, cfg: ModelConfig, quantized: bool):
+    from engine.kv_cache import KVCache
+    spec = P(None, None, AXIS, None) if _div(cfg.num_kv_heads, mesh) else P()
+    sspec = P(None, None, AXIS) if _div(cfg.num_kv_heads, mesh) else P()
+    kv = [NamedSharding(mesh, spec)] * cfg.num_layers
+    if not quantized:
+        return KVCache(list(kv), list(kv))
+    sc = [NamedSharding(mesh, sspec)] * cfg.num_layers
+    return KVCache(list(kv), list(kv), list(sc), list(sc))

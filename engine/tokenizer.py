@@ -1,0 +1,155 @@
+"""Tokenizers: sentencepiece `tokenizer.model`, Hugging Face `tokenizer.json`, or one built in memory.
+
+All share one small interface so the batcher never cares where the vocabulary came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+
+class Tokenizer:
+    """encode/decode plus the special ids and the chat template."""
+
+    bos_id: Optional[int] = None
+    eos_ids: tuple = ()
+    add_bos: bool = True
+    chat_template: Optional[str] = None
+
+    def encode(self, text: str, add_bos: Optional[bool] = None) -> list[int]:
+        ids = self._encode(text)
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            if not ids or ids[0] != self.bos_id:
+                ids = [self.bos_id] + ids
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def token_text(self, token_id: int) -> str:
+        return self.decode([token_id])
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render role/content messages with the model's chat template (Jinja, as transformers does)."""
+        if not self.chat_template:
+            raise ValueError("this model has no chat template; send a plain prompt instead of messages")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        bos = self.token_text(self.bos_id) if self.bos_id is not None else ""
+        eos = self.token_text(self.eos_ids[0]) if self.eos_ids else ""
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=bos, eos_token=eos)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, path: str, chat_template: Optional[str] = None):
+        import sentencepiece as spm
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_ids = (self.sp.eos_id(),) if self.sp.eos_id() >= 0 else ()
+        self.chat_template = chat_template
+
+    def _encode(self, text):
+        return list(self.sp.encode(text))
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+    def token_text(self, token_id):
+        return self.sp.id_to_piece(int(token_id))
+
+    @property
+    def vocab_size(self):
+        return self.sp.get_piece_size()
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer` (from tokenizer.json, or built by a loader) plus its special ids."""
+
+    def __init__(self, tok, bos_id=None, eos_ids=(), add_bos: bool = True,
+                 chat_template: Optional[str] = None):
+        self.tok = tok
+        self.bos_id = bos_id
+        self.eos_ids = tuple(eos_ids)
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+
+    @classmethod
+    def from_dir(cls, directory: str) -> "HFTokenizer":
+        """tokenizer.json, with special ids and chat template from tokenizer_config.json when present."""
+        from tokenizers import Tokenizer as _Tok
+        tok = _Tok.from_file(os.path.join(directory, "tokenizer.json"))
+        cfg = {}
+        cfg_path = os.path.join(directory, "tokenizer_config.json")
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+
+        def special(name):
+            v = cfg.get(name)
+            if isinstance(v, dict):
+                v = v.get("content")
+            return tok.token_to_id(v) if isinstance(v, str) else None
+
+        bos = special("bos_token")
+        eos = special("eos_token")
+        # A tokenizer.json whose post-processor already adds BOS must not get a second one;
+        # encode() only prepends when the first id is not BOS.
+        add_bos = bool(cfg.get("add_bos_token", bos is not None))
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return cls(tok, bos_id=bos, eos_ids=(eos,) if eos is not None else (), add_bos=add_bos,
+                   chat_template=template)
+
+    def _encode(self, text):
+        return list(self.tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def token_text(self, token_id):
+        return self.tok.id_to_token(int(token_id)) or ""
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size()
+
+
+def load_tokenizer(path: Optional[str]) -> Optional[Tokenizer]:
+    """A tokenizer from a file or a model directory; None when there is none (token-id requests only)."""
+    if not path:
+        return None
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "tokenizer.json")):
+            return HFTokenizer.from_dir(path)
+        if os.path.exists(os.path.join(path, "tokenizer.model")):
+            template = None
+            cfg_path = os.path.join(path, "tokenizer_config.json")
+            if os.path.exists(cfg_path):
+                with open(cfg_path) as f:
+                    template = json.load(f).get("chat_template")
+            return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"), chat_template=template)
+        return None
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer not found: {path}")
+    if path.endswith(".json"):
+        return HFTokenizer.from_dir(os.path.dirname(path) or ".") if os.path.basename(path) == "tokenizer.json" \
+            else HFTokenizer(__import__("tokenizers").Tokenizer.from_file(path))
+    return SentencePieceTokenizer(path)

@@ -1,0 +1,116 @@
+"""Placing weights on the mesh: from a checkpoint, tensor by tensor, or random (by shape only).
+
+Each tensor is cast, optionally int8-quantized on device, and laid out with its
+PartitionSpec as it arrives, so host memory holds at most one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from engine import sharding as shd
+from engine.config import ModelConfig
+from engine.loaders import Checkpoint, CheckpointError, layer_names
+from engine.quantize import QuantizedWeight, quantize_weight
+
+MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict:
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    hq, hkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    per = {"attn_norm": (d,), "wq": (d, hq), "wk": (d, hkv), "wv": (d, hkv), "wo": (hq, d),
+           "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+    out = {"embed": (v, d), "final_norm": (d,)}
+    for i in range(cfg.num_layers):
+        out.update({f"layers.{i}.{k}": s for k, s in per.items()})
+    if not cfg.tie_embeddings:
+        out["lm_head"] = (d, v)
+    return out
+
+
+def _is_matrix(name: str) -> bool:
+    return name.split(".")[-1] in MATRICES
+
+
+def _place(name, value, cfg, mesh, dtype, quantize: bool):
+    """Put one tensor on the mesh in its final form (dtype, or int8 + scales)."""
+    spec = shd.param_spec(name, tuple(value.shape), cfg, mesh)
+    wsh = NamedSharding(mesh, spec)
+    ssh = NamedSharding(mesh, shd.scale_spec(spec))
+    if isinstance(value, QuantizedWeight):
+        if quantize:
+            return QuantizedWeight(jax.device_put(np.asarray(value.q, np.int8), wsh),
+                                   jax.device_put(np.asarray(value.scale, np.float32), ssh))
+        deq = np.asarray(value.q, np.float32) * np.asarray(value.scale, np.float32)[None, :]
+        return jax.device_put(deq.astype(jnp.dtype(dtype)), wsh)
+    if quantize and _is_matrix(name):
+        f = jax.jit(quantize_weight, out_shardings=QuantizedWeight(wsh, ssh))
+        return f(jax.device_put(np.asarray(value), wsh))
+    host = np.asarray(value)
+    if host.dtype != jnp.dtype(dtype):
+        host = host.astype(jnp.dtype(dtype))
+    return jax.device_put(host, wsh)
+
+
+def _assemble(cfg: ModelConfig, flat: dict) -> dict:
+    params = {"embed": flat["embed"], "final_norm": flat["final_norm"],
+              "layers": [{k: flat[f"layers.{i}.{k}"] for k in (
+                  "attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")}
+                  for i in range(cfg.num_layers)]}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = flat["lm_head"]
+    return params
+
+
+def load_params(cfg: ModelConfig, checkpoint: Optional[Checkpoint], mesh, dtype, quantize: bool,
+                seed: int = 0) -> dict:
+    if checkpoint is None:
+        return random_params(cfg, mesh, dtype, quantize, seed)
+    shapes = expected_shapes(cfg)
+    flat = {}
+    src = checkpoint.source or "checkpoint"
+    for name, value in checkpoint.tensors():
+        if name == "lm_head" and cfg.tie_embeddings:
+            continue
+        if name not in shapes:
+            raise CheckpointError(f"{src}: unexpected tensor {name!r}")
+        if tuple(value.shape) != shapes[name]:
+            raise CheckpointError(f"{src}: tensor {name!r} has shape {tuple(value.shape)}, "
+                                  f"expected {shapes[name]} for this config")
+        flat[name] = _place(name, value, cfg, mesh, dtype, quantize)
+    missing = [n for n in shapes if n not in flat]
+    if missing:
+        raise CheckpointError(f"{src}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return _assemble(cfg, flat)
+
+
+def random_params(cfg: ModelConfig, mesh, dtype, quantize: bool, seed: int = 0) -> dict:
+    """Random weights of the right shapes, made on device (speed depends on shapes, not values)."""
+    base = jax.random.PRNGKey(seed)
+    flat = {}
+    for name, shape in expected_shapes(cfg).items():
+        spec = shd.param_spec(name, shape, cfg, mesh)
+        wsh = NamedSharding(mesh, spec)
+        key = jax.random.fold_in(base, zlib.crc32(name.encode()))
+        if name.endswith("norm"):
+            fill = 0.0 if cfg.norm_weight_offset else 1.0
+            flat[name] = jax.jit(lambda: jnp.full(shape, fill, dtype), out_shardings=wsh)()
+            continue
+        std = 0.02 if name == "embed" else shape[0] ** -0.5
+
+        def make(key=key, shape=shape, std=std):
+            return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+
+        if quantize and _is_matrix(name):
+            ssh = NamedSharding(mesh, shd.scale_spec(spec))
+            flat[name] = jax.jit(lambda: quantize_weight(make()), out_shardings=QuantizedWeight(wsh, ssh))()
+        else:
+            flat[name] = jax.jit(make, out_shardings=wsh)()
+    return _assemble(cfg, flat)
