@@ -1,0 +1,205 @@
+"""Continuous batching over the Engine API.
+
+A fixed set of decode slots; whenever a sequence finishes its slot is refilled from the
+request stream before the next decode call. The host never waits on the device without
+work queued behind it: decode call k+1 is dispatched before the tokens of call k are read,
+and refills are dispatched right behind it (a slot freed by call k's tokens still ran in
+call k+1; those tokens are dropped, and the new request's tokens start at call k+2).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+
+from engine.request import Request, RequestError, Result
+from engine.sampling import SlotSampling
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Active:
+    """A request that holds a slot."""
+
+    request: Request
+    prompt_ids: list
+    max_tokens: int
+    start_call: int  # first generate call whose tokens belong to this request
+    t_admit: float
+    first: object = None  # (device array, row) of the prefill's first token, until read
+    tokens: list = field(default_factory=list)
+    t_first: Optional[float] = None
+    text: str = ""
+    finish: Optional[str] = None
+
+
+class ContinuousBatcher:
+    """Feeds any iterable of Requests through an engine; yields each Result when it finishes."""
+
+    def __init__(self, engine, params, tokenizer=None, seed: int = 0):
+        self.engine = engine
+        self.params = params
+        self.tokenizer = tokenizer
+        self.rng = np.random.default_rng(seed)
+        self.state = engine.init_decode_state()
+        eos = engine.model_config.eos_token_ids
+        if tokenizer is not None and tokenizer.eos_ids:
+            eos = tuple(set(eos) | set(tokenizer.eos_ids))
+        self.eos_ids = frozenset(eos)
+        self.stats = defaultdict(float)
+
+    # ---- request preparation ----
+    def prepare(self, req: Request) -> list:
+        """Token ids of a request's prompt; RequestError with the reason if it cannot be served."""
+        req.sampling.validate()
+        cfg = self.engine.config
+        if req.prompt_token_ids is not None:
+            ids = [int(t) for t in req.prompt_token_ids]
+            vocab = self.engine.model_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"prompt_token_ids contains ids outside [0, {vocab}): {bad[:5]}")
+        elif req.prompt is None or not isinstance(req.prompt, str) or not req.prompt.strip():
+            raise RequestError("missing or empty prompt")
+        elif self.tokenizer is None:
+            raise RequestError("this model has no tokenizer: send prompt_token_ids instead of text")
+        else:
+            ids = self.tokenizer.encode(req.prompt)
+        if not ids:
+            raise RequestError("missing or empty prompt")
+        if len(ids) > cfg.context_size:
+            raise RequestError(f"prompt has {len(ids)} tokens, longer than context_size {cfg.context_size}")
+        return ids
+
+    # ---- the loop ----
+    def run(self, requests: Iterable[Request]) -> Iterator[Result]:
+        engine = self.engine
+        source = iter(requests)
+        exhausted = False
+        free = list(range(engine.max_concurrent_decodes))[::-1]
+        active: dict[int, _Active] = {}
+        calls = 0
+        pending = None  # (call index, ResultTokens on device)
+        while True:
+            # 1. Admit requests into free slots and dispatch their prefill + insert.
+            admitted = []
+            while len(admitted) < len(free) and not exhausted:
+                try:
+                    req = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                try:
+                    ids = self.prepare(req)
+                except RequestError as e:
+                    self.stats["errors"] += 1
+                    yield Result(id=req.id, error=str(e), metadata=req.metadata)
+                    continue
+                admitted.append((req, ids))
+            if admitted:
+                self._admit(admitted, free, active, calls)
+            if not active and pending is None:
+                if exhausted:
+                    return
+                continue
+            # 2. Dispatch the next decode call, then read the previous one while it runs.
+            current = None
+            if any(a.finish is None for a in active.values()):
+                self.state, res = engine.generate(self.params, self.state)
+                current = (calls, res)
+                calls += 1
+            if pending is not None:
+                yield from self._consume(pending, active, free)
+            elif current is None:  # only finished-at-first-token requests remain
+                yield from self._consume((calls, None), active, free)
+            pending = current
+
+    def _admit(self, admitted, free, active, calls):
+        engine = self.engine
+        by_bucket = defaultdict(list)
+        for req, ids in admitted:
+            by_bucket[engine.bucket_for(len(ids))].append((req, ids))
+        sizes = engine.prefill_sizes()
+        now = time.perf_counter()
+        for bucket, group in by_bucket.items():
+            while group:
+                n = next((s for s in sizes if s >= len(group)), sizes[-1])
+                chunk, group = group[:n], group[n:]
+                tokens = np.zeros((n, bucket), np.int32)
+                lengths = np.ones(n, np.int32)
+                slots = np.full(n, -1, np.int32)
+                params = []
+                for row, (req, ids) in enumerate(chunk):
+                    tokens[row, :len(ids)] = ids
+                    lengths[row] = len(ids)
+                    slots[row] = free.pop()
+                    sp = req.sampling
+                    if sp.seed is None:
+                        sp.seed = int(self.rng.integers(0, 2**31 - 1))
+                    params.append(sp)
+                params += [params[0]] * (n - len(chunk))
+                prefix, first = engine.prefill(params=self.params, padded_tokens=tokens, true_length=lengths,
+                                               sampling=SlotSampling.from_params(params))
+                self.state = engine.insert(prefix, self.state, slots)
+                for row, (req, ids) in enumerate(chunk):
+                    cap = engine.config.max_cache_length - len(ids)
+                    active[int(slots[row])] = _Active(
+                        request=req, prompt_ids=ids, max_tokens=min(req.sampling.max_tokens, cap),
+                        start_call=calls, t_admit=now, first=(first.tokens, row))
+                self.stats["prefill_calls"] += 1
+                self.stats["prompt_tokens"] += int(lengths[:len(chunk)].sum())
+
+    def _consume(self, pending, active, free):
+        call, res = pending
+        host = res.to_host() if res is not None else None
+        now = time.perf_counter()
+        for slot, a in list(active.items()):
+            if a.first is not None:
+                arr, row = a.first
+                a.first = None
+                a.t_first = now
+                self._push(a, int(np.asarray(arr)[row, 0]))
+            if a.finish is None and host is not None and call >= a.start_call:
+                for tok in host.tokens[slot]:
+                    if self._push(a, int(tok)):
+                        break
+            if a.finish is not None:
+                del active[slot]
+                free.append(slot)
+                yield self._result(a, now)
+
+    def _push(self, a: _Active, tok: int) -> bool:
+        """Append one generated token; return True when the request is finished."""
+        sp = a.request.sampling
+        if (tok in self.eos_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
+            a.finish = "stop"
+            return True
+        a.tokens.append(tok)
+        if sp.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(a.tokens)
+            hits = [i for i in (text.find(s) for s in sp.stop) if i >= 0]
+            if hits:
+                a.text = text[:min(hits)]
+                a.finish = "stop"
+                return True
+        if len(a.tokens) >= a.max_tokens:
+            a.finish = "length"
+            return True
+        return False
+
+    def _result(self, a: _Active, now: float) -> Result:
+        if not a.text and self.tokenizer is not None and a.tokens:
+            a.text = self.tokenizer.decode(a.tokens)
+        self.stats["completed"] += 1
+        self.stats["generated_tokens"] += len(a.tokens)
+        return Result(
+            id=a.request.id, completion=a.text, completion_token_ids=list(a.tokens),
+            finish_reason=a.finish, prompt_tokens=len(a.prompt_ids), completion_tokens=len(a.tokens),
+            ttft_s=(a.t_first - a.t_admit) if a.t_first else None, latency_s=now - a.t_admit,
+            metadata=a.request.metadata)

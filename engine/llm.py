@@ -1,0 +1,134 @@
+"""`LLM`: the few-line Python entry point (vLLM's offline `LLM.generate`, for our engine).
+
+    from engine.llm import LLM
+    from engine.request import Request, SamplingParams
+    llm = LLM()                                    # the embedded SmolLM2 default
+    for r in llm.generate([Request(id=1, prompt="Hello")]):
+        print(r.id, r.completion)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Iterable, Iterator, Optional, Union
+
+import jax
+
+from engine.batcher import ContinuousBatcher
+from engine.config import EngineConfig, ModelConfig
+from engine.engine import JaxEngine
+from engine.request import Request, RequestError, Result, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model(model: Optional[str], overrides: dict):
+    """Turn `--model` into (EngineConfig, ModelConfig, Checkpoint | None, Tokenizer | None).
+
+    `model` is None (the embedded default), a config name from configs/models (random
+    weights: for benchmarks and tests), a JetStream-style model.json, a checkpoint
+    directory (HF, Meta, converted) or a .gguf file.
+    """
+    import configs
+    from engine.loaders import open_checkpoint
+    from engine.tokenizer import load_tokenizer
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if model and model.endswith(".json") and os.path.isfile(model):
+        ec = EngineConfig.from_json(model)
+        for k, v in overrides.items():
+            setattr(ec, k, v)
+        ec.__post_init__()
+    else:
+        ec = EngineConfig(**overrides)
+        if model is None and ec.checkpoint_path is None and ec.model is None and ec.param_size is None:
+            from engine.default_model import default_model_path
+            ec.checkpoint_path = default_model_path()
+        elif model is not None and (os.path.exists(model) or "/" in model or model.endswith(".gguf")):
+            ec.checkpoint_path = model
+        elif model is not None:
+            ec.model = model
+    if ec.checkpoint_path:
+        ckpt = open_checkpoint(ec.checkpoint_path)
+        tokenizer = load_tokenizer(ec.tokenizer_path) if ec.tokenizer_path else ckpt.tokenizer
+        return ec, ckpt.config, ckpt, tokenizer
+    name = ec.model or (f"llama2-{ec.param_size.lower()}" if ec.param_size else None)
+    try:
+        mc = ModelConfig.from_dict(configs.load_model_config_dict(name))
+    except KeyError as e:
+        raise ValueError(
+            f"--model {model!r} is neither a file, a checkpoint directory nor a known config name: {e.args[0]}") from None
+    log.warning("model %s: config only, RANDOM weights (use a checkpoint for real output)", name)
+    return ec, mc, None, load_tokenizer(ec.tokenizer_path)
+
+
+class LLM:
+    """A resident engine with its weights, decode state and batcher; reuse it for many calls."""
+
+    def __init__(self, model: Optional[str] = None, warmup: bool = False, tokenizer=None, **engine_overrides):
+        t0 = time.perf_counter()
+        self.engine_config, self.model_config, checkpoint, self.tokenizer = resolve_model(model, engine_overrides)
+        if tokenizer is not None:  # an explicit Tokenizer object wins over the checkpoint's
+            self.tokenizer = tokenizer
+        self.model_name = model or (checkpoint.source if checkpoint is not None else self.model_config.name)
+        self.engine = JaxEngine(self.engine_config, self.model_config, checkpoint)
+        self.params = self.engine.load_params()
+        self.batcher = ContinuousBatcher(self.engine, self.params, self.tokenizer, seed=self.engine_config.seed)
+        self.load_time_s = time.perf_counter() - t0
+        if warmup:
+            self.batcher.state = self.engine.warmup(self.params, self.batcher.state)
+
+    def validate(self, request: Request) -> None:
+        """Raise RequestError(reason) if the request cannot be served."""
+        self.batcher.prepare(request)
+
+    def generate(self, requests: Iterable[Union[Request, str]],
+                 sampling: Optional[SamplingParams] = None) -> Iterator[Result]:
+        """Yield a Result per request as each finishes (completion order, not input order).
+
+        Plain strings become Requests numbered from 0 with `sampling` (or defaults). A request
+        that cannot be served yields a Result with `error` set; nothing raises mid-stream.
+        """
+        def as_requests():
+            for i, r in enumerate(requests):
+                if isinstance(r, Request):
+                    yield r
+                else:
+                    yield Request(id=i, prompt=r, sampling=_copy(sampling or SamplingParams()))
+
+        return self.batcher.run(as_requests())
+
+    def generate_all(self, requests, sampling: Optional[SamplingParams] = None) -> list[Result]:
+        """Like generate, but returns the Results in input order."""
+        reqs = [r if isinstance(r, Request) else Request(id=i, prompt=r, sampling=_copy(sampling or SamplingParams()))
+                for i, r in enumerate(requests)]
+        out: list = [None] * len(reqs)
+        by_id = {}
+        for i, r in enumerate(reqs):
+            by_id.setdefault(r.id, []).append(i)
+        for res in self.generate(reqs):
+            out[by_id[res.id].pop(0)] = res
+        return out
+
+    def render_chat(self, messages: list[dict]) -> str:
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer, so it cannot render chat messages")
+        try:
+            return self.tokenizer.render_chat(messages)
+        except RequestError:
+            raise
+        except Exception as e:  # template errors are a bad row, not a crash
+            raise RequestError(f"cannot render messages with the chat template: {e}") from None
+
+    def device_info(self) -> dict:
+        devs = self.engine.mesh.devices.flat
+        first = next(iter(devs))
+        return {"device_kind": first.device_kind, "platform": first.platform,
+                "device_count": int(self.engine.mesh.devices.size)}
+
+
+def _copy(sp: SamplingParams) -> SamplingParams:
+    import dataclasses
+    return dataclasses.replace(sp)
