@@ -1,0 +1,158 @@
+"""Engine API, continuous batching, sampling and stop handling on the tiny random config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.llm import LLM
+from engine.model import prefill as model_prefill
+from engine.request import Request, SamplingParams
+from tiny import byte_tokenizer
+
+KW = dict(max_cache_length=64, context_size=32, decode_steps=4, prefill_batch=2)
+
+
+@pytest.fixture(scope="module")
+def batched():
+    return LLM("tiny-llama", batch_size=3, tokenizer=byte_tokenizer(), **KW)
+
+
+@pytest.fixture(scope="module")
+def solo():
+    return LLM("tiny-llama", batch_size=1, tokenizer=byte_tokenizer(), **KW)
+
+
+def _mixed_requests(n, seed=0, **sp):
+    rng = np.random.default_rng(seed)
+    return [Request(id=i, prompt_token_ids=[int(t) for t in rng.integers(3, 256, size=int(rng.integers(1, 31)))],
+                    sampling=SamplingParams(max_tokens=int(rng.integers(1, 24)), ignore_eos=True, **sp))
+            for i in range(n)]
+
+
+def _clone(r: Request) -> Request:
+    import dataclasses
+    return Request(id=r.id, prompt=r.prompt, prompt_token_ids=r.prompt_token_ids,
+                   sampling=dataclasses.replace(r.sampling))
+
+
+def test_engine_api_decode_matches_full_forward(batched):
+    """prefill -> insert -> generate (JetStream contract) gives the tokens a full forward predicts."""
+    eng, params = batched.engine, batched.params
+    state = eng.init_decode_state()
+    prompt = [1, 17, 99, 4, 250]
+    padded = np.zeros(eng.bucket_for(len(prompt)), np.int32)
+    padded[:len(prompt)] = prompt
+    prefix, first = eng.prefill(params=params, padded_tokens=padded, true_length=len(prompt))
+    state = eng.insert(prefix, state, 1)
+    state, res = eng.generate(params, state)
+    slot = res.to_host().get_result_at_slot(1)
+    seq = prompt + [int(first.tokens[0, 0])] + [int(t) for t in slot.tokens]
+    assert list(slot.lengths) == [len(prompt) + 1 + i for i in range(eng.config.decode_steps)]
+    assert slot.valid.all()
+    logits, _, _ = model_prefill(params, batched.model_config, np.asarray([seq]), eng.dtype, all_logits=True)
+    predicted = np.argmax(np.asarray(logits[0]), -1)
+    assert list(predicted[len(prompt) - 1:-1]) == seq[len(prompt):]
+
+
+def test_continuous_batching_equals_solo(batched, solo):
+    reqs = _mixed_requests(12)  # 4x the 3 slots, prompt lengths 1..30 over 2 buckets
+    together = batched.generate_all([_clone(r) for r in reqs])
+    alone = [solo.generate_all([_clone(r)])[0] for r in reqs]
+    for t, a, r in zip(together, alone, reqs):
+        assert t.ok and a.ok
+        assert t.completion_token_ids == a.completion_token_ids
+        assert t.completion_tokens == r.sampling.max_tokens and t.finish_reason == "length"
+        assert t.prompt_tokens == len(r.prompt_token_ids)
+
+
+def test_results_stream_in_completion_order(batched):
+    reqs = [Request(id="long", prompt_token_ids=[5, 6], sampling=SamplingParams(max_tokens=30, ignore_eos=True)),
+            Request(id="short", prompt_token_ids=[5, 6], sampling=SamplingParams(max_tokens=2, ignore_eos=True))]
+    assert [r.id for r in batched.generate(reqs)] == ["short", "long"]
+
+
+def test_seeded_sampling_is_independent_of_batch(batched, solo):
+    sp = dict(temperature=0.9, top_k=50, top_p=0.95, seed=1234, max_tokens=20, ignore_eos=True)
+    target = Request(id="t", prompt_token_ids=[1, 40, 41, 42], sampling=SamplingParams(**sp))
+    others = _mixed_requests(5, seed=7, temperature=1.0)
+    with_others = {r.id: r for r in batched.generate([_clone(r) for r in others[:2]] + [_clone(target)]
+                                                     + [_clone(r) for r in others[2:]])}["t"]
+    alone = solo.generate_all([_clone(target)])[0]
+    assert with_others.completion_token_ids == alone.completion_token_ids
+    other_seed = solo.generate_all([Request(id="t", prompt_token_ids=[1, 40, 41, 42],
+                                            sampling=SamplingParams(**dict(sp, seed=99)))])[0]
+    greedy = solo.generate_all([Request(id="g", prompt_token_ids=[1, 40, 41, 42],
+                                        sampling=SamplingParams(max_tokens=20, ignore_eos=True))])[0]
+    assert other_seed.completion_token_ids != alone.completion_token_ids
+    assert greedy.completion_token_ids != alone.completion_token_ids
+
+
+def test_top_k_one_is_greedy(solo):
+    base = dict(max_tokens=12, ignore_eos=True)
+    greedy = solo.generate_all([Request(id=0, prompt_token_ids=[1, 9, 8], sampling=SamplingParams(**base))])[0]
+    topk1 = solo.generate_all([Request(id=0, prompt_token_ids=[1, 9, 8],
+                                       sampling=SamplingParams(temperature=5.0, top_k=1, seed=3, **base))])[0]
+    assert topk1.completion_token_ids == greedy.completion_token_ids
+
+
+def test_stop_token_ids_and_strings(batched):
+    prompt = "The tiny model says"
+    free = batched.generate_all([Request(id=0, prompt=prompt, sampling=SamplingParams(max_tokens=16, ignore_eos=True))])[0]
+    toks = free.completion_token_ids
+    assert len(toks) == 16 and free.completion == batched.tokenizer.decode(toks)
+    stop_id = toks[5]
+    r = batched.generate_all([Request(id=1, prompt=prompt, sampling=SamplingParams(
+        max_tokens=16, ignore_eos=True, stop_token_ids=[stop_id]))])[0]
+    assert r.finish_reason == "stop" and r.completion_token_ids == toks[:toks.index(stop_id)]
+    text = free.completion
+    stop = text[6:9]
+    assert stop
+    r = batched.generate_all([Request(id=2, prompt=prompt, sampling=SamplingParams(
+        max_tokens=16, ignore_eos=True, stop=[stop]))])[0]
+    assert r.finish_reason == "stop" and r.completion == text[:text.find(stop)]
+
+
+def test_eos_stops_unless_ignored(solo):
+    free = solo.generate_all([Request(id=0, prompt_token_ids=[1, 3, 4], sampling=SamplingParams(
+        max_tokens=10, ignore_eos=True))])[0]
+    eos = free.completion_token_ids[3]
+    solo.batcher.eos_ids = frozenset({eos})
+    try:
+        r = solo.generate_all([Request(id=0, prompt_token_ids=[1, 3, 4], sampling=SamplingParams(max_tokens=10))])[0]
+    finally:
+        solo.batcher.eos_ids = frozenset(solo.model_config.eos_token_ids)
+    assert r.finish_reason == "stop"
+    assert r.completion_token_ids == free.completion_token_ids[:free.completion_token_ids.index(eos)]
+
+
+def test_bad_requests_are_errors_and_others_unaffected(batched):
+    good = _mixed_requests(3, seed=3)
+    bad = [
+        Request(id="long", prompt_token_ids=[7] * 33),
+        Request(id="empty", prompt="   "),
+        Request(id="none"),
+        Request(id="vocab", prompt_token_ids=[5, 256]),
+        Request(id="temp", prompt="hi", sampling=SamplingParams(temperature=-1)),
+        Request(id="topp", prompt="hi", sampling=SamplingParams(top_p=0)),
+        Request(id="maxtok", prompt="hi", sampling=SamplingParams(max_tokens=0)),
+    ]
+    reference = batched.generate_all([_clone(r) for r in good])
+    mixed = {r.id: r for r in batched.generate([bad[0], _clone(good[0]), *bad[1:4], _clone(good[1]),
+                                                 *bad[4:], _clone(good[2])])}
+    assert len(mixed) == len(good) + len(bad)
+    for b in bad:
+        assert mixed[b.id].error and not mixed[b.id].ok
+    assert "longer than context_size 32" in mixed["long"].error
+    assert "empty" in mixed["empty"].error and "empty" in mixed["none"].error
+    assert "temperature" in mixed["temp"].error and "top_p" in mixed["topp"].error
+    assert "max_tokens" in mixed["maxtok"].error
+    for g, ref in zip(good, reference):
+        assert mixed[g.id].completion_token_ids == ref.completion_token_ids
+
+
+def test_cache_full_ends_with_length(solo):
+    prompt = [1] + [10] * 29  # 30 of the 64 cache positions
+    r = solo.generate_all([Request(id=0, prompt_token_ids=prompt,
+                                   sampling=SamplingParams(max_tokens=500, ignore_eos=True))])[0]
+    assert r.finish_reason == "length" and r.completion_tokens == 64 - 30
