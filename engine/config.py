@@ -109,7 +109,11 @@ class ModelConfig:
             raise ValueError(f"unsupported activation {act!r}")
         else:
             act = "silu"
-        rope_scaling = hf.get("rope_scaling")
+        # Newer transformers (5.x) write `rope_parameters` (rope_theta + scaling in one dict)
+        # instead of the older top-level `rope_theta` / `rope_scaling`; accept both.
+        rope_params = hf.get("rope_parameters") or {}
+        rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        rope_scaling = hf.get("rope_scaling") or rope_params or None
         if rope_scaling is not None:
             kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
             if kind in (None, "default"):
@@ -130,7 +134,7 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hidden // heads,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5)),
             activation=act,
