@@ -92,25 +92,34 @@ def load_params(cfg: ModelConfig, checkpoint: Optional[Checkpoint], mesh, dtype,
 
 
 def random_params(cfg: ModelConfig, mesh, dtype, quantize: bool, seed: int = 0) -> dict:
-    """Random weights of the right shapes, made on device (speed depends on shapes, not values)."""
+    """Random weights of the right shapes, made on device (speed depends on shapes, not values).
+
+    One compiled generator per distinct (shape, layout), reused across layers.
+    """
     base = jax.random.PRNGKey(seed)
+    makers = {}
     flat = {}
     for name, shape in expected_shapes(cfg).items():
         spec = shd.param_spec(name, shape, cfg, mesh)
-        wsh = NamedSharding(mesh, spec)
-        key = jax.random.fold_in(base, zlib.crc32(name.encode()))
-        if name.endswith("norm"):
-            fill = 0.0 if cfg.norm_weight_offset else 1.0
-            flat[name] = jax.jit(lambda: jnp.full(shape, fill, dtype), out_shardings=wsh)()
-            continue
+        kind = "norm" if name.endswith("norm") else ("q" if quantize and _is_matrix(name) else "w")
         std = 0.02 if name == "embed" else shape[0] ** -0.5
-
-        def make(key=key, shape=shape, std=std):
-            return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
-
-        if quantize and _is_matrix(name):
-            ssh = NamedSharding(mesh, shd.scale_spec(spec))
-            flat[name] = jax.jit(lambda: quantize_weight(make()), out_shardings=QuantizedWeight(wsh, ssh))()
-        else:
-            flat[name] = jax.jit(make, out_shardings=wsh)()
+        sig = (shape, spec, kind, std)
+        if sig not in makers:
+            makers[sig] = _random_maker(shape, spec, kind, std, mesh, dtype,
+                                        1.0 - cfg.norm_weight_offset)
+        flat[name] = makers[sig](jax.random.fold_in(base, zlib.crc32(name.encode())))
     return _assemble(cfg, flat)
+
+
+def _random_maker(shape, spec, kind, std, mesh, dtype, norm_fill):
+    wsh = NamedSharding(mesh, spec)
+    if kind == "norm":
+        return jax.jit(lambda key: jnp.full(shape, norm_fill, dtype), out_shardings=wsh)
+
+    def make(key):
+        return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+
+    if kind == "q":
+        ssh = NamedSharding(mesh, shd.scale_spec(spec))
+        return jax.jit(lambda key: quantize_weight(make(key)), out_shardings=QuantizedWeight(wsh, ssh))
+    return jax.jit(make, out_shardings=wsh)
