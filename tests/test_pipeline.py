@@ -1,0 +1,328 @@
+"""End-to-end tests of the Beam pipeline (issue 4), on real Beam with the tiny-llama config.
+
+tiny-llama has random weights and a 256-token vocabulary; a byte-level tokenizer (tests/tiny.py)
+saved as tokenizer.json lets text prompts and chat messages go through the real code paths.
+Every in-process test uses the same engine settings, so the worker-process engine cache
+(transforms/generate.py) loads and compiles the model once per pytest process.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from tiny import byte_tokenizer
+    tok = byte_tokenizer()
+    d = tmp_path_factory.mktemp("byte_tokenizer")
+    tok.tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": tok.tok.id_to_token(1), "eos_token": tok.tok.id_to_token(2),
+        "add_bos_token": True, "chat_template": CHAT_TEMPLATE}))
+    return str(d)
+
+
+def engine_args(tokenizer_dir: str) -> list[str]:
+    # context_size 16 tokens = BOS + 15 bytes of text; 4 generated tokens per row by default.
+    return ["--model=tiny-llama", "--batch_size=4", "--max_cache_length=32", "--context_size=16",
+            "--max_tokens=4", f"--tokenizer_path={os.path.join(tokenizer_dir, 'tokenizer.json')}"]
+
+
+def write_jsonl(path, rows, raw_lines=()):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        for line in raw_lines:
+            f.write(line + "\n")
+    return str(path)
+
+
+def sample_parquet(path):
+    rows = [
+        {"id": "p0", "prompt": "Hello there", "max_tokens": None, "temperature": None, "category": "greet"},
+        {"id": "p1", "prompt": "The sky is", "max_tokens": 2, "temperature": None, "category": "fact"},
+        {"id": "p2", "prompt": "1, 2, 3,", "max_tokens": None, "temperature": 0.8, "category": "math"},
+        {"id": "p3", "prompt": "Once upon", "max_tokens": 3, "temperature": 0.5, "category": "story"},
+        {"id": "p4", "prompt": "Beam is", "max_tokens": None, "temperature": None, "category": None},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
+    return str(path)
+
+
+def sample_jsonl(path):
+    rows = [
+        {"prompt": "no id here"},  # -> "b.jsonl:0"
+        {"prompt_token_ids": [1, 40, 41, 42], "seed": 3, "temperature": 1.0},  # -> "b.jsonl:1"
+        {"id": 7, "messages": [{"role": "user", "content": "Hi!"}]},
+        {"custom_id": "openai-1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "x", "messages": [{"role": "user", "content": "Yo"}], "max_tokens": 2}},
+        {"custom_id": "openai-2", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "x", "prompt": "Say hi", "temperature": 0}},
+    ]
+    return write_jsonl(path, rows)
+
+
+def run_job(args):
+    from pipeline.build import run
+    result, metrics, info = run(args)
+    assert metrics is not None, "metrics.json was not written"
+    return metrics, info
+
+
+def read_outputs(output_dir, fsys=None):
+    """(completion rows, error rows) from every completions-*/errors-* file in output_dir."""
+    if fsys is None:
+        comp_files = sorted(glob.glob(os.path.join(output_dir, "completions-*.parquet")))
+        err_files = sorted(glob.glob(os.path.join(output_dir, "errors-*.jsonl")))
+        opener = open
+    else:
+        comp_files = sorted(fsys.glob(output_dir.rstrip("/") + "/completions-*.parquet"))
+        err_files = sorted(fsys.glob(output_dir.rstrip("/") + "/errors-*.jsonl"))
+        opener = fsys.open
+    comps = []
+    for f in comp_files:
+        with opener(f, "rb") as fh:
+            comps.extend(pq.read_table(fh).to_pylist())
+    errs = []
+    for f in err_files:
+        with opener(f, "rb") as fh:
+            errs.extend(json.loads(line) for line in fh.read().decode().splitlines() if line.strip())
+    return comps, errs
+
+
+def assert_each_id_once(comps, errs, expected_ids=None):
+    ids = [c["id"] for c in comps] + [e["id"] for e in errs]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    assert not dupes, f"ids written more than once: {dupes}"
+    if expected_ids is not None:
+        assert set(ids) == set(expected_ids), (set(expected_ids) ^ set(ids))
+
+
+def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
+    a = sample_parquet(tmp_path / "a.parquet")
+    b = sample_jsonl(tmp_path / "b.jsonl")
+    out = tmp_path / "out"
+    metrics, info = run_job([f"--input={a},{b}", f"--output={out}"] + engine_args(tokenizer_dir))
+
+    # The default runner is the in-process FnApiRunner: Prism (a GitHub download) never ran.
+    assert "apache_beam.runners.portability.prism_runner" not in sys.modules
+
+    comps, errs = read_outputs(str(out))
+    expected = {"p0", "p1", "p2", "p3", "p4", "b.jsonl:0", "b.jsonl:1", "7", "openai-1", "openai-2"}
+    assert errs == []
+    assert_each_id_once(comps, errs, expected)
+    by_id = {c["id"]: c for c in comps}
+    for c in comps:
+        assert c["finish_reason"] in ("stop", "length")
+        assert 0 <= c["completion_tokens"] <= 4
+        assert c["completion_tokens"] == len(c["completion_token_ids"])
+        assert c["prompt_tokens"] > 0 and c["latency_s"] >= 0 and c["model"] == "tiny-llama"
+    assert by_id["p1"]["completion_tokens"] <= 2 and by_id["p3"]["completion_tokens"] <= 3  # per-row max_tokens
+    assert by_id["openai-1"]["completion_tokens"] <= 2
+    assert by_id["p0"]["prompt"] == "Hello there" and by_id["p0"]["category"] == "greet"  # pass-through column
+    assert by_id["7"]["prompt"] == "Hi!"  # messages rendered with the chat template
+    assert by_id["b.jsonl:1"]["prompt"] is None and by_id["b.jsonl:1"]["prompt_tokens"] == 4
+    assert by_id["openai-2"]["url"] == "/v1/completions"
+
+    m = json.loads((out / "metrics.json").read_text())
+    assert m == metrics
+    assert (m["rows_in"], m["completed"], m["errored"]) == (10, 10, 0)
+    assert m["generated_tokens"] == sum(c["completion_tokens"] for c in comps)
+    assert m["prompt_tokens"] == sum(c["prompt_tokens"] for c in comps)
+    assert m["device_kind"] and m["device_count"] >= 1 and m["engines"] == 1
+    assert m["engine_config"]["batch_size"] == 4 and m["engine_config"]["context_size"] == 16
+    for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "latency_p50_s", "latency_p90_s", "latency_p99_s",
+              "output_tok_per_s", "total_tok_per_s", "requests_per_s", "wall_time_s"):
+        assert m[k] is not None, k
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"rows_in", "completed", "errored", "output_tok_per_s", "ttft_p99_s", "device_kind"} <= set(header)
+
+
+def test_multi_processing_workers(tmp_path, tokenizer_dir):
+    """--direct_num_workers=2 --direct_running_mode=multi_processing (Beam worker subprocesses)."""
+    a = sample_parquet(tmp_path / "a.parquet")
+    b = sample_jsonl(tmp_path / "b.jsonl")
+    out = tmp_path / "out"
+    metrics, _ = run_job([f"--input={a},{b}", f"--output={out}", "--direct_num_workers=2",
+                          "--direct_running_mode=multi_processing"] + engine_args(tokenizer_dir))
+    comps, errs = read_outputs(str(out))
+    assert errs == []
+    assert_each_id_once(comps, errs)
+    assert len(comps) == metrics["completed"] == metrics["rows_in"] == 10
+    assert "apache_beam.runners.portability.prism_runner" not in sys.modules
+
+
+def test_bad_rows_accounting(tmp_path, tokenizer_dir):
+    rows = [
+        {"id": "ok", "prompt": "fine"},
+        {"id": "null", "prompt": None},
+        {"id": "empty", "prompt": "   "},
+        {"id": "number", "prompt": 42},
+        {"id": "noprompt", "other": 1},
+        {"id": "neg-max", "prompt": "x", "max_tokens": -1},
+        {"id": "float-max", "prompt": "x", "max_tokens": 2.5},
+        {"id": "hot", "prompt": "x", "temperature": -0.5},
+        {"id": "top-p", "prompt": "x", "top_p": 0},
+        {"id": "top-k", "prompt": "x", "top_k": "many"},
+        {"id": "seed", "prompt": "x", "seed": -3},
+        {"id": "stop", "prompt": "x", "stop": [1, 2]},
+        {"id": "msgs-empty", "messages": []},
+        {"id": "msgs-bad", "messages": [{"content": "no role"}]},
+        {"id": "msgs-type", "messages": "not json"},
+        {"id": "too-long", "prompt": "this prompt is far longer than sixteen bytes"},
+        {"id": "bad-token", "prompt_token_ids": [1, 999]},
+        {"id": "tokens-type", "prompt_token_ids": ["a"]},
+    ]
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows, raw_lines=["{not json", "[1, 2]"])
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"this is not a parquet file")
+    out = tmp_path / "out"
+    metrics, _ = run_job([f"--input={bad},{corrupt}", f"--output={out}"] + engine_args(tokenizer_dir))
+    comps, errs = read_outputs(str(out))
+    assert [c["id"] for c in comps] == ["ok"]
+    expected = {r["id"] for r in rows} | {"bad.jsonl:18", "bad.jsonl:19", "corrupt.parquet:file"}
+    assert_each_id_once(comps, errs, expected)
+    assert metrics["rows_in"] == len(rows) + 3 == metrics["completed"] + metrics["errored"]
+    reasons = {e["id"]: (e["stage"], e["reason"]) for e in errs}
+    assert reasons["too-long"][0] == "generate" and "context_size" in reasons["too-long"][1]
+    assert reasons["bad-token"][0] == "generate"
+    assert reasons["neg-max"] == ("validate", reasons["neg-max"][1]) and "max_tokens" in reasons["neg-max"][1]
+    assert reasons["corrupt.parquet:file"][0] == "read" and "unreadable" in reasons["corrupt.parquet:file"][1]
+    assert reasons["bad.jsonl:18"][0] == "read"
+    assert all(e["reason"] for e in errs)
+    row_of = {e["id"]: e["row"] for e in errs}
+    assert row_of["hot"] == {"id": "hot", "prompt": "x", "temperature": -0.5}  # the row, as JSON
+    assert metrics["errors_by_stage"]["read"] == 3
+
+
+def test_skip_existing_after_partial_run(tmp_path, tokenizer_dir):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": f"a{i}", "prompt": f"row a{i}"} for i in range(4)]
+                    + [{"id": "a-bad", "prompt": ""}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": f"b{i}", "prompt": f"row b{i}"} for i in range(3)])
+    out = tmp_path / "out"
+    base = [f"--output={out}"] + engine_args(tokenizer_dir)
+
+    # A "partial" run: only the first file made it.
+    m1, _ = run_job([f"--input={a}"] + base)
+    assert (m1["completed"], m1["errored"]) == (4, 1)
+    first_files = set(glob.glob(str(out / "completions-*.parquet")))
+    first_rows = {r["id"]: r for r in read_outputs(str(out))[0]}
+
+    # Resume over everything: only b* and the failed a-bad are served again.
+    m2, _ = run_job([f"--input={a},{b}", "--skip_existing"] + base)
+    assert m2["rows_in"] == 8 and m2["rows_skipped_existing"] == 4
+    assert (m2["completed"], m2["errored"]) == (3, 1)
+    comps, errs = read_outputs(str(out))
+    assert_each_id_once(comps, errs, {f"a{i}" for i in range(4)} | {"a-bad", "b0", "b1", "b2"})
+    assert first_files <= set(glob.glob(str(out / "completions-*.parquet")))  # earlier completions kept
+    assert {r["id"]: r for r in comps if r["id"].startswith("a")} == first_rows
+    assert len(glob.glob(str(out / "errors-*.jsonl"))) == 1  # the first run's errors file was superseded
+
+    # Nothing left to do: a third resume serves nothing and loses nothing.
+    m3, _ = run_job([f"--input={a},{b}", "--skip_existing"] + base)
+    assert m3["rows_skipped_existing"] == 7 and m3["completed"] == 0 and m3["errored"] == 1
+    assert_each_id_once(*read_outputs(str(out)))
+
+    # Without --skip_existing a rerun replaces the earlier outputs.
+    run_job([f"--input={b}"] + base)
+    comps, errs = read_outputs(str(out))
+    assert_each_id_once(comps, errs, {"b0", "b1", "b2"})
+
+
+def test_dataflow_dry_run(tmp_path):
+    """Options and the whole graph serialize for Dataflow; --dry_run=True submits nothing."""
+    pytest.importorskip("google.cloud.dataflow", reason="DataflowRunner needs google-cloud-dataflow-client")
+    import apache_beam as beam
+    from pipeline.build import build_pipeline, make_options
+    inp = sample_parquet(tmp_path / "a.parquet")
+    opts = make_options([
+        "--runner=DataflowRunner", "--project=test-project", "--region=us-central1",
+        "--temp_location=gs://test-bucket/tmp", "--staging_location=gs://test-bucket/staging",
+        "--no_auth", "--dry_run=True", "--sdk_location=container",
+        "--sdk_container_image=us-docker.pkg.dev/test-project/jetbeam/worker:latest",
+        "--machine_type=g2-standard-8",
+        "--dataflow_service_options=worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver",
+        "--experiments=no_use_multiple_sdk_containers", "--number_of_worker_harness_threads=1",
+        f"--input={inp}", "--output=gs://test-bucket/out", "--model=tiny-llama", "--num_workers=2",
+        "--max_tokens=16", "--stop=###", "--stop=END"])
+    p = beam.Pipeline(options=opts)
+    info = build_pipeline(p, opts)
+    assert info["num_engines"] == 2  # one engine shard per worker
+    result = p.run()
+    assert result.state == "DONE"
+    proto = p.runner.proto_pipeline
+    names = [t.unique_name for t in proto.components.transforms.values()]
+    for stage in ("Read", "Validate", "Key", "Generate", "Write"):
+        assert any(n == stage or n.startswith(stage + "/") for n in names), stage
+    stateful = [t for t in proto.components.transforms.values() if t.unique_name.startswith("Generate/")
+                and t.spec.urn == "beam:transform:pardo:v1"]
+    from apache_beam.portability.api import beam_runner_api_pb2
+    payload = beam_runner_api_pb2.ParDoPayload.FromString(stateful[0].spec.payload)
+    assert set(payload.state_specs) == {"buffer", "count"}
+    assert {t.removeprefix("ts-") for t in payload.timer_family_specs} == {"flush", "end_of_window"}
+    # The DoFn (model, engine config, sampling) unpickles from the graph Dataflow would run.
+    from apache_beam.internal import pickler
+    fn = pickler.loads(payload.do_fn.payload)[0]
+    assert type(fn).__name__ == "GenerateFn" and fn.model == "tiny-llama"
+    env = proto.components.environments[stateful[0].environment_id]
+    assert b"jetbeam/worker:latest" in env.payload
+    assert result.job.proto_pipeline.SerializeToString()
+    # Our flags travel with Beam's in the options the job is submitted with.
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+    encoded = JobServiceHandle.encode_pipeline_options(result.job.options.get_all_options())
+    assert encoded["beam:option:model:v1"] == "tiny-llama"
+    assert list(encoded["beam:option:stop:v1"]) == ["###", "END"]
+    again = PipelineOptions.from_dictionary(json.loads(json.dumps(result.job.options.get_all_options())))
+    assert "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver" in again.get_all_options()[
+        "dataflow_service_options"]
+
+
+def test_run_inference_model_handler(tokenizer_dir):
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import RunInference
+    from apache_beam.testing.util import assert_that
+    from transforms.model_handler import JetbeamModelHandler
+    handler = JetbeamModelHandler(
+        model="tiny-llama", max_tokens=3,
+        engine_kwargs={"batch_size": 4, "max_cache_length": 32, "context_size": 16,
+                       "tokenizer_path": os.path.join(tokenizer_dir, "tokenizer.json")})
+    examples = ["Hello", [1, 5, 6], {"messages": [{"role": "user", "content": "Hi"}]},
+                {"prompt": "x", "max_tokens": 1}, ""]
+
+    def check(results):
+        by_example = {json.dumps(r.example): r.inference for r in results}
+        assert len(by_example) == 5
+        assert all(r.error is None and 0 < r.completion_tokens <= 3 for k, r in by_example.items()
+                   if k != '""'), by_example
+        assert by_example[json.dumps({"prompt": "x", "max_tokens": 1})].completion_tokens == 1
+        assert "empty" in by_example['""'].error
+        assert all(r.model_id == "tiny-llama" for r in results)
+
+    from pipeline.build import make_options
+    with beam.Pipeline(options=make_options([])) as p:
+        out = (p | beam.Create(examples, reshuffle=False) | RunInference(handler))
+        assert_that(out, check)
+
+
+def test_help_lists_flags():
+    res = subprocess.run([sys.executable, "run_pipeline.py", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    for flag in ("--input", "--output", "--model", "--prompt_column", "--id_column", "--max_tokens",
+                 "--temperature", "--top_k", "--top_p", "--seed", "--stop", "--batch_size", "--num_engines",
+                 "--quantize_weights", "--quantize_kv_cache", "--skip_existing", "--max_cache_length",
+                 "--context_size", "--dtype"):
+        assert flag in res.stdout, flag

@@ -1,0 +1,137 @@
+"""File-system helpers: local paths and gs:// through fsspec/gcsfs (not Beam's GCS client).
+
+Beam's own GCS client looks for credentials for ~28 s per process when none are
+configured; gcsfs is quick, honours STORAGE_EMULATOR_HOST (tests), and is what pyarrow
+and pandas users already have.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+
+# gcsfs >= 2025 probes for hierarchical-namespace buckets over gRPC on first use (up to
+# 60 s per call without a real GCS); it must be switched off before gcsfs is imported.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import fsspec  # noqa: E402
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def storage_options(path: str) -> dict:
+    """Extra fsspec options: anonymous access when a GCS emulator is configured."""
+    if path.startswith(("gs://", "gcs://")):
+        token = os.environ.get("JETBEAM_GCS_TOKEN")
+        if token:
+            return {"token": token}
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            return {"token": "anon"}
+    return {}
+
+
+def get_fs(path: str):
+    """(filesystem, path without protocol) for a local path or URL."""
+    fs, stripped = fsspec.core.url_to_fs(path, **storage_options(path))
+    return fs, stripped
+
+
+def _protocol(path: str) -> str:
+    return path.split("://", 1)[0] if is_remote(path) else ""
+
+
+def full_path(fs, stripped: str, like: str) -> str:
+    """Put the protocol of `like` back on a path an fsspec call returned."""
+    proto = _protocol(like)
+    if not proto or "://" in stripped:
+        return stripped
+    return f"{proto}://{stripped}"
+
+
+def join(directory: str, *names: str) -> str:
+    if is_remote(directory):
+        return posixpath.join(directory.rstrip("/"), *names)
+    return os.path.join(directory, *names)
+
+
+def basename(path: str) -> str:
+    return posixpath.basename(path.rstrip("/")) if is_remote(path) else os.path.basename(path)
+
+
+def glob(pattern: str) -> list[str]:
+    """Files matching a glob (a plain path matches itself), as full paths/URLs, sorted."""
+    fs, stripped = get_fs(pattern)
+    if any(c in stripped for c in "*?["):
+        found = fs.glob(stripped)
+    else:
+        found = [stripped] if fs.exists(stripped) else []
+    out = []
+    for p in found:
+        if fs.isdir(p):
+            continue
+        out.append(full_path(fs, p, pattern))
+    return sorted(out)
+
+
+def expand_inputs(spec: str) -> list[str]:
+    """Every file of a comma-separated list of globs; ValueError naming a glob that matches nothing."""
+    files: list[str] = []
+    for pattern in [p.strip() for p in spec.split(",") if p.strip()]:
+        matched = glob(pattern)
+        if not matched:
+            raise ValueError(f"--input {pattern!r} matches no files")
+        files.extend(m for m in matched if m not in files)
+    if not files:
+        raise ValueError("--input is empty")
+    return files
+
+
+def makedirs(directory: str) -> None:
+    fs, stripped = get_fs(directory)
+    fs.makedirs(stripped, exist_ok=True)
+
+
+def open_file(path: str, mode: str = "rb"):
+    fs, stripped = get_fs(path)
+    return fs.open(stripped, mode)
+
+
+def list_files(directory: str, prefix: str, suffix: str = "") -> list[str]:
+    """Files directly in `directory` whose names start with prefix and end with suffix."""
+    fs, stripped = get_fs(directory)
+    try:
+        entries = fs.ls(stripped, detail=False)
+    except FileNotFoundError:
+        return []
+    out = []
+    for e in entries:
+        name = posixpath.basename(e.rstrip("/"))
+        if name.startswith(prefix) and name.endswith(suffix):
+            out.append(join(directory, name))
+    return sorted(out)
+
+
+def remove(path: str, recursive: bool = False) -> None:
+    fs, stripped = get_fs(path)
+    try:
+        fs.rm(stripped, recursive=recursive)
+    except FileNotFoundError:
+        pass
+
+
+def move(src: str, dst: str) -> None:
+    fs, s = get_fs(src)
+    _, d = get_fs(dst)
+    fs.mv(s, d)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with open_file(path, "wb") as f:
+        f.write(data)
+
+
+def read_bytes(path: str) -> bytes:
+    with open_file(path, "rb") as f:
+        return f.read()

@@ -1,0 +1,110 @@
+"""A RunInference `ModelHandler` for the jetbeam engine, for pipelines that compose RunInference.
+
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import RunInference
+    from transforms.model_handler import JetbeamModelHandler
+
+    with beam.Pipeline() as p:
+        (p | beam.Create(["The capital of France is", {"prompt": "Hi", "max_tokens": 8}])
+           | RunInference(JetbeamModelHandler(model=None, max_tokens=32), inference_args={"temperature": 0.0})
+           | beam.Map(lambda r: print(r.example, "->", r.inference.completion)))
+
+An example is a prompt string, a list of token ids, an `engine.request.Request`, or a row
+dict like the batch job's (prompt / prompt_token_ids / messages plus per-row max_tokens,
+temperature, top_k, top_p, seed, stop). Each yields `PredictionResult(example, Result,
+model_id)`; a bad example yields a Result whose `error` says why (RunInference does not
+drop or fail the batch). RunInference batches with BatchElements (`batch_elements_kwargs`):
+the whole batch goes to the continuous batcher at once, so larger batches than the number
+of decode slots keep the slots full. The batch job itself (pipeline/build.py) uses the
+stateful `transforms.generate` step instead, which buffers far more rows per engine call.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterable, Optional, Sequence
+
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from transforms.validate import SAMPLING_COLUMNS, to_request_spec
+
+_DEFAULT_SAMPLING = {"max_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None, "stop": []}
+
+
+class JetbeamModelHandler(ModelHandler[Any, PredictionResult, Any]):
+    """load_model -> engine.llm.LLM; run_inference -> one PredictionResult per example."""
+
+    def __init__(self, model: Optional[str] = None, engine_kwargs: Optional[dict] = None,
+                 prompt_column: str = "prompt", min_batch_size: Optional[int] = None,
+                 max_batch_size: Optional[int] = None, large_model: bool = False, **sampling):
+        unknown = set(sampling) - set(SAMPLING_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown sampling arguments: {sorted(unknown)}")
+        self.model = model
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self.prompt_column = prompt_column
+        self.sampling = {**_DEFAULT_SAMPLING, **sampling}
+        slots = int(self.engine_kwargs.get("batch_size") or 8)
+        super().__init__(min_batch_size=min_batch_size or slots,
+                         max_batch_size=max_batch_size or max(slots * 8, min_batch_size or 1),
+                         large_model=large_model)
+
+    def load_model(self):
+        from engine.llm import LLM
+        llm = LLM(model=self.model, **self.engine_kwargs)
+        llm._jetbeam_lock = threading.Lock()  # one engine, possibly many DoFn threads
+        return llm
+
+    def validate_inference_args(self, inference_args: Optional[dict]):
+        unknown = set(inference_args or {}) - set(SAMPLING_COLUMNS)
+        if unknown:
+            raise ValueError(f"inference_args may only hold sampling settings {SAMPLING_COLUMNS}, "
+                             f"got {sorted(unknown)}")
+
+    def get_metrics_namespace(self) -> str:
+        return "jetbeam"
+
+    def _request(self, i: int, example, llm, defaults: dict):
+        from engine.request import Request, RequestError, SamplingParams
+        if isinstance(example, Request):
+            return Request(id=i, prompt=example.prompt, prompt_token_ids=example.prompt_token_ids,
+                           sampling=example.sampling, metadata=i)
+        if isinstance(example, str):
+            row = {self.prompt_column: example}
+        elif isinstance(example, (list, tuple)):
+            row = {"prompt_token_ids": list(example)}
+        elif isinstance(example, dict):
+            row = example
+        else:
+            raise RequestError(f"unsupported example type {type(example).__name__}")
+        spec = to_request_spec({"id": str(i), "row": row}, self.prompt_column, defaults)
+        prompt = spec.get("prompt")
+        if spec.get("messages") is not None:
+            prompt = llm.render_chat(spec["messages"])
+        sp = dict(spec["sampling"])
+        sp["stop"] = tuple(sp["stop"])
+        return Request(id=i, prompt=prompt, prompt_token_ids=spec.get("prompt_token_ids"),
+                       sampling=SamplingParams(**sp), metadata=i)
+
+    def run_inference(self, batch: Sequence[Any], model, inference_args: Optional[dict] = None
+                      ) -> Iterable[PredictionResult]:
+        from engine.request import RequestError, Result
+        defaults = {**self.sampling, **(inference_args or {})}
+        out: list = [None] * len(batch)
+        requests = []
+        for i, example in enumerate(batch):
+            try:
+                requests.append(self._request(i, example, model, defaults))
+            except RequestError as e:
+                out[i] = Result(id=i, error=str(e), metadata=i)
+            except Exception as e:
+                out[i] = Result(id=i, error=f"invalid example: {type(e).__name__}: {e}", metadata=i)
+        lock = getattr(model, "_jetbeam_lock", None) or threading.Lock()
+        with lock:
+            for res in model.generate(requests):
+                out[res.metadata] = res
+        name = getattr(model, "model_name", None)
+        for i, res in enumerate(out):
+            if res is None:
+                res = Result(id=i, error="engine returned no result for this example", metadata=i)
+            yield PredictionResult(batch[i], res, name)

@@ -1,0 +1,217 @@
+"""read: input files -> rows `{"id": str, "row": dict}`, plus error records for what cannot be read.
+
+Formats: Parquet (pyarrow, streamed by record batch), JSONL (one JSON object per line; a
+bare JSON string is a prompt) and OpenAI batch files (JSONL lines with `custom_id` and a
+`body` holding `prompt` or `messages`, `max_tokens`, `temperature`, ...).
+
+Every row gets a stable id: the value of the id column, else `<file basename>:<row number>`
+(0-based; for JSONL the line index). A file that cannot be opened or parsed yields an error
+record instead of failing the job; a bad JSONL line yields an error record for that line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Iterable, Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms import fs
+
+log = logging.getLogger(__name__)
+NAMESPACE = "jetbeam"
+ERRORS = "errors"
+
+PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+
+# OpenAI batch `body` fields we understand (others are ignored, like `model` and `n`).
+_OPENAI_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+
+
+def error_record(id_, reason: str, stage: str, row=None) -> dict:
+    return {"id": str(id_), "reason": reason, "stage": stage, "row": row}
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def row_id(row: dict, id_column: str, source: str, index: int) -> str:
+    v = row.get(id_column) if isinstance(row, dict) else None
+    if _missing(v) or (isinstance(v, str) and not v.strip()):
+        return f"{source}:{index}"
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return str(v)
+
+
+def normalize_openai(row: dict, id_column: str, prompt_column: str) -> dict:
+    """An OpenAI batch line -> a flat row (id, prompt or messages, sampling columns, url)."""
+    body = row.get("body") or {}
+    out = {id_column: row.get("custom_id"), "custom_id": row.get("custom_id")}
+    if row.get("url") is not None:
+        out["url"] = row["url"]
+    if "messages" in body:
+        out["messages"] = body["messages"]
+    if "prompt" in body:
+        out[prompt_column] = body["prompt"]
+    for k in _OPENAI_SAMPLING:
+        if k in body:
+            out[k] = body[k]
+    if "max_completion_tokens" in body and "max_tokens" not in body:
+        out["max_tokens"] = body["max_completion_tokens"]
+    return out
+
+
+def is_openai_line(obj) -> bool:
+    return isinstance(obj, dict) and "custom_id" in obj and isinstance(obj.get("body"), dict)
+
+
+class ReadFileFn(beam.DoFn):
+    """One input file -> its rows (main output) and error records (ERRORS)."""
+
+    def __init__(self, id_column: str = "id", prompt_column: str = "prompt",
+                 batch_rows: int = 1024):
+        self.id_column = id_column
+        self.prompt_column = prompt_column
+        self.batch_rows = batch_rows
+        self.rows_read = Metrics.counter(NAMESPACE, "rows_read")
+        self.read_errors = Metrics.counter(NAMESPACE, "read_errors")
+        self.files_read = Metrics.counter(NAMESPACE, "files_read")
+
+    def process(self, path: str):
+        source = fs.basename(path)
+        kind = "parquet" if path.lower().endswith(PARQUET_SUFFIXES) else "jsonl"
+        index = -1
+        try:
+            reader = self._parquet(path) if kind == "parquet" else self._jsonl(path, source)
+            for index, row in reader:
+                if isinstance(row, dict) and "__error__" in row:
+                    self.read_errors.inc()
+                    yield beam.pvalue.TaggedOutput(ERRORS, error_record(
+                        f"{source}:{index}", row["__error__"], "read", {"file": path, "line": row.get("__line__")}))
+                    continue
+                self.rows_read.inc()
+                yield {"id": row_id(row, self.id_column, source, index), "row": row}
+            self.files_read.inc()
+        except Exception as e:  # unreadable file: one error record, the job goes on
+            self.read_errors.inc()
+            where = "file" if index < 0 else f"after-row-{index}"
+            log.error("jetbeam: cannot read %s: %s", path, e)
+            yield beam.pvalue.TaggedOutput(ERRORS, error_record(
+                f"{source}:{where}", f"unreadable {kind} input file {path}: {type(e).__name__}: {e}",
+                "read", {"file": path}))
+
+    def _parquet(self, path: str):
+        import pyarrow.parquet as pq
+        with fs.open_file(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            index = 0
+            for batch in pf.iter_batches(batch_size=self.batch_rows):
+                for row in batch.to_pylist():
+                    yield index, row
+                    index += 1
+
+    def _jsonl(self, path: str, source: str):
+        with fs.open_file(path, "rb") as f:
+            for index, raw in enumerate(f):
+                line = raw.strip()
+                if not line:
+                    continue
+                try:
+                    obj = json.loads(line)
+                except (ValueError, UnicodeDecodeError) as e:
+                    yield index, {"__error__": f"line {index + 1} of {path} is not valid JSON: {e}",
+                                  "__line__": index + 1}
+                    continue
+                if isinstance(obj, str):
+                    obj = {self.prompt_column: obj}
+                elif is_openai_line(obj):
+                    obj = normalize_openai(obj, self.id_column, self.prompt_column)
+                elif not isinstance(obj, dict):
+                    yield index, {"__error__": f"line {index + 1} of {path} is not a JSON object or string",
+                                  "__line__": index + 1}
+                    continue
+                yield index, obj
+
+
+class ReadInputs(beam.PTransform):
+    """Files -> rows; `result[ERRORS]` holds error records for unreadable files/lines.
+
+    `files` is the expanded list (fs.expand_inputs), so a glob that matches nothing fails
+    at launch with a clear message instead of producing an empty job.
+    """
+
+    def __init__(self, files: list[str], id_column: str = "id", prompt_column: str = "prompt"):
+        super().__init__()
+        self.files = list(files)
+        self.id_column = id_column
+        self.prompt_column = prompt_column
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "Files" >> beam.Create(self.files)
+                | "SpreadFiles" >> beam.Reshuffle()
+                | "ReadFile" >> beam.ParDo(ReadFileFn(self.id_column, self.prompt_column))
+                .with_outputs(ERRORS, main="rows"))
+
+
+# ---- --skip_existing ----
+
+COMPLETIONS_PREFIX = "completions-"
+ERRORS_PREFIX = "errors-"
+
+
+def existing_ids(output_dir: str) -> Iterable[str]:
+    """Ids in the completions-*.parquet files already in `output_dir` (only the id column is read)."""
+    import pyarrow.parquet as pq
+    for path in fs.list_files(output_dir, COMPLETIONS_PREFIX, ".parquet"):
+        try:
+            with fs.open_file(path, "rb") as f:
+                table = pq.read_table(f, columns=["id"])
+        except Exception as e:
+            # An unreadable completions file is a damaged output: do not silently re-serve
+            # (and duplicate) its rows; stop with the file's name.
+            raise RuntimeError(f"--skip_existing: cannot read existing output {path}: {e}") from e
+        for v in table.column("id").to_pylist():
+            if v is not None:
+                yield str(v)
+
+
+class _DropExisting(beam.DoFn):
+    def __init__(self):
+        self.skipped = Metrics.counter(NAMESPACE, "rows_skipped_existing")
+
+    def process(self, kv):
+        _, grouped = kv
+        if list(grouped["existing"]):
+            for _ in grouped["rows"]:
+                self.skipped.inc()
+                yield beam.pvalue.TaggedOutput("skipped", 1)
+            return
+        yield from grouped["rows"]
+
+
+class SkipExisting(beam.PTransform):
+    """Rows whose id is not yet among the output directory's completions.
+
+    The existing ids are read by the job itself (not the launcher), and joined by id with a
+    CoGroupByKey, so it scales to outputs of any size. Output: tagged `rows` and `skipped`.
+    """
+
+    def __init__(self, output_dir: str):
+        super().__init__()
+        self.output_dir = output_dir
+
+    def expand(self, rows):
+        existing = (rows.pipeline
+                    | "OutputDir" >> beam.Create([self.output_dir])
+                    | "ExistingIds" >> beam.FlatMap(existing_ids)
+                    | "KeyExisting" >> beam.Map(lambda i: (i, True)))
+        keyed = rows | "KeyById" >> beam.Map(lambda r: (r["id"], r))
+        return ({"rows": keyed, "existing": existing}
+                | "JoinExisting" >> beam.CoGroupByKey()
+                | "DropExisting" >> beam.ParDo(_DropExisting()).with_outputs("skipped", main="rows"))
