@@ -61,11 +61,15 @@ class JaxEngine(Engine):
         self.dtype = config.compute_dtype
         self._mesh = shd.make_mesh(config.platform)
         backend = self._mesh.devices.flat[0].platform
+        # cuDNN's fused attention on NVIDIA GPUs in 16-bit: flash attention for prefill, and for
+        # decode a kernel that reads only each slot's filled cache (key_value_seq_lengths).
+        # The int8 cache is read by XLA's masked einsum, which dequantizes inside the fusion.
+        cudnn_ok = backend == "gpu" and self.dtype in (jnp.bfloat16, jnp.float16)
         attn = config.attention
         if attn == "auto":
-            attn = "cudnn" if backend == "gpu" and not config.quantize_kv_cache \
-                and self.dtype in (jnp.bfloat16, jnp.float16) else "xla"
-        self.attention_impl = attn
+            attn = "cudnn" if cudnn_ok else "xla"
+        self.prefill_attention = attn
+        self.attention_impl = "xla" if config.quantize_kv_cache else attn
         self.buckets = config.prefill_buckets()
         self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=())
         self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))
@@ -120,7 +124,7 @@ class JaxEngine(Engine):
     # ---- prefill ----
     def _prefill_impl(self, params, tokens, true_length, sampling: SlotSampling):
         logits, ks, vs = model_prefill(params, self.model_config, tokens, self.dtype,
-                                       last_index=true_length - 1)
+                                       last_index=true_length - 1, attn_impl=self.prefill_attention)
         first = sample(logits, sampling, jnp.zeros_like(true_length))
         prefix_cache = pack_prefix(ks, vs, self.config.quantize_kv_cache)
         return Prefix(prefix_cache, true_length, first, sampling)

@@ -112,8 +112,10 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
     return out.reshape(b, h, d).astype(q.dtype)
 
 
-def prefill_attention(q, k, v, scale: float):
+def prefill_attention(q, k, v, scale: float, impl: str = "xla"):
     """Causal self-attention over a right-padded prompt batch: q [N,S,H,D], k/v [N,S,Hkv,D]."""
+    if impl == "cudnn":  # flash attention; padding sits after the real tokens, so causal suffices
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
     n, s, h, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(n, s, hkv, h // hkv, d)

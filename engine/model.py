@@ -89,7 +89,8 @@ def _qkv(layer, h, cfg: ModelConfig):
     return q, k, v
 
 
-def prefill(params, cfg: ModelConfig, tokens, dtype, all_logits: bool = False, last_index=None):
+def prefill(params, cfg: ModelConfig, tokens, dtype, all_logits: bool = False, last_index=None,
+            attn_impl: str = "xla"):
     """Run right-padded prompts tokens [N, S].
 
     Returns (logits, ks, vs): logits [N, S, V] if all_logits else [N, V] at `last_index` [N]
@@ -108,7 +109,7 @@ def prefill(params, cfg: ModelConfig, tokens, dtype, all_logits: bool = False, l
         k = apply_rope(k, positions, inv_freq)
         ks.append(k)
         vs.append(v)
-        a = prefill_attention(q, k, v, scale)
+        a = prefill_attention(q, k, v, scale, attn_impl)
         x = x + linear(a.reshape(n, s, -1), layer["wo"])
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], cfg), cfg)
     if not all_logits:

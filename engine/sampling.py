@@ -61,17 +61,37 @@ def _sample_one(logits, temperature, top_k, top_p, key, step):
     probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
     cum_before = jnp.cumsum(probs) - probs
     keep = keep & (cum_before < top_p)  # the top token always stays
-    noise = jax.random.gumbel(jax.random.fold_in(key, step), (v,), jnp.float32)
+    # Noise is drawn in vocabulary order (as in _sample_unfiltered) and then permuted, so a
+    # slot draws the same token whichever path the rest of the batch selects.
+    noise = jax.random.gumbel(jax.random.fold_in(key, step), (v,), jnp.float32)[order]
     choice = jnp.argmax(jnp.where(keep, sorted_logits + noise, -jnp.inf))
     return order[choice]
 
 
+def _sample_unfiltered(logits, temperature, key, step):
+    """Temperature sampling over the whole vocabulary: Gumbel-max, no sort needed."""
+    noise = jax.random.gumbel(jax.random.fold_in(key, step), logits.shape[-1:], jnp.float32)
+    return jnp.argmax(logits / jnp.maximum(temperature, 1e-6) + noise)
+
+
 def sample(logits, s: SlotSampling, step):
-    """logits [B, V] float32, per-slot settings, step [B] (tokens generated so far) -> tokens [B]."""
+    """logits [B, V] float32, per-slot settings, step [B] (tokens generated so far) -> tokens [B].
+
+    Three paths, chosen on device per batch: all greedy (argmax only); sampling without
+    top-k/top-p (Gumbel-max, no sort); and the general path (one sort per slot).
+    """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampling = s.temperature > 0
+    filtered = sampling & ((s.top_k > 0) | (s.top_p < 1))
 
-    def stochastic():
-        drawn = jax.vmap(_sample_one)(logits, s.temperature, s.top_k, s.top_p, s.key, step)
-        return jnp.where(s.temperature > 0, drawn.astype(jnp.int32), greedy)
+    def pick(drawn):
+        return jnp.where(sampling, drawn.astype(jnp.int32), greedy)
 
-    return jax.lax.cond(jnp.any(s.temperature > 0), stochastic, lambda: greedy)
+    def general():
+        return pick(jax.vmap(_sample_one)(logits, s.temperature, s.top_k, s.top_p, s.key, step))
+
+    def unfiltered():
+        return pick(jax.vmap(_sample_unfiltered)(logits, s.temperature, s.key, step))
+
+    branch = jnp.where(jnp.any(filtered), 2, jnp.where(jnp.any(sampling), 1, 0))
+    return jax.lax.switch(branch, [lambda: greedy, unfiltered, general])

@@ -156,3 +156,19 @@ def test_cache_full_ends_with_length(solo):
     r = solo.generate_all([Request(id=0, prompt_token_ids=prompt,
                                    sampling=SamplingParams(max_tokens=500, ignore_eos=True))])[0]
     assert r.finish_reason == "length" and r.completion_tokens == 64 - 30
+
+
+def test_sampling_paths_agree(solo):
+    """A slot's draw is the same whichever sampling path its batch takes (no filter vs top-k/top-p)."""
+    import jax.numpy as jnp
+    from engine.sampling import SlotSampling, sample
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 256)).astype(np.float32))
+    keys = np.stack([np.asarray([0, 11], np.uint32)] * 2)
+    plain = SlotSampling(np.float32([0.8, 0.8]), np.int32([0, 0]), np.float32([1, 1]), keys)
+    mixed = SlotSampling(np.float32([0.8, 0.8]), np.int32([0, 5]), np.float32([1, 1]), keys)
+    for step in range(5):
+        st = jnp.full((2,), step)
+        a, b = np.asarray(sample(logits, plain, st)), np.asarray(sample(logits, mixed, st))
+        assert a[0] == b[0]  # slot 0 has no filter in both batches
+        top5 = np.argsort(-np.asarray(logits[1]))[:5]
+        assert b[1] in top5
