@@ -1,0 +1,170 @@
+"""Offline throughput, vLLM's method: N requests of random token ids, EOS ignored, generation timed.
+
+    python benchmarks/throughput.py --model llama2-7b --input_len 256 --output_len 256 \
+        --num_requests 1000 --batch_size 256 --quantize --json out.json --markdown rows.md
+
+Weights are random (speed depends on shapes, not values). Start-up (weights, compilation of
+every prefill shape and the decode step, one warm-up pass) is timed and reported apart from the
+generation phase. Optional: --peer_json (transformers' numbers from benchmarks/peer_hf.py, run
+in its own process) and the roofline (benchmarks/roofline.py) for ratios from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama2-7b", help="config name (random weights) or checkpoint")
+    p.add_argument("--num_requests", type=int, default=1000)
+    p.add_argument("--input_len", type=int, default=256)
+    p.add_argument("--output_len", type=int, default=256)
+    p.add_argument("--dataset", choices=["fixed", "sharegpt"], default="fixed",
+                   help="fixed lengths, or a ShareGPT-like length mix drawn from --seed")
+    p.add_argument("--batch_size", type=int, default=256, help="decode slots")
+    p.add_argument("--max_cache_length", type=int, default=None, help="default: longest request")
+    p.add_argument("--quantize", action="store_true", help="int8 weights and int8 KV cache")
+    p.add_argument("--quantize_weights", action="store_true")
+    p.add_argument("--quantize_kv_cache", action="store_true")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--decode_steps", type=int, default=8)
+    p.add_argument("--prefill_batch", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=0.0, help="vLLM's benchmark samples at 1.0")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peer_json", default=None, help="peer_hf.py output for the same shape")
+    p.add_argument("--roofline", action="store_true", help="measure bandwidth/FLOPs and report the roofline")
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None, help="append a row to this markdown file")
+    p.add_argument("--card", default=None, help="label for the markdown row (default: device kind)")
+    return p.parse_args(argv)
+
+
+def make_lengths(args):
+    rng = np.random.default_rng(args.seed)
+    n = args.num_requests
+    if args.dataset == "fixed":
+        return np.full(n, args.input_len), np.full(n, args.output_len)
+    # ShareGPT-like: long-tailed prompts and replies (medians ~180 and ~160 tokens), clipped.
+    ins = np.clip(rng.lognormal(np.log(180), 0.9, n), 4, 1024).astype(int)
+    outs = np.clip(rng.lognormal(np.log(160), 0.9, n), 4, 1024).astype(int)
+    return ins, outs
+
+
+def make_requests(args, vocab, ins, outs, id_prefix=""):
+    from engine.request import Request, SamplingParams
+    rng = np.random.default_rng(args.seed + 1)
+    return [Request(id=f"{id_prefix}{i}", prompt_token_ids=rng.integers(3, vocab, size=int(a)).tolist(),
+                    sampling=SamplingParams(max_tokens=int(b), ignore_eos=True, temperature=args.temperature,
+                                            seed=i))
+            for i, (a, b) in enumerate(zip(ins, outs))]
+
+
+def pct(xs, q):
+    return float(np.percentile(np.asarray(xs), q)) if len(xs) else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import jax
+    from engine.config import next_power_of_two
+    from engine.llm import LLM
+
+    ins, outs = make_lengths(args)
+    qw = args.quantize or args.quantize_weights
+    qk = args.quantize or args.quantize_kv_cache
+    context = int(next_power_of_two(ins.max()))
+    cache_len = args.max_cache_length or int(ins.max() + outs.max())
+    cache_len = max(cache_len, context + 1)
+    t0 = time.perf_counter()
+    llm = LLM(args.model, batch_size=args.batch_size, max_cache_length=cache_len, context_size=context,
+              min_prefill_bucket=int(next_power_of_two(ins.min())) if args.dataset == "fixed" else 16,
+              quantize_weights=qw, quantize_kv_cache=qk, dtype=args.dtype, decode_steps=args.decode_steps,
+              prefill_batch=args.prefill_batch, seed=args.seed)
+    t_load = time.perf_counter() - t0
+    llm.batcher.state = llm.engine.warmup(llm.params, llm.batcher.state)
+    t_compile = time.perf_counter() - t0 - t_load
+    vocab = llm.model_config.vocab_size
+    # A short warm-up pass through the batcher (host paths, allocator), not timed.
+    warm = make_requests(args, vocab, ins[:args.batch_size], np.minimum(outs[:args.batch_size], 16), "warm")
+    for _ in llm.generate(warm):
+        pass
+    t_warm = time.perf_counter() - t0 - t_load - t_compile
+
+    reqs = make_requests(args, vocab, ins, outs)
+    start = time.perf_counter()
+    results = list(llm.generate(reqs))
+    wall = time.perf_counter() - start
+    bad = [r for r in results if not r.ok]
+    if bad:
+        raise SystemExit(f"{len(bad)} requests failed, e.g. {bad[0].error}")
+    out_tok = sum(r.completion_tokens for r in results)
+    in_tok = sum(r.prompt_tokens for r in results)
+    assert out_tok == int(outs.sum()), (out_tok, int(outs.sum()))
+    dev = llm.engine.mesh.devices.flat[0]
+    stats = dev.memory_stats() or {}
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device": dev.device_kind, "device_count": int(llm.engine.mesh.devices.size),
+        "jax": jax.__version__, "model": args.model, "dataset": args.dataset,
+        "num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
+        "mean_input": float(ins.mean()), "mean_output": float(outs.mean()),
+        "slots": args.batch_size, "max_cache_length": cache_len, "dtype": str(np.dtype(llm.engine.dtype)),
+        "quantize_weights": qw, "quantize_kv_cache": qk, "decode_steps": args.decode_steps,
+        "prefill_batch": args.prefill_batch, "decode_attention": llm.engine.attention_impl,
+        "temperature": args.temperature,
+        "load_s": round(t_load, 2), "compile_s": round(t_compile, 2), "warmup_s": round(t_warm, 2),
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(len(results) / wall, 2),
+        "output_tok_per_s": round(out_tok / wall, 1),
+        "total_tok_per_s": round((in_tok + out_tok) / wall, 1),
+        "ttft_p50_s": pct([r.ttft_s for r in results], 50), "ttft_p99_s": pct([r.ttft_s for r in results], 99),
+        "peak_device_bytes": stats.get("peak_bytes_in_use"),
+        "device_bytes_limit": stats.get("bytes_limit"),
+    }
+    if args.roofline:
+        from benchmarks import roofline as rl
+        bw, fl = rl.measure_bandwidth(), rl.measure_matmul_flops()
+        rf = rl.run_roofline(llm.model_config, args.num_requests, float(ins.mean()), float(outs.mean()),
+                             args.batch_size, qw, qk, bw, fl)
+        report.update({"bandwidth_Bps": bw, "matmul_flops": fl, "roofline": rf,
+                       "achieved_over_roofline": round(report["output_tok_per_s"] / rf["output_tok_per_s"], 3)})
+    if args.peer_json and os.path.exists(args.peer_json):
+        with open(args.peer_json) as f:
+            peer = json.load(f)
+        report["peer"] = peer
+        report["ours_over_peer"] = round(report["output_tok_per_s"] / peer["output_tok_per_s"], 2)
+    print(json.dumps(report, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(markdown_row(report, args.card or report["device"], " ".join(["python", *sys.argv])) + "\n")
+
+
+def markdown_row(r, card, command):
+    q = "int8 w + int8 KV" if r["quantize_weights"] and r["quantize_kv_cache"] else (
+        "int8 w" if r["quantize_weights"] else ("int8 KV" if r["quantize_kv_cache"] else r["dtype"]))
+    shape = f"{r['input_len']}/{r['output_len']}" if r["dataset"] == "fixed" else "sharegpt-mix"
+    peer = r.get("peer", {}).get("output_tok_per_s", "")
+    roof = r.get("roofline", {}).get("output_tok_per_s", "")
+    cells = [r["date"], card, r["model"], q, shape, r["num_requests"], r["slots"], r["output_tok_per_s"],
+             r["total_tok_per_s"], r["requests_per_s"], f"{r['ttft_p50_s']:.3f}/{r['ttft_p99_s']:.3f}",
+             f"{(r['peak_device_bytes'] or 0) / 2**30:.1f}", round(roof) if roof else "",
+             r.get("achieved_over_roofline", ""), peer, r.get("ours_over_peer", ""),
+             f"{r['compile_s']:.0f}", f"`{command}`"]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+if __name__ == "__main__":
+    main()
