@@ -69,12 +69,14 @@ def main(argv=None) -> int:
     for noisy in ("apache_beam", "absl", "jax._src", "urllib3", "google", "gcsfs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from pipeline.build import run
+    from pipeline.build import check_options, make_options, run
     try:
-        result, metrics, info = run(argv)
+        options = make_options(argv)
+        files = check_options(options)
     except ValueError as e:  # bad flags / inputs: one clear line, no traceback
         print(f"jetbeam: error: {e}", file=sys.stderr)
         return 2
+    result, metrics, info = run(options=options, files=files)
     if metrics is None:
         state = getattr(result, "state", None)
         print(f"jetbeam: job submitted/finished with state {state}; outputs will be in {info['output']}")

@@ -113,12 +113,30 @@ def make_options(argv=None, **overrides) -> PipelineOptions:
     return options
 
 
-def run(argv=None, wait: bool = True, **overrides):
-    """Build and run the job; returns (PipelineResult, metrics dict or None, build info)."""
-    options = make_options(argv, **overrides)
+def check_options(options: PipelineOptions) -> list:
+    """Fail fast, in the launcher, on flags the workers would reject; returns the input files."""
+    from engine.config import EngineConfig
+    from engine.request import SamplingParams
     jo = options.view_as(JetbeamOptions)
+    kwargs = jo.engine_kwargs()
+    try:
+        EngineConfig(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad engine option: {e}") from None
+    defaults = jo.sampling_defaults()
+    SamplingParams(**{**defaults, "stop": tuple(defaults["stop"])}).validate()
+    if jo.flush_rows < 1:
+        raise ValueError("--flush_rows must be >= 1")
+    return fs.expand_inputs(jo.input)
+
+
+def run(argv=None, wait: bool = True, options: Optional[PipelineOptions] = None,
+        files: Optional[list] = None):
+    """Build and run the job; returns (PipelineResult, metrics dict or None, build info)."""
+    options = options or make_options(argv)
     launch_time = time.time()
-    files = fs.expand_inputs(jo.input)
+    if files is None:
+        files = check_options(options)
     p = beam.Pipeline(options=options)
     info = build_pipeline(p, options, files=files, launch_time=launch_time)
     result = p.run()

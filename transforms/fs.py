@@ -101,6 +101,7 @@ def open_file(path: str, mode: str = "rb"):
 def list_files(directory: str, prefix: str, suffix: str = "") -> list[str]:
     """Files directly in `directory` whose names start with prefix and end with suffix."""
     fs, stripped = get_fs(directory)
+    fs.invalidate_cache(stripped)  # other processes (workers, earlier runs) may have written here
     try:
         entries = fs.ls(stripped, detail=False)
     except FileNotFoundError:
