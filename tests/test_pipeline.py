@@ -78,6 +78,7 @@ def run_job(args):
     from pipeline.build import run
     result, metrics, info = run(args)
     assert metrics is not None, "metrics.json was not written"
+    info["result"] = result
     return metrics, info
 
 
@@ -146,6 +147,13 @@ def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
     for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "latency_p50_s", "latency_p90_s", "latency_p99_s",
               "output_tok_per_s", "total_tok_per_s", "requests_per_s", "wall_time_s"):
         assert m[k] is not None, k
+    # Beam metrics, all in the one namespace "jetbeam".
+    from apache_beam.metrics.metric import MetricsFilter
+    q = info["result"].metrics().query(MetricsFilter().with_namespace("jetbeam"))
+    counters = {c.key.metric.name: c.committed for c in q["counters"]}
+    assert counters["rows_read"] == 10 and counters["completions"] == 10
+    assert counters["generated_tokens"] == m["generated_tokens"]
+    assert {d.key.metric.name for d in q["distributions"]} >= {"ttft_ms", "latency_ms", "flush_rows"}
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"rows_in", "completed", "errored", "output_tok_per_s", "ttft_p99_s", "device_kind"} <= set(header)
 

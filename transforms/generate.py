@@ -171,7 +171,7 @@ class GenerateFn(beam.DoFn):
     @on_timer(FLUSH_TIMER)
     def on_flush_timer(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
                        count=beam.DoFn.StateParam(COUNT), flush_timer=beam.DoFn.TimerParam(FLUSH_TIMER)):
-        yield from self._flush(key, buffer, count, flush_timer, "timer")
+        yield from self._flush(key, buffer, count, flush_timer, "processing-time timer")
 
     @on_timer(END_OF_WINDOW)
     def on_end_of_window(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),

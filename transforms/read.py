@@ -1,7 +1,7 @@
 """read: input files -> rows `{"id": str, "row": dict}`, plus error records for what cannot be read.
 
 Formats: Parquet (pyarrow, streamed by record batch), JSONL (one JSON object per line; a
-bare JSON string is a prompt) and OpenAI batch files (JSONL lines with `custom_id` and a
+bare JSON string is a prompt; a `.json` file may also hold one JSON array) and OpenAI batch files (JSONL lines with `custom_id` and a
 `body` holding `prompt` or `messages`, `max_tokens`, `temperature`, ...).
 
 Every row gets a stable id: the value of the id column, else `<file basename>:<row number>`
@@ -117,6 +117,19 @@ class ReadFileFn(beam.DoFn):
 
     def _jsonl(self, path: str, source: str):
         with fs.open_file(path, "rb") as f:
+            if path.lower().endswith(".json"):
+                head = f.read(4096).lstrip()
+                f.seek(0)
+                if head.startswith(b"["):  # a .json file holding one JSON array of rows
+                    try:
+                        rows = json.load(f)
+                    except ValueError:
+                        rows = None  # not an array after all: fall back to JSON lines
+                        f.seek(0)
+                    if rows is not None:
+                        for index, obj in enumerate(rows):
+                            yield index, self._row(obj, path, index, "element")
+                        return
             for index, raw in enumerate(f):
                 line = raw.strip()
                 if not line:
@@ -127,15 +140,17 @@ class ReadFileFn(beam.DoFn):
                     yield index, {"__error__": f"line {index + 1} of {path} is not valid JSON: {e}",
                                   "__line__": index + 1}
                     continue
-                if isinstance(obj, str):
-                    obj = {self.prompt_column: obj}
-                elif is_openai_line(obj):
-                    obj = normalize_openai(obj, self.id_column, self.prompt_column)
-                elif not isinstance(obj, dict):
-                    yield index, {"__error__": f"line {index + 1} of {path} is not a JSON object or string",
-                                  "__line__": index + 1}
-                    continue
-                yield index, obj
+                yield index, self._row(obj, path, index, "line")
+
+    def _row(self, obj, path, index, what):
+        if isinstance(obj, str):
+            return {self.prompt_column: obj}
+        if is_openai_line(obj):
+            return normalize_openai(obj, self.id_column, self.prompt_column)
+        if not isinstance(obj, dict):
+            return {"__error__": f"{what} {index + 1} of {path} is not a JSON object or string",
+                    "__line__": index + 1}
+        return obj
 
 
 class ReadInputs(beam.PTransform):
