@@ -6,7 +6,7 @@
         --model tiny-llama --max_tokens 128 --num_engines 4
     python run_pipeline.py --help               # every flag (ours first, then Beam's)
 
-Without --runner the job runs in-process on Beam's FnApiRunner (no network needed; add
+Without --runner (or with --runner=DirectRunner) the job runs in-process on Beam's FnApiRunner (no network needed; add
 --direct_num_workers=N --direct_running_mode=multi_processing for N worker processes, each
 with its own engine). Any other Beam runner works with --runner (see docs/dataflow.md).
 """
@@ -21,14 +21,16 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gc
 
 def _print_help() -> None:
     import argparse
+    import textwrap
 
     from pipeline.options import JetbeamOptions
     parser = argparse.ArgumentParser(
         prog="run_pipeline.py", description=__doc__.split("\n\n")[0],
-        epilog="Beam's own flags (--runner, --direct_num_workers, --direct_running_mode, --project, "
+        epilog=textwrap.fill("Beam's own flags (--runner, --direct_num_workers, --direct_running_mode, --project, "
                "--region, --temp_location, --machine_type, --dataflow_service_options, ...) are accepted "
                "too; `python run_pipeline.py --help_beam` lists them. Runner: the in-process FnApiRunner "
-               "unless --runner is given.",
+               "unless --runner names another (DirectRunner also means the FnApiRunner). Dataflow: "
+               "docs/dataflow.md.", 88),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     JetbeamOptions._add_argparse_args(parser)
     parser.print_help()
@@ -60,9 +62,13 @@ def main(argv=None) -> int:
     if "-h" in argv or "--help" in argv:
         _print_help()
         return 0
-    if "--help_beam" in argv:
-        from apache_beam.options.pipeline_options import PipelineOptions
-        PipelineOptions(["--help"])
+    if "--help_beam" in argv:  # every flag of every PipelineOptions view, as Beam collects them
+        from apache_beam.options import pipeline_options as po
+        import pipeline.options  # noqa: F401  (registers JetbeamOptions)
+        parser = po._BeamArgumentParser(prog="run_pipeline.py", allow_abbrev=False)
+        for cls in {str(c): c for c in po.PipelineOptions.__subclasses__()}.values():
+            cls._add_argparse_args(parser)
+        parser.print_help()
         return 0
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -33,10 +33,23 @@ LOCAL_RUNNERS = ("fnapirunner", "directrunner", "bundlebaseddirectrunner", "swit
                  "prismrunner", "direct", "prism")
 
 
+# `--runner=DirectRunner` is Beam's SwitchingDirectRunner: it would try Prism first (a GitHub
+# download), then, because generate has a processing-time timer, pick the legacy
+# BundleBasedDirectRunner, which delivers the end-of-window timer's output after downstream
+# GroupByKeys have closed and fails. The FnApiRunner is the DirectRunner's own batch engine.
+_DIRECT_ALIASES = ("direct", "directrunner", "switchingdirectrunner",
+                   "apache_beam.runners.direct.direct_runner.directrunner",
+                   "apache_beam.runners.direct.direct_runner.switchingdirectrunner")
+
+
 def apply_default_runner(options: PipelineOptions) -> None:
-    """No --runner: the in-process FnApiRunner (no Prism download, honours --direct_* flags)."""
+    """No --runner (or DirectRunner): the in-process FnApiRunner (no Prism download, honours --direct_* flags)."""
     std = options.view_as(StandardOptions)
     if not std.runner:
+        std.runner = DEFAULT_RUNNER
+    elif isinstance(std.runner, str) and std.runner.lower() in _DIRECT_ALIASES:
+        log.info("jetbeam: --runner=%s runs on Beam's FnApiRunner (the DirectRunner's batch engine)",
+                 std.runner)
         std.runner = DEFAULT_RUNNER
 
 

@@ -325,6 +325,15 @@ def test_run_inference_model_handler(tokenizer_dir):
         assert_that(out, check)
 
 
+def test_runner_defaults():
+    from apache_beam.options.pipeline_options import StandardOptions
+    from pipeline.build import make_options
+    from pipeline.options import DEFAULT_RUNNER
+    for argv in ([], ["--runner=DirectRunner"], ["--runner", "direct"]):
+        assert make_options(argv).view_as(StandardOptions).runner == DEFAULT_RUNNER, argv
+    assert make_options(["--runner=DataflowRunner"]).view_as(StandardOptions).runner == "DataflowRunner"
+
+
 def test_help_lists_flags():
     res = subprocess.run([sys.executable, "run_pipeline.py", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
