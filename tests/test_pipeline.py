@@ -164,11 +164,14 @@ def test_multi_processing_workers(tmp_path, tokenizer_dir):
     b = sample_jsonl(tmp_path / "b.jsonl")
     out = tmp_path / "out"
     metrics, _ = run_job([f"--input={a},{b}", f"--output={out}", "--direct_num_workers=2",
-                          "--direct_running_mode=multi_processing"] + engine_args(tokenizer_dir))
+                          "--direct_running_mode=multi_processing", "--flush_rows=3"]
+                         + engine_args(tokenizer_dir))
     comps, errs = read_outputs(str(out))
     assert errs == []
     assert_each_id_once(comps, errs)
     assert len(comps) == metrics["completed"] == metrics["rows_in"] == 10
+    # 10 rows, flushed every 3 rows (BagState threshold) + the rest on a timer.
+    assert metrics["engine_flushes"] >= 4
     assert "apache_beam.runners.portability.prism_runner" not in sys.modules
 
 
