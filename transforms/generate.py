@@ -89,18 +89,15 @@ def acquire_engine(model: Optional[str], engine_kwargs: dict) -> EngineHolder:
 
 def build_requests(llm, specs: list):
     """(requests, immediate error records). Chat messages are rendered here (the tokenizer's template)."""
-    from engine.request import Request, RequestError, SamplingParams
+    from engine.request import RequestError
+    from engine.rows import spec_to_request
     requests, errors = [], []
     for i, spec in enumerate(specs):
         try:
-            sp = dict(spec["sampling"])
-            sp["stop"] = tuple(sp.get("stop") or ())
-            prompt = spec.get("prompt")
-            if spec.get("messages") is not None:
-                prompt = llm.render_chat(spec["messages"])
-                spec["prompt"] = prompt
-            requests.append(Request(id=i, prompt=prompt, prompt_token_ids=spec.get("prompt_token_ids"),
-                                    sampling=SamplingParams(**sp), metadata=i))
+            req = spec_to_request(spec, render_chat=llm.render_chat, request_id=i)
+            req.metadata = i
+            spec["prompt"] = req.prompt
+            requests.append(req)
         except RequestError as e:
             errors.append(error_record(spec["id"], str(e), "generate", spec.get("row")))
         except Exception as e:
