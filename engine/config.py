@@ -182,12 +182,15 @@ class EngineConfig:
     min_prefill_bucket: int = 16
     decode_steps: int = 8  # decode steps per host round-trip
     prefill_batch: int = 8  # prompts prefilled together per bucket
-    attention: str = "auto"  # "auto" | "xla" | "cudnn"
+    attention: str = "auto"  # "auto" | "xla" | "cudnn" | "pallas"
     seed: int = 0
+    warmup: Optional[bool] = None  # compile every prefill shape + decode at load; None: on accelerators only
 
     def __post_init__(self):
         for name in ("quantize_weights", "quantize_kv_cache"):
             setattr(self, name, _as_bool(getattr(self, name)))
+        if self.warmup is not None:
+            self.warmup = _as_bool(self.warmup)
         for name in ("batch_size", "max_cache_length", "context_size", "min_prefill_bucket",
                      "decode_steps", "prefill_batch", "seed"):
             setattr(self, name, int(getattr(self, name)))

@@ -67,18 +67,23 @@ def resolve_model(model: Optional[str], overrides: dict):
 class LLM:
     """A resident engine with its weights, decode state and batcher; reuse it for many calls."""
 
-    def __init__(self, model: Optional[str] = None, warmup: bool = False, tokenizer=None, **engine_overrides):
+    def __init__(self, model: Optional[str] = None, tokenizer=None, **engine_overrides):
         t0 = time.perf_counter()
         self.engine_config, self.model_config, checkpoint, self.tokenizer = resolve_model(model, engine_overrides)
         if tokenizer is not None:  # an explicit Tokenizer object wins over the checkpoint's
             self.tokenizer = tokenizer
-        self.model_name = model or (checkpoint.source if checkpoint is not None else self.model_config.name)
+        # A short name for output rows: the checkpoint's file or directory name, else the config name.
+        source = checkpoint.source if checkpoint is not None and checkpoint.source else None
+        self.model_name = os.path.basename(os.path.normpath(source)) if source else (model or self.model_config.name)
         self.engine = JaxEngine(self.engine_config, self.model_config, checkpoint)
         self.params = self.engine.load_params()
         self.batcher = ContinuousBatcher(self.engine, self.params, self.tokenizer, seed=self.engine_config.seed)
-        self.load_time_s = time.perf_counter() - t0
+        warmup = self.engine_config.warmup
+        if warmup is None:  # compiling every shape up front pays on accelerators; on CPU, compile lazily
+            warmup = self.engine.mesh.devices.flat[0].platform != "cpu"
         if warmup:
             self.batcher.state = self.engine.warmup(self.params, self.batcher.state)
+        self.load_time_s = time.perf_counter() - t0
 
     def validate(self, request: Request) -> None:
         """Raise RequestError(reason) if the request cannot be served."""
