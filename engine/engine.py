@@ -68,8 +68,12 @@ class JaxEngine(Engine):
         attn = config.attention
         if attn == "auto":
             attn = "cudnn" if cudnn_ok else "xla"
-        self.prefill_attention = attn
-        self.attention_impl = "xla" if config.quantize_kv_cache else attn
+        if attn == "pallas":  # decode: the ragged Pallas kernel (engine/kernels), int8 or 16-bit cache
+            self.prefill_attention = "cudnn" if cudnn_ok else "xla"
+            self.attention_impl = "pallas"
+        else:
+            self.prefill_attention = attn
+            self.attention_impl = "xla" if config.quantize_kv_cache else attn
         self.buckets = config.prefill_buckets()
         self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=())
         self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))

@@ -92,6 +92,13 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
     k, v = cache.k[layer], cache.v[layer]
     b, t, hkv, d = k.shape
     h = q.shape[1]
+    if impl == "pallas":  # reads only each slot's filled blocks; int8 or unquantized cache
+        from engine.kernels.ragged_decode import ragged_decode_attention
+        ks = cache.k_scale[layer] if cache.quantized else None
+        vs = cache.v_scale[layer] if cache.quantized else None
+        # The Triton kernel compiles only for GPUs; elsewhere Pallas interprets it (tests).
+        return ragged_decode_attention(q, k, v, ks, vs, pos + 1, scale,
+                                       interpret=jax.default_backend() != "gpu")
     if impl == "cudnn" and not cache.quantized:
         out = jax.nn.dot_product_attention(
             q[:, None], k, v, scale=scale, implementation="cudnn",

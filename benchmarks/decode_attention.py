@@ -1,0 +1,152 @@
+"""Micro-benchmark of one layer's decode attention: XLA vs the ragged Pallas kernel vs cuDNN.
+
+Random cache of B slots x T positions x Hkv heads x D, filled lengths uniform in
+[min_len, max_len); one query per slot (H = Hkv * G heads). Times each variant per call
+(jitted, warm-up, then --iters calls, device-synchronized) and prints ms and the effective
+bandwidth over the FILLED bytes (K+V of positions < length, plus the int8 cache's scales):
+a variant reading the whole cache shows it as a low GB/s. Every Pallas variant is also checked
+against XLA on the same cache (max abs error); a variant that fails to compile prints its error
+and the run goes on.
+
+    PYTHONPATH=. python benchmarks/decode_attention.py                 # Llama-2-7B layer, 256 slots
+    PYTHONPATH=. python benchmarks/decode_attention.py --sweep         # + block_t/num_warps/... grid
+    PYTHONPATH=. python benchmarks/decode_attention.py --kv_heads 8 --group 4   # Llama-3-8B GQA
+    PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/decode_attention.py --small  # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from engine.kernels.ragged_decode import DEFAULTS, ragged_decode_attention  # noqa: E402
+from engine.kv_cache import KVCache, decode_attention  # noqa: E402
+
+
+def _time(fn, *args, iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / iters
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--slots", type=int, default=256)
+    p.add_argument("--cache", type=int, default=512, help="T, positions per slot")
+    p.add_argument("--kv_heads", type=int, default=32)
+    p.add_argument("--group", type=int, default=1, help="query heads per kv head (G)")
+    p.add_argument("--head_dim", type=int, default=128)
+    p.add_argument("--min_len", type=int, default=256)
+    p.add_argument("--max_len", type=int, default=512, help="lengths uniform in [min_len, max_len)")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--sweep", action="store_true", help="also time a grid of kernel settings")
+    p.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test, interpret mode)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.small:
+        a.slots, a.cache, a.kv_heads, a.head_dim, a.min_len, a.max_len, a.iters = 4, 64, 2, 32, 8, 64, 2
+
+    backend = jax.default_backend()
+    interpret = backend != "gpu"
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({backend}), jax {jax.__version__}; "
+          f"B={a.slots} T={a.cache} Hkv={a.kv_heads} G={a.group} D={a.head_dim} "
+          f"lengths in [{a.min_len}, {a.max_len}), {a.iters} iters; kernel defaults {DEFAULTS}"
+          + (" [interpret mode]" if interpret else ""))
+
+    b, t, hkv, g, d = a.slots, a.cache, a.kv_heads, a.group, a.head_dim
+    cdt = jnp.bfloat16 if backend == "gpu" else jnp.float32
+    rng = np.random.default_rng(a.seed)
+    lengths = rng.integers(a.min_len, a.max_len, size=b).clip(1, t).astype(np.int32)
+    pos = jnp.asarray(lengths - 1)
+    key = jax.random.PRNGKey(a.seed)
+    kq, kk, kv, kks, kvs = jax.random.split(key, 5)
+    q = jax.random.normal(kq, (b, hkv * g, d), cdt)
+    k8 = jax.random.randint(kk, (b, t, hkv, d), -127, 128, jnp.int32).astype(jnp.int8)
+    v8 = jax.random.randint(kv, (b, t, hkv, d), -127, 128, jnp.int32).astype(jnp.int8)
+    ks = jax.random.uniform(kks, (b, t, hkv), jnp.float32, 0.002, 0.03)
+    vs = jax.random.uniform(kvs, (b, t, hkv), jnp.float32, 0.002, 0.03)
+    q8 = KVCache([k8], [v8], [ks], [vs])
+    # An unquantized cache holding the same values, for the 16-bit paths.
+    kb = (k8.astype(jnp.float32) * ks[..., None]).astype(cdt)
+    vb = (v8.astype(jnp.float32) * vs[..., None]).astype(cdt)
+    qb = KVCache([kb], [vb])
+    jax.block_until_ready((q, q8, qb))
+
+    filled = int(lengths.sum()) * hkv
+    bytes_int8 = filled * (2 * d + 2 * 4)  # int8 K+V rows plus their f32 scales
+    bytes_16 = filled * 2 * d * jnp.dtype(cdt).itemsize
+    full_int8 = b * t * hkv * (2 * d + 8)
+    print(f"filled: int8 {bytes_int8 / 1e9:.3f} GB (whole int8 cache {full_int8 / 1e9:.3f} GB), "
+          f"{jnp.dtype(cdt).name} {bytes_16 / 1e9:.3f} GB")
+    scale = d ** -0.5
+
+    ref8 = jax.jit(lambda q, c, pos: decode_attention(q, c, 0, pos, scale, "xla"))
+    refb = jax.jit(lambda q, c, pos: decode_attention(q, c, 0, pos, scale, "xla"))
+    want8 = np.asarray(ref8(q, q8, pos), np.float32)
+    wantb = np.asarray(refb(q, qb, pos), np.float32)
+
+    rows = []
+
+    def bench(name, fn, args, nbytes, want=None):
+        try:
+            out = np.asarray(jax.block_until_ready(fn(*args)), np.float32)
+            err = float(np.abs(out - want).max()) if want is not None else float("nan")
+            s = _time(fn, *args, iters=a.iters)
+        except Exception as e:  # a kernel setting that does not compile: report and go on
+            print(f"{name:<58} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            if os.environ.get("BENCH_TRACEBACK"):
+                traceback.print_exc()
+            return
+        rows.append((name, s))
+        print(f"{name:<58} {s * 1e3:8.3f} ms  {nbytes / s / 1e9:8.1f} GB/s filled"
+              + ("" if want is None else f"  max|err| vs xla {err:.2e}"))
+
+    bench("xla int8 (masked einsum, whole cache)", ref8, (q, q8, pos), bytes_int8)
+    bench(f"xla {jnp.dtype(cdt).name} (masked einsum, whole cache)", refb, (q, qb, pos), bytes_16)
+    if backend == "gpu" and cdt == jnp.bfloat16:
+        cud = jax.jit(lambda q, c, pos: decode_attention(q, c, 0, pos, scale, "cudnn"))
+        bench("cudnn bf16 (kv lengths)", cud, (q, qb, pos), bytes_16, wantb)
+
+    def pallas(**kw):
+        return jax.jit(lambda q, k, v, ks, vs, pos: ragged_decode_attention(
+            q, k, v, ks, vs, pos + 1, scale, interpret=interpret, **kw))
+
+    bench("pallas int8 (defaults)", pallas(), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
+    bench(f"pallas {jnp.dtype(cdt).name} (defaults)", pallas(), (q, kb, vb, None, None, pos), bytes_16, wantb)
+    other = "fma" if g >= 8 else "dot"  # the method "auto" does not pick for this G
+    bench(f"pallas int8 method={other}", pallas(method=other), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
+
+    bench("pallas int8 mask_loads=1", pallas(mask_loads=True), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
+
+    if a.sweep:
+        grid = itertools.product(["fma", "dot"], [32, 64, 128, 256], [4, 8], [1, 2], [1, 2, 4])
+        if a.small:
+            grid = itertools.product(["fma", "dot"], [16, 32], [4], [2], [1, 2])
+        for method, bt, warps, stages, splits in grid:
+            kw = dict(method=method, block_t=bt, num_warps=warps, num_stages=stages, num_splits=splits)
+            bench("pallas int8 " + " ".join(f"{k}={v}" for k, v in kw.items()), pallas(**kw),
+                  (q, k8, v8, ks, vs, pos), bytes_int8, want8)
+
+    if rows:
+        best = min(rows, key=lambda r: r[1])
+        print(f"fastest: {best[0]} at {best[1] * 1e3:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()

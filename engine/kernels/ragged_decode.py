@@ -1,0 +1,286 @@
+"""Ragged decode attention in Pallas (Triton backend): reads only each slot's filled cache blocks.
+
+One query token per slot. q [B, H, D]; the cache of one layer K, V [B, T, Hkv, D] (int8 with
+float32 scales [B, T, Hkv], real value = int8 * scale; or a 16/32-bit cache without scales);
+lengths [B] int32: slot b attends to positions [0, lengths[b]). GQA: H = Hkv * G and query head
+h reads kv head h // G.
+
+Grid (Hkv, B, S). Each program owns one (slot, kv head) pair and its G query heads, and loops
+over block_t-token blocks of its chunk of T (S = num_splits chunks, flash-decoding; default
+S=1, the whole T) with a trip count that depends on lengths[b]: blocks past the filled length
+are never loaded. K/V keep the engine's [B, T, Hkv, D] layout: the BlockSpec (None, Tc, None, D)
+hands the kernel a strided [Tc, D] view of (b, chunk, hkv) and the loop loads [block_t, D]
+rows from it with a dynamic start (one contiguous D-element row per token, rows Hkv*D apart).
+The kv-head axis is grid axis 0 (the fastest-varying CUDA program id), so programs running
+together read neighbouring rows of the same slot (and share the 32-byte sectors of the
+per-token scales, which are only Hkv*4 bytes apart).
+
+Two ways to compute the G query rows against a block (`method`):
+- "fma": each query row separately, scores = sum(k * q_g, axis=1) and out += sum(p[:, None] * v,
+  axis=0), in float32 on the CUDA cores. No tensor-core shape rules: any G (G=1 for Llama-2-7B
+  MHA, 3 for SmolLM2, 4 for Llama-3), the G rows unrolled in Python. Work per byte is ~2G
+  FMAs, cheap next to the memory traffic for small G.
+- "dot": tensor-core dots, q padded with zero rows to Gp = max(16, next power of 2 >= G)
+  (Triton's dot needs M >= 16), int8 converted to q's dtype (exact for bf16), probabilities
+  cast to q's dtype for p @ v like the XLA path. Better for large G.
+"auto" picks "dot" for G >= 8, "fma" otherwise (a guess: measure).
+
+Settings can be overridden without code changes by the environment variable
+JETBEAM_RAGGED_DECODE, e.g. "block_t=32,method=dot,num_splits=2,num_warps=8,num_stages=3,mask_loads=1",
+read when a call is traced (explicit keyword arguments win).
+
+Works with jax 0.10 (CPU: interpret=True only) and 0.11 (GPU: Triton). The Triton backend is
+chosen explicitly via triton CompilerParams: newer jax lowers pallas_call on GPU to Mosaic GPU
+by default, which this kernel is not written for.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # pallas.triton in current jax; pallas.gpu in older releases
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover
+    from jax.experimental.pallas import gpu as plgpu
+
+NEG_INF = -1e30
+# A squeezed block dimension: pl.squeezed in newer jax, None (its older spelling) otherwise.
+_SQ = getattr(pl, "squeezed", None)
+
+DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=4, num_stages=2, mask_loads=0)
+ENV_VAR = "JETBEAM_RAGGED_DECODE"
+
+
+def _settings(**explicit):
+    s = dict(DEFAULTS)
+    for item in filter(None, os.environ.get(ENV_VAR, "").split(",")):
+        key, _, val = item.partition("=")
+        key = key.strip()
+        if key not in s:
+            raise ValueError(f"{ENV_VAR}: unknown setting {key!r} (known: {sorted(s)})")
+        s[key] = val.strip() if key == "method" else int(val)
+    s.update({k: v for k, v in explicit.items() if v is not None})
+    return s
+
+
+def _compiler_params(num_warps: int, num_stages: int):
+    for name in ("CompilerParams", "TritonCompilerParams"):
+        cls = getattr(plgpu, name, None)
+        if cls is not None:
+            return cls(num_warps=num_warps, num_stages=num_stages)
+    return None
+
+
+def _multiple_of(x, m):
+    f = getattr(pl, "multiple_of", None)
+    return f(x, m) if f is not None else x
+
+
+def _load(ref, mask, other):
+    """A masked load: plgpu.load in new jax, pl.load in old."""
+    fn = getattr(plgpu, "load", None) or getattr(pl, "load")
+    return fn(ref, mask=mask, other=other)
+
+
+def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, block_t: int, chunk: int, g: int, scale: float,
+            quantized: bool, method: str, split: bool, mask_loads: bool):
+    if quantized:
+        ks_ref, vs_ref, *outs = rest
+    else:
+        ks_ref = vs_ref = None
+        outs = list(rest)
+    o_ref = outs[0]
+    d = k_ref.shape[-1]
+    s_idx = pl.program_id(2)
+    chunk_start = s_idx * chunk
+    length = len_ref[()]
+    # Valid tokens of this chunk: [chunk_start, min(length, chunk_start + chunk)).
+    n_valid = jnp.minimum(jnp.maximum(length - chunk_start, 0), chunk)
+    n_blocks = lax.div(n_valid + (block_t - 1), jnp.int32(block_t))
+    iota = lax.broadcasted_iota(jnp.int32, (block_t,), 0)
+
+    def load_block(ref, start, valid, two_d):
+        idx = (pl.ds(start, block_t), slice(None)) if two_d else (pl.ds(start, block_t),)
+        if not mask_loads:
+            return ref[idx]
+        m = jnp.broadcast_to(valid[:, None], (block_t, d)) if two_d else valid
+        return _load(ref.at[idx], mask=m, other=0)
+
+    def block(i):
+        start = _multiple_of(i * block_t, block_t)
+        valid = (start + iota) < n_valid  # chunk-local positions
+        k = load_block(k_ref, start, valid, True)
+        v = load_block(v_ref, start, valid, True)
+        ks = load_block(ks_ref, start, valid, False) if quantized else None
+        vs = load_block(vs_ref, start, valid, False) if quantized else None
+        return valid, k, v, ks, vs
+
+    if method == "fma":
+        qs = [q_ref[j, :].astype(jnp.float32) * scale for j in range(g)]  # [D] each
+
+        def body(i, carry):
+            ms, ls, accs = carry
+            valid, k, v, ks, vs = block(i)
+            k = k.astype(jnp.float32)
+            v = v.astype(jnp.float32)
+            new_m, new_l, new_acc = [], [], []
+            for j in range(g):
+                s = jnp.sum(k * qs[j][None, :], axis=1)  # [block_t]
+                if quantized:
+                    s = s * ks
+                s = jnp.where(valid, s, NEG_INF)
+                m_next = jnp.maximum(ms[j], jnp.max(s))
+                alpha = jnp.exp(ms[j] - m_next)
+                p = jnp.exp(s - m_next)
+                pv = p * vs if quantized else p
+                pv = jnp.where(valid, pv, 0.0)  # stale cache rows may hold anything
+                new_m.append(m_next)
+                new_l.append(ls[j] * alpha + jnp.sum(p))
+                new_acc.append(accs[j] * alpha + jnp.sum(pv[:, None] * v, axis=0))
+            return tuple(new_m), tuple(new_l), tuple(new_acc)
+
+        init = (tuple(jnp.float32(NEG_INF) for _ in range(g)),
+                tuple(jnp.float32(0.0) for _ in range(g)),
+                tuple(jnp.zeros((d,), jnp.float32) for _ in range(g)))
+        ms, ls, accs = lax.fori_loop(0, n_blocks, body, init)
+        for j in range(g):
+            if split:
+                o_ref[j, :] = accs[j]
+                outs[1][j] = ms[j]
+                outs[2][j] = ls[j]
+            else:
+                o_ref[j, :] = (accs[j] / jnp.maximum(ls[j], 1e-30)).astype(o_ref.dtype)
+        return
+
+    # method == "dot": q_ref holds Gp >= 16 rows (zero-padded past g).
+    gp = q_ref.shape[0]
+    q = q_ref[...]
+    cdt = q.dtype
+    prec = lax.Precision.HIGHEST if cdt == jnp.float32 else None
+
+    def body(i, carry):
+        m, l, acc = carry
+        valid, k, v, ks, vs = block(i)
+        s = lax.dot_general(q, k.astype(cdt), (((1,), (1,)), ((), ())), precision=prec,
+                            preferred_element_type=jnp.float32)  # [Gp, block_t]
+        if quantized:
+            s = s * ks[None, :]
+        s = jnp.where(valid[None, :], s * scale, NEG_INF)
+        m_next = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_next)
+        p = jnp.exp(s - m_next[:, None])
+        pv = p * vs[None, :] if quantized else p
+        pv = jnp.where(valid[None, :], pv, 0.0)
+        o = lax.dot_general(pv.astype(cdt), v.astype(cdt), (((1,), (0,)), ((), ())),
+                            precision=prec, preferred_element_type=jnp.float32)  # [Gp, D]
+        return m_next, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + o
+
+    init = (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32),
+            jnp.zeros((gp, d), jnp.float32))
+    m, l, acc = lax.fori_loop(0, n_blocks, body, init)
+    if split:
+        o_ref[...] = acc
+        outs[1][...] = m
+        outs[2][...] = l
+    else:
+        o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+
+
+def _pick_block(t: int, want: int, method: str) -> int:
+    bt = 1 << max(0, int(want).bit_length() - 1)  # power of 2 <= want
+    bt = min(bt, 1 << (t - 1).bit_length())  # no bigger than T rounded up to a power of 2
+    return max(bt, 16 if method == "dot" else 1)
+
+
+def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
+                            block_t: Optional[int] = None, method: Optional[str] = None,
+                            num_splits: Optional[int] = None, num_warps: Optional[int] = None,
+                            num_stages: Optional[int] = None, mask_loads: Optional[bool] = None,
+                            interpret: bool = False):
+    """Attention of q [B, H, D] over cache positions [0, lengths[b]) of K/V [B, T, Hkv, D].
+
+    k_scale/v_scale: [B, T, Hkv] float32 for an int8 cache, or None for an unquantized one.
+    Returns [B, H, D] in q's dtype. Lengths are clipped to [0, T]; a slot of length 0 gets zeros.
+    mask_loads: predicate the K/V/scale loads on position < length, so the rows of the last
+    block past the length are not read either (otherwise they are read and masked in the
+    scores); always on when block_t does not divide the chunk length.
+    """
+    cfg = _settings(block_t=block_t, method=method, num_splits=num_splits, num_warps=num_warps,
+                    num_stages=num_stages, mask_loads=mask_loads)
+    b, h, d = q.shape
+    _, t, hkv, _ = k.shape
+    if h % hkv:
+        raise ValueError(f"{h} query heads do not divide into {hkv} kv heads")
+    g = h // hkv
+    quantized = k_scale is not None
+    method = cfg["method"]
+    if method == "auto":
+        method = "dot" if g >= 8 else "fma"
+    if method not in ("fma", "dot"):
+        raise ValueError(f"method must be 'auto', 'fma' or 'dot', not {method!r}")
+    splits = max(1, int(cfg["num_splits"]))
+    if t % splits:
+        raise ValueError(f"num_splits={splits} does not divide the cache length {t}")
+    chunk = t // splits
+    bt = _pick_block(chunk, cfg["block_t"], method)
+    # Loads may stay unmasked when blocks tile the chunk exactly (positions past the length
+    # are masked in the scores instead); otherwise the last block would run past the array.
+    mask_loads = bool(cfg["mask_loads"]) or chunk % bt != 0
+    split = splits > 1
+
+    qg = q.reshape(b, hkv, g, d)
+    gq = g
+    if method == "dot":
+        gq = max(16, 1 << (g - 1).bit_length())
+        if gq != g:
+            qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gq - g), (0, 0)))
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, t)
+
+    kv_spec = pl.BlockSpec((_SQ, chunk, _SQ, d), lambda hi, bi, si: (bi, si, hi, 0))
+    in_specs = [pl.BlockSpec((_SQ,), lambda hi, bi, si: (bi,)),
+                pl.BlockSpec((_SQ, _SQ, gq, d), lambda hi, bi, si: (bi, hi, 0, 0)),
+                kv_spec, kv_spec]
+    args = [lengths, qg, k, v]
+    if quantized:
+        sc_spec = pl.BlockSpec((_SQ, chunk, _SQ), lambda hi, bi, si: (bi, si, hi))
+        in_specs += [sc_spec, sc_spec]
+        args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
+    if split:
+        out_shape = [jax.ShapeDtypeStruct((b, hkv, splits, gq, d), jnp.float32),
+                     jax.ShapeDtypeStruct((b, hkv, splits, gq), jnp.float32),
+                     jax.ShapeDtypeStruct((b, hkv, splits, gq), jnp.float32)]
+        out_specs = [pl.BlockSpec((_SQ, _SQ, _SQ, gq, d), lambda hi, bi, si: (bi, hi, si, 0, 0)),
+                     pl.BlockSpec((_SQ, _SQ, _SQ, gq), lambda hi, bi, si: (bi, hi, si, 0)),
+                     pl.BlockSpec((_SQ, _SQ, _SQ, gq), lambda hi, bi, si: (bi, hi, si, 0))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((b, hkv, gq, d), q.dtype)]
+        out_specs = [pl.BlockSpec((_SQ, _SQ, gq, d), lambda hi, bi, si: (bi, hi, 0, 0))]
+
+    kernel = functools.partial(_kernel, block_t=bt, chunk=chunk, g=g, scale=float(scale),
+                               quantized=quantized, method=method, split=split,
+                               mask_loads=mask_loads)
+    kwargs = {}
+    params = _compiler_params(int(cfg["num_warps"]), int(cfg["num_stages"]))
+    if params is not None:
+        kwargs["compiler_params"] = params
+    outs = pl.pallas_call(
+        kernel, grid=(hkv, b, splits), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, interpret=interpret, name="ragged_decode_attention", **kwargs,
+    )(*args)
+
+    if split:
+        o, m, l = outs  # [B, Hkv, S, Gq, D], [B, Hkv, S, Gq] x2
+        m_all = jnp.max(m, axis=2, keepdims=True)
+        w = jnp.exp(m - m_all)  # splits with no tokens have m = NEG_INF: weight 0
+        o = jnp.sum(o * w[..., None], axis=2) / jnp.maximum(jnp.sum(l * w, axis=2), 1e-30)[..., None]
+        o = o.astype(q.dtype)
+    else:
+        o = outs[0]
+    return o[:, :, :g].reshape(b, h, d)

@@ -1,0 +1,120 @@
+"""The ragged Pallas decode-attention kernel (engine/kernels/ragged_decode.py), in interpret mode
+on CPU, against the XLA masked-einsum path of engine.kv_cache.decode_attention."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+from engine.kernels import ragged_decode as rd
+from engine.kernels.ragged_decode import ragged_decode_attention
+from engine.kv_cache import KVCache, decode_attention
+
+
+def _case(b, t, hkv, g, d, quantized, seed=0, q_dtype=jnp.float32):
+    r = np.random.default_rng(seed)
+    q = jnp.asarray(r.normal(size=(b, hkv * g, d)), q_dtype)
+    if quantized:
+        k, v = (jnp.asarray(r.integers(-127, 128, size=(b, t, hkv, d)), jnp.int8) for _ in range(2))
+        ks, vs = (jnp.asarray(r.uniform(0.002, 0.03, size=(b, t, hkv)), jnp.float32) for _ in range(2))
+        return q, KVCache([k], [v], [ks], [vs])
+    k, v = (jnp.asarray(r.normal(size=(b, t, hkv, d)), jnp.float32) for _ in range(2))
+    return q, KVCache([k], [v])
+
+
+def _check(q, cache, lengths, atol=2e-5, **kw):
+    d = q.shape[-1]
+    pos = jnp.asarray(lengths, jnp.int32) - 1
+    ref = decode_attention(q, cache, 0, pos, d ** -0.5, impl="xla")
+    out = ragged_decode_attention(q, cache.k[0], cache.v[0],
+                                  cache.k_scale[0] if cache.quantized else None,
+                                  cache.v_scale[0] if cache.quantized else None,
+                                  pos + 1, d ** -0.5, interpret=True, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=atol, rtol=0)
+
+
+# lengths: 1, one block exactly (16), a block and a bit, all of T (64), and in between
+LENGTHS = [1, 16, 17, 64, 40]
+
+
+@pytest.mark.parametrize("g,method", [(1, "fma"), (4, "fma"), (2, "dot")])
+def test_int8_cache_matches_xla(g, method):
+    q, cache = _case(5, 64, 2, g, 32, quantized=True, seed=g)
+    _check(q, cache, LENGTHS, block_t=16, method=method)
+
+
+@pytest.mark.parametrize("method", ["fma", "dot"])
+def test_flash_decoding_splits(method):
+    """T split over 4 programs: chunks past a slot's length contribute nothing."""
+    q, cache = _case(5, 64, 2, 2, 32, quantized=True, seed=3)
+    _check(q, cache, LENGTHS, block_t=16, method=method, num_splits=4)
+
+
+def test_block_not_dividing_cache_length_and_gqa3():
+    """T=40 with 16-token blocks: the last block's loads are masked; G=3 (SmolLM2-style)."""
+    q, cache = _case(4, 40, 1, 3, 16, quantized=True, seed=4)
+    _check(q, cache, [1, 16, 40, 33], block_t=16, method="fma")
+
+
+def test_masked_loads():
+    q, cache = _case(5, 64, 2, 2, 32, quantized=True, seed=8)
+    _check(q, cache, LENGTHS, block_t=16, mask_loads=True)
+
+
+def test_unquantized_cache():
+    q, cache = _case(4, 64, 2, 2, 32, quantized=False, seed=5)
+    _check(q, cache, [1, 32, 64, 50], block_t=32)
+
+
+def test_bf16_query():
+    """bf16 q against an int8 cache, both paths ending in bf16."""
+    q, cache = _case(4, 64, 2, 1, 32, quantized=True, seed=6, q_dtype=jnp.bfloat16)
+    _check(q, cache, [1, 32, 64, 50], atol=2e-2, block_t=32)
+
+
+def test_unfilled_cache_is_never_read():
+    """Positions at and past each slot's length may hold anything (here NaN scales, huge values)."""
+    q, cache = _case(3, 64, 2, 2, 32, quantized=True, seed=7)
+    lengths = [5, 32, 64]
+    ref = ragged_decode_attention(q, cache.k[0], cache.v[0], cache.k_scale[0], cache.v_scale[0],
+                                  jnp.asarray(lengths), 0.2, block_t=16, interpret=True)
+    mask = (jnp.arange(64)[None, :] < jnp.asarray(lengths)[:, None])[:, :, None]
+    poisoned = [jnp.where(mask, s, jnp.nan) for s in (cache.k_scale[0], cache.v_scale[0])]
+    out = ragged_decode_attention(q, cache.k[0], cache.v[0], *poisoned,
+                                  jnp.asarray(lengths), 0.2, block_t=16, interpret=True)
+    # Slot 0 ends mid-block: its tail rows are loaded but masked; other slots end on block edges.
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_env_settings(monkeypatch):
+    monkeypatch.setenv(rd.ENV_VAR, "block_t=32, method=dot,num_splits=2")
+    s = rd._settings(num_warps=8, block_t=None)
+    assert (s["block_t"], s["method"], s["num_splits"], s["num_warps"]) == (32, "dot", 2, 8)
+    monkeypatch.setenv(rd.ENV_VAR, "blok_t=32")
+    with pytest.raises(ValueError):
+        rd._settings()
+
+
+def test_engine_pallas_decode_matches_xla():
+    """LLM(attention="pallas") with an int8 cache decodes the same greedy tokens as "xla"."""
+    from engine.llm import LLM
+    from engine.request import Request, SamplingParams
+    from tiny import byte_tokenizer
+
+    # One prefill bucket and small shapes: most of the time here is compiling two engines.
+    kw = dict(max_cache_length=32, context_size=16, min_prefill_bucket=16, decode_steps=4,
+              prefill_batch=2, batch_size=2, quantize_kv_cache=True, tokenizer=byte_tokenizer())
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(3, 256, size=n)] for n in (3, 15)]
+
+    def run(attn):
+        llm = LLM("tiny-llama", attention=attn, **kw)
+        assert llm.engine.attention_impl == attn
+        reqs = [Request(id=i, prompt_token_ids=p, sampling=SamplingParams(max_tokens=14, ignore_eos=True))
+                for i, p in enumerate(prompts)]
+        return [r.completion_token_ids for r in llm.generate_all(reqs)]
+
+    assert run("pallas") == run("xla")
