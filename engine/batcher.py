@@ -111,7 +111,11 @@ class ContinuousBatcher:
             # 2. Dispatch the next decode call, then read the previous one while it runs.
             current = None
             if any(a.finish is None for a in active.values()):
-                self.state, res = engine.generate(self.params, self.state)
+                # Every live slot's position stays below this through the call just dispatched,
+                # the one in flight and this one (3 calls of decode_steps), plus the first token.
+                steps = engine.config.decode_steps
+                bound = max(len(a.prompt_ids) + len(a.tokens) for a in active.values()) + 3 * steps + 2
+                self.state, res = engine.generate(self.params, self.state, max_length=bound)
                 current = (calls, res)
                 calls += 1
             if pending is not None:

@@ -171,7 +171,7 @@ class EngineConfig:
     checkpoint_path: Optional[str] = None
     tokenizer_path: Optional[str] = None
     param_size: Optional[str] = None  # e.g. "7b": picks configs/models/llama2-7b.json when no checkpoint
-    batch_size: int = 8  # decode slots
+    batch_size: int = 16  # decode slots
     max_cache_length: int = 1024  # tokens per slot, prompt + completion
     context_size: int = 512  # longest prompt accepted
     quantize_weights: bool = False

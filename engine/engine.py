@@ -77,7 +77,7 @@ class JaxEngine(Engine):
         self.buckets = config.prefill_buckets()
         self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=())
         self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))
-        self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,))
+        self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2,))
         self._cache_sharding = shd.cache_shardings(self._mesh, model_config, config.quantize_kv_cache)
 
     # ---- properties of the API ----
@@ -175,7 +175,28 @@ class JaxEngine(Engine):
         return self._insert_jit(decode_state, prefix, slots)
 
     # ---- generate ----
-    def _generate_impl(self, params, state: DecodeState):
+    def decode_windows(self) -> list:
+        """Cache lengths the decode attention may be limited to (static shapes, one compile each).
+
+        Only the XLA path reads the whole cache; cuDNN and the Pallas kernel already skip each
+        slot's unfilled part, so they get the full length only.
+        """
+        t = self.config.max_cache_length
+        if self.attention_impl != "xla":
+            return [t]
+        out, w = [], 128
+        while w < t:
+            out.append(w)
+            w *= 2
+        return out + [t]
+
+    def _window_for(self, max_length) -> int:
+        wins = self.decode_windows()
+        if max_length is None:
+            return wins[-1]
+        return next((w for w in wins if w >= max_length), wins[-1])
+
+    def _generate_impl(self, params, state: DecodeState, window: int):
         cfg = self.model_config
         limit = self.config.max_cache_length - 1
         steps = self.config.decode_steps
@@ -183,7 +204,7 @@ class JaxEngine(Engine):
         def body(i, carry):
             state, out_tokens, out_pos = carry
             logits, cache = decode_step(params, cfg, state.tokens, state.pos, state.cache, self.dtype,
-                                        self.attention_impl)
+                                        self.attention_impl, window)
             nxt = sample(logits, state.sampling, state.step)
             pos = jnp.minimum(state.pos + 1, limit)
             out_tokens = out_tokens.at[:, i].set(nxt)
@@ -195,8 +216,10 @@ class JaxEngine(Engine):
         state, toks, pos = jax.lax.fori_loop(0, steps, body, init)
         return state, toks, pos
 
-    def generate(self, params, decode_state: DecodeState):
-        state, toks, pos = self._generate_jit(params, decode_state)
+    def generate(self, params, decode_state: DecodeState, max_length: Optional[int] = None):
+        """Run `decode_steps` steps. `max_length`, if given, bounds every live slot's position
+        (before + during this call) so attention may read a shorter cache window."""
+        state, toks, pos = self._generate_jit(params, decode_state, self._window_for(max_length))
         return state, ResultTokens(toks, pos > 0, pos)
 
     # ---- compile everything up front ----
@@ -208,15 +231,15 @@ class JaxEngine(Engine):
                 prefix, _ = self.prefill(params=params, padded_tokens=np.zeros((n, s), np.int32),
                                          true_length=np.ones(n, np.int32))
                 decode_state = self.insert(prefix, decode_state, np.full(n, -1, np.int32))
-        decode_state, res = self.generate(params, decode_state)
-        jax.block_until_ready(res.tokens)
+        for w in self.decode_windows():
+            decode_state, res = self.generate(params, decode_state, max_length=w)
+            jax.block_until_ready(res.tokens)
         return decode_state
 
     def prefill_sizes(self) -> list[int]:
-        """Prompt counts per prefill call: powers of two up to min(prefill_batch, batch_size)."""
+        """Prompt counts per prefill call: 1 (a lone refill) or min(prefill_batch, batch_size), padded.
+
+        Two shapes per bucket keep compile time down; a partial group is padded to the larger.
+        """
         top = min(self.config.prefill_batch, self.config.batch_size)
-        out, n = [], 1
-        while n < top:
-            out.append(n)
-            n *= 2
-        return out + [top]
+        return sorted({1, top})

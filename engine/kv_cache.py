@@ -87,8 +87,13 @@ def write_token(cache: KVCache, layer: int, k, v, pos) -> KVCache:
     return cache
 
 
-def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str = "xla"):
-    """One query per slot (q: [B, H, D]) against that slot's cache positions [0, pos]."""
+def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str = "xla",
+                     window: Optional[int] = None):
+    """One query per slot (q: [B, H, D]) against that slot's cache positions [0, pos].
+
+    `window` (static) bounds what the XLA path reads: only cache[:, :window], which the caller
+    guarantees covers every live slot's positions (the masked einsum cannot skip unfilled blocks).
+    """
     k, v = cache.k[layer], cache.v[layer]
     b, t, hkv, d = k.shape
     h = q.shape[1]
@@ -104,16 +109,19 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
             q[:, None], k, v, scale=scale, implementation="cudnn",
             query_seq_lengths=jnp.ones((b,), jnp.int32), key_value_seq_lengths=pos + 1)
         return out[:, 0]
+    if window is not None and window < t:
+        t = window
+        k, v = k[:, :t], v[:, :t]
     qg = q.reshape(b, hkv, h // hkv, d)
     s = jnp.einsum("bhgd,bthd->bhgt", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
     if cache.quantized:
-        s = s * jnp.transpose(cache.k_scale[layer], (0, 2, 1))[:, :, None, :]
+        s = s * jnp.transpose(cache.k_scale[layer][:, :t], (0, 2, 1))[:, :, None, :]
     s = s * scale
     mask = jnp.arange(t)[None, :] <= pos[:, None]  # [B, T]
     s = jnp.where(mask[:, None, None, :], s, NEG_INF)
     p = jax.nn.softmax(s, axis=-1)
     if cache.quantized:
-        p = p * jnp.transpose(cache.v_scale[layer], (0, 2, 1))[:, :, None, :]
+        p = p * jnp.transpose(cache.v_scale[layer][:, :t], (0, 2, 1))[:, :, None, :]
     out = jnp.einsum("bhgt,bthd->bhgd", p.astype(q.dtype), v.astype(q.dtype),
                      preferred_element_type=jnp.float32)
     return out.reshape(b, h, d).astype(q.dtype)

@@ -117,8 +117,12 @@ def prefill(params, cfg: ModelConfig, tokens, dtype, all_logits: bool = False, l
     return logits(params, cfg, x), ks, vs
 
 
-def decode_step(params, cfg: ModelConfig, tokens, pos, cache: KVCache, dtype, attn_impl: str = "xla"):
-    """One token per slot: tokens [B] at positions pos [B]; returns (logits [B, V], cache)."""
+def decode_step(params, cfg: ModelConfig, tokens, pos, cache: KVCache, dtype, attn_impl: str = "xla",
+                window=None):
+    """One token per slot: tokens [B] at positions pos [B]; returns (logits [B, V], cache).
+
+    `window` (static): attention reads at most the first `window` cache positions.
+    """
     cache = KVCache(list(cache.k), list(cache.v),
                     None if cache.k_scale is None else list(cache.k_scale),
                     None if cache.v_scale is None else list(cache.v_scale))
@@ -132,7 +136,7 @@ def decode_step(params, cfg: ModelConfig, tokens, pos, cache: KVCache, dtype, at
         q = apply_rope(q, pos, inv_freq)
         k = apply_rope(k, pos, inv_freq)
         cache = write_token(cache, i, k, v, pos)
-        a = decode_attention(q, cache, i, pos, scale, attn_impl)
+        a = decode_attention(q, cache, i, pos, scale, attn_impl, window)
         x = x + linear(a.reshape(b, -1), layer["wo"])
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], cfg), cfg)
     return logits(params, cfg, x), cache

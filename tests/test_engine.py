@@ -172,3 +172,18 @@ def test_sampling_paths_agree(solo):
         assert a[0] == b[0]  # slot 0 has no filter in both batches
         top5 = np.argsort(-np.asarray(logits[1]))[:5]
         assert b[1] in top5
+
+
+def test_decode_windows_cross_boundaries():
+    """Generation past the 128-token attention window (cache 320) still equals full-forward argmax."""
+    llm = LLM("tiny-llama", batch_size=2, max_cache_length=320, context_size=16, decode_steps=8)
+    assert llm.engine.decode_windows() == [128, 256, 320]
+    prompts = [[1, 50, 60, 70, 80], [1, 9]]
+    res = llm.generate_all([Request(id=i, prompt_token_ids=p, sampling=SamplingParams(max_tokens=280, ignore_eos=True))
+                            for i, p in enumerate(prompts)])
+    for p, r in zip(prompts, res):
+        seq = p + r.completion_token_ids
+        assert len(seq) > 256
+        logits, _, _ = model_prefill(llm.params, llm.model_config, np.asarray([seq]), llm.engine.dtype, all_logits=True)
+        predicted = np.argmax(np.asarray(logits[0]), -1)
+        assert list(predicted[len(p) - 1:-1]) == seq[len(p):]
