@@ -50,48 +50,55 @@ def _raw_key(seed: int) -> np.ndarray:
     return np.asarray([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
 
 
-def _sample_one(logits, temperature, top_k, top_p, key, step):
-    """One slot: logits [V] float32 -> token id."""
-    v = logits.shape[-1]
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    order = jnp.argsort(-scaled)
-    sorted_logits = scaled[order]
-    rank = jnp.arange(v)
-    keep = jnp.where(top_k > 0, rank < top_k, True)
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
-    cum_before = jnp.cumsum(probs) - probs
-    keep = keep & (cum_before < top_p)  # the top token always stays
-    # Noise is drawn in vocabulary order (as in _sample_unfiltered) and then permuted, so a
-    # slot draws the same token whichever path the rest of the batch selects.
-    noise = jax.random.gumbel(jax.random.fold_in(key, step), (v,), jnp.float32)[order]
-    choice = jnp.argmax(jnp.where(keep, sorted_logits + noise, -jnp.inf))
-    return order[choice]
+def _bisect(lo, hi, pred, iters: int = 32):
+    """Per row, the largest x in [lo, hi] with pred(x) true (pred monotone: true, then false)."""
+    def body(_, carry):
+        lo, hi = carry
+        mid = (lo + hi) / 2
+        ok = pred(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    return jax.lax.fori_loop(0, iters, body, (lo, hi))[0]
 
 
-def _sample_unfiltered(logits, temperature, key, step):
-    """Temperature sampling over the whole vocabulary: Gumbel-max, no sort needed."""
-    noise = jax.random.gumbel(jax.random.fold_in(key, step), logits.shape[-1:], jnp.float32)
-    return jnp.argmax(logits / jnp.maximum(temperature, 1e-6) + noise)
+def _keep_mask(scaled, top_k, top_p):
+    """Which tokens survive top-k then top-p, found by bisection on thresholds, not by sorting.
+
+    A sort of the whole vocabulary per slot per step is slow (on CPU it dominated the step);
+    32 bisection passes of a masked reduction give the same set up to ties.
+    """
+    col = lambda x: x[:, None]
+    kth = _bisect(scaled.min(-1), scaled.max(-1),
+                  lambda t: jnp.sum(scaled >= col(t), -1) >= jnp.maximum(top_k, 1))
+    keep = jnp.where(col(top_k > 0), scaled >= col(kth), True)
+    probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
+    tau = _bisect(jnp.zeros_like(top_p), probs.max(-1),
+                  lambda t: jnp.sum(jnp.where(probs >= col(t), probs, 0.0), -1) >= top_p)
+    return keep & jnp.where(col(top_p < 1), probs >= col(tau), True)
+
+
+def _draw(scaled, keep, key, step):
+    """Gumbel-max over the kept tokens; noise for a slot's n-th token comes from fold_in(key, n)."""
+    noise = jax.random.gumbel(jax.random.fold_in(key, step), scaled.shape[-1:], jnp.float32)
+    return jnp.argmax(jnp.where(keep, scaled + noise, -jnp.inf))
 
 
 def sample(logits, s: SlotSampling, step):
     """logits [B, V] float32, per-slot settings, step [B] (tokens generated so far) -> tokens [B].
 
-    Three paths, chosen on device per batch: all greedy (argmax only); sampling without
-    top-k/top-p (Gumbel-max, no sort); and the general path (one sort per slot).
+    All-greedy batches take argmax only. Otherwise each slot draws from its own filtered
+    distribution with noise drawn in vocabulary order, so its token does not depend on what
+    else shares the batch (or on whether any other slot uses top-k/top-p).
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampling = s.temperature > 0
-    filtered = sampling & ((s.top_k > 0) | (s.top_p < 1))
 
-    def pick(drawn):
-        return jnp.where(sampling, drawn.astype(jnp.int32), greedy)
+    def stochastic():
+        scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+        filtered = sampling & ((s.top_k > 0) | (s.top_p < 1))
+        keep = jax.lax.cond(jnp.any(filtered), lambda: _keep_mask(scaled, s.top_k, s.top_p),
+                            lambda: jnp.ones(scaled.shape, bool))
+        drawn = jax.vmap(_draw)(scaled, keep, s.key, step).astype(jnp.int32)
+        return jnp.where(sampling, drawn, greedy)
 
-    def general():
-        return pick(jax.vmap(_sample_one)(logits, s.temperature, s.top_k, s.top_p, s.key, step))
-
-    def unfiltered():
-        return pick(jax.vmap(_sample_unfiltered)(logits, s.temperature, s.key, step))
-
-    branch = jnp.where(jnp.any(filtered), 2, jnp.where(jnp.any(sampling), 1, 0))
-    return jax.lax.switch(branch, [lambda: greedy, unfiltered, general])
+    return jax.lax.cond(jnp.any(sampling), stochastic, lambda: greedy)

@@ -187,3 +187,24 @@ def test_decode_windows_cross_boundaries():
         logits, _, _ = model_prefill(llm.params, llm.model_config, np.asarray([seq]), llm.engine.dtype, all_logits=True)
         predicted = np.argmax(np.asarray(logits[0]), -1)
         assert list(predicted[len(p) - 1:-1]) == seq[len(p):]
+
+
+def test_filter_mask_matches_sorted_definition():
+    """Bisection thresholds keep exactly the tokens the sort-based top-k / top-p definition keeps."""
+    import jax.numpy as jnp
+    from engine.sampling import _keep_mask
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(6, 300)).astype(np.float32) * 3
+    top_k = np.int32([0, 1, 7, 50, 0, 20])
+    top_p = np.float32([1.0, 1.0, 1.0, 0.9, 0.5, 0.3])
+    got = np.asarray(_keep_mask(jnp.asarray(logits), jnp.asarray(top_k), jnp.asarray(top_p)))
+    for row in range(6):
+        order = np.argsort(-logits[row])
+        keep = np.ones(300, bool) if top_k[row] == 0 else np.isin(np.arange(300), order[:top_k[row]])
+        p = np.exp(logits[row] - logits[row].max()) * keep
+        p /= p.sum()
+        ps = p[order]
+        cum_before = np.cumsum(ps) - ps
+        kept_sorted = order[(cum_before < top_p[row]) & keep[order]]
+        want = np.isin(np.arange(300), kept_sorted) if top_p[row] < 1 else keep
+        assert (got[row] == want).all(), row
