@@ -8,6 +8,7 @@ bf16 weights never exist in device memory.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,11 +53,20 @@ def dequantize_weight(w: QuantizedWeight, dtype=jnp.float32):
     return (w.q.astype(jnp.float32) * w.scale[None, :]).astype(dtype)
 
 
+# Rows at or above which a quantized matmul converts its weight in a separate op first.
+# XLA fuses the int8->bf16 convert into its own GEMM kernel, which on an H100 beats cuBLAS
+# only for few rows (../shared/notes/h100-measured.md); prefill's thousands of rows run the
+# plain bf16 GEMM much faster, and one layer's bf16 copy is a small, short-lived temporary.
+DEQUANT_ROWS = 1024
+
+
 def linear(x, w):
     """x @ w for a plain or a quantized [in, out] weight; output in x's dtype."""
     if isinstance(w, QuantizedWeight):
-        y = jnp.einsum("...k,kn->...n", x, w.q.astype(x.dtype),
-                       preferred_element_type=jnp.float32)
+        wq = w.q.astype(x.dtype)  # exact: int8 values are representable in bf16
+        if math.prod(x.shape[:-1]) >= DEQUANT_ROWS:
+            wq = jax.lax.optimization_barrier(wq)  # keep the convert out of the GEMM fusion
+        y = jnp.einsum("...k,kn->...n", x, wq, preferred_element_type=jnp.float32)
         return (y * w.scale).astype(x.dtype)
     return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype))
 
