@@ -61,24 +61,33 @@ class JaxEngine(Engine):
         self.dtype = config.compute_dtype
         self._mesh = shd.make_mesh(config.platform)
         backend = self._mesh.devices.flat[0].platform
-        # cuDNN's fused attention on NVIDIA GPUs in 16-bit: flash attention for prefill, and for
-        # decode a kernel that reads only each slot's filled cache (key_value_seq_lengths).
-        # The int8 cache is read by XLA's masked einsum, which dequantizes inside the fusion.
-        cudnn_ok = backend == "gpu" and self.dtype in (jnp.bfloat16, jnp.float16)
-        attn = config.attention
-        if attn == "auto":
-            attn = "cudnn" if cudnn_ok else "xla"
-        if attn == "pallas":  # decode: the ragged Pallas kernel (engine/kernels), int8 or 16-bit cache
-            self.prefill_attention = "cudnn" if cudnn_ok else "xla"
-            self.attention_impl = "pallas"
-        else:
-            self.prefill_attention = attn
-            self.attention_impl = "xla" if config.quantize_kv_cache else attn
+        self.prefill_attention, self.attention_impl = self._choose_attention(backend)
         self.buckets = config.prefill_buckets()
         self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=())
         self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))
         self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2,))
         self._cache_sharding = shd.cache_shardings(self._mesh, model_config, config.quantize_kv_cache)
+
+    def _choose_attention(self, backend: str) -> tuple[str, str]:
+        """(prefill, decode) attention implementations.
+
+        On NVIDIA GPUs in 16-bit, "auto" takes cuDNN's fused attention: flash attention for
+        prefill and, for a 16-bit cache, its decode kernel with per-slot kv lengths (reads only
+        the filled cache at ~3 TB/s on an H100). An int8 cache goes to our ragged Pallas kernel
+        (engine/kernels), which beat XLA's masked einsum there (BENCHMARKS.md), provided Triton
+        compiles it for this model's head shapes; otherwise, and on CPU/TPU, XLA.
+        """
+        cudnn_ok = backend == "gpu" and self.dtype in (jnp.bfloat16, jnp.float16)
+        attn = self.config.attention
+        prefill = "cudnn" if cudnn_ok and attn in ("auto", "cudnn", "pallas") else "xla"
+        if attn == "auto":
+            if self.config.quantize_kv_cache:
+                attn = "pallas" if backend == "gpu" and _pallas_compiles(self.model_config, self.dtype) else "xla"
+            else:
+                attn = "cudnn" if cudnn_ok else "xla"
+        if attn == "cudnn" and self.config.quantize_kv_cache:
+            attn = "xla"  # cuDNN reads 16-bit K/V only
+        return prefill, attn
 
     # ---- properties of the API ----
     @property
@@ -243,3 +252,20 @@ class JaxEngine(Engine):
         """
         top = min(self.config.prefill_batch, self.config.batch_size)
         return sorted({1, top})
+
+
+def _pallas_compiles(cfg: ModelConfig, dtype) -> bool:
+    """Compile and run the ragged kernel once on tiny inputs of this model's head shapes."""
+    try:
+        from engine.kernels.ragged_decode import ragged_decode_attention
+        hkv, g, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        q = jnp.zeros((2, hkv * g, d), dtype)
+        k = jnp.zeros((2, 128, hkv, d), jnp.int8)
+        s = jnp.ones((2, 128, hkv), jnp.float32)
+        out = ragged_decode_attention(q, k, k, s, s, jnp.array([1, 100], jnp.int32), d ** -0.5)
+        jax.block_until_ready(out)
+        return True
+    except Exception as e:  # a Triton or Pallas version that rejects the kernel: use XLA
+        log.warning("ragged Pallas decode kernel unavailable (%s: %s); int8 cache read by XLA",
+                    type(e).__name__, str(e)[:200])
+        return False

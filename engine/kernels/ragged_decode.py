@@ -54,7 +54,8 @@ NEG_INF = -1e30
 # A squeezed block dimension: pl.squeezed in newer jax, None (its older spelling) otherwise.
 _SQ = getattr(pl, "squeezed", None)
 
-DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=4, num_stages=2, mask_loads=0)
+# Tuned on an H100 (benchmarks/decode_attention.py --sweep, BENCHMARKS.md): masked loads win.
+DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=4, num_stages=2, mask_loads=1)
 ENV_VAR = "JETBEAM_RAGGED_DECODE"
 
 
