@@ -1,0 +1,92 @@
+"""The whole Beam pipeline against the engine alone, same model, shapes and machine.
+
+Writes a Parquet file of N random-token prompts (EOS ignored, fixed output length), runs
+`run_pipeline.py` over it, then the engine-only harness with the same settings, and reports
+pipeline generation tok/s / engine-only tok/s.
+
+    python benchmarks/pipeline_e2e.py --model llama2-7b --num_requests 1000 --batch_size 256 --quantize_kv_cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama2-7b")
+    p.add_argument("--num_requests", type=int, default=1000)
+    p.add_argument("--input_len", type=int, default=256)
+    p.add_argument("--output_len", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--quantize_kv_cache", action="store_true")
+    p.add_argument("--quantize_weights", action="store_true")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import configs
+    work = args.workdir or tempfile.mkdtemp(prefix="jetbeam-e2e-")
+    vocab = configs.load_model_config_dict(args.model)["vocab_size"] if not os.path.exists(args.model) else 32000
+    rng = np.random.default_rng(1)
+    n = args.num_requests
+    table = pa.table({
+        "id": [f"r{i}" for i in range(n)],
+        "prompt": [rng.integers(3, vocab, size=args.input_len).tolist() for _ in range(n)],
+        "max_tokens": [args.output_len] * n,
+        "ignore_eos": [True] * n,
+    })
+    src = os.path.join(work, "prompts.parquet")
+    pq.write_table(table, src)
+    cache = args.input_len + args.output_len
+    engine_flags = [f"--batch_size={args.batch_size}", f"--max_cache_length={cache}",
+                    f"--context_size={args.input_len}", f"--min_prefill_bucket={args.input_len}"]
+    engine_flags += ["--quantize_kv_cache"] * args.quantize_kv_cache + ["--quantize_weights"] * args.quantize_weights
+
+    import run_pipeline
+    out = os.path.join(work, "out")
+    rc = run_pipeline.main([f"--input={src}", f"--output={out}", f"--model={args.model}",
+                            f"--flush_rows={n}", *engine_flags])
+    if rc:
+        raise SystemExit(f"pipeline failed with exit code {rc}")
+    with open(os.path.join(out, "metrics.json")) as f:
+        pipe = json.load(f)
+
+    from benchmarks import throughput
+    eng_json = os.path.join(work, "engine.json")
+    throughput.main([f"--model={args.model}", f"--num_requests={n}", f"--input_len={args.input_len}",
+                     f"--output_len={args.output_len}", f"--batch_size={args.batch_size}",
+                     f"--json={eng_json}"] + ["--quantize_kv_cache"] * args.quantize_kv_cache
+                    + ["--quantize_weights"] * args.quantize_weights)
+    with open(eng_json) as f:
+        eng = json.load(f)
+    report = {
+        "model": args.model, "num_requests": n, "input_len": args.input_len, "output_len": args.output_len,
+        "slots": args.batch_size, "quantize_kv_cache": args.quantize_kv_cache,
+        "quantize_weights": args.quantize_weights,
+        "pipeline_rows_completed": pipe.get("completed"), "pipeline_rows_errored": pipe.get("errored"),
+        "pipeline_output_tok_per_s": pipe.get("output_tok_per_s"),
+        "pipeline_job_output_tok_per_s": pipe.get("job_output_tok_per_s"),
+        "pipeline_generation_wall_s": pipe.get("wall_time_s"), "pipeline_job_wall_s": pipe.get("job_wall_time_s"),
+        "engine_output_tok_per_s": eng["output_tok_per_s"], "engine_wall_s": eng["wall_s"],
+    }
+    report["pipeline_over_engine"] = round(report["pipeline_output_tok_per_s"] / report["engine_output_tok_per_s"], 3)
+    print(json.dumps(report, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
