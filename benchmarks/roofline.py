@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -125,7 +126,7 @@ def prefill_roofline(cfg: ModelConfig, prompt_tokens_total: int, flops: float,
 
 
 def run_roofline(cfg: ModelConfig, num_requests: int, input_len: int, output_len: int, slots: int,
-                 quantized: bool, bandwidth: float, flops: float) -> dict:
+                 quantized: bool, bandwidth: float, flops: float, quantized_kv: Optional[bool] = None) -> dict:
     """Lower bound on a whole run: prefill every prompt, then decode in waves of `slots`.
 
     `quantized` means what the engine does with quantize_weights + quantize_kv_cache: int8
@@ -136,7 +137,10 @@ def run_roofline(cfg: ModelConfig, num_requests: int, input_len: int, output_len
     input_len + output_len / 2. Prefill and decode are summed (no overlap between them).
     Returns output tok/s for the whole generation phase and for decode alone.
     """
-    wb, kvb, kvs, ws = (1, 1, 4, 4) if quantized else (2, 2, 0, 0)
+    # `quantized` covers the weights; `quantized_kv` (default: the same) the KV cache.
+    quantized_kv = quantized if quantized_kv is None else quantized_kv
+    wb, ws = (1, 4) if quantized else (2, 0)
+    kvb, kvs = (1, 4) if quantized_kv else (2, 0)
     head_b = 2 if (quantized and cfg.tie_embeddings) else wb
     ctx = input_len + output_len / 2
     pre = prefill_roofline(cfg, num_requests * input_len, flops, prompt_len=input_len)

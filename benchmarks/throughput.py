@@ -136,7 +136,7 @@ def main(argv=None):
         from benchmarks import roofline as rl
         bw, fl = rl.measure_bandwidth(), rl.measure_matmul_flops()
         rf = rl.run_roofline(llm.model_config, args.num_requests, float(ins.mean()), float(outs.mean()),
-                             args.batch_size, qw and qk, bw, fl)
+                             args.batch_size, qw, bw, fl, quantized_kv=qk)
         rf["output_tok_per_s"] = rf["gen_tok_s"]  # whole generation phase (prefill + decode)
         report.update({"bandwidth_Bps": bw, "matmul_flops": fl, "roofline": rf,
                        "achieved_over_roofline": round(report["output_tok_per_s"] / rf["gen_tok_s"], 3)})
