@@ -70,10 +70,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        _check_fields(cls, d, "model")
         d = dict(d)
         if "eos_token_ids" in d:
             eos = d["eos_token_ids"]
@@ -148,6 +145,12 @@ class ModelConfig:
         ).validate()
 
 
+def _check_fields(cls, d: dict, what: str) -> None:
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} config fields: {sorted(unknown)}")
+
+
 def _as_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -209,10 +212,7 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown engine config fields: {sorted(unknown)}")
+        _check_fields(cls, d, "engine")
         return cls(**d)
 
     @classmethod

@@ -13,6 +13,7 @@ loaded back through `open_checkpoint` + `load_params` + `prefill`:
 
 import json
 import os
+import shutil
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -304,33 +305,27 @@ def converted(hf_dir, tmp_path_factory):
     return out
 
 
-def _copy(src, dst):
-    import shutil
-    shutil.copytree(src, dst)
-    return dst
-
-
 def test_converted_errors(converted, tmp_path):
     # truncated weights: names the file and the first tensor past the end
-    d = _copy(converted, tmp_path / "trunc")
+    d = shutil.copytree(converted, tmp_path / "trunc")
     size = os.path.getsize(d / "model.safetensors")
     with open(d / "model.safetensors", "r+b") as f:
         f.truncate(size - 100)
     with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated: tensor 'lm_head\.scale'"):
         load_converted(str(d))
     # missing weights file
-    d = _copy(converted, tmp_path / "missing")
+    d = shutil.copytree(converted, tmp_path / "missing")
     os.remove(d / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"model\.safetensors: missing"):
         open_checkpoint(str(d))
     # unsupported format_version
-    d = _copy(converted, tmp_path / "version")
+    d = shutil.copytree(converted, tmp_path / "version")
     info = json.load(open(d / "jetbeam_config.json"))
     json.dump({**info, "format_version": 99}, open(d / "jetbeam_config.json", "w"))
     with pytest.raises(CheckpointError, match=r"jetbeam_config\.json: format_version 99"):
         load_converted(str(d))
     # config disagrees with the stored shapes: names file and tensor
-    d = _copy(converted, tmp_path / "shape")
+    d = shutil.copytree(converted, tmp_path / "shape")
     json.dump({**info, "intermediate_size": 96}, open(d / "jetbeam_config.json", "w"))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'layers\.0\.w_gate\.q' is I8 \(64, 128\), "
                                               r"expected I8 \(64, 96\)"):

@@ -8,6 +8,7 @@ max |ref| (float32 on both sides; observed errors are <= 5e-7 of the logit scale
 
 import json
 import os
+import shutil
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -121,14 +122,8 @@ def sharded_dir(tmp_path_factory):
     return path
 
 
-def _copy(src, dst):
-    import shutil
-    shutil.copytree(src, dst)
-    return dst
-
-
 def test_missing_shard(sharded_dir, tmp_path):
-    path = _copy(sharded_dir, tmp_path / "m")
+    path = shutil.copytree(sharded_dir, tmp_path / "m")
     with open(path / "model.safetensors.index.json") as f:
         victim = sorted(set(json.load(f)["weight_map"].values()))[-1]
     os.remove(path / victim)
@@ -138,7 +133,7 @@ def test_missing_shard(sharded_dir, tmp_path):
 
 @pytest.mark.parametrize("keep", ["data", "header"])
 def test_truncated_file(sharded_dir, tmp_path, keep):
-    path = _copy(sharded_dir, tmp_path / "m")
+    path = shutil.copytree(sharded_dir, tmp_path / "m")
     victim = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))[0]
     size = os.path.getsize(path / victim)
     with open(path / victim, "r+b") as f:
@@ -149,7 +144,7 @@ def test_truncated_file(sharded_dir, tmp_path, keep):
 
 def test_missing_tensor(sharded_dir, tmp_path):
     from safetensors.numpy import load_file, save_file
-    path = _copy(sharded_dir, tmp_path / "m")
+    path = shutil.copytree(sharded_dir, tmp_path / "m")
     with open(path / "model.safetensors.index.json") as f:
         index = json.load(f)
     file = index["weight_map"].pop("model.layers.0.mlp.up_proj.weight")
@@ -163,7 +158,7 @@ def test_missing_tensor(sharded_dir, tmp_path):
 
 
 def test_unsupported_model_type(sharded_dir, tmp_path):
-    path = _copy(sharded_dir, tmp_path / "m")
+    path = shutil.copytree(sharded_dir, tmp_path / "m")
     with open(path / "config.json") as f:
         cfg = json.load(f)
     cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
@@ -174,7 +169,7 @@ def test_unsupported_model_type(sharded_dir, tmp_path):
 
 
 def test_missing_config(sharded_dir, tmp_path):
-    path = _copy(sharded_dir, tmp_path / "m")
+    path = shutil.copytree(sharded_dir, tmp_path / "m")
     os.remove(path / "config.json")
     with pytest.raises(CheckpointError, match=r"config\.json"):
         load_hf(str(path))
