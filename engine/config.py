@@ -188,6 +188,9 @@ class EngineConfig:
     attention: str = "auto"  # "auto" | "xla" | "cudnn" | "pallas"
     seed: int = 0
     warmup: Optional[bool] = None  # compile every prefill shape + decode at load; None: on accelerators only
+    # Persistent XLA compilation cache, so a scheduled rerun with the same shapes skips compiling.
+    # None: $JETBEAM_COMPILATION_CACHE, else ~/.cache/jetbeam/xla; "" turns it off.
+    compilation_cache_dir: Optional[str] = None
 
     def __post_init__(self):
         for name in ("quantize_weights", "quantize_kv_cache"):

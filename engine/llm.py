@@ -74,6 +74,7 @@ class LLM:
             self.tokenizer = tokenizer
         # A short name for output rows: the checkpoint's file or directory name, else the config name.
         source = checkpoint.source if checkpoint is not None and checkpoint.source else None
+        enable_compilation_cache(self.engine_config.compilation_cache_dir)
         self.model_name = os.path.basename(os.path.normpath(source)) if source else (model or self.model_config.name)
         self.engine = JaxEngine(self.engine_config, self.model_config, checkpoint)
         self.params = self.engine.load_params()
@@ -132,6 +133,28 @@ class LLM:
         first = next(iter(devs))
         return {"device_kind": first.device_kind, "platform": first.platform,
                 "device_count": int(self.engine.mesh.devices.size)}
+
+
+def enable_compilation_cache(path: Optional[str]) -> Optional[str]:
+    """Point JAX's persistent compilation cache at `path` (see EngineConfig.compilation_cache_dir).
+
+    Compiling a 7B model's prefill shapes and decode step takes 25-40 s on an H100; a scheduled
+    job that reruns with the same shapes loads them from this cache instead. Returns the
+    directory used, or None when off. JAX keeps the first directory set in a process.
+    """
+    if path is None:
+        path = os.environ.get("JETBEAM_COMPILATION_CACHE", os.path.join("~", ".cache", "jetbeam", "xla"))
+    if not path:
+        return None
+    path = os.path.expanduser(path)
+    if jax.config.jax_compilation_cache_dir in (None, ""):
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:  # a read-only home, say: run without the cache
+            log.warning("compilation cache disabled: cannot create %s (%s)", path, e)
+            return None
+        jax.config.update("jax_compilation_cache_dir", path)
+    return jax.config.jax_compilation_cache_dir
 
 
 def _copy(sp: SamplingParams) -> SamplingParams:
