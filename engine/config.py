@@ -44,6 +44,13 @@ class ModelConfig:
     norm_weight_offset: float = 0.0  # Gemma stores RMSNorm weights as w, applies (1 + w)
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
+    # Gemma 2 switches (all off for other families).
+    post_norms: bool = False  # extra RMSNorm after attention and after the MLP (post_attn_norm, post_mlp_norm)
+    query_scale: Optional[float] = None  # scores use query_scale**-0.5 instead of head_dim**-0.5
+    attn_logit_softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap)
+    final_logit_softcap: Optional[float] = None  # logits -> cap * tanh(logits / cap)
+    sliding_window: Optional[int] = None  # local attention span of the layers in sliding_layers
+    sliding_layers: tuple = ()
     bos_token_id: Optional[int] = 1
     eos_token_ids: tuple = (2,)
     family: str = "llama"  # informational: "llama" | "gemma"
@@ -72,6 +79,8 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         _check_fields(cls, d, "model")
         d = dict(d)
+        if "sliding_layers" in d:
+            d["sliding_layers"] = tuple(d["sliding_layers"])
         if "eos_token_ids" in d:
             eos = d["eos_token_ids"]
             d["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
@@ -80,6 +89,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["eos_token_ids"] = list(self.eos_token_ids)
+        out["sliding_layers"] = list(self.sliding_layers)
         return out
 
     @classmethod
@@ -87,21 +97,22 @@ class ModelConfig:
         """Map a Hugging Face `config.json` onto our switches."""
         archs = hf.get("architectures") or []
         model_type = hf.get("model_type", "")
-        if model_type not in ("llama", "gemma", "mistral") and not any(
+        if model_type not in ("llama", "gemma", "gemma2", "mistral") and not any(
                 a in ("LlamaForCausalLM", "GemmaForCausalLM", "MistralForCausalLM") for a in archs):
             raise ValueError(
                 f"unsupported architecture: model_type={model_type!r}, architectures={archs}; "
-                "supported: llama, gemma, mistral (no sliding window)")
+                "supported: llama, gemma, gemma2, mistral (no sliding window)")
         if model_type == "mistral" and hf.get("sliding_window") not in (None, 0):
             if hf["sliding_window"] < hf.get("max_position_embeddings", 0):
                 raise ValueError("mistral with a sliding window is not supported")
         heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
-        gemma = model_type == "gemma"
+        gemma2 = model_type == "gemma2"
+        gemma = model_type == "gemma" or gemma2
         eos = hf.get("eos_token_id", 2)
         act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
         if gemma:
-            act = "gelu_tanh"  # Gemma 1 uses the tanh approximation in practice (HF does too)
+            act = "gelu_tanh"  # Gemma uses the tanh approximation in practice (HF does too)
         elif act not in ("silu", "swish"):
             raise ValueError(f"unsupported activation {act!r}")
         else:
@@ -140,9 +151,25 @@ class ModelConfig:
             tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
-            family="gemma" if gemma else "llama",
+            family="gemma2" if gemma2 else ("gemma" if gemma else "llama"),
             name=name,
+            **(_gemma2_fields(hf) if gemma2 else {}),
         ).validate()
+
+
+def _gemma2_fields(hf: dict) -> dict:
+    """Gemma 2: post-norms, soft-capped scores and logits, sliding-window layers alternating with global."""
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    window = hf.get("sliding_window")
+    return dict(
+        post_norms=True,
+        query_scale=float(hf.get("query_pre_attn_scalar") or hf.get("head_dim") or 256),
+        attn_logit_softcap=hf.get("attn_logit_softcapping"),
+        final_logit_softcap=hf.get("final_logit_softcapping"),
+        sliding_window=window,
+        sliding_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention") if window else (),
+    )
 
 
 def _check_fields(cls, d: dict, what: str) -> None:

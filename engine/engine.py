@@ -77,6 +77,9 @@ class JaxEngine(Engine):
         (engine/kernels), which beat XLA's masked einsum there (BENCHMARKS.md), provided Triton
         compiles it for this model's head shapes; otherwise, and on CPU/TPU, XLA.
         """
+        cfg = self.model_config
+        if cfg.attn_logit_softcap is not None or cfg.sliding_window is not None:
+            return "xla", "xla"  # Gemma 2's soft-cap and local windows: only the XLA path has them
         cudnn_ok = backend == "gpu" and self.dtype in (jnp.bfloat16, jnp.float16)
         attn = self.config.attention
         prefill = "cudnn" if cudnn_ok and attn in ("auto", "cudnn", "pallas") else "xla"

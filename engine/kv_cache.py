@@ -87,8 +87,13 @@ def write_token(cache: KVCache, layer: int, k, v, pos) -> KVCache:
     return cache
 
 
+def _softcap(s, cap):
+    return s if cap is None else cap * jnp.tanh(s / cap)
+
+
 def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str = "xla",
-                     window: Optional[int] = None):
+                     window: Optional[int] = None, softcap: Optional[float] = None,
+                     sliding_window: Optional[int] = None):
     """One query per slot (q: [B, H, D]) against that slot's cache positions [0, pos].
 
     `window` (static) bounds what the XLA path reads: only cache[:, :window], which the caller
@@ -97,6 +102,8 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
     k, v = cache.k[layer], cache.v[layer]
     b, t, hkv, d = k.shape
     h = q.shape[1]
+    if impl != "xla" and (softcap is not None or sliding_window is not None):
+        raise ValueError(f"{impl} decode attention has no soft-cap or sliding window; use 'xla'")
     if impl == "pallas":  # reads only each slot's filled blocks; int8 or unquantized cache
         from engine.kernels.ragged_decode import ragged_decode_attention
         ks = cache.k_scale[layer] if cache.quantized else None
@@ -116,8 +123,10 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
     s = jnp.einsum("bhgd,bthd->bhgt", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
     if cache.quantized:
         s = s * jnp.transpose(cache.k_scale[layer][:, :t], (0, 2, 1))[:, :, None, :]
-    s = s * scale
+    s = _softcap(s * scale, softcap)
     mask = jnp.arange(t)[None, :] <= pos[:, None]  # [B, T]
+    if sliding_window is not None:  # Gemma 2 local layers: the last sliding_window positions only
+        mask &= jnp.arange(t)[None, :] > pos[:, None] - sliding_window
     s = jnp.where(mask[:, None, None, :], s, NEG_INF)
     p = jax.nn.softmax(s, axis=-1)
     if cache.quantized:
@@ -127,15 +136,19 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
     return out.reshape(b, h, d).astype(q.dtype)
 
 
-def prefill_attention(q, k, v, scale: float, impl: str = "xla"):
+def prefill_attention(q, k, v, scale: float, impl: str = "xla", softcap: Optional[float] = None,
+                      sliding_window: Optional[int] = None):
     """Causal self-attention over a right-padded prompt batch: q [N,S,H,D], k/v [N,S,Hkv,D]."""
-    if impl == "cudnn":  # flash attention; padding sits after the real tokens, so causal suffices
+    if impl == "cudnn" and softcap is None and sliding_window is None:
+        # flash attention; padding sits after the real tokens, so causal suffices
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
     n, s, h, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(n, s, hkv, h // hkv, d)
-    sc = jnp.einsum("nshgd,nthd->nhgst", qg, k, preferred_element_type=jnp.float32) * scale
+    sc = _softcap(jnp.einsum("nshgd,nthd->nhgst", qg, k, preferred_element_type=jnp.float32) * scale, softcap)
     causal = jnp.tril(jnp.ones((s, s), bool))
+    if sliding_window is not None:
+        causal &= ~jnp.tril(jnp.ones((s, s), bool), -sliding_window)
     sc = jnp.where(causal, sc, NEG_INF)
     p = jax.nn.softmax(sc, axis=-1)
     out = jnp.einsum("nhgst,nthd->nshgd", p.astype(q.dtype), v, preferred_element_type=jnp.float32)

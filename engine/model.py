@@ -73,12 +73,36 @@ def mlp(layer, x, cfg: ModelConfig):
 
 
 def logits(params, cfg: ModelConfig, x):
-    """Final norm and the output projection, in float32."""
+    """Final norm and the output projection, in float32 (soft-capped for Gemma 2)."""
     x = rms_norm(x, params["final_norm"], cfg)
     if cfg.tie_embeddings:
-        return jnp.einsum("...d,vd->...v", x, params["embed"].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
-    return linear(x, params["lm_head"]).astype(jnp.float32)
+        out = jnp.einsum("...d,vd->...v", x, params["embed"].astype(x.dtype),
+                         preferred_element_type=jnp.float32)
+    else:
+        out = linear(x, params["lm_head"]).astype(jnp.float32)
+    cap = cfg.final_logit_softcap
+    return out if cap is None else cap * jnp.tanh(out / cap)
+
+
+def attn_options(cfg: ModelConfig, layer_index: int) -> dict:
+    """Per-layer attention switches: score scale, soft-cap, sliding window (Gemma 2)."""
+    return dict(scale=(cfg.query_scale or cfg.head_dim) ** -0.5, softcap=cfg.attn_logit_softcap,
+                sliding_window=cfg.sliding_window if layer_index in cfg.sliding_layers else None)
+
+
+def _residual_attn(layer, x, a, cfg: ModelConfig):
+    """x + o_proj(a), with Gemma 2's post-attention norm when configured."""
+    out = linear(a, layer["wo"])
+    if cfg.post_norms:
+        out = rms_norm(out, layer["post_attn_norm"], cfg)
+    return x + out
+
+
+def _residual_mlp(layer, x, cfg: ModelConfig):
+    out = mlp(layer, rms_norm(x, layer["mlp_norm"], cfg), cfg)
+    if cfg.post_norms:
+        out = rms_norm(out, layer["post_mlp_norm"], cfg)
+    return x + out
 
 
 def _qkv(layer, h, cfg: ModelConfig):
@@ -99,19 +123,18 @@ def prefill(params, cfg: ModelConfig, tokens, dtype, all_logits: bool = False, l
     n, s = tokens.shape
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     positions = jnp.broadcast_to(jnp.arange(s), (n, s))
-    scale = cfg.head_dim ** -0.5
     x = embed(params, cfg, tokens, dtype)
     ks, vs = [], []
-    for layer in params["layers"]:
+    for i, layer in enumerate(params["layers"]):
         h = rms_norm(x, layer["attn_norm"], cfg)
         q, k, v = _qkv(layer, h, cfg)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         ks.append(k)
         vs.append(v)
-        a = prefill_attention(q, k, v, scale, attn_impl)
-        x = x + linear(a.reshape(n, s, -1), layer["wo"])
-        x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], cfg), cfg)
+        a = prefill_attention(q, k, v, impl=attn_impl, **attn_options(cfg, i))
+        x = _residual_attn(layer, x, a.reshape(n, s, -1), cfg)
+        x = _residual_mlp(layer, x, cfg)
     if not all_logits:
         x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
     return logits(params, cfg, x), ks, vs
@@ -127,7 +150,6 @@ def decode_step(params, cfg: ModelConfig, tokens, pos, cache: KVCache, dtype, at
                     None if cache.k_scale is None else list(cache.k_scale),
                     None if cache.v_scale is None else list(cache.v_scale))
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    scale = cfg.head_dim ** -0.5
     x = embed(params, cfg, tokens, dtype)
     b = tokens.shape[0]
     for i, layer in enumerate(params["layers"]):
@@ -136,7 +158,7 @@ def decode_step(params, cfg: ModelConfig, tokens, pos, cache: KVCache, dtype, at
         q = apply_rope(q, pos, inv_freq)
         k = apply_rope(k, pos, inv_freq)
         cache = write_token(cache, i, k, v, pos)
-        a = decode_attention(q, cache, i, pos, scale, attn_impl, window)
-        x = x + linear(a.reshape(b, -1), layer["wo"])
-        x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], cfg), cfg)
+        a = decode_attention(q, cache, i, pos, impl=attn_impl, window=window, **attn_options(cfg, i))
+        x = _residual_attn(layer, x, a.reshape(b, -1), cfg)
+        x = _residual_mlp(layer, x, cfg)
     return logits(params, cfg, x), cache

@@ -20,6 +20,8 @@ from engine.loaders import Checkpoint, CheckpointError, layer_names
 from engine.quantize import QuantizedWeight, quantize_weight
 
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")
+LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+POST_NORMS = ("post_attn_norm", "post_mlp_norm")  # Gemma 2
 
 
 def expected_shapes(cfg: ModelConfig) -> dict:
@@ -27,6 +29,8 @@ def expected_shapes(cfg: ModelConfig) -> dict:
     hq, hkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     per = {"attn_norm": (d,), "wq": (d, hq), "wk": (d, hkv), "wv": (d, hkv), "wo": (hq, d),
            "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+    if cfg.post_norms:
+        per.update(post_attn_norm=(d,), post_mlp_norm=(d,))
     out = {"embed": (v, d), "final_norm": (d,)}
     for i in range(cfg.num_layers):
         out.update({f"layers.{i}.{k}": s for k, s in per.items()})
@@ -61,9 +65,8 @@ def _place(name, value, cfg, mesh, dtype, quantize: bool):
 
 def _assemble(cfg: ModelConfig, flat: dict) -> dict:
     params = {"embed": flat["embed"], "final_norm": flat["final_norm"],
-              "layers": [{k: flat[f"layers.{i}.{k}"] for k in (
-                  "attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")}
-                  for i in range(cfg.num_layers)]}
+              "layers": [{k: flat[f"layers.{i}.{k}"] for k in LAYER_KEYS + (POST_NORMS if cfg.post_norms else ())}
+                         for i in range(cfg.num_layers)]}
     if not cfg.tie_embeddings:
         params["lm_head"] = flat["lm_head"]
     return params

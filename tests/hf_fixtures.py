@@ -38,6 +38,19 @@ def tiny_gemma_config(**overrides):
     return GemmaConfig(**kw)
 
 
+def tiny_gemma2_config(**overrides):
+    """Gemma 2 with every switch biting on 10-token prompts: window 4 < prompt, small soft-caps,
+    query_pre_attn_scalar != head_dim; eager attention (the one that soft-caps in transformers)."""
+    from transformers import Gemma2Config
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+              hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+              pad_token_id=0, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+              final_logit_softcapping=3.0, sliding_window=4, attn_implementation="eager")
+    kw.update(overrides)
+    return Gemma2Config(**kw)
+
+
 def randomize_(model, seed: int = 0, gemma_norms: bool = False):
     """Re-draw every weight: matrices N(0, 1/fan_in), embeddings N(0, 1), norms 1 + N(0, 0.1)
     (Gemma stores w for a (1 + w) scale, so just N(0, 0.1))."""
@@ -59,7 +72,7 @@ def build_model(config, seed: int = 0):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return randomize_(model, seed, gemma_norms=config.model_type == "gemma").eval()
+    return randomize_(model, seed, gemma_norms=config.model_type in ("gemma", "gemma2")).eval()
 
 
 def save_tiny_model(path, config, seed: int = 0, dtype=torch.float32,

@@ -208,3 +208,18 @@ def test_filter_mask_matches_sorted_definition():
         kept_sorted = order[(cum_before < top_p[row]) & keep[order]]
         want = np.isin(np.arange(300), kept_sorted) if top_p[row] < 1 else keep
         assert (got[row] == want).all(), row
+
+
+@pytest.mark.parametrize("kv8", [False, True])
+def test_gemma2_decode_matches_full_forward(kv8):
+    """Gemma 2's sliding window (8) and soft-caps hold in decode through the cache, past the window."""
+    llm = LLM("tiny-gemma2", batch_size=2, max_cache_length=64, context_size=16, decode_steps=4,
+              quantize_kv_cache=kv8)
+    assert llm.engine.attention_impl == "xla" and llm.model_config.sliding_layers == (0, 2)
+    prompt = [2, 40, 41, 42, 43, 44]
+    r = llm.generate_all([Request(id=0, prompt_token_ids=prompt, sampling=SamplingParams(max_tokens=24, ignore_eos=True))])[0]
+    seq = prompt + r.completion_token_ids
+    logits, _, _ = model_prefill(llm.params, llm.model_config, np.asarray([seq]), llm.engine.dtype, all_logits=True)
+    predicted = np.argmax(np.asarray(logits[0]), -1)[len(prompt) - 1:-1]
+    agree = np.mean(predicted == np.asarray(seq[len(prompt):]))
+    assert agree == 1.0 if not kv8 else agree >= 0.9, agree

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_fixtures import save_tiny_model, tiny_gemma_config, tiny_llama_config
+from hf_fixtures import save_tiny_model, tiny_gemma_config, tiny_gemma2_config, tiny_llama_config
 from engine.loaders import CheckpointError, open_checkpoint
 from engine.loaders.hf import load_hf
 from engine.model import prefill
@@ -35,6 +35,7 @@ CASES = {
     "llama_tied": lambda: tiny_llama_config(tie_word_embeddings=True),
     "llama3_rope": lambda: tiny_llama_config(rope_theta=10000.0, rope_scaling=dict(LLAMA3_ROPE)),
     "gemma": lambda: tiny_gemma_config(),
+    "gemma2": lambda: tiny_gemma2_config(),
 }
 
 
@@ -72,6 +73,10 @@ def test_logits_match_transformers(tmp_path, case):
         assert ckpt.config.rope_scaling and ckpt.config.rope_scaling["factor"] == 8.0
     if case == "gemma":
         assert ckpt.config.family == "gemma" and ckpt.config.tie_embeddings
+    if case == "gemma2":
+        c = ckpt.config
+        assert c.post_norms and c.sliding_window == 4 and c.sliding_layers == (0, 2)
+        assert c.attn_logit_softcap == 5.0 and c.final_logit_softcap == 3.0 and c.query_scale == 24
     _assert_close(ours, _reference(model, tokens))
 
 

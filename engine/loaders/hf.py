@@ -37,13 +37,19 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _TRANSPOSED = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head"}
 
 
-def canonical_name(hf_name: str):
+# Gemma 2 has four norms per layer; its post_attention_layernorm is a post-norm, not the MLP's pre-norm.
+_LAYER_GEMMA2 = dict(_LAYER, post_attention_layernorm="post_attn_norm", pre_feedforward_layernorm="mlp_norm",
+                     post_feedforward_layernorm="post_mlp_norm")
+
+
+def canonical_name(hf_name: str, post_norms: bool = False):
     """Our name for a HF tensor name, or None when it is not a weight we know."""
     if hf_name in _GLOBAL:
         return _GLOBAL[hf_name]
+    layer_map = _LAYER_GEMMA2 if post_norms else _LAYER
     m = _LAYER_RE.fullmatch(hf_name)
-    if m and m.group(2) in _LAYER:
-        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}"
+    if m and m.group(2) in layer_map:
+        return f"layers.{m.group(1)}.{layer_map[m.group(2)]}"
     return None
 
 
@@ -124,7 +130,7 @@ def load_hf(path: str) -> Checkpoint:
     for file in _shard_files(path):
         header, base = read_header(file)
         for hf_name, info in header.items():
-            name = canonical_name(hf_name)
+            name = canonical_name(hf_name, cfg.post_norms)
             if name is None:
                 if _IGNORED.fullmatch(hf_name):
                     continue
@@ -133,11 +139,12 @@ def load_hf(path: str) -> Checkpoint:
             if name == "lm_head" and cfg.tie_embeddings:
                 continue  # some exports store the tied head too; the engine uses embed
             where[name] = (file, info, base)
-    wanted = layer_names(cfg.num_layers) + ([] if cfg.tie_embeddings else ["lm_head"])
+    wanted = layer_names(cfg.num_layers, cfg.post_norms) + ([] if cfg.tie_embeddings else ["lm_head"])
     missing = [n for n in wanted if n not in where]
     if missing:
         hf_names = {v: k for k, v in _GLOBAL.items()} | {
-            f"layers.{i}.{v}": f"model.layers.{i}.{k}.weight" for i in range(cfg.num_layers) for k, v in _LAYER.items()}
+            f"layers.{i}.{v}": f"model.layers.{i}.{k}.weight" for i in range(cfg.num_layers)
+            for k, v in (_LAYER_GEMMA2 if cfg.post_norms else _LAYER).items()}
         raise CheckpointError(f"{path}: tensor {hf_names[missing[0]]!r} ({missing[0]}) is in none of "
                               f"the safetensors files ({len(missing)} missing in all)")
 
