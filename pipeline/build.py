@@ -108,7 +108,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: Optional[PipelineOptions] =
         skipped = pipeline | "NoneSkipped" >> beam.Create([0])
     valid = rows | "Validate" >> Validate(jo.prompt_column, jo.sampling_defaults())
     keyed = valid.valid | "Key" >> KeyByEngine(num_engines)
-    gen = keyed | "Generate" >> Generate(jo.model, engine_kwargs, jo.flush_rows, jo.flush_seconds)
+    gen = keyed | "Generate" >> Generate(jo.model, engine_kwargs, flush_rows(jo, engine_kwargs),
+                                         jo.flush_seconds)
     errors = (read[ERRORS], valid[ERRORS], gen[ERRORS]) | "AllErrors" >> beam.Flatten()
     metrics = {"completions": gen.completions, "errors": errors, "stats": gen[STATS],
                "rows_in": rows_in, "skipped": skipped} | "Write" >> WriteOutputs(
@@ -118,6 +119,14 @@ def build_pipeline(pipeline: beam.Pipeline, options: Optional[PipelineOptions] =
              output, run_id)
     return {"completions": gen.completions, "errors": errors, "metrics": metrics, "run_id": run_id,
             "output": output, "num_engines": num_engines, "files": files}
+
+
+def flush_rows(jo, engine_kwargs: dict) -> int:
+    """--flush_rows, or enough rows for 8 waves of the engine's decode slots (at least 256)."""
+    if jo.flush_rows is not None:
+        return jo.flush_rows
+    from engine.config import EngineConfig
+    return max(256, 8 * EngineConfig(**engine_kwargs).batch_size)
 
 
 def make_options(argv=None, **overrides) -> PipelineOptions:
@@ -138,7 +147,7 @@ def check_options(options: PipelineOptions) -> list:
         raise ValueError(f"bad engine option: {e}") from None
     defaults = jo.sampling_defaults()
     SamplingParams(**{**defaults, "stop": tuple(defaults["stop"])}).validate()
-    if jo.flush_rows < 1:
+    if jo.flush_rows is not None and jo.flush_rows < 1:
         raise ValueError("--flush_rows must be >= 1")
     return fs.expand_inputs(jo.input)
 

@@ -102,10 +102,11 @@ class JetbeamOptions(PipelineOptions):
                                 "served by one resident engine (one per worker process). Default: 1 "
                                 "for local runs (Beam's FnApiRunner runs stateful steps on one "
                                 "worker), else max(--num_workers, --max_num_workers, 1).")
-        model.add_argument("--flush_rows", type=int, default=256,
+        model.add_argument("--flush_rows", type=int, default=None,
                            help="Rows buffered per engine shard before they are fed to the engine "
-                                "in one continuous-batching run (keeps the decode slots full). "
-                                "Default: 256")
+                                "in one continuous-batching run. Each run's last sequences leave "
+                                "slots idle, so a flush should hold several waves of slots. "
+                                "Default: max(256, 8 x the engine's decode slots)")
         model.add_argument("--flush_seconds", type=float, default=30.0,
                            help="A shard's buffer is also flushed this many seconds (processing "
                                 "time) after its first row arrived; < 0 disables. Default: 30. "

@@ -107,3 +107,12 @@ def save_tiny_tokenizer(path, chat_template: Optional[str] = None):
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
                    "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
                    "chat_template": template}, f)
+
+
+def safetensors_header(path) -> dict:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets), read directly."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        h = json.loads(f.read(n))
+    h.pop("__metadata__", None)
+    return h

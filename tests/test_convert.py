@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_fixtures import save_tiny_model, tiny_llama_config
+from hf_fixtures import safetensors_header, save_tiny_model, tiny_llama_config
 from test_meta import bf16_model, logits_of, tiny_sentencepiece, tokens_for_test, write_meta_checkpoint
 from engine.convert import convert, main
 from engine.loaders import CheckpointError, open_checkpoint
@@ -54,13 +54,6 @@ def assert_close(ours, ref, rel):
 def run_cli(*args):
     return main([str(a) for a in args])
 
-
-def header(path):
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        h = json.loads(f.read(n))
-    h.pop("__metadata__", None)
-    return h
 
 
 def leftovers(parent, name):
@@ -93,7 +86,7 @@ def test_hf_to_jetbeam_float(hf_dir, tmp_path):
     assert info["format_version"] == 1 and info["quantized"] is False and info["source"]["format"] == "hf"
     # A standard safetensors file (the space-padded header is valid for the reference reader).
     from safetensors.numpy import load_file
-    assert set(load_file(str(out / "model.safetensors"))) == set(header(out / "model.safetensors"))
+    assert set(load_file(str(out / "model.safetensors"))) == set(safetensors_header(out / "model.safetensors"))
     src, conv = open_checkpoint(str(hf_dir)), open_checkpoint(str(out))
     assert conv.format == "jetbeam" and conv.config == src.config
     tokens = tokens_for_test(3)
@@ -105,7 +98,7 @@ def test_hf_to_jetbeam_float(hf_dir, tmp_path):
 def test_hf_to_jetbeam_quantized_matches_on_the_fly(hf_dir, tmp_path):
     out = tmp_path / "q"
     assert run_cli("--input_checkpoint_dir", hf_dir, "--output_checkpoint_dir", out, "--quantize", "True") == 0
-    h = header(out / "model.safetensors")
+    h = safetensors_header(out / "model.safetensors")
     assert h["layers.0.wq.q"]["dtype"] == "I8" and h["layers.0.wq.scale"]["dtype"] == "F32"
     assert h["embed"]["dtype"] == "F32" and "layers.0.wq" not in h
     conv = load_converted(str(out))
@@ -168,7 +161,7 @@ def test_sharded_output_and_jetbeam_input(hf_dir, tmp_path):
 def test_meta_to_jetbeam(meta_dir, tmp_path):
     out = tmp_path / "from-meta"
     assert run_cli("--input_checkpoint_dir", meta_dir, "--output_checkpoint_dir", out) == 0
-    assert {v["dtype"] for v in header(out / "model.safetensors").values()} == {"BF16"}  # kept as shipped
+    assert {v["dtype"] for v in safetensors_header(out / "model.safetensors").values()} == {"BF16"}  # kept as shipped
     assert os.path.exists(out / "tokenizer.model")
     src, conv = open_checkpoint(str(meta_dir)), open_checkpoint(str(out))
     assert conv.config == src.config

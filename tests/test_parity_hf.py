@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_fixtures import save_tiny_model, tiny_gemma_config, tiny_gemma2_config, tiny_llama_config
+from hf_fixtures import (safetensors_header, save_tiny_model, tiny_gemma2_config, tiny_gemma_config,
+                         tiny_llama_config)
 from engine.loaders import CheckpointError, open_checkpoint
 from engine.loaders.hf import load_hf
 from engine.model import prefill
@@ -84,7 +85,7 @@ def test_bf16_checkpoint(tmp_path):
     """bf16 on disk is read bit-exact: compare with transformers loading the same file as f32."""
     from transformers import AutoModelForCausalLM
     save_tiny_model(tmp_path, tiny_llama_config(), seed=2, dtype=torch.bfloat16)
-    header_dtypes = {v["dtype"] for k, v in _header(tmp_path / "model.safetensors").items()}
+    header_dtypes = {v["dtype"] for k, v in safetensors_header(tmp_path / "model.safetensors").items()}
     assert header_dtypes == {"BF16"}
     ref_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     tokens = _tokens(1)
@@ -111,13 +112,6 @@ def test_no_tokenizer_is_none(tmp_path):
 
 
 # --- errors: each names the offending file (and tensor, where there is one) ---------------
-
-def _header(path):
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        h = json.loads(f.read(n))
-    h.pop("__metadata__", None)
-    return h
 
 
 @pytest.fixture(scope="module")
