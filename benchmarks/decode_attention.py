@@ -17,7 +17,6 @@ and the run goes on.
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import os
 import sys

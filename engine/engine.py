@@ -8,7 +8,6 @@ host syncs once per several tokens. Decode state and cache are donated: updated 
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -168,7 +167,6 @@ class JaxEngine(Engine):
 
     # ---- insert ----
     def _insert_impl(self, state: DecodeState, prefix: Prefix, slots):
-        b = self.config.batch_size
         cache = insert_prefix(state.cache, prefix.cache, slots)
 
         def put(dst, src):

@@ -10,7 +10,7 @@ stacked array: on an H100 a scan over stacked layers copied each layer's slice a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

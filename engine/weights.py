@@ -16,12 +16,10 @@ from jax.sharding import NamedSharding
 
 from engine import sharding as shd
 from engine.config import ModelConfig
-from engine.loaders import Checkpoint, CheckpointError, layer_names
+from engine.loaders import LAYER_KEYS, POST_NORMS, Checkpoint, CheckpointError
 from engine.quantize import QuantizedWeight, quantize_weight
 
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")
-LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
-POST_NORMS = ("post_attn_norm", "post_mlp_norm")  # Gemma 2
 
 
 def expected_shapes(cfg: ModelConfig) -> dict:

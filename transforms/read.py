@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Iterable, Optional
+from typing import Iterable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics

@@ -47,13 +47,16 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)
 
 
+LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+POST_NORMS = ("post_attn_norm", "post_mlp_norm")  # Gemma 2
+
+
 def layer_names(num_layers: int, post_norms: bool = False) -> list[str]:
     """Every canonical tensor name a full checkpoint holds (lm_head excluded).
 
     Gemma 2 (`post_norms`) adds layers.{i}.post_attn_norm and layers.{i}.post_mlp_norm.
     """
-    per = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
-    per += ("post_attn_norm", "post_mlp_norm") if post_norms else ()
+    per = LAYER_KEYS + (POST_NORMS if post_norms else ())
     names = ["embed", "final_norm"]
     for i in range(num_layers):
         names += [f"layers.{i}.{n}" for n in per]
