@@ -172,66 +172,13 @@ def test_meta_to_jetbeam(meta_dir, tmp_path):
 
 # --- GGUF ---------------------------------------------------------------------------------
 
-def write_tiny_gguf(path, model):
-    """F32 GGUF as llama.cpp's converter writes it: matrices [out, in], Q/K rows in Meta's
-    interleaved layout, a byte-level ("gpt2") vocabulary of 3 control tokens + 253 bytes."""
-    import gguf
-    from tokenizers.pre_tokenizers import ByteLevel
-    cfg = model.config
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    hd = cfg.hidden_size // heads
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-
-    def interleave(w, n):  # HF rotate-half -> Meta interleaved (convert_hf_to_gguf's permute)
-        return w.reshape(n, 2, w.shape[0] // n // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
-
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_rope_dimension_count(hd)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    specials = ["<unk>", "<s>", "</s>"]
-    tokens = specials + sorted(ByteLevel.alphabet())[: cfg.vocab_size - 3]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([3] * 3 + [1] * (len(tokens) - 3))
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(True)
-    w.add_chat_template("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}")
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight", interleave(sd[p + "self_attn.q_proj.weight"], heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", interleave(sd[p + "self_attn.k_proj.weight"], kv))
-        w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
-        w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    w.add_tensor("output.weight", sd["lm_head.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.mark.skipif(not HAS_GGUF_LOADER, reason="engine/loaders/gguf.py (another task) is not there yet")
 def test_gguf_to_jetbeam(tmp_path):
     pytest.importorskip("gguf")
     src_path = tmp_path / "tiny.gguf"
     model = bf16_model(seed=9)  # any float32 model; F32 GGUF stores it exactly
-    write_tiny_gguf(src_path, model)
+    from gguf_fixtures import byte_vocab_fields, write_gguf
+    write_gguf(src_path, model, byte_vocab_fields(model.config.vocab_size))
     out = tmp_path / "from-gguf"
     assert run_cli("--input_checkpoint_dir", src_path, "--output_checkpoint_dir", out) == 0
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
