@@ -62,6 +62,7 @@ class JaxEngine(Engine):
         backend = self._mesh.devices.flat[0].platform
         self.prefill_attention, self.attention_impl = self._choose_attention(backend)
         self.buckets = config.prefill_buckets()
+        self._windows = self._decode_windows()
         self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=())
         self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))
         self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2,))
@@ -186,6 +187,9 @@ class JaxEngine(Engine):
 
     # ---- generate ----
     def decode_windows(self) -> list:
+        return list(self._windows)
+
+    def _decode_windows(self) -> list:
         """Cache lengths the decode attention may be limited to (static shapes, one compile each).
 
         Only the XLA path reads the whole cache; cuDNN and the Pallas kernel already skip each
@@ -201,7 +205,7 @@ class JaxEngine(Engine):
         return out + [t]
 
     def _window_for(self, max_length) -> int:
-        wins = self.decode_windows()
+        wins = self._windows
         if max_length is None:
             return wins[-1]
         return next((w for w in wins if w >= max_length), wins[-1])
@@ -224,13 +228,13 @@ class JaxEngine(Engine):
         b = self.config.batch_size
         init = (state, jnp.zeros((b, steps), jnp.int32), jnp.zeros((b, steps), jnp.int32))
         state, toks, pos = jax.lax.fori_loop(0, steps, body, init)
-        return state, toks, pos
+        return state, toks, pos > 0, pos
 
     def generate(self, params, decode_state: DecodeState, max_length: Optional[int] = None):
         """Run `decode_steps` steps. `max_length`, if given, bounds every live slot's position
         (before + during this call) so attention may read a shorter cache window."""
-        state, toks, pos = self._generate_jit(params, decode_state, self._window_for(max_length))
-        return state, ResultTokens(toks, pos > 0, pos)
+        state, toks, valid, pos = self._generate_jit(params, decode_state, self._window_for(max_length))
+        return state, ResultTokens(toks, valid, pos)
 
     # ---- compile everything up front ----
     def warmup(self, params, decode_state: DecodeState, prefill_sizes=None) -> DecodeState:

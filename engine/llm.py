@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -97,19 +98,11 @@ class LLM:
         Plain strings become Requests numbered from 0 with `sampling` (or defaults). A request
         that cannot be served yields a Result with `error` set; nothing raises mid-stream.
         """
-        def as_requests():
-            for i, r in enumerate(requests):
-                if isinstance(r, Request):
-                    yield r
-                else:
-                    yield Request(id=i, prompt=r, sampling=_copy(sampling or SamplingParams()))
-
-        return self.batcher.run(as_requests())
+        return self.batcher.run(_as_request(i, r, sampling) for i, r in enumerate(requests))
 
     def generate_all(self, requests, sampling: Optional[SamplingParams] = None) -> list[Result]:
         """Like generate, but returns the Results in input order."""
-        reqs = [r if isinstance(r, Request) else Request(id=i, prompt=r, sampling=_copy(sampling or SamplingParams()))
-                for i, r in enumerate(requests)]
+        reqs = [_as_request(i, r, sampling) for i, r in enumerate(requests)]
         out: list = [None] * len(reqs)
         by_id = {}
         for i, r in enumerate(reqs):
@@ -157,6 +150,8 @@ def enable_compilation_cache(path: Optional[str]) -> Optional[str]:
     return jax.config.jax_compilation_cache_dir
 
 
-def _copy(sp: SamplingParams) -> SamplingParams:
-    import dataclasses
-    return dataclasses.replace(sp)
+def _as_request(index: int, r: Union[Request, str], sampling: Optional[SamplingParams]) -> Request:
+    """A Request as given, or a plain prompt string as Request `index` with its own copy of `sampling`."""
+    if isinstance(r, Request):
+        return r
+    return Request(id=index, prompt=r, sampling=dataclasses.replace(sampling or SamplingParams()))
