@@ -78,12 +78,12 @@ def main(argv=None):
     q = jax.random.normal(kq, (b, hkv * g, d), cdt)
     k8 = jax.random.randint(kk, (b, t, hkv, d), -127, 128, jnp.int32).astype(jnp.int8)
     v8 = jax.random.randint(kv, (b, t, hkv, d), -127, 128, jnp.int32).astype(jnp.int8)
-    ks = jax.random.uniform(kks, (b, t, hkv), jnp.float32, 0.002, 0.03)
-    vs = jax.random.uniform(kvs, (b, t, hkv), jnp.float32, 0.002, 0.03)
+    ks = jax.random.uniform(kks, (b, hkv, t), jnp.float32, 0.002, 0.03)  # cache layout [B, Hkv, T]
+    vs = jax.random.uniform(kvs, (b, hkv, t), jnp.float32, 0.002, 0.03)
     q8 = KVCache([k8], [v8], [ks], [vs])
     # An unquantized cache holding the same values, for the 16-bit paths.
-    kb = (k8.astype(jnp.float32) * ks[..., None]).astype(cdt)
-    vb = (v8.astype(jnp.float32) * vs[..., None]).astype(cdt)
+    kb = (k8.astype(jnp.float32) * jnp.swapaxes(ks, 1, 2)[..., None]).astype(cdt)
+    vb = (v8.astype(jnp.float32) * jnp.swapaxes(vs, 1, 2)[..., None]).astype(cdt)
     qb = KVCache([kb], [vb])
     jax.block_until_ready((q, q8, qb))
 

@@ -266,7 +266,7 @@ def _pallas_compiles(cfg: ModelConfig, dtype) -> bool:
         hkv, g, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
         q = jnp.zeros((2, hkv * g, d), dtype)
         k = jnp.zeros((2, 128, hkv, d), jnp.int8)
-        s = jnp.ones((2, 128, hkv), jnp.float32)
+        s = jnp.ones((2, hkv, 128), jnp.float32)  # scales [B, Hkv, T]
         out = ragged_decode_attention(q, k, k, s, s, jnp.array([1, 100], jnp.int32), d ** -0.5)
         jax.block_until_ready(out)
         return True

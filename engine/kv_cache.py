@@ -2,7 +2,9 @@
 
 Layout per layer: K and V as [slots, max_cache_length, kv_heads, head_dim] (the BTNH
 layout cuDNN's attention reads directly), in the compute dtype or int8 with one float32
-scale per (slot, token, kv_head). Layers are separate arrays (a Python list), not one
+scale per (slot, kv_head, token). The scales are stored [slots, kv_heads, T], not
+[slots, T, kv_heads]: a decode kernel walking one head's tokens then reads them contiguously
+instead of one 4-byte value per 32-byte memory sector. Layers are separate arrays (a Python list), not one
 stacked array: on an H100 a scan over stacked layers copied each layer's slice and ran
 ~3x slower than unrolled layers (../shared/notes/h100-measured.md).
 """
@@ -24,7 +26,7 @@ NEG_INF = -1e30
 class KVCache:
     k: list  # per layer [B, T, Hkv, D] (dtype or int8)
     v: list
-    k_scale: Optional[list] = None  # per layer [B, T, Hkv] float32 when quantized
+    k_scale: Optional[list] = None  # per layer [B, Hkv, T] float32 when quantized
     v_scale: Optional[list] = None
 
     @property
@@ -40,7 +42,7 @@ def init_cache(num_layers: int, slots: int, length: int, kv_heads: int, head_dim
     shape = (slots, length, kv_heads, head_dim)
     if quantized:
         z = lambda: jnp.zeros(shape, jnp.int8)
-        s = lambda: jnp.ones(shape[:3], jnp.float32)
+        s = lambda: jnp.ones((slots, kv_heads, length), jnp.float32)
         return KVCache([z() for _ in range(num_layers)], [z() for _ in range(num_layers)],
                        [s() for _ in range(num_layers)], [s() for _ in range(num_layers)])
     z = lambda: jnp.zeros(shape, dtype)
@@ -48,12 +50,14 @@ def init_cache(num_layers: int, slots: int, length: int, kv_heads: int, head_dim
 
 
 def pack_prefix(ks: list, vs: list, quantized: bool) -> KVCache:
-    """A prefill's K/V ([N, S, Hkv, D] per layer) in the cache's storage format."""
+    """A prefill's K/V ([N, S, Hkv, D] per layer) in the cache's storage format
+    (scales [N, Hkv, S])."""
     if not quantized:
         return KVCache(list(ks), list(vs))
     kq, ksc = zip(*[quantize_kv(k) for k in ks])
     vq, vsc = zip(*[quantize_kv(v) for v in vs])
-    return KVCache(list(kq), list(vq), list(ksc), list(vsc))
+    heads_first = lambda scales: [jnp.swapaxes(x, 1, 2) for x in scales]
+    return KVCache(list(kq), list(vq), heads_first(ksc), heads_first(vsc))
 
 
 def insert_prefix(cache: KVCache, prefix: KVCache, slots) -> KVCache:
@@ -61,14 +65,20 @@ def insert_prefix(cache: KVCache, prefix: KVCache, slots) -> KVCache:
 
     Slots outside [0, B) are dropped, so a padded prefill batch can carry dummy rows.
     """
-    def put(dst, src):
+    def put(dst, src):  # K/V [N, S, Hkv, D]
         s = src.shape[1]
         return dst.at[slots, :s].set(src.astype(dst.dtype), mode="drop")
 
-    fields = [cache.k, cache.v] + ([cache.k_scale, cache.v_scale] if cache.quantized else [])
-    srcs = [prefix.k, prefix.v] + ([prefix.k_scale, prefix.v_scale] if cache.quantized else [])
-    out = [[put(d, s) for d, s in zip(dl, sl)] for dl, sl in zip(fields, srcs)]
-    return KVCache(*out) if cache.quantized else KVCache(out[0], out[1])
+    def put_scale(dst, src):  # scales [N, Hkv, S]
+        s = src.shape[2]
+        return dst.at[slots, :, :s].set(src, mode="drop")
+
+    k = [put(d, s) for d, s in zip(cache.k, prefix.k)]
+    v = [put(d, s) for d, s in zip(cache.v, prefix.v)]
+    if not cache.quantized:
+        return KVCache(k, v)
+    return KVCache(k, v, [put_scale(d, s) for d, s in zip(cache.k_scale, prefix.k_scale)],
+                   [put_scale(d, s) for d, s in zip(cache.v_scale, prefix.v_scale)])
 
 
 def write_token(cache: KVCache, layer: int, k, v, pos) -> KVCache:
@@ -79,8 +89,9 @@ def write_token(cache: KVCache, layer: int, k, v, pos) -> KVCache:
         vq, vs = quantize_kv(v)
         cache.k[layer] = cache.k[layer].at[rows, pos].set(kq)
         cache.v[layer] = cache.v[layer].at[rows, pos].set(vq)
-        cache.k_scale[layer] = cache.k_scale[layer].at[rows, pos].set(ks)
-        cache.v_scale[layer] = cache.v_scale[layer].at[rows, pos].set(vs)
+        # scales [B, Hkv, T]: (rows, :, pos) selects [B, Hkv]
+        cache.k_scale[layer] = cache.k_scale[layer].at[rows, :, pos].set(ks)
+        cache.v_scale[layer] = cache.v_scale[layer].at[rows, :, pos].set(vs)
     else:
         cache.k[layer] = cache.k[layer].at[rows, pos].set(k.astype(cache.k[layer].dtype))
         cache.v[layer] = cache.v[layer].at[rows, pos].set(v.astype(cache.v[layer].dtype))
@@ -122,7 +133,7 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
     qg = q.reshape(b, hkv, h // hkv, d)
     s = jnp.einsum("bhgd,bthd->bhgt", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
     if cache.quantized:
-        s = s * jnp.transpose(cache.k_scale[layer][:, :t], (0, 2, 1))[:, :, None, :]
+        s = s * cache.k_scale[layer][:, :, None, :t]
     s = _softcap(s * scale, softcap)
     mask = jnp.arange(t)[None, :] <= pos[:, None]  # [B, T]
     if sliding_window is not None:  # Gemma 2 local layers: the last sliding_window positions only
@@ -130,7 +141,7 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
     s = jnp.where(mask[:, None, None, :], s, NEG_INF)
     p = jax.nn.softmax(s, axis=-1)
     if cache.quantized:
-        p = p * jnp.transpose(cache.v_scale[layer][:, :t], (0, 2, 1))[:, :, None, :]
+        p = p * cache.v_scale[layer][:, :, None, :t]
     out = jnp.einsum("bhgt,bthd->bhgd", p.astype(q.dtype), v.astype(q.dtype),
                      preferred_element_type=jnp.float32)
     return out.reshape(b, h, d).astype(q.dtype)

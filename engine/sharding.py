@@ -88,7 +88,7 @@ def scale_spec(weight_spec: P) -> P:
 def cache_shardings(mesh: Mesh, cfg: ModelConfig, quantized: bool):
     from engine.kv_cache import KVCache
     spec = P(None, None, AXIS, None) if _div(cfg.num_kv_heads, mesh) else P()
-    sspec = P(None, None, AXIS) if _div(cfg.num_kv_heads, mesh) else P()
+    sspec = P(None, AXIS, None) if _div(cfg.num_kv_heads, mesh) else P()
     kv = [NamedSharding(mesh, spec)] * cfg.num_layers
     if not quantized:
         return KVCache(list(kv), list(kv))

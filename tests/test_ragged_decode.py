@@ -18,7 +18,7 @@ def _case(b, t, hkv, g, d, quantized, seed=0, q_dtype=jnp.float32):
     q = jnp.asarray(r.normal(size=(b, hkv * g, d)), q_dtype)
     if quantized:
         k, v = (jnp.asarray(r.integers(-127, 128, size=(b, t, hkv, d)), jnp.int8) for _ in range(2))
-        ks, vs = (jnp.asarray(r.uniform(0.002, 0.03, size=(b, t, hkv)), jnp.float32) for _ in range(2))
+        ks, vs = (jnp.asarray(r.uniform(0.002, 0.03, size=(b, hkv, t)), jnp.float32) for _ in range(2))
         return q, KVCache([k], [v], [ks], [vs])
     k, v = (jnp.asarray(r.normal(size=(b, t, hkv, d)), jnp.float32) for _ in range(2))
     return q, KVCache([k], [v])
@@ -81,7 +81,7 @@ def test_unfilled_cache_is_never_read():
     lengths = [5, 32, 64]
     ref = ragged_decode_attention(q, cache.k[0], cache.v[0], cache.k_scale[0], cache.v_scale[0],
                                   jnp.asarray(lengths), 0.2, block_t=16, interpret=True)
-    mask = (jnp.arange(64)[None, :] < jnp.asarray(lengths)[:, None])[:, :, None]
+    mask = (jnp.arange(64)[None, :] < jnp.asarray(lengths)[:, None])[:, None, :]  # scales [B, Hkv, T]
     poisoned = [jnp.where(mask, s, jnp.nan) for s in (cache.k_scale[0], cache.v_scale[0])]
     out = ragged_decode_attention(q, cache.k[0], cache.v[0], *poisoned,
                                   jnp.asarray(lengths), 0.2, block_t=16, interpret=True)

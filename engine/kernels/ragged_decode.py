@@ -1,7 +1,7 @@
 """Ragged decode attention in Pallas (Triton backend): reads only each slot's filled cache blocks.
 
 One query token per slot. q [B, H, D]; the cache of one layer K, V [B, T, Hkv, D] (int8 with
-float32 scales [B, T, Hkv], real value = int8 * scale; or a 16/32-bit cache without scales);
+float32 scales [B, Hkv, T], real value = int8 * scale; or a 16/32-bit cache without scales);
 lengths [B] int32: slot b attends to positions [0, lengths[b]). GQA: H = Hkv * G and query head
 h reads kv head h // G.
 
@@ -11,9 +11,10 @@ S=1, the whole T) with a trip count that depends on lengths[b]: blocks past the 
 are never loaded. K/V keep the engine's [B, T, Hkv, D] layout: the BlockSpec (None, Tc, None, D)
 hands the kernel a strided [Tc, D] view of (b, chunk, hkv) and the loop loads [block_t, D]
 rows from it with a dynamic start (one contiguous D-element row per token, rows Hkv*D apart).
-The kv-head axis is grid axis 0 (the fastest-varying CUDA program id), so programs running
-together read neighbouring rows of the same slot (and share the 32-byte sectors of the
-per-token scales, which are only Hkv*4 bytes apart).
+The scales are read as a contiguous [Tc] run per (slot, kv head). (A [B, T, Hkv] layout made
+each 4-byte scale load pull its own 32-byte sector.) The kv-head axis is grid axis 0 (the
+fastest-varying CUDA program id), so programs running together read neighbouring rows of the
+same slot.
 
 Two ways to compute the G query rows against a block (`method`):
 - "fma": each query row separately, scores = sum(k * q_g, axis=1) and out += sum(p[:, None] * v,
@@ -207,7 +208,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
                             interpret: bool = False):
     """Attention of q [B, H, D] over cache positions [0, lengths[b]) of K/V [B, T, Hkv, D].
 
-    k_scale/v_scale: [B, T, Hkv] float32 for an int8 cache, or None for an unquantized one.
+    k_scale/v_scale: [B, Hkv, T] float32 for an int8 cache, or None for an unquantized one.
     Returns [B, H, D] in q's dtype. Lengths are clipped to [0, T]; a slot of length 0 gets zeros.
     mask_loads: predicate the K/V/scale loads on position < length, so the rows of the last
     block past the length are not read either (otherwise they are read and masked in the
@@ -250,7 +251,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
                 kv_spec, kv_spec]
     args = [lengths, qg, k, v]
     if quantized:
-        sc_spec = pl.BlockSpec((_SQ, chunk, _SQ), lambda hi, bi, si: (bi, si, hi))
+        sc_spec = pl.BlockSpec((_SQ, _SQ, chunk), lambda hi, bi, si: (bi, hi, si))
         in_specs += [sc_spec, sc_spec]
         args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
     if split:
