@@ -174,6 +174,25 @@ def test_sampling_paths_agree(solo):
         assert b[1] in top5
 
 
+def test_warmup_compiles_every_shape_up_front(batched):
+    """Threaded warm-up compiles every prefill shape, insert and decode step; serving a mixed
+    batch afterwards lowers nothing new, and gives the tokens of an engine that compiled lazily."""
+    import jax
+    lowered = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: lowered.append(name) if name.endswith("jaxpr_to_mlir_module_duration") else None)
+    llm = LLM("tiny-llama", batch_size=3, tokenizer=byte_tokenizer(), warmup=True, compile_threads=2, **KW)
+    eng = llm.engine
+    shapes = len(eng.buckets) * len(eng.prefill_sizes())
+    assert shapes == 4 and len(lowered) >= 2 * shapes + len(eng.decode_windows())
+    reqs = _mixed_requests(8, seed=3)  # prompt lengths over both buckets, lone and batched refills
+    n = len(lowered)
+    warm = llm.generate_all([_clone(r) for r in reqs])
+    assert len(lowered) == n, "serving compiled a shape the warm-up missed"
+    lazy = batched.generate_all([_clone(r) for r in reqs])
+    assert [r.completion_token_ids for r in warm] == [r.completion_token_ids for r in lazy]
+
+
 def test_decode_windows_cross_boundaries():
     """Generation past the 128-token attention window (cache 320) still equals full-forward argmax."""
     llm = LLM("tiny-llama", batch_size=2, max_cache_length=320, context_size=16, decode_steps=8)
