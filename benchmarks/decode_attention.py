@@ -131,17 +131,17 @@ def main(argv=None):
     other = "fma" if g >= 8 else "dot"  # the method "auto" does not pick for this G
     bench(f"pallas int8 method={other}", pallas(method=other), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
 
-    bench("pallas int8 mask_loads=1", pallas(mask_loads=True), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
+    bench("pallas int8 convert=cvt", pallas(convert="cvt"), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
 
     if a.sweep:
-        # fma (the G=1 default) with masked loads, which beat the dot method and unmasked loads
-        # on the H100 (BENCHMARKS.md).
-        grid = itertools.product(["fma"], [32, 64, 128], [4, 8], [2, 3], [1, 2])
+        # fma (the G=1 default) with masked loads and 4 warps, which beat the dot method,
+        # unmasked loads and 8 warps on the H100 and H200 (BENCHMARKS.md).
+        grid = itertools.product(["fma"], [32, 64, 128], [4], [2], [1, 2], ["cvt", "magic"])
         if a.small:
-            grid = itertools.product(["fma", "dot"], [16, 32], [4], [2], [1, 2])
-        for method, bt, warps, stages, splits in grid:
+            grid = itertools.product(["fma", "dot"], [16, 32], [4], [2], [1, 2], ["magic"])
+        for method, bt, warps, stages, splits, convert in grid:
             kw = dict(method=method, block_t=bt, num_warps=warps, num_stages=stages, num_splits=splits,
-                      mask_loads=not a.small)
+                      mask_loads=not a.small, convert=convert)
             bench("pallas int8 " + " ".join(f"{k}={v}" for k, v in kw.items()), pallas(**kw),
                   (q, k8, v8, ks, vs, pos), bytes_int8, want8)
 

@@ -89,6 +89,21 @@ def test_unfilled_cache_is_never_read():
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 
 
+def test_int8_conversions_are_exact():
+    x = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8)
+    np.testing.assert_array_equal(np.asarray(rd._int8_to_f32(x, "magic")), np.arange(-128, 128, dtype=np.float32))
+
+
+def test_conversion_methods_agree():
+    q, cache = _case(5, 64, 2, 2, 32, quantized=True, seed=9)
+    args = (q, cache.k[0], cache.v[0], cache.k_scale[0], cache.v_scale[0], jnp.asarray(LENGTHS), 0.2)
+    outs = [np.asarray(ragged_decode_attention(*args, block_t=16, method="fma", convert=c, interpret=True))
+            for c in ("cvt", "magic")]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    with pytest.raises(ValueError):
+        ragged_decode_attention(*args, convert="fast", interpret=True)
+
+
 def test_env_settings(monkeypatch):
     monkeypatch.setenv(rd.ENV_VAR, "block_t=32, method=dot,num_splits=2")
     s = rd._settings(num_warps=8, block_t=None)

@@ -56,7 +56,8 @@ NEG_INF = -1e30
 _SQ = getattr(pl, "squeezed", None)
 
 # Tuned on an H100 (benchmarks/decode_attention.py --sweep, BENCHMARKS.md): masked loads win.
-DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=4, num_stages=2, mask_loads=1)
+DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=4, num_stages=2, mask_loads=1,
+                convert="magic")
 ENV_VAR = "JETBEAM_RAGGED_DECODE"
 
 
@@ -67,7 +68,7 @@ def _settings(**explicit):
         key = key.strip()
         if key not in s:
             raise ValueError(f"{ENV_VAR}: unknown setting {key!r} (known: {sorted(s)})")
-        s[key] = val.strip() if key == "method" else int(val)
+        s[key] = val.strip() if key in ("method", "convert") else int(val)
     s.update({k: v for k, v in explicit.items() if v is not None})
     return s
 
@@ -91,8 +92,23 @@ def _load(ref, mask, other):
     return fn(ref, mask=mask, other=other)
 
 
+_MAGIC = 0x4B000080  # float32 bits of 2**23 + 128
+_MAGIC_F = float(2 ** 23 + 128)
+
+
+def _int8_to_f32(x, convert: str):
+    """int8 -> float32, exactly. "cvt" is the plain conversion (I2F, which an H100 SM issues at
+    a quarter of its integer-add rate: it bounded the kernel). "magic" sign-extends, adds the
+    bits of 2**23 + 128 so that x + 128 lands in the float's low mantissa bits, bitcasts, and
+    subtracts 2**23 + 128: integer and float adds only."""
+    if convert == "cvt" or x.dtype != jnp.int8:
+        return x.astype(jnp.float32)
+    bits = x.astype(jnp.int32) + jnp.int32(_MAGIC)
+    return lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(_MAGIC_F)
+
+
 def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, block_t: int, chunk: int, g: int, scale: float,
-            quantized: bool, method: str, split: bool, mask_loads: bool):
+            quantized: bool, method: str, split: bool, mask_loads: bool, convert: str):
     if quantized:
         ks_ref, vs_ref, *outs = rest
     else:
@@ -130,8 +146,8 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, block_t: int, chunk: int, g: in
         def body(i, carry):
             ms, ls, accs = carry
             valid, k, v, ks, vs = block(i)
-            k = k.astype(jnp.float32)
-            v = v.astype(jnp.float32)
+            k = _int8_to_f32(k, convert)
+            v = _int8_to_f32(v, convert)
             new_m, new_l, new_acc = [], [], []
             for j in range(g):
                 s = jnp.sum(k * qs[j][None, :], axis=1)  # [block_t]
@@ -205,7 +221,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
                             block_t: Optional[int] = None, method: Optional[str] = None,
                             num_splits: Optional[int] = None, num_warps: Optional[int] = None,
                             num_stages: Optional[int] = None, mask_loads: Optional[bool] = None,
-                            interpret: bool = False):
+                            convert: Optional[str] = None, interpret: bool = False):
     """Attention of q [B, H, D] over cache positions [0, lengths[b]) of K/V [B, T, Hkv, D].
 
     k_scale/v_scale: [B, Hkv, T] float32 for an int8 cache, or None for an unquantized one.
@@ -213,9 +229,12 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     mask_loads: predicate the K/V/scale loads on position < length, so the rows of the last
     block past the length are not read either (otherwise they are read and masked in the
     scores); always on when block_t does not divide the chunk length.
+    convert: how the "fma" method turns int8 into float32 ("magic" or "cvt"; both exact).
     """
     cfg = _settings(block_t=block_t, method=method, num_splits=num_splits, num_warps=num_warps,
-                    num_stages=num_stages, mask_loads=mask_loads)
+                    num_stages=num_stages, mask_loads=mask_loads, convert=convert)
+    if cfg["convert"] not in ("cvt", "magic"):
+        raise ValueError(f"convert must be 'cvt' or 'magic', not {cfg['convert']!r}")
     b, h, d = q.shape
     _, t, hkv, _ = k.shape
     if h % hkv:
@@ -267,7 +286,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
 
     kernel = functools.partial(_kernel, block_t=bt, chunk=chunk, g=g, scale=float(scale),
                                quantized=quantized, method=method, split=split,
-                               mask_loads=mask_loads)
+                               mask_loads=mask_loads, convert=cfg["convert"])
     kwargs = {}
     params = _compiler_params(int(cfg["num_warps"]), int(cfg["num_stages"]))
     if params is not None:
