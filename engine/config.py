@@ -215,7 +215,6 @@ class EngineConfig:
     attention: str = "auto"  # "auto" | "xla" | "cudnn" | "pallas"
     seed: int = 0
     warmup: Optional[bool] = None  # compile every prefill shape + decode at load; None: on accelerators only
-    compile_threads: int = 4  # prefill shapes compiled at once during warmup (XLA compiles off the GIL)
     # Persistent XLA compilation cache, so a scheduled rerun with the same shapes skips compiling.
     # None: $JETBEAM_COMPILATION_CACHE, else ~/.cache/jetbeam/xla; "" turns it off.
     compilation_cache_dir: Optional[str] = None
@@ -226,7 +225,7 @@ class EngineConfig:
         if self.warmup is not None:
             self.warmup = _as_bool(self.warmup)
         for name in ("batch_size", "max_cache_length", "context_size", "min_prefill_bucket",
-                     "decode_steps", "prefill_batch", "seed", "compile_threads"):
+                     "decode_steps", "prefill_batch", "seed"):
             setattr(self, name, int(getattr(self, name)))
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -238,8 +237,8 @@ class EngineConfig:
                 f"({self.max_cache_length}) so at least one token can be generated")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.decode_steps < 1 or self.prefill_batch < 1 or self.compile_threads < 1:
-            raise ValueError("decode_steps, prefill_batch and compile_threads must be >= 1")
+        if self.decode_steps < 1 or self.prefill_batch < 1:
+            raise ValueError("decode_steps and prefill_batch must be >= 1")
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineConfig":

@@ -9,8 +9,6 @@ host syncs once per several tokens. Decode state and cache are donated: updated 
 from __future__ import annotations
 
 import logging
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -240,40 +238,22 @@ class JaxEngine(Engine):
 
     # ---- compile everything up front ----
     def warmup(self, params, decode_state: DecodeState, prefill_sizes=None) -> DecodeState:
-        """Compile every prefill bucket (for each prefill batch size) and the decode step.
+        """Compile every prefill bucket (for each prefill batch size), insert and the decode step.
 
-        Prefill shapes compile on `compile_threads` threads (XLA compiles without the GIL)
-        while this thread compiles the decode step; the inserts then run here, in order, since
-        each one donates the decode state. A ShareGPT-like length mix needs ~14 prefill shapes,
-        which compiled one after another took minutes for a 7B model.
+        One shape after another. (Compiling prefill shapes on several threads while the decode
+        step compiled and ran failed on an H100: XLA's GEMM autotuning reported "All configs
+        failed during profiling", and a prefill hit CUDA_ERROR_INVALID_VALUE.) A rerun with the
+        same shapes loads them from the persistent compilation cache instead.
         """
         sizes = prefill_sizes or self.prefill_sizes()
-        shapes = [(s, n) for s in self.buckets for n in sizes]
-
-        def run_prefill(shape):
-            s, n = shape
-            prefix, _ = self.prefill(params=params, padded_tokens=np.zeros((n, s), np.int32),
-                                     true_length=np.ones(n, np.int32))
-            return jax.block_until_ready(prefix)
-
-        threads = self.config.compile_threads
-        todo = iter(shapes)
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            # At most `threads` prefixes in flight: each holds a prompt batch's K/V on the device.
-            pending = deque()
-
-            def top_up():
-                while len(pending) < threads and (shape := next(todo, None)) is not None:
-                    pending.append((shape[1], pool.submit(run_prefill, shape)))
-
-            top_up()
-            for w in self.decode_windows():
-                decode_state, res = self.generate(params, decode_state, max_length=w)
-                jax.block_until_ready(res.tokens)
-            while pending:
-                n, future = pending.popleft()
-                decode_state = self.insert(future.result(), decode_state, np.full(n, -1, np.int32))
-                top_up()
+        for s in self.buckets:
+            for n in sizes:
+                prefix, _ = self.prefill(params=params, padded_tokens=np.zeros((n, s), np.int32),
+                                         true_length=np.ones(n, np.int32))
+                decode_state = self.insert(prefix, decode_state, np.full(n, -1, np.int32))
+        for w in self.decode_windows():
+            decode_state, res = self.generate(params, decode_state, max_length=w)
+            jax.block_until_ready(res.tokens)
         return decode_state
 
     def prefill_sizes(self) -> list[int]:

@@ -175,13 +175,13 @@ def test_sampling_paths_agree(solo):
 
 
 def test_warmup_compiles_every_shape_up_front(batched):
-    """Threaded warm-up compiles every prefill shape, insert and decode step; serving a mixed
-    batch afterwards lowers nothing new, and gives the tokens of an engine that compiled lazily."""
+    """Warm-up compiles every prefill shape, insert and decode step; serving a mixed batch
+    afterwards lowers nothing new, and gives the tokens of an engine that compiled lazily."""
     import jax
     lowered = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, secs, **kw: lowered.append(name) if name.endswith("jaxpr_to_mlir_module_duration") else None)
-    llm = LLM("tiny-llama", batch_size=3, tokenizer=byte_tokenizer(), warmup=True, compile_threads=2, **KW)
+    llm = LLM("tiny-llama", batch_size=3, tokenizer=byte_tokenizer(), warmup=True, **KW)
     eng = llm.engine
     shapes = len(eng.buckets) * len(eng.prefill_sizes())
     assert shapes == 4 and len(lowered) >= 2 * shapes + len(eng.decode_windows())
