@@ -30,6 +30,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--quantize_kv_cache", action="store_true")
     p.add_argument("--quantize_weights", action="store_true")
+    p.add_argument("--prefill_batch", type=int, default=8)
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -51,9 +52,20 @@ def main(argv=None):
     pq.write_table(table, src)
     cache = args.input_len + args.output_len
     engine_flags = [f"--batch_size={args.batch_size}", f"--max_cache_length={cache}",
-                    f"--context_size={args.input_len}", f"--min_prefill_bucket={args.input_len}"]
+                    f"--context_size={args.input_len}", f"--min_prefill_bucket={args.input_len}",
+                    f"--prefill_batch={args.prefill_batch}"]
     engine_flags += ["--quantize_kv_cache"] * args.quantize_kv_cache + ["--quantize_weights"] * args.quantize_weights
 
+    # The engine-only baseline runs first, in its own process, which frees the GPU when it exits:
+    # the pipeline's engine then stays resident in this one (one engine per worker process).
+    import subprocess
+    eng_json = os.path.join(work, "engine.json")
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), f"--model={args.model}",
+                    f"--num_requests={n}", f"--input_len={args.input_len}", f"--output_len={args.output_len}",
+                    f"--batch_size={args.batch_size}", f"--prefill_batch={args.prefill_batch}",
+                    f"--json={eng_json}"]
+                   + ["--quantize_kv_cache"] * args.quantize_kv_cache + ["--quantize_weights"] * args.quantize_weights,
+                   check=True, stdout=subprocess.DEVNULL)
     import run_pipeline
     out = os.path.join(work, "out")
     # (Run this script once per configuration: the pipeline's engine stays resident afterwards.)
@@ -64,15 +76,6 @@ def main(argv=None):
     with open(os.path.join(out, "metrics.json")) as f:
         pipe = json.load(f)
 
-    # The engine-only baseline runs in its own process: the pipeline's engine stays resident in
-    # this one (one engine per worker process), and two 7B engines do not fit one GPU.
-    import subprocess
-    eng_json = os.path.join(work, "engine.json")
-    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), f"--model={args.model}",
-                    f"--num_requests={n}", f"--input_len={args.input_len}", f"--output_len={args.output_len}",
-                    f"--batch_size={args.batch_size}", f"--json={eng_json}"]
-                   + ["--quantize_kv_cache"] * args.quantize_kv_cache + ["--quantize_weights"] * args.quantize_weights,
-                   check=True, stdout=subprocess.DEVNULL)
     with open(eng_json) as f:
         eng = json.load(f)
     report = {

@@ -133,7 +133,7 @@ class ContinuousBatcher:
         now = time.perf_counter()
         for bucket, group in by_bucket.items():
             while group:
-                n = next((s for s in sizes if s >= len(group)), sizes[-1])
+                n = max(s for s in sizes if s <= len(group))  # sizes hold 1: never padded
                 chunk, group = group[:n], group[n:]
                 tokens = np.zeros((n, bucket), np.int32)
                 lengths = np.ones(n, np.int32)
@@ -147,7 +147,6 @@ class ContinuousBatcher:
                     if sp.seed is None:
                         sp.seed = int(self.rng.integers(0, 2**31 - 1))
                     params.append(sp)
-                params += [params[0]] * (n - len(chunk))
                 prefix, first = engine.prefill(params=self.params, padded_tokens=tokens, true_length=lengths,
                                                sampling=SlotSampling.from_params(params))
                 self.state = engine.insert(prefix, self.state, slots)
@@ -157,6 +156,7 @@ class ContinuousBatcher:
                         request=req, prompt_ids=ids, max_tokens=min(req.sampling.max_tokens, cap),
                         start_call=calls, t_admit=now, first=(first.tokens, row))
                 self.stats["prefill_calls"] += 1
+                self.stats["prefill_rows"] += n
                 self.stats["prompt_tokens"] += int(lengths[:len(chunk)].sum())
 
     def _consume(self, pending, active, free):

@@ -257,12 +257,18 @@ class JaxEngine(Engine):
         return decode_state
 
     def prefill_sizes(self) -> list[int]:
-        """Prompt counts per prefill call: 1 (a lone refill) or min(prefill_batch, batch_size), padded.
-
-        Two shapes per bucket keep compile time down; a partial group is padded to the larger.
+        """Prompt counts per prefill call: the powers of two up to min(prefill_batch, batch_size),
+        and that number itself. The batcher splits a same-bucket group into these sizes
+        exactly (7 = 4 + 2 + 1), so no call computes padding rows: with a ShareGPT-like mix,
+        refills arrive a few at a time over several buckets, and padding 2 prompts of 1024
+        tokens up to 8 cost 4x their compute (BENCHMARKS.md).
         """
         top = min(self.config.prefill_batch, self.config.batch_size)
-        return sorted({1, top})
+        sizes, n = [], 1
+        while n <= top:
+            sizes.append(n)
+            n *= 2
+        return sorted(set(sizes) | {top})
 
 
 def _pallas_compiles(cfg: ModelConfig, dtype) -> bool:

@@ -66,6 +66,17 @@ def test_continuous_batching_equals_solo(batched, solo):
         assert t.prompt_tokens == len(r.prompt_token_ids)
 
 
+def test_prefill_computes_no_padding_rows():
+    """A same-bucket group splits into power-of-two prefill calls exactly (7 = 4 + 2 + 1)."""
+    llm = LLM("tiny-llama", batch_size=7, tokenizer=byte_tokenizer(), **dict(KW, prefill_batch=4))
+    assert llm.engine.prefill_sizes() == [1, 2, 4]
+    reqs = [Request(id=i, prompt_token_ids=[5 + i] * 3, sampling=SamplingParams(max_tokens=2, ignore_eos=True))
+            for i in range(7)]
+    assert all(r.ok for r in llm.generate_all(reqs))
+    stats = llm.batcher.stats
+    assert stats["prefill_rows"] == 7 and stats["prefill_calls"] == 3
+
+
 def test_results_stream_in_completion_order(batched):
     reqs = [Request(id="long", prompt_token_ids=[5, 6], sampling=SamplingParams(max_tokens=30, ignore_eos=True)),
             Request(id="short", prompt_token_ids=[5, 6], sampling=SamplingParams(max_tokens=2, ignore_eos=True))]
