@@ -39,6 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None)
     p.add_argument("--decode_steps", type=int, default=8)
     p.add_argument("--prefill_batch", type=int, default=8)
+    p.add_argument("--min_prefill_bucket", type=int, default=16, help="shortest prefill bucket compiled (length mix only)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed run, run the same requests again waiting on the device after every "
+                        "call, and report where the time went (prefill / insert / decode / host)")
     p.add_argument("--attention", default="auto", help="decode attention: auto | xla | cudnn | pallas")
     p.add_argument("--temperature", type=float, default=0.0, help="vLLM's benchmark samples at 1.0")
     p.add_argument("--seed", type=int, default=0)
@@ -88,7 +92,7 @@ def main(argv=None):
     cache_len = max(cache_len, context + 1)
     t0 = time.perf_counter()
     llm = LLM(args.model, batch_size=args.batch_size, max_cache_length=cache_len, context_size=context,
-              min_prefill_bucket=int(next_power_of_two(ins.min())) if args.dataset == "fixed" else 16,
+              min_prefill_bucket=int(next_power_of_two(ins.min())) if args.dataset == "fixed" else args.min_prefill_bucket,
               quantize_weights=qw, quantize_kv_cache=qk, dtype=args.dtype, decode_steps=args.decode_steps,
               prefill_batch=args.prefill_batch, seed=args.seed, warmup=False, attention=args.attention)
     t_load = time.perf_counter() - t0
@@ -102,6 +106,7 @@ def main(argv=None):
     t_warm = time.perf_counter() - t0 - t_load - t_compile
 
     reqs = make_requests(args, vocab, ins, outs)
+    llm.batcher.stats.clear()
     start = time.perf_counter()
     results = list(llm.generate(reqs))
     wall = time.perf_counter() - start
@@ -129,9 +134,20 @@ def main(argv=None):
         "output_tok_per_s": round(out_tok / wall, 1),
         "total_tok_per_s": round((in_tok + out_tok) / wall, 1),
         "ttft_p50_s": pct([r.ttft_s for r in results], 50), "ttft_p99_s": pct([r.ttft_s for r in results], 99),
+        "batcher": {k: round(v, 3) for k, v in llm.batcher.stats.items()},
         "peak_device_bytes": stats.get("peak_bytes_in_use"),
         "device_bytes_limit": stats.get("bytes_limit"),
     }
+    if args.profile:
+        llm.batcher.stats.clear()
+        llm.batcher.sync_timing = True
+        t0 = time.perf_counter()
+        list(llm.generate(make_requests(args, vocab, ins, outs, "profile")))
+        prof = {k: round(v, 3) for k, v in llm.batcher.stats.items()}
+        prof["wall_s"] = round(time.perf_counter() - t0, 3)
+        prof["host_s"] = round(prof["wall_s"] - sum(prof.get(k, 0) for k in ("prefill_s", "insert_s", "decode_s")), 3)
+        llm.batcher.sync_timing = False
+        report["sync_profile"] = prof
     if args.roofline:
         from benchmarks import roofline as rl
         bw, fl = rl.measure_bandwidth(), rl.measure_matmul_flops()

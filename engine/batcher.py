@@ -10,6 +10,7 @@ call k+1; those tokens are dropped, and the new request's tokens start at call k
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -53,6 +54,16 @@ class ContinuousBatcher:
             eos = tuple(set(eos) | set(tokenizer.eos_ids))
         self.eos_ids = frozenset(eos)
         self.stats = defaultdict(float)
+        # JETBEAM_SYNC_TIMING=1: wait for the device after every prefill, insert and decode call
+        # and add up their times in `stats` (a profile that gives up the overlap: not for speed).
+        self.sync_timing = bool(os.environ.get("JETBEAM_SYNC_TIMING"))
+
+    def _timed(self, key: str, t0: float, out):
+        if self.sync_timing:
+            import jax
+            jax.block_until_ready(out)
+            self.stats[key] += time.perf_counter() - t0
+        return out
 
     # ---- request preparation ----
     def prepare(self, req: Request) -> list:
@@ -115,7 +126,11 @@ class ContinuousBatcher:
                 # the one in flight and this one (3 calls of decode_steps), plus the first token.
                 steps = engine.config.decode_steps
                 bound = max(len(a.prompt_ids) + len(a.tokens) for a in active.values()) + 3 * steps + 2
+                t0 = time.perf_counter()
                 self.state, res = engine.generate(self.params, self.state, max_length=bound)
+                self._timed("decode_s", t0, res.tokens)
+                self.stats["decode_calls"] += 1
+                self.stats["live_slots"] += sum(a.finish is None for a in active.values())  # per call
                 current = (calls, res)
                 calls += 1
             if pending is not None:
@@ -147,9 +162,13 @@ class ContinuousBatcher:
                     if sp.seed is None:
                         sp.seed = int(self.rng.integers(0, 2**31 - 1))
                     params.append(sp)
+                t0 = time.perf_counter()
                 prefix, first = engine.prefill(params=self.params, padded_tokens=tokens, true_length=lengths,
                                                sampling=SlotSampling.from_params(params))
+                self._timed("prefill_s", t0, prefix)
+                t0 = time.perf_counter()
                 self.state = engine.insert(prefix, self.state, slots)
+                self._timed("insert_s", t0, self.state.tokens)
                 for row, (req, ids) in enumerate(chunk):
                     cap = engine.config.max_cache_length - len(ids)
                     active[int(slots[row])] = _Active(
