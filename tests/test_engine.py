@@ -77,6 +77,18 @@ def test_prefill_computes_no_padding_rows():
     assert stats["prefill_rows"] == 7 and stats["prefill_calls"] == 3
 
 
+def test_short_prompts_share_a_longer_prefill_call(solo):
+    """Prompts from two buckets (16 and 32) go through one prefill call, padded to 32, and give
+    the tokens each gives alone."""
+    llm = LLM("tiny-llama", batch_size=4, tokenizer=byte_tokenizer(), **dict(KW, prefill_batch=4))
+    reqs = [Request(id=i, prompt_token_ids=list(range(7, 7 + n)), sampling=SamplingParams(max_tokens=5, ignore_eos=True))
+            for i, n in enumerate([3, 30, 5, 20])]
+    together = llm.generate_all([_clone(r) for r in reqs])
+    assert llm.batcher.stats["prefill_calls"] == 1
+    alone = [solo.generate_all([_clone(r)])[0] for r in reqs]
+    assert [r.completion_token_ids for r in together] == [r.completion_token_ids for r in alone]
+
+
 def test_results_stream_in_completion_order(batched):
     reqs = [Request(id="long", prompt_token_ids=[5, 6], sampling=SamplingParams(max_tokens=30, ignore_eos=True)),
             Request(id="short", prompt_token_ids=[5, 6], sampling=SamplingParams(max_tokens=2, ignore_eos=True))]
