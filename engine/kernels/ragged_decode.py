@@ -27,8 +27,10 @@ Two ways to compute the G query rows against a block (`method`):
 "auto" picks "dot" for G >= 8, "fma" otherwise (a guess: measure).
 
 Settings can be overridden without code changes by the environment variable
-JETBEAM_RAGGED_DECODE, e.g. "block_t=32,method=dot,num_splits=2,num_warps=8,num_stages=3,mask_loads=1",
-read when a call is traced (explicit keyword arguments win).
+JETBEAM_RAGGED_DECODE, e.g. "block_t=32,method=dot,num_splits=2,num_warps=8,num_stages=3,mask_loads=1,
+convert=cvt", read when a call is traced (explicit keyword arguments win). `convert` picks how
+the "fma" method turns int8 into float32: "magic" (integer add + bitcast, the default: 7% faster
+on an H100, where I2F conversion bounded the kernel) or "cvt" (a plain convert).
 
 Works with jax 0.10 (CPU: interpret=True only) and 0.11 (GPU: Triton). The Triton backend is
 chosen explicitly via triton CompilerParams: newer jax lowers pallas_call on GPU to Mosaic GPU
