@@ -153,20 +153,20 @@ class ContinuousBatcher:
         """
         engine = self.engine
         sizes = engine.prefill_sizes()
-        todo = sorted(admitted, key=lambda item: -len(item[1]))
+        todo = sorted(((engine.bucket_for(len(ids)), req, ids) for req, ids in admitted),
+                      key=lambda item: -len(item[2]))
         while todo:
-            bucket = engine.bucket_for(len(todo[0][1]))
+            bucket = todo[0][0]
             take = []
             for item in todo:
                 if len(take) == sizes[-1]:
                     break
-                if engine.bucket_for(len(item[1])) == bucket or (len(take) + 1) * bucket <= MERGE_TOKENS:
+                if item[0] == bucket or (len(take) + 1) * bucket <= MERGE_TOKENS:
                     take.append(item)
             n = max(s for s in sizes if s <= len(take))  # sizes hold 1: never padded
-            chunk = take[:n]
-            picked = {id(item) for item in chunk}
+            picked = {id(item) for item in take[:n]}
             todo = [item for item in todo if id(item) not in picked]
-            yield bucket, chunk
+            yield bucket, [(req, ids) for _, req, ids in take[:n]]
 
     def _admit(self, admitted, free, active, calls):
         engine = self.engine
