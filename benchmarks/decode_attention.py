@@ -20,7 +20,6 @@ import argparse
 import itertools
 import os
 import sys
-import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,16 +30,8 @@ import numpy as np  # noqa: E402
 
 from engine.kernels.ragged_decode import DEFAULTS, ragged_decode_attention  # noqa: E402
 from engine.kv_cache import KVCache, decode_attention  # noqa: E402
+from benchmarks.roofline import time_call  # noqa: E402
 
-
-def _time(fn, *args, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / iters
 
 
 def main(argv=None):
@@ -106,7 +97,7 @@ def main(argv=None):
         try:
             out = np.asarray(jax.block_until_ready(fn(*args)), np.float32)
             err = float(np.abs(out - want).max()) if want is not None else float("nan")
-            s = _time(fn, *args, iters=a.iters)
+            s = time_call(fn, *args, iters=a.iters, warmup=3)
         except Exception as e:  # a kernel setting that does not compile: report and go on
             print(f"{name:<58} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
             if os.environ.get("BENCH_TRACEBACK"):

@@ -30,7 +30,7 @@ from configs import load_model_config_dict  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 
 
-def _time(fn, *args, iters: int, warmup: int = 2) -> float:
+def time_call(fn, *args, iters: int, warmup: int = 2) -> float:
     """Mean seconds per call of a jitted fn, after warm-up (compile), device-synchronized."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
@@ -49,7 +49,7 @@ def measure_bandwidth(nbytes: int | None = None, iters: int = 20) -> float:
     if nbytes is None:
         nbytes = 2**24 if jax.default_backend() == "cpu" else 2**30
     x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    t = _time(jax.jit(lambda a: a + 1), x, iters=iters)
+    t = time_call(jax.jit(lambda a: a + 1), x, iters=iters)
     return 2 * x.nbytes / t
 
 
@@ -60,7 +60,7 @@ def measure_matmul_flops(n: int | None = None, iters: int = 10) -> float:
     ka, kb = jax.random.split(jax.random.PRNGKey(0))
     a = jax.random.normal(ka, (n, n), jnp.bfloat16)
     b = jax.random.normal(kb, (n, n), jnp.bfloat16)
-    t = _time(jax.jit(jnp.matmul), a, b, iters=iters)
+    t = time_call(jax.jit(jnp.matmul), a, b, iters=iters)
     return 2 * n**3 / t
 
 
