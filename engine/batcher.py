@@ -199,7 +199,7 @@ class ContinuousBatcher:
                     start_call=calls, t_admit=now, first=(first.tokens, row))
             self.stats["prefill_calls"] += 1
             self.stats["prefill_rows"] += n
-            self.stats["prompt_tokens"] += int(lengths[:len(chunk)].sum())
+            self.stats["prompt_tokens"] += int(lengths.sum())
 
     def _consume(self, pending, active, free):
         call, res = pending

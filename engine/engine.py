@@ -265,10 +265,10 @@ class JaxEngine(Engine):
         """
         top = min(self.config.prefill_batch, self.config.batch_size)
         sizes, n = [], 1
-        while n <= top:
+        while n < top:
             sizes.append(n)
             n *= 2
-        return sorted(set(sizes) | {top})
+        return sizes + [top]
 
 
 def _pallas_compiles(cfg: ModelConfig, dtype) -> bool:
