@@ -1,0 +1,159 @@
+"""Where a decode step's (and a prefill call's) device time goes, kernel by kernel.
+
+Why: the throughput harness says how fast; this says which kernels to fix. It traces a few
+`generate` calls (and optionally a prefill + insert) with the JAX profiler, reads the trace
+the profiler writes (`*.trace.json.gz`, no TensorBoard needed), and sums device-kernel time
+per kernel name and per category (matmul, attention, cache write, other fusions), per step.
+
+    python benchmarks/profile_step.py --model llama2-7b --slots 256 --context 384 --quantize_kv_cache
+    python benchmarks/profile_step.py --model tiny-llama --slots 4 --cache 64 --context 8 --prefill 2x32  # CPU
+
+On CPU the trace holds host threads only, so the tables are empty there; the script still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Kernel-name patterns for the categories, first match wins (names from XLA, cuBLAS, cuDNN, Pallas).
+CATEGORIES = [
+    ("attention", r"ragged_decode|cudnn|flash|fmha|sdpa|attention"),
+    ("matmul", r"gemm|cublas|cutlass|nvjet|xmma|sm90_|sm80_|dot"),
+    ("cache write", r"scatter|dynamic.update.slice|dynamic_update_slice"),
+    ("copy", r"^copy|memcpy|memset"),
+    ("reduce/fusion", r".*"),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next(c for c, pat in CATEGORIES if re.search(pat, low))
+
+
+def device_kernels(trace_dir: str) -> list[tuple[str, float]]:
+    """(kernel name, microseconds) for every device-kernel event in the newest trace under trace_dir."""
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
+                   key=os.path.getmtime)
+    if not paths:
+        return []
+    trace = json.load(gzip.open(paths[-1]))
+    events = trace.get("traceEvents", [])
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and re.search(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name", "")))}
+    # Device processes hold several lines (streams, plus XLA-op and module summaries): keep the
+    # stream lines, where each event is one kernel.
+    tnames = {(e["pid"], e["tid"]): str(e.get("args", {}).get("name", "")) for e in events
+              if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    out = []
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
+            continue
+        line = tnames.get((e["pid"], e["tid"]), "")
+        if line and not re.search(r"stream", line, re.I):
+            continue
+        out.append((e.get("name", "?"), float(e.get("dur", 0.0))))
+    return out
+
+
+def summarize(kernels: list[tuple[str, float]], per: int, top: int = 25) -> dict:
+    """Totals per category and per kernel name, divided by `per` (steps or calls)."""
+    by_name, count = collections.Counter(), collections.Counter()
+    for name, us in kernels:
+        by_name[name] += us
+        count[name] += 1
+    by_cat = collections.Counter()
+    for name, us in by_name.items():
+        by_cat[category(name)] += us
+    total = sum(by_name.values())
+    return {
+        "device_ms": total / per / 1e3,
+        "kernels": len(kernels) / per,
+        "categories": {c: us / per / 1e3 for c, us in by_cat.most_common()},
+        "top": [{"name": n[:120], "ms": us / per / 1e3, "calls": count[n] / per, "category": category(n)}
+                for n, us in by_name.most_common(top)],
+    }
+
+
+def print_summary(title: str, s: dict) -> None:
+    print(f"\n== {title}: {s['device_ms']:.2f} ms of device kernels, {s['kernels']:.0f} kernels")
+    for c, ms in s["categories"].items():
+        print(f"   {c:<14} {ms:8.3f} ms  {ms / max(s['device_ms'], 1e-9):6.1%}")
+    for t in s["top"]:
+        print(f"   {t['ms']:8.3f} ms {t['calls']:6.1f}x  [{t['category']}] {t['name']}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama2-7b")
+    p.add_argument("--slots", type=int, default=256)
+    p.add_argument("--cache", type=int, default=512, help="max_cache_length")
+    p.add_argument("--context", type=int, default=384, help="filled length of every slot")
+    p.add_argument("--quantize_weights", action="store_true")
+    p.add_argument("--quantize_kv_cache", action="store_true")
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--decode_steps", type=int, default=8)
+    p.add_argument("--iters", type=int, default=3, help="traced generate calls")
+    p.add_argument("--prefill", default="", help="also trace one prefill + insert of NxS prompts, e.g. 16x256")
+    p.add_argument("--trace_dir", default="", help="keep the raw trace here (default: a temp dir)")
+    p.add_argument("--out", default="", help="write the summaries as JSON here")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from engine.llm import LLM
+
+    n_pf, s_pf = (int(x) for x in args.prefill.split("x")) if args.prefill else (0, 0)
+    llm = LLM(args.model, batch_size=args.slots, max_cache_length=args.cache,
+              context_size=max(16, s_pf), prefill_batch=max(1, n_pf),
+              quantize_weights=args.quantize_weights, quantize_kv_cache=args.quantize_kv_cache,
+              decode_steps=args.decode_steps, attention=args.attention, warmup=False)
+    eng, params, state = llm.engine, llm.params, llm.batcher.state
+    limit = args.context + args.decode_steps + 1
+
+    def decode(state):
+        state.pos = jnp.full((args.slots,), args.context, jnp.int32)
+        state, res = eng.generate(params, state, max_length=limit)
+        jax.block_until_ready(res.tokens)
+        return state
+
+    def prefill_insert(state):
+        prefix, _ = eng.prefill(params=params, padded_tokens=np.ones((n_pf, s_pf), np.int32),
+                                true_length=np.full(n_pf, s_pf, np.int32))
+        state = eng.insert(prefix, state, np.arange(n_pf, dtype=np.int32))
+        jax.block_until_ready(state.tokens)
+        return state
+
+    state = decode(decode(state))  # compile + warm
+    if n_pf:
+        state = prefill_insert(prefill_insert(state))
+    results = {"args": vars(args), "device": str(jax.devices()[0].device_kind)}
+    base = args.trace_dir or tempfile.mkdtemp(prefix="jetbeam-trace-")
+    for what, fn, per in (("decode", decode, args.iters * args.decode_steps),
+                          ("prefill+insert", prefill_insert, args.iters)):
+        if what != "decode" and not n_pf:
+            continue
+        d = os.path.join(base, what.replace("+", "_"))
+        with jax.profiler.trace(d):
+            for _ in range(args.iters):
+                state = fn(state)
+        s = summarize(device_kernels(d), per)
+        results[what] = s
+        print_summary(f"{what} ({'per step' if what == 'decode' else f'per call of {args.prefill}'})", s)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
