@@ -102,6 +102,8 @@ def main(argv=None):
     p.add_argument("--quantize_kv_cache", action="store_true")
     p.add_argument("--attention", default="auto")
     p.add_argument("--decode_steps", type=int, default=8)
+    p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other EngineConfig field, e.g. --engine fuse_projections=0 (repeatable)")
     p.add_argument("--iters", type=int, default=3, help="traced generate calls")
     p.add_argument("--prefill", default="", help="also trace one prefill + insert of NxS prompts, e.g. 16x256")
     p.add_argument("--trace_dir", default="", help="keep the raw trace here (default: a temp dir)")
@@ -111,13 +113,15 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from benchmarks.throughput import engine_overrides
     from engine.llm import LLM
 
     n_pf, s_pf = (int(x) for x in args.prefill.split("x")) if args.prefill else (0, 0)
     llm = LLM(args.model, batch_size=args.slots, max_cache_length=args.cache,
               context_size=max(16, s_pf), prefill_batch=max(1, n_pf),
               quantize_weights=args.quantize_weights, quantize_kv_cache=args.quantize_kv_cache,
-              decode_steps=args.decode_steps, attention=args.attention, warmup=False)
+              decode_steps=args.decode_steps, attention=args.attention, warmup=False,
+              **engine_overrides(args.engine))
     eng, params, state = llm.engine, llm.params, llm.batcher.state
     limit = args.context + args.decode_steps + 1
 

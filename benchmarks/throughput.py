@@ -44,6 +44,8 @@ def parse_args(argv=None):
                    help="after the timed run, run the same requests again waiting on the device after every "
                         "call, and report where the time went (prefill / insert / decode / host)")
     p.add_argument("--attention", default="auto", help="decode attention: auto | xla | cudnn | pallas")
+    p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other EngineConfig field, e.g. --engine fuse_projections=0 (repeatable)")
     p.add_argument("--temperature", type=float, default=0.0, help="vLLM's benchmark samples at 1.0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peer_json", default=None, help="peer_hf.py output for the same shape")
@@ -74,6 +76,18 @@ def make_requests(args, vocab, ins, outs, id_prefix=""):
             for i, (a, b) in enumerate(zip(ins, outs))]
 
 
+def engine_overrides(items) -> dict:
+    """["fuse_projections=0", "attention=xla"] -> {"fuse_projections": "0", "attention": "xla"};
+    EngineConfig converts and checks each value."""
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--engine takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = val.strip()
+    return out
+
+
 def pct(xs, q):
     return float(np.percentile(np.asarray(xs), q)) if len(xs) else None
 
@@ -94,7 +108,8 @@ def main(argv=None):
     llm = LLM(args.model, batch_size=args.batch_size, max_cache_length=cache_len, context_size=context,
               min_prefill_bucket=int(next_power_of_two(ins.min())) if args.dataset == "fixed" else args.min_prefill_bucket,
               quantize_weights=qw, quantize_kv_cache=qk, dtype=args.dtype, decode_steps=args.decode_steps,
-              prefill_batch=args.prefill_batch, seed=args.seed, warmup=False, attention=args.attention)
+              prefill_batch=args.prefill_batch, seed=args.seed, warmup=False, attention=args.attention,
+              **engine_overrides(args.engine))
     t_load = time.perf_counter() - t0
     llm.batcher.state = llm.engine.warmup(llm.params, llm.batcher.state)
     t_compile = time.perf_counter() - t0 - t_load
@@ -126,7 +141,7 @@ def main(argv=None):
         "mean_input": float(ins.mean()), "mean_output": float(outs.mean()),
         "slots": args.batch_size, "max_cache_length": cache_len, "dtype": str(np.dtype(llm.engine.dtype)),
         "quantize_weights": qw, "quantize_kv_cache": qk, "decode_steps": args.decode_steps,
-        "prefill_batch": args.prefill_batch, "decode_attention": llm.engine.attention_impl,
+        "prefill_batch": args.prefill_batch, "engine": args.engine, "decode_attention": llm.engine.attention_impl,
         "temperature": args.temperature,
         "load_s": round(t_load, 2), "compile_s": round(t_compile, 2), "warmup_s": round(t_warm, 2),
         "wall_s": round(wall, 3),

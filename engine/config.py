@@ -213,6 +213,9 @@ class EngineConfig:
     decode_steps: int = 8  # decode steps per host round-trip
     prefill_batch: int = 8  # prompts prefilled together per bucket
     attention: str = "auto"  # "auto" | "xla" | "cudnn" | "pallas"
+    # One GEMM for q|k|v and one for gate|up (fewer, larger kernels). Single-device meshes only:
+    # a tensor-parallel split keeps the separate matrices.
+    fuse_projections: bool = True
     seed: int = 0
     warmup: Optional[bool] = None  # compile every prefill shape + decode at load; None: on accelerators only
     # Persistent XLA compilation cache, so a scheduled rerun with the same shapes skips compiling.
@@ -220,7 +223,7 @@ class EngineConfig:
     compilation_cache_dir: Optional[str] = None
 
     def __post_init__(self):
-        for name in ("quantize_weights", "quantize_kv_cache"):
+        for name in ("quantize_weights", "quantize_kv_cache", "fuse_projections"):
             setattr(self, name, _as_bool(getattr(self, name)))
         if self.warmup is not None:
             self.warmup = _as_bool(self.warmup)

@@ -117,9 +117,12 @@ class JaxEngine(Engine):
 
     # ---- weights ----
     def load_params(self):
-        from engine.weights import load_params
-        return load_params(self.model_config, self.checkpoint, self._mesh, self.dtype,
-                           self.config.quantize_weights, seed=self.config.seed)
+        from engine.weights import fuse_projections, load_params
+        params = load_params(self.model_config, self.checkpoint, self._mesh, self.dtype,
+                             self.config.quantize_weights, seed=self.config.seed)
+        if self.config.fuse_projections and self._mesh.size == 1:
+            params = fuse_projections(params)
+        return params
 
     # ---- decode state ----
     def init_decode_state(self) -> DecodeState:

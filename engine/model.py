@@ -3,6 +3,7 @@
 Params are a plain pytree (see engine/loaders/__init__.py for names and layouts):
     {"embed", "layers": [ {attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down}, ... ],
      "final_norm", "lm_head"?}
+(or per layer "wqkv" and "w_gate_up" in place of the parts, see engine/weights.fuse_projections).
 Any matrix may be a `QuantizedWeight` (int8 + per-column scale).
 
 Two entry points: `prefill` runs right-padded prompts [N, S] from scratch and returns
@@ -63,8 +64,11 @@ def embed(params, cfg: ModelConfig, tokens, dtype):
 
 
 def mlp(layer, x, cfg: ModelConfig):
-    gate = linear(x, layer["w_gate"])
-    up = linear(x, layer["w_up"])
+    if "w_gate_up" in layer:  # fused at load (engine/weights.fuse_projections)
+        gate, up = jnp.split(linear(x, layer["w_gate_up"]), 2, axis=-1)
+    else:
+        gate = linear(x, layer["w_gate"])
+        up = linear(x, layer["w_up"])
     if cfg.activation == "gelu_tanh":
         act = jax.nn.gelu(gate, approximate=True)
     else:
@@ -107,10 +111,14 @@ def _residual_mlp(layer, x, cfg: ModelConfig):
 
 def _qkv(layer, h, cfg: ModelConfig):
     shape = h.shape[:-1]
-    q = linear(h, layer["wq"]).reshape(*shape, cfg.num_heads, cfg.head_dim)
-    k = linear(h, layer["wk"]).reshape(*shape, cfg.num_kv_heads, cfg.head_dim)
-    v = linear(h, layer["wv"]).reshape(*shape, cfg.num_kv_heads, cfg.head_dim)
-    return q, k, v
+    hq, hkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    if "wqkv" in layer:  # fused at load (engine/weights.fuse_projections)
+        qkv = linear(h, layer["wqkv"])
+        q, k, v = qkv[..., :hq], qkv[..., hq:hq + hkv], qkv[..., hq + hkv:]
+    else:
+        q, k, v = linear(h, layer["wq"]), linear(h, layer["wk"]), linear(h, layer["wv"])
+    return (q.reshape(*shape, cfg.num_heads, cfg.head_dim), k.reshape(*shape, cfg.num_kv_heads, cfg.head_dim),
+            v.reshape(*shape, cfg.num_kv_heads, cfg.head_dim))
 
 
 def prefill(params, cfg: ModelConfig, tokens, dtype, all_logits: bool = False, last_index=None,

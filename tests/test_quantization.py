@@ -81,3 +81,21 @@ def test_int8_kv_cache_bound(name):
     err, agree = _stats(ref, got)
     print(f"{name} int8 KV: max err/std {err:.3f}, top-1 agreement {agree:.3f}")
     assert 0 < err <= 0.15 and agree >= 0.95, (err, agree)
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_projections_match_separate(name, quantize):
+    """q|k|v and gate|up fused into two GEMMs (engine/weights.fuse_projections) compute what
+    the separate matrices do, in prefill and through the cache in decode, int8 weights included."""
+    from engine.weights import fuse_projections
+    cfg, params = _setup(name, quantize)
+    fused = fuse_projections(jax.tree_util.tree_map(lambda a: a, params))  # the same arrays, new dicts
+    assert "wqkv" in fused["layers"][0] and "wq" not in fused["layers"][0] and "wq" in params["layers"][0]
+    toks = np.random.default_rng(2).integers(3, cfg.vocab_size, size=(3, 24))
+    fwd = jax.jit(lambda prm: prefill(prm, cfg, toks, jnp.float32, all_logits=True)[0])
+    ref, got = np.asarray(fwd(params)), np.asarray(fwd(fused))
+    np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
+    dec_ref = _forced_decode(params, cfg, toks, 16, quantized_cache=quantize)
+    dec_got = _forced_decode(fused, cfg, toks, 16, quantized_cache=quantize)
+    np.testing.assert_allclose(dec_got, dec_ref, atol=1e-4 * np.abs(dec_ref).max())

@@ -27,7 +27,8 @@ CHILD = textwrap.dedent("""
     for model, platform, q in runs:
         llm = LLM(model, platform=platform, batch_size=2, max_cache_length=40, context_size=16,
                   decode_steps=4, prefill_batch=2, quantize_weights=q, quantize_kv_cache=q)
-        wq = llm.params["layers"][0]["wq"]
+        layer = llm.params["layers"][0]
+        wq = layer.get("wq", layer.get("wqkv"))  # one device: q|k|v fused (engine/weights.py)
         wq = getattr(wq, "q", wq)
         res = llm.generate_all([Request(id=i, prompt_token_ids=p,
                                         sampling=SamplingParams(max_tokens=12, ignore_eos=True))
