@@ -102,10 +102,11 @@ def main(argv=None):
             print(f"{name:<58} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
             if os.environ.get("BENCH_TRACEBACK"):
                 traceback.print_exc()
-            return
+            return None
         rows.append((name, s))
         print(f"{name:<58} {s * 1e3:8.3f} ms  {nbytes / s / 1e9:8.1f} GB/s filled"
               + ("" if want is None else f"  max|err| vs xla {err:.2e}"))
+        return out
 
     bench("xla int8 (masked einsum, whole cache)", ref8, (q, q8, pos), bytes_int8)
     bench(f"xla {jnp.dtype(cdt).name} (masked einsum, whole cache)", refb, (q, qb, pos), bytes_16)
@@ -117,17 +118,21 @@ def main(argv=None):
         return jax.jit(lambda q, k, v, ks, vs, pos: ragged_decode_attention(
             q, k, v, ks, vs, pos + 1, scale, interpret=interpret, **kw))
 
-    bench("pallas int8 (defaults)", pallas(), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
+    base8 = bench("pallas int8 (defaults)", pallas(), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
     bench(f"pallas {jnp.dtype(cdt).name} (defaults)", pallas(), (q, kb, vb, None, None, pos), bytes_16, wantb)
     other = "fma" if g >= 8 else "dot"  # the method "auto" does not pick for this G
     bench(f"pallas int8 method={other}", pallas(method=other), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
 
     bench("pallas int8 convert=cvt", pallas(convert="cvt"), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
+    for conv in ("magic", "prmt"):  # exact conversions: the outputs must be bit-identical
+        out = bench(f"pallas int8 convert={conv}", pallas(convert=conv), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
+        if out is not None and base8 is not None:
+            print(f"    convert={conv} output identical to the defaults': {bool(np.array_equal(out, base8))}")
 
     if a.sweep:
         # fma (the G=1 default) with masked loads and 4 warps, which beat the dot method,
         # unmasked loads and 8 warps on the H100 and H200 (BENCHMARKS.md).
-        grid = itertools.product(["fma"], [32, 64, 128], [4], [2], [1, 2], ["cvt", "magic"])
+        grid = itertools.product(["fma"], [32, 64, 128], [4], [2], [1, 2], ["magic", "prmt"])
         if a.small:
             grid = itertools.product(["fma", "dot"], [16, 32], [4], [2], [1, 2], ["magic"])
         for method, bt, warps, stages, splits, convert in grid:

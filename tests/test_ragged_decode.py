@@ -94,12 +94,34 @@ def test_int8_conversions_are_exact():
     np.testing.assert_array_equal(np.asarray(rd._int8_to_f32(x, "magic")), np.arange(-128, 128, dtype=np.float32))
 
 
+def test_prmt_conversion_asm_is_exact():
+    """Run the PTX of convert="prmt" (rd._PRMT_ASM) through a small emulator of xor.b32 and
+    prmt.b32 on all 256 int8 values: the words it builds, as float32 minus 2**23 + 128, must be
+    the values themselves, each in its own lane. (The GPU runs the real instructions; CPU
+    tests interpret the kernel with "magic", which builds the same words.)"""
+    import re
+    x = np.arange(-128, 128, dtype=np.int8)
+    regs = {"$4": x.view(np.uint32)}  # four values per 32-bit register, element 0 in byte 0
+    for op, dst, a, b, *sel in re.findall(r"(xor|prmt)\.b32 (\S+), (\S+), (\w+)(?:, (\w+))?;", rd._PRMT_ASM):
+        if op == "xor":
+            regs[dst] = regs[a] ^ np.uint32(int(b, 16))
+            continue
+        pool = [(regs[a] >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)] + \
+               [np.full_like(regs[a], (int(b, 16) >> (8 * i)) & 0xFF) for i in range(4)]
+        c = int(sel[0], 16)
+        regs[dst] = sum(pool[(c >> (4 * j)) & 7] << np.uint32(8 * j) for j in range(4)).astype(np.uint32)
+    lanes = np.stack([regs[f"${i}"] for i in range(4)], axis=-1).reshape(-1)
+    got = lanes.view(np.float32) - np.float32(rd._MAGIC_F)
+    np.testing.assert_array_equal(got, x.astype(np.float32))
+
+
 def test_conversion_methods_agree():
     q, cache = _case(5, 64, 2, 2, 32, quantized=True, seed=9)
     args = (q, cache.k[0], cache.v[0], cache.k_scale[0], cache.v_scale[0], jnp.asarray(LENGTHS), 0.2)
     outs = [np.asarray(ragged_decode_attention(*args, block_t=16, method="fma", convert=c, interpret=True))
-            for c in ("cvt", "magic")]
+            for c in ("cvt", "magic", "prmt")]
     np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
     with pytest.raises(ValueError):
         ragged_decode_attention(*args, convert="fast", interpret=True)
 

@@ -30,7 +30,8 @@ Settings can be overridden without code changes by the environment variable
 JETBEAM_RAGGED_DECODE, e.g. "block_t=32,method=dot,num_splits=2,num_warps=8,num_stages=3,mask_loads=1,
 convert=cvt", read when a call is traced (explicit keyword arguments win). `convert` picks how
 the "fma" method turns int8 into float32: "magic" (integer add + bitcast, the default: 7% faster
-on an H100, where I2F conversion bounded the kernel) or "cvt" (a plain convert).
+on an H100, where I2F conversion bounded the kernel), "prmt" (the same float bits built by one
+byte-permute per element in inline PTX) or "cvt" (a plain convert).
 
 Works with jax 0.10 (CPU: interpret=True only) and 0.11 (GPU: Triton). The Triton backend is
 chosen explicitly via triton CompilerParams: newer jax lowers pallas_call on GPU to Mosaic GPU
@@ -98,19 +99,45 @@ _MAGIC = 0x4B000080  # float32 bits of 2**23 + 128
 _MAGIC_F = float(2 ** 23 + 128)
 
 
-def _int8_to_f32(x, convert: str):
+def _int8_to_f32(x, convert: str, interpret: bool = False):
     """int8 -> float32, exactly. "cvt" is the plain conversion (I2F, which an H100 SM issues at
     a quarter of its integer-add rate: it bounded the kernel). "magic" sign-extends, adds the
     bits of 2**23 + 128 so that x + 128 lands in the float's low mantissa bits, bitcasts, and
-    subtracts 2**23 + 128: integer and float adds only."""
+    subtracts 2**23 + 128: integer and float adds only. "prmt" builds the same float bits with
+    one byte-permute instruction per element straight from the packed bytes, skipping the
+    sign extension and the integer add (inline PTX; interpreted runs use "magic")."""
     if convert == "cvt" or x.dtype != jnp.int8:
         return x.astype(jnp.float32)
-    bits = x.astype(jnp.int32) + jnp.int32(_MAGIC)
+    if convert == "prmt" and not interpret:
+        bits = _prmt_magic_bits(x)
+    else:
+        bits = x.astype(jnp.int32) + jnp.int32(_MAGIC)
     return lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(_MAGIC_F)
 
 
+# Four int8 in one 32-bit register -> four words 0x4B0000uu, uu = byte + 128 (flip its sign bit):
+# as float32 each is 2**23 + 128 + x. PRMT's selector 0x765i takes byte i of t for the low byte
+# and bytes 1..3 of the constant 0x4B000000 above it.
+_PRMT_ASM = """{
+.reg .b32 t;
+xor.b32 t, $4, 0x80808080;
+prmt.b32 $0, t, 0x4B000000, 0x7650;
+prmt.b32 $1, t, 0x4B000000, 0x7651;
+prmt.b32 $2, t, 0x4B000000, 0x7652;
+prmt.b32 $3, t, 0x4B000000, 0x7653;
+}"""
+
+
+def _prmt_magic_bits(x):
+    (bits,) = plgpu.elementwise_inline_asm(
+        _PRMT_ASM, args=[x], constraints="=r,=r,=r,=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.int32)])
+    return bits
+
+
 def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, block_t: int, chunk: int, g: int, scale: float,
-            quantized: bool, method: str, split: bool, mask_loads: bool, convert: str):
+            quantized: bool, method: str, split: bool, mask_loads: bool, convert: str,
+            interpret: bool):
     if quantized:
         ks_ref, vs_ref, *outs = rest
     else:
@@ -148,8 +175,8 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, block_t: int, chunk: int, g: in
         def body(i, carry):
             ms, ls, accs = carry
             valid, k, v, ks, vs = block(i)
-            k = _int8_to_f32(k, convert)
-            v = _int8_to_f32(v, convert)
+            k = _int8_to_f32(k, convert, interpret)
+            v = _int8_to_f32(v, convert, interpret)
             new_m, new_l, new_acc = [], [], []
             for j in range(g):
                 s = jnp.sum(k * qs[j][None, :], axis=1)  # [block_t]
@@ -235,8 +262,8 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     """
     cfg = _settings(block_t=block_t, method=method, num_splits=num_splits, num_warps=num_warps,
                     num_stages=num_stages, mask_loads=mask_loads, convert=convert)
-    if cfg["convert"] not in ("cvt", "magic"):
-        raise ValueError(f"convert must be 'cvt' or 'magic', not {cfg['convert']!r}")
+    if cfg["convert"] not in ("cvt", "magic", "prmt"):
+        raise ValueError(f"convert must be 'cvt', 'magic' or 'prmt', not {cfg['convert']!r}")
     b, h, d = q.shape
     _, t, hkv, _ = k.shape
     if h % hkv:
@@ -288,7 +315,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
 
     kernel = functools.partial(_kernel, block_t=bt, chunk=chunk, g=g, scale=float(scale),
                                quantized=quantized, method=method, split=split,
-                               mask_loads=mask_loads, convert=cfg["convert"])
+                               mask_loads=mask_loads, convert=cfg["convert"], interpret=interpret)
     kwargs = {}
     params = _compiler_params(int(cfg["num_warps"]), int(cfg["num_stages"]))
     if params is not None:
