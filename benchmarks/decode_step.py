@@ -18,8 +18,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The engine shape options shared with benchmarks/profile_step.py."""
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--slots", type=int, default=256)
     p.add_argument("--cache", type=int, default=512, help="max_cache_length")
@@ -28,17 +28,31 @@ def main(argv=None):
     p.add_argument("--quantize_kv_cache", action="store_true")
     p.add_argument("--attention", default="auto")
     p.add_argument("--decode_steps", type=int, default=8)
+    p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other EngineConfig field, e.g. --engine fuse_projections=0 (repeatable)")
+
+
+def make_llm(args, context_size: int = 16, **overrides):
+    """An LLM with random weights of args' shape, compiled lazily (no warm-up)."""
+    from benchmarks.throughput import engine_overrides
+    from engine.llm import LLM
+    return LLM(args.model, batch_size=args.slots, max_cache_length=args.cache, context_size=context_size,
+               quantize_weights=args.quantize_weights, quantize_kv_cache=args.quantize_kv_cache,
+               decode_steps=args.decode_steps, attention=args.attention, warmup=False,
+               **engine_overrides(args.engine), **overrides)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_args(p)
     p.add_argument("--iters", type=int, default=5)
     args = p.parse_args(argv)
 
     import jax
     import jax.numpy as jnp
     from benchmarks import roofline as rl
-    from engine.llm import LLM
 
-    llm = LLM(args.model, batch_size=args.slots, max_cache_length=args.cache, context_size=16,
-              quantize_weights=args.quantize_weights, quantize_kv_cache=args.quantize_kv_cache,
-              decode_steps=args.decode_steps, attention=args.attention, warmup=False)
+    llm = make_llm(args)
     eng = llm.engine
     state = llm.batcher.state
     state.pos = jnp.full((args.slots,), args.context, jnp.int32)

@@ -25,6 +25,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.decode_step import add_shape_args, make_llm  # noqa: E402
+
 # Kernel-name patterns for the categories, first match wins (names from XLA, cuBLAS, cuDNN, Pallas).
 CATEGORIES = [
     ("attention", r"ragged_decode|cudnn|flash|fmha|sdpa|attention"),
@@ -94,16 +96,7 @@ def print_summary(title: str, s: dict) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="llama2-7b")
-    p.add_argument("--slots", type=int, default=256)
-    p.add_argument("--cache", type=int, default=512, help="max_cache_length")
-    p.add_argument("--context", type=int, default=384, help="filled length of every slot")
-    p.add_argument("--quantize_weights", action="store_true")
-    p.add_argument("--quantize_kv_cache", action="store_true")
-    p.add_argument("--attention", default="auto")
-    p.add_argument("--decode_steps", type=int, default=8)
-    p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other EngineConfig field, e.g. --engine fuse_projections=0 (repeatable)")
+    add_shape_args(p)
     p.add_argument("--iters", type=int, default=3, help="traced generate calls")
     p.add_argument("--prefill", default="", help="also trace one prefill + insert of NxS prompts, e.g. 16x256")
     p.add_argument("--trace_dir", default="", help="keep the raw trace here (default: a temp dir)")
@@ -113,15 +106,9 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from benchmarks.throughput import engine_overrides
-    from engine.llm import LLM
 
     n_pf, s_pf = (int(x) for x in args.prefill.split("x")) if args.prefill else (0, 0)
-    llm = LLM(args.model, batch_size=args.slots, max_cache_length=args.cache,
-              context_size=max(16, s_pf), prefill_batch=max(1, n_pf),
-              quantize_weights=args.quantize_weights, quantize_kv_cache=args.quantize_kv_cache,
-              decode_steps=args.decode_steps, attention=args.attention, warmup=False,
-              **engine_overrides(args.engine))
+    llm = make_llm(args, context_size=max(16, s_pf), prefill_batch=max(1, n_pf))
     eng, params, state = llm.engine, llm.params, llm.batcher.state
     limit = args.context + args.decode_steps + 1
 

@@ -1,0 +1,58 @@
+"""benchmarks/profile_step.py's reading of a profiler trace, on a trace shaped like the ones an
+H100 wrote (session 3): device process "/device:GPU:0" with a stream line holding one event
+per kernel, plus host lines that must not count. On CPU the profiler records no device kernels,
+so the parser is checked on this file instead."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+from benchmarks.profile_step import category, device_kernels, summarize
+
+
+def _write_trace(folder, events):
+    d = os.path.join(folder, "plugins", "profile", "run1")
+    os.makedirs(d)
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 701, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 1, "tid": 14, "name": "thread_name",
+         "args": {"name": "Stream #14(MemcpyD2D,MemcpyD2H,Compute,Memset)"}},
+        {"ph": "M", "pid": 1, "tid": 99, "name": "thread_name", "args": {"name": "XLA Ops"}},
+    ]
+    with gzip.open(os.path.join(d, "vm.trace.json.gz"), "wt") as f:
+        json.dump({"displayTimeUnit": "ns", "metadata": {}, "traceEvents": meta + events}, f)
+
+
+def test_sums_stream_kernels_per_step(tmp_path):
+    ev = []
+    for _ in range(2):  # two decode steps
+        ev += [{"ph": "X", "pid": 1, "tid": 14, "name": "ragged_decode_attention", "ts": 0, "dur": 350.0},
+               {"ph": "X", "pid": 1, "tid": 14, "name": "nvjet_sm90_tst_192x128_64x5_4x2_h_bz_coopB_NNT",
+                "ts": 0, "dur": 74.0},
+               {"ph": "X", "pid": 1, "tid": 14, "name": "gemm_fusion_dot_general_518", "ts": 0, "dur": 10.0},
+               {"ph": "X", "pid": 1, "tid": 14, "name": "input_scatter_fusion_127", "ts": 0, "dur": 8.0},
+               {"ph": "X", "pid": 1, "tid": 14, "name": "loop_add_fusion_3", "ts": 0, "dur": 4.0}]
+    ev += [{"ph": "X", "pid": 1, "tid": 99, "name": "fusion.1", "ts": 0, "dur": 1000.0},  # op summary line
+           {"ph": "X", "pid": 701, "tid": 5, "name": "PjitFunction", "ts": 0, "dur": 5000.0}]  # host
+    _write_trace(str(tmp_path), ev)
+    kernels = device_kernels(str(tmp_path))
+    assert len(kernels) == 10
+    s = summarize(kernels, per=2)
+    assert abs(s["device_ms"] - 0.446) < 1e-9 and s["kernels"] == 5
+    assert s["categories"] == {"attention": 0.35, "matmul": 0.084, "cache write": 0.008, "reduce/fusion": 0.004}
+    assert s["top"][0]["name"] == "ragged_decode_attention" and s["top"][0]["calls"] == 1
+
+
+def test_categories():
+    assert category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    assert category("nvjet_sm90_tss_128x128_64x6_2x1_v_bz_NNT") == "matmul"
+    assert category("MemcpyD2D") == "copy"
+    assert category("wrapped_concatenate") == "reduce/fusion"
+
+
+def test_no_trace_gives_empty_summary(tmp_path):
+    assert device_kernels(str(tmp_path)) == []
+    assert summarize([], per=1)["device_ms"] == 0
