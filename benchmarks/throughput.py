@@ -5,8 +5,9 @@
 
 Weights are random (speed depends on shapes, not values). Start-up (weights, compilation of
 every prefill shape and the decode step, one warm-up pass) is timed and reported apart from the
-generation phase. Optional: --peer_json (transformers' numbers from benchmarks/peer_hf.py, run
-in its own process) and the roofline (benchmarks/roofline.py) for ratios from the same run.
+generation phase. Optional: the peer (transformers' numbers from benchmarks/peer_hf.py: --peer
+runs it first, in its own process, before JAX takes the device; --peer_json reads an earlier
+run) and the roofline (benchmarks/roofline.py), for ratios from the same run.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="vLLM's benchmark samples at 1.0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peer_json", default=None, help="peer_hf.py output for the same shape")
+    p.add_argument("--peer", action="store_true",
+                   help="first run benchmarks/peer_hf.py on the same model and lengths in its own process "
+                        "(needs torch + transformers); its JSON goes to --peer_json or beside --json")
+    p.add_argument("--peer_batch", type=int, default=128, help="the peer's batch (default 128)")
     p.add_argument("--roofline", action="store_true", help="measure bandwidth/FLOPs and report the roofline")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None, help="append a row to this markdown file")
@@ -92,8 +97,27 @@ def pct(xs, q):
     return float(np.percentile(np.asarray(xs), q)) if len(xs) else None
 
 
+def run_peer(args) -> str:
+    """Run peer_hf.py on the same model, lengths and dtype before this process touches the
+    device (JAX would take most of its memory), and return the path of its JSON."""
+    import subprocess
+    if args.dataset != "fixed":
+        raise SystemExit("--peer runs fixed lengths only (peer_hf.py has no length mix)")
+    path = args.peer_json or (os.path.splitext(args.json)[0] + ".peer.json" if args.json else "peer.json")
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_hf.py"),
+           "--model", args.model, "--batch_size", str(min(args.peer_batch, args.num_requests)),
+           "--input_len", str(args.input_len), "--output_len", str(args.output_len), "--json", path]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    print("peer:", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+    return path
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.peer:
+        args.peer_json = run_peer(args)
     import jax
     from engine.config import next_power_of_two
     from engine.llm import LLM

@@ -27,3 +27,17 @@ def test_length_mix_with_profile(tmp_path):
     prof = r["sync_profile"]
     parts = prof["prefill_s"] + prof["insert_s"] + prof["decode_s"]
     assert 0 < parts <= prof["wall_s"] and abs(prof["host_s"] - (prof["wall_s"] - parts)) < 2e-3
+
+
+def test_peer_runs_first_in_its_own_process(tmp_path):
+    """--peer runs transformers' generate (benchmarks/peer_hf.py) on the same shape before the
+    engine, and the report divides by its number."""
+    out = tmp_path / "fixed.json"
+    throughput.main(["--model", "tiny-llama", "--num_requests", "4", "--input_len", "8", "--output_len", "4",
+                     "--batch_size", "4", "--dtype", "float32", "--peer", "--peer_batch", "2",
+                     "--json", str(out)])
+    r = json.loads(out.read_text())
+    peer = json.loads((tmp_path / "fixed.peer.json").read_text())
+    assert peer["batch_size"] == 2 and (peer["input_len"], peer["output_len"]) == (8, 4)
+    assert r["peer"] == peer and peer["output_tok_s"] > 0
+    assert r["ours_over_peer"] == round(r["output_tok_per_s"] / peer["output_tok_s"], 2)
