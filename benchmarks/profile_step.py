@@ -48,7 +48,8 @@ def device_kernels(trace_dir: str) -> list[tuple[str, float]]:
                    key=os.path.getmtime)
     if not paths:
         return []
-    trace = json.load(gzip.open(paths[-1]))
+    with gzip.open(paths[-1]) as f:
+        trace = json.load(f)
     events = trace.get("traceEvents", [])
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                 and re.search(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name", "")))}
