@@ -3,8 +3,21 @@
 A fixed set of decode slots; whenever a sequence finishes its slot is refilled from the
 request stream before the next decode call. The host never waits on the device without
 work queued behind it: decode call k+1 is dispatched before the tokens of call k are read,
-and refills are dispatched right behind it (a slot freed by call k's tokens still ran in
-call k+1; those tokens are dropped, and the new request's tokens start at call k+2).
+and refills are dispatched right behind it.
+
+When a slot frees:
+- A request that reaches its max_tokens within the calls already dispatched is certain to be
+  done once they run, whatever tokens they return. Its slot is refilled right after the
+  dispatch (`EngineConfig.early_refill`): the new request's prefill and insert queue behind
+  that call on the device, and the old request's last tokens are read later from its results.
+  Without this, a slot freed by call k's tokens would also run call k+1 for nothing; with
+  fixed output lengths every slot frees at once, and that wasted call idled the whole batch.
+- A request stopped by EOS or a stop sequence frees its slot when its tokens are read (call
+  k+1 still ran it; those tokens are dropped).
+- Free slots are refilled once at least `EngineConfig.min_refill` of them are free, or when no
+  slot is left decoding, or when no requests are left to wait for: a 7B prefill call of one
+  prompt costs nearly as much as one of eight, so refilling slots one at a time as a length
+  mix frees them spends more on prefill than the idle slots cost.
 """
 
 from __future__ import annotations
@@ -12,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
@@ -35,7 +48,9 @@ class _Active:
     prompt_ids: list
     max_tokens: int
     start_call: int  # first generate call whose tokens belong to this request
+    slot: int
     t_admit: float
+    end_call: Optional[int] = None  # set on early refill: the last call that runs this request
     first: object = None  # (device array, row) of the prefill's first token, until read
     tokens: list = field(default_factory=list)
     t_first: Optional[float] = None
@@ -94,53 +109,71 @@ class ContinuousBatcher:
     # ---- the loop ----
     def run(self, requests: Iterable[Request]) -> Iterator[Result]:
         engine = self.engine
+        cfg = engine.config
+        steps = cfg.decode_steps
         source = iter(requests)
         exhausted = False
         free = list(range(engine.max_concurrent_decodes))[::-1]
-        active: dict[int, _Active] = {}
+        active: dict[int, _Active] = {}  # slot -> request that may still need decode calls
+        retiring: list[_Active] = []  # slot already refilled; last tokens still to be read
+        waiting: deque = deque()  # (request, prompt ids) pulled from the source, not admitted
         calls = 0
         pending = None  # (call index, ResultTokens on device)
         while True:
-            # 1. Admit requests into free slots and dispatch their prefill + insert.
-            admitted = []
-            while len(admitted) < len(free) and not exhausted:
+            # 1. Pull requests (bad ones become error results at once) and refill free slots.
+            while len(waiting) < len(free) and not exhausted:
                 try:
                     req = next(source)
                 except StopIteration:
                     exhausted = True
                     break
                 try:
-                    ids = self.prepare(req)
+                    waiting.append((req, self.prepare(req)))
                 except RequestError as e:
                     self.stats["errors"] += 1
                     yield Result(id=req.id, error=str(e), metadata=req.metadata)
-                    continue
-                admitted.append((req, ids))
-            if admitted:
-                self._admit(admitted, free, active, calls)
-            if not active and pending is None:
-                if exhausted:
+            if waiting and (len(free) >= cfg.min_refill or not active
+                            or (exhausted and len(waiting) <= len(free))):
+                n = min(len(free), len(waiting))
+                self.stats["refills"] += 1
+                self._admit([waiting.popleft() for _ in range(n)], free, active, calls)
+                self._retire(active, retiring, free, calls)  # max_tokens=1: the prefill is all
+            if not active and not retiring and pending is None:
+                if exhausted and not waiting:
                     return
                 continue
             # 2. Dispatch the next decode call, then read the previous one while it runs.
             current = None
-            if any(a.finish is None for a in active.values()):
+            if active:
                 # Every live slot's position stays below this through the call just dispatched,
                 # the one in flight and this one (3 calls of decode_steps), plus the first token.
-                steps = engine.config.decode_steps
                 bound = max(len(a.prompt_ids) + len(a.tokens) for a in active.values()) + 3 * steps + 2
                 t0 = time.perf_counter()
                 self.state, res = engine.generate(self.params, self.state, max_length=bound)
                 self._timed("decode_s", t0, res.tokens)
                 self.stats["decode_calls"] += 1
-                self.stats["live_slots"] += sum(a.finish is None for a in active.values())  # per call
+                self.stats["live_slots"] += len(active)  # per call
                 current = (calls, res)
                 calls += 1
+                self._retire(active, retiring, free, calls)
             if pending is not None:
-                yield from self._consume(pending, active, free)
-            elif current is None:  # only finished-at-first-token requests remain
-                yield from self._consume((calls, None), active, free)
+                yield from self._consume(pending, active, retiring, free)
+            elif current is None:  # only first tokens remain to be read
+                yield from self._consume((calls, None), active, retiring, free)
             pending = current
+
+    def _retire(self, active, retiring, free, calls):
+        """Early refill: free the slots of requests that the `calls` decode calls dispatched so
+        far carry to max_tokens (the prefill's token plus decode_steps per call from start_call)."""
+        if not self.engine.config.early_refill:
+            return
+        steps = self.engine.config.decode_steps
+        for slot, a in list(active.items()):
+            if 1 + (calls - a.start_call) * steps >= a.max_tokens:
+                a.end_call = calls - 1
+                del active[slot]
+                retiring.append(a)
+                free.append(slot)
 
     def _prefill_groups(self, admitted):
         """Split admitted (request, ids) pairs into prefill calls: (bucket, chunk) pairs.
@@ -196,29 +229,41 @@ class ContinuousBatcher:
                 cap = engine.config.max_cache_length - len(ids)
                 active[int(slots[row])] = _Active(
                     request=req, prompt_ids=ids, max_tokens=min(req.sampling.max_tokens, cap),
-                    start_call=calls, t_admit=now, first=(first.tokens, row))
+                    start_call=calls, slot=int(slots[row]), t_admit=now, first=(first.tokens, row))
             self.stats["prefill_calls"] += 1
             self.stats["prefill_rows"] += n
             self.stats["prompt_tokens"] += int(lengths.sum())
 
-    def _consume(self, pending, active, free):
+    def _consume(self, pending, active, retiring, free):
         call, res = pending
         host = res.to_host() if res is not None else None
         now = time.perf_counter()
+        for a in list(retiring):
+            self._take(a, call, host, now)
+            if a.finish is None and call >= a.end_call:
+                raise RuntimeError(f"request {a.request.id!r} retired at call {a.end_call} is unfinished")
+            if a.finish is not None:
+                retiring.remove(a)
+                yield self._result(a, now)
         for slot, a in list(active.items()):
-            if a.first is not None:
-                arr, row = a.first
-                a.first = None
-                a.t_first = now
-                self._push(a, int(np.asarray(arr)[row, 0]))
-            if a.finish is None and host is not None and call >= a.start_call:
-                for tok in host.tokens[slot]:
-                    if self._push(a, int(tok)):
-                        break
+            self._take(a, call, host, now)
             if a.finish is not None:
                 del active[slot]
                 free.append(slot)
                 yield self._result(a, now)
+
+    def _take(self, a: _Active, call: int, host, now: float) -> None:
+        """Push a request's first token (once) and its tokens from decode call `call`."""
+        if a.first is not None:
+            arr, row = a.first
+            a.first = None
+            a.t_first = now
+            self._push(a, int(np.asarray(arr)[row, 0]))
+        if (a.finish is None and host is not None and call >= a.start_call
+                and (a.end_call is None or call <= a.end_call)):
+            for tok in host.tokens[a.slot]:
+                if self._push(a, int(tok)):
+                    break
 
     def _push(self, a: _Active, tok: int) -> bool:
         """Append one generated token; return True when the request is finished."""

@@ -212,6 +212,12 @@ class EngineConfig:
     min_prefill_bucket: int = 16
     decode_steps: int = 8  # decode steps per host round-trip
     prefill_batch: int = 8  # prompts prefilled together per bucket
+    # Refill a slot as soon as the decode calls already dispatched carry its request to
+    # max_tokens, instead of after its tokens are read (saves a decode call per refill).
+    early_refill: bool = True
+    # Refill free slots only once this many are free (or nothing else decodes, or no requests
+    # are left to wait for): fewer, fuller prefill calls for length mixes. 1: refill at once.
+    min_refill: int = 1
     attention: str = "auto"  # "auto" | "xla" | "cudnn" | "pallas"
     # One GEMM for q|k|v and one for gate|up (fewer, larger kernels). Single-device meshes only:
     # a tensor-parallel split keeps the separate matrices.
@@ -223,12 +229,12 @@ class EngineConfig:
     compilation_cache_dir: Optional[str] = None
 
     def __post_init__(self):
-        for name in ("quantize_weights", "quantize_kv_cache", "fuse_projections"):
+        for name in ("quantize_weights", "quantize_kv_cache", "fuse_projections", "early_refill"):
             setattr(self, name, _as_bool(getattr(self, name)))
         if self.warmup is not None:
             self.warmup = _as_bool(self.warmup)
         for name in ("batch_size", "max_cache_length", "context_size", "min_prefill_bucket",
-                     "decode_steps", "prefill_batch", "seed"):
+                     "decode_steps", "prefill_batch", "min_refill", "seed"):
             setattr(self, name, int(getattr(self, name)))
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -240,8 +246,8 @@ class EngineConfig:
                 f"({self.max_cache_length}) so at least one token can be generated")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.decode_steps < 1 or self.prefill_batch < 1:
-            raise ValueError("decode_steps and prefill_batch must be >= 1")
+        if self.decode_steps < 1 or self.prefill_batch < 1 or self.min_refill < 1:
+            raise ValueError("decode_steps, prefill_batch and min_refill must be >= 1")
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineConfig":

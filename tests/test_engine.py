@@ -174,6 +174,55 @@ def test_bad_requests_are_errors_and_others_unaffected(batched):
         assert mixed[g.id].completion_token_ids == ref.completion_token_ids
 
 
+def _config(llm, **changes):
+    """Set batcher policy fields of a live engine's config (read per run, not compiled in);
+    returns the old values."""
+    old = {k: getattr(llm.engine.config, k) for k in changes}
+    for k, v in changes.items():
+        setattr(llm.engine.config, k, v)
+    return old
+
+
+def test_early_refill_skips_the_wasted_decode_call(batched):
+    """Two waves of 3 requests that all end together (1 prefill token + 8 decode tokens = 2
+    calls of 4 steps each): refilling as soon as the dispatched calls cover max_tokens runs
+    4 decode calls; refilling after reading the tokens runs a 3rd call per wave for nothing.
+    Tokens are the same either way."""
+    reqs = [Request(id=i, prompt_token_ids=[3 + i, 7, 9], sampling=SamplingParams(max_tokens=9, ignore_eos=True))
+            for i in range(6)]
+    runs = {}
+    for early in (True, False):
+        old = _config(batched, early_refill=early)
+        batched.batcher.stats.clear()
+        try:
+            runs[early] = batched.generate_all([_clone(r) for r in reqs])
+            runs[early, "calls"] = batched.batcher.stats["decode_calls"]
+        finally:
+            _config(batched, **old)
+    assert runs[True, "calls"] == 4 and runs[False, "calls"] == 6
+    assert [r.completion_token_ids for r in runs[True]] == [r.completion_token_ids for r in runs[False]]
+    assert all(r.completion_tokens == 9 and r.finish_reason == "length" for r in runs[True])
+
+
+def test_min_refill_waits_for_fuller_prefill_calls(batched):
+    """min_refill=3 on 3 slots: slots are refilled only when all three are free (or the
+    requests run out), so 9 requests of different lengths take 3 refills; refilling at once
+    takes more. Every request still completes with the same tokens."""
+    reqs = _mixed_requests(9, seed=5)
+    runs = {}
+    for m in (1, 3):
+        old = _config(batched, min_refill=m)
+        batched.batcher.stats.clear()
+        try:
+            runs[m] = batched.generate_all([_clone(r) for r in reqs])
+            runs[m, "refills"] = batched.batcher.stats["refills"]
+        finally:
+            _config(batched, **old)
+    assert runs[3, "refills"] == 3 < runs[1, "refills"]
+    assert [r.completion_token_ids for r in runs[3]] == [r.completion_token_ids for r in runs[1]]
+    assert [r.completion_tokens for r in runs[3]] == [r.sampling.max_tokens for r in reqs]
+
+
 def test_cache_full_ends_with_length(solo):
     prompt = [1] + [10] * 29  # 30 of the 64 cache positions
     r = solo.generate_all([Request(id=0, prompt_token_ids=prompt,
