@@ -103,8 +103,10 @@ def run(args) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     vocab = model.config.vocab_size
 
+    batch = args.batch_size
+
     def batch_ids():  # avoid ids 0..2 (pad/bos/eos) so nothing special happens
-        ids = torch.randint(3, vocab, (args.batch_size, args.input_len), generator=gen)
+        ids = torch.randint(3, vocab, (batch, args.input_len), generator=gen)
         return ids.to(device), torch.ones_like(ids, device=device)
 
     def generate(new_tokens: int):
@@ -115,21 +117,36 @@ def run(args) -> dict:
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         _sync(device)
-        assert out.shape == (args.batch_size, args.input_len + new_tokens), out.shape
+        assert out.shape == (batch, args.input_len + new_tokens), out.shape
         return time.perf_counter() - t0
 
     # A full-length warm-up: on the H100 a short one left the first timed batch 2.3x slower
     # (kernel selection and cache growth happen at every new length).
-    warm = generate(args.warmup_tokens or args.output_len)
+    # The warm-up also finds the batch that fits: on out-of-memory it halves the batch and
+    # retries (a bf16 cache at 128 x 1152 tokens does not fit next to 7B weights on 80 GB),
+    # so the peer runs at the largest power-of-two fraction of the asked batch that fits.
+    oom = []
+    while True:
+        try:
+            warm = generate(args.warmup_tokens or args.output_len)
+            break
+        except torch.OutOfMemoryError:
+            oom.append(batch)
+            if batch == 1:
+                raise
+            batch //= 2
+            torch.cuda.empty_cache()
+            print(f"peer_hf: batch {oom[-1]} ran out of device memory; retrying with {batch}", flush=True)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times = [generate(args.output_len) for _ in range(args.num_batches)]
     wall = sum(times)
-    n_req = args.batch_size * args.num_batches
+    n_req = batch * args.num_batches
     result = {
         "peer": "hf_transformers_generate", "model": args.model, "device": device,
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
-        "dtype": args.dtype, "batch_size": args.batch_size, "input_len": args.input_len,
+        "dtype": args.dtype, "batch_size": batch, "batch_size_asked": args.batch_size,
+        "out_of_memory_at": oom, "input_len": args.input_len,
         "output_len": args.output_len, "num_batches": args.num_batches,
         "params": sum(p.numel() for p in model.parameters()),
         "attn_implementation": model.config._attn_implementation,

@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--peer", action="store_true",
                    help="first run benchmarks/peer_hf.py on the same model and lengths in its own process "
                         "(needs torch + transformers); its JSON goes to --peer_json or beside --json")
-    p.add_argument("--peer_batch", type=int, default=128, help="the peer's batch (default 128)")
+    p.add_argument("--peer_batch", type=int, default=128, help="the peer's batch (default 128; halved while it runs out of memory)")
     p.add_argument("--roofline", action="store_true", help="measure bandwidth/FLOPs and report the roofline")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None, help="append a row to this markdown file")
