@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -28,6 +29,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Growable segments: a cache that grows token by token fragments the default allocator's
+# fixed blocks (a batch-64 retry after a batch-128 out-of-memory found 32 GiB reserved but unusable).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -131,12 +135,14 @@ def run(args) -> dict:
             warm = generate(args.warmup_tokens or args.output_len)
             break
         except torch.OutOfMemoryError:
-            oom.append(batch)
             if batch == 1:
                 raise
-            batch //= 2
-            torch.cuda.empty_cache()
-            print(f"peer_hf: batch {oom[-1]} ran out of device memory; retrying with {batch}", flush=True)
+            oom.append(batch)
+        # Outside the except block, so the traceback's frames (and the tensors they hold) are gone.
+        batch //= 2
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"peer_hf: batch {oom[-1]} ran out of device memory; retrying with {batch}", flush=True)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times = [generate(args.output_len) for _ in range(args.num_batches)]

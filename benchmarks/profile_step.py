@@ -44,6 +44,12 @@ def category(name: str) -> str:
 
 def device_kernels(trace_dir: str) -> list[tuple[str, float]]:
     """(kernel name, microseconds) for every device-kernel event in the newest trace under trace_dir."""
+    return [(name, dur) for name, _, dur in device_events(trace_dir)]
+
+
+def device_events(trace_dir: str) -> list[tuple[str, float, float]]:
+    """(kernel name, start, duration), microseconds, for every device-kernel event in the newest
+    trace under trace_dir."""
     paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
                    key=os.path.getmtime)
     if not paths:
@@ -64,8 +70,38 @@ def device_kernels(trace_dir: str) -> list[tuple[str, float]]:
         line = tnames.get((e["pid"], e["tid"]), "")
         if line and not re.search(r"stream", line, re.I):
             continue
-        out.append((e.get("name", "?"), float(e.get("dur", 0.0))))
+        out.append((e.get("name", "?"), float(e.get("ts", 0.0)), float(e.get("dur", 0.0))))
     return out
+
+
+def idle_gaps(events: list[tuple[str, float, float]], min_gap_us: float = 1000.0, top: int = 10) -> dict:
+    """How much of a traced span the device sat idle, and where: the union of kernel intervals
+    against first start to last end, and the longest gaps with the kernels on either side
+    (a gap after a decode call's last kernel and before a prefill's first is a host bubble)."""
+    if not events:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "gaps_over_min": 0, "gaps_over_min_ms": 0.0,
+                "top": []}
+    ev = sorted(events, key=lambda e: e[1])
+    busy, gaps = 0.0, []
+    cur_start, cur_end, last_name = ev[0][1], ev[0][1] + ev[0][2], ev[0][0]
+    for name, ts, dur in ev[1:]:
+        if ts > cur_end:
+            busy += cur_end - cur_start
+            gaps.append((ts - cur_end, last_name, name))
+            cur_start, cur_end = ts, ts + dur
+        else:
+            cur_end = max(cur_end, ts + dur)
+        if ts + dur >= cur_end:
+            last_name = name
+    busy += cur_end - cur_start
+    span = max(ts + dur for _, ts, dur in ev) - ev[0][1]
+    long = [g for g in gaps if g[0] >= min_gap_us]
+    return {
+        "span_ms": span / 1e3, "busy_ms": busy / 1e3, "idle_ms": (span - busy) / 1e3,
+        "gaps_over_min": len(long), "gaps_over_min_ms": sum(g[0] for g in long) / 1e3,
+        "top": [{"ms": g / 1e3, "after": a[:80], "before": b[:80]}
+                for g, a, b in sorted(gaps, key=lambda g: -g[0])[:top]],
+    }
 
 
 def summarize(kernels: list[tuple[str, float]], per: int, top: int = 25) -> dict:

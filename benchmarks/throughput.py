@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="after the timed run, run the same requests again waiting on the device after every "
                         "call, and report where the time went (prefill / insert / decode / host)")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="rerun the requests under the JAX profiler, keep the trace in DIR and report device "
+                        "busy time, idle gaps and device time per kernel category for the whole run")
     p.add_argument("--attention", default="auto", help="decode attention: auto | xla | cudnn | pallas")
     p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                    help="any other EngineConfig field, e.g. --engine fuse_projections=0 (repeatable)")
@@ -187,6 +190,16 @@ def main(argv=None):
         prof["host_s"] = round(prof["wall_s"] - sum(prof.get(k, 0) for k in ("prefill_s", "insert_s", "decode_s")), 3)
         llm.batcher.sync_timing = False
         report["sync_profile"] = prof
+    if args.trace:
+        from benchmarks.profile_step import device_events, idle_gaps, summarize
+        t0 = time.perf_counter()
+        with jax.profiler.trace(args.trace):
+            list(llm.generate(make_requests(args, vocab, ins, outs, "trace")))
+        traced_wall = time.perf_counter() - t0
+        events = device_events(args.trace)
+        s = summarize([(n, d) for n, _, d in events], per=1, top=12)
+        report["trace"] = {"wall_s": round(traced_wall, 3), **idle_gaps(events),
+                           "categories_ms": s["categories"], "top_kernels": s["top"]}
     if args.roofline:
         from benchmarks import roofline as rl
         bw, fl = rl.measure_bandwidth(), rl.measure_matmul_flops()

@@ -9,7 +9,7 @@ import gzip
 import json
 import os
 
-from benchmarks.profile_step import category, device_kernels, summarize
+from benchmarks.profile_step import category, device_events, device_kernels, idle_gaps, summarize
 
 
 def _write_trace(folder, events):
@@ -56,3 +56,23 @@ def test_categories():
 def test_no_trace_gives_empty_summary(tmp_path):
     assert device_kernels(str(tmp_path)) == []
     assert summarize([], per=1)["device_ms"] == 0
+
+
+def test_idle_gaps_finds_host_bubbles(tmp_path):
+    """Busy time is the union of kernel intervals (overlaps count once); the 2 ms hole between
+    a decode kernel and a prefill GEMM is reported with its neighbours; short gaps are not."""
+    ev = [{"ph": "X", "pid": 1, "tid": 14, "name": n, "ts": ts, "dur": d} for n, ts, d in [
+        ("ragged_decode_attention", 0.0, 300.0),
+        ("loop_add_fusion", 200.0, 200.0),  # overlaps the first: busy 0..400
+        ("argmax_fusion", 450.0, 50.0),  # 50 us gap
+        ("nvjet_prefill_gemm", 2500.0, 1000.0),  # 2000 us gap
+    ]]
+    _write_trace(str(tmp_path), ev)
+    events = device_events(str(tmp_path))
+    assert [e[0] for e in events][0] == "ragged_decode_attention"
+    g = idle_gaps(events, min_gap_us=1000)
+    assert g["span_ms"] == 3.5 and g["busy_ms"] == 1.45 and abs(g["idle_ms"] - 2.05) < 1e-12
+    assert g["gaps_over_min"] == 1 and g["gaps_over_min_ms"] == 2.0
+    assert g["top"][0] == {"ms": 2.0, "after": "argmax_fusion", "before": "nvjet_prefill_gemm"}
+    assert g["top"][1]["ms"] == 0.05 and g["top"][1]["after"] == "loop_add_fusion"
+    assert idle_gaps([])["busy_ms"] == 0.0
