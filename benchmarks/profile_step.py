@@ -74,13 +74,17 @@ def device_events(trace_dir: str) -> list[tuple[str, float, float]]:
     return out
 
 
+_GAP_BUCKETS = [(10.0, "<10us"), (100.0, "10-100us"), (1000.0, "0.1-1ms"), (10000.0, "1-10ms"),
+                (float("inf"), ">=10ms")]
+
+
 def idle_gaps(events: list[tuple[str, float, float]], min_gap_us: float = 1000.0, top: int = 10) -> dict:
     """How much of a traced span the device sat idle, and where: the union of kernel intervals
     against first start to last end, and the longest gaps with the kernels on either side
     (a gap after a decode call's last kernel and before a prefill's first is a host bubble)."""
     if not events:
-        return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "gaps_over_min": 0, "gaps_over_min_ms": 0.0,
-                "top": []}
+        return {"gap_ms_by_size": {}, "gap_pairs": [], "span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0,
+                "gaps_over_min": 0, "gaps_over_min_ms": 0.0, "top": []}
     ev = sorted(events, key=lambda e: e[1])
     busy, gaps = 0.0, []
     cur_start, cur_end, last_name = ev[0][1], ev[0][1] + ev[0][2], ev[0][0]
@@ -96,7 +100,16 @@ def idle_gaps(events: list[tuple[str, float, float]], min_gap_us: float = 1000.0
     busy += cur_end - cur_start
     span = max(ts + dur for _, ts, dur in ev) - ev[0][1]
     long = [g for g in gaps if g[0] >= min_gap_us]
+    by_pair = collections.defaultdict(lambda: [0, 0.0])  # (after, before) -> [count, us]
+    hist = collections.Counter()  # gap size bucket -> us
+    for g, a, b in gaps:
+        by_pair[a[:60], b[:60]][0] += 1
+        by_pair[a[:60], b[:60]][1] += g
+        hist[next(lab for lim, lab in _GAP_BUCKETS if g < lim)] += g
     return {
+        "gap_ms_by_size": {lab: round(hist[lab] / 1e3, 3) for _, lab in _GAP_BUCKETS if hist[lab]},
+        "gap_pairs": [{"after": a, "before": b, "count": n, "ms": us / 1e3}
+                      for (a, b), (n, us) in sorted(by_pair.items(), key=lambda kv: -kv[1][1])[:top]],
         "span_ms": span / 1e3, "busy_ms": busy / 1e3, "idle_ms": (span - busy) / 1e3,
         "gaps_over_min": len(long), "gaps_over_min_ms": sum(g[0] for g in long) / 1e3,
         "top": [{"ms": g / 1e3, "after": a[:80], "before": b[:80]}

@@ -192,8 +192,13 @@ def main(argv=None):
         report["sync_profile"] = prof
     if args.trace:
         from benchmarks.profile_step import device_events, idle_gaps, summarize
+        # Device kernels only: the Python and host tracers slowed the H100 run's host loop
+        # (50 s against 27 s untraced) and so invented idle gaps of their own.
+        opts = jax.profiler.ProfileOptions()
+        opts.python_tracer_level = 0
+        opts.host_tracer_level = 0
         t0 = time.perf_counter()
-        with jax.profiler.trace(args.trace):
+        with jax.profiler.trace(args.trace, profiler_options=opts):
             list(llm.generate(make_requests(args, vocab, ins, outs, "trace")))
         traced_wall = time.perf_counter() - t0
         events = device_events(args.trace)

@@ -75,4 +75,6 @@ def test_idle_gaps_finds_host_bubbles(tmp_path):
     assert g["gaps_over_min"] == 1 and g["gaps_over_min_ms"] == 2.0
     assert g["top"][0] == {"ms": 2.0, "after": "argmax_fusion", "before": "nvjet_prefill_gemm"}
     assert g["top"][1]["ms"] == 0.05 and g["top"][1]["after"] == "loop_add_fusion"
+    assert g["gap_ms_by_size"] == {"10-100us": 0.05, "1-10ms": 2.0}
+    assert g["gap_pairs"][0] == {"after": "argmax_fusion", "before": "nvjet_prefill_gemm", "count": 1, "ms": 2.0}
     assert idle_gaps([])["busy_ms"] == 0.0
