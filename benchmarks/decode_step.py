@@ -56,6 +56,7 @@ def main(argv=None):
     eng = llm.engine
     state = llm.batcher.state
     state.pos = jnp.full((args.slots,), args.context, jnp.int32)
+    state.step = jnp.ones((args.slots,), jnp.int32)  # live: a parked slot (step 0) stays put
     limit = args.context + args.decode_steps + 1
     window = eng._window_for(limit)
     hlo = eng._generate_jit.lower(llm.params, state, window).compile().as_text()

@@ -164,6 +164,7 @@ def main(argv=None):
 
     def decode(state):
         state.pos = jnp.full((args.slots,), args.context, jnp.int32)
+        state.step = jnp.ones((args.slots,), jnp.int32)  # live: a parked slot (step 0) stays put
         state, res = eng.generate(params, state, max_length=limit)
         jax.block_until_ready(res.tokens)
         return state

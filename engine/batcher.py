@@ -117,6 +117,7 @@ class ContinuousBatcher:
         active: dict[int, _Active] = {}  # slot -> request that may still need decode calls
         retiring: list[_Active] = []  # slot already refilled; last tokens still to be read
         waiting: deque = deque()  # (request, prompt ids) pulled from the source, not admitted
+        parked = set(free)  # free slots already released on the device (a fresh state's are)
         calls = 0
         pending = None  # (call index, ResultTokens on device)
         while True:
@@ -145,6 +146,7 @@ class ContinuousBatcher:
             # 2. Dispatch the next decode call, then read the previous one while it runs.
             current = None
             if active:
+                self._park(free, parked)
                 # Every live slot's position stays below this through the call just dispatched,
                 # the one in flight and this one (3 calls of decode_steps), plus the first token.
                 bound = max(len(a.prompt_ids) + len(a.tokens) for a in active.values()) + 3 * steps + 2
@@ -161,6 +163,19 @@ class ContinuousBatcher:
             elif current is None:  # only first tokens remain to be read
                 yield from self._consume((calls, None), active, retiring, free)
             pending = current
+
+    def _park(self, free, parked):
+        """Release free slots that no refill took, so the next decode call does not read their
+        stale caches: a finished request's slot would otherwise keep decoding, its length
+        growing to the end of the cache, while it waits (min_refill) or the stream drains."""
+        parked &= set(free)  # refilled slots are live again
+        idle = set(free) - parked
+        if idle:
+            mask = np.zeros(self.engine.max_concurrent_decodes, bool)
+            mask[list(idle)] = True
+            self.state = self.engine.release_slots(self.state, mask)
+            parked |= idle
+            self.stats["released_slots"] += len(idle)
 
     def _retire(self, active, retiring, free, calls):
         """Early refill: free the slots of requests that the `calls` decode calls dispatched so

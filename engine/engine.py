@@ -31,7 +31,7 @@ class DecodeState:
     cache: KVCache
     tokens: Any  # int32 [B]: last sampled token of each slot (the next input)
     pos: Any  # int32 [B]: position that token will occupy (= tokens already in the cache)
-    step: Any  # int32 [B]: tokens generated so far by the slot's request
+    step: Any  # int32 [B]: tokens generated so far by the slot's request; 0: the slot is parked
     sampling: SlotSampling  # per-slot settings
 
 
@@ -65,6 +65,7 @@ class JaxEngine(Engine):
         self._windows = self._decode_windows()
         self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=())
         self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))
+        self._release_jit = jax.jit(self._release_impl, donate_argnums=(0,))
         self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2,))
         self._cache_sharding = shd.cache_shardings(self._mesh, model_config, config.quantize_kv_cache)
 
@@ -182,6 +183,18 @@ class JaxEngine(Engine):
         return DecodeState(cache, put(state.tokens, prefix.first_token), put(state.pos, prefix.true_length),
                            put(state.step, jnp.ones_like(prefix.true_length)), samp)
 
+    # ---- release ----
+    @staticmethod
+    def _release_impl(state: DecodeState, mask):
+        """Parked slots (step 0) stay at position 0: their attention reads one cache row
+        instead of a stale sequence that kept growing to the end of the cache."""
+        return DecodeState(state.cache, state.tokens, jnp.where(mask, 0, state.pos),
+                           jnp.where(mask, 0, state.step), state.sampling)
+
+    def release_slots(self, decode_state: DecodeState, slots) -> DecodeState:
+        """Park the slots of the [batch_size] bool mask `slots` until their next insert."""
+        return self._release_jit(decode_state, np.asarray(slots, bool))
+
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot) -> DecodeState:
         """Insert a prefix into `slot` (an int, or [N] slots for a batched prefix; -1 skips a row)."""
         slots = np.atleast_1d(np.asarray(slot, np.int32))
@@ -223,10 +236,11 @@ class JaxEngine(Engine):
             logits, cache = decode_step(params, cfg, state.tokens, state.pos, state.cache, self.dtype,
                                         self.attention_impl, window)
             nxt = sample(logits, state.sampling, state.step)
-            pos = jnp.minimum(state.pos + 1, limit)
+            live = state.step > 0  # parked slots (released, or never filled) stay where they are
+            pos = jnp.where(live, jnp.minimum(state.pos + 1, limit), state.pos)
             out_tokens = out_tokens.at[:, i].set(nxt)
             out_pos = out_pos.at[:, i].set(pos)
-            return DecodeState(cache, nxt, pos, state.step + 1, state.sampling), out_tokens, out_pos
+            return DecodeState(cache, nxt, pos, state.step + live, state.sampling), out_tokens, out_pos
 
         b = self.config.batch_size
         init = (state, jnp.zeros((b, steps), jnp.int32), jnp.zeros((b, steps), jnp.int32))
@@ -257,6 +271,7 @@ class JaxEngine(Engine):
         for w in self.decode_windows():
             decode_state, res = self.generate(params, decode_state, max_length=w)
             jax.block_until_ready(res.tokens)
+        decode_state = self.release_slots(decode_state, np.zeros(self.config.batch_size, bool))
         return decode_state
 
     def prefill_sizes(self) -> list[int]:

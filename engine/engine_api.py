@@ -99,3 +99,8 @@ class Engine(abc.ABC):
 
     def free_resource(self, slot: int) -> None:  # JetStream has this hook; nothing to free here
         return None
+
+    def release_slots(self, decode_state: DecodeState, slots: Any) -> DecodeState:
+        """Park the slots in the [B] bool mask `slots` until their next insert, so decode
+        spends nothing on them (an extension of JetStream's API; the default parks nothing)."""
+        return decode_state

@@ -223,6 +223,45 @@ def test_min_refill_waits_for_fuller_prefill_calls(batched):
     assert [r.completion_tokens for r in runs[3]] == [r.sampling.max_tokens for r in reqs]
 
 
+def test_released_slot_is_parked_and_others_unaffected(batched):
+    """release_slots parks a slot at position 0 (its decode reads one cache row, not a stale
+    sequence growing to the end of the cache) and leaves the other slots' tokens unchanged."""
+    eng, params = batched.engine, batched.params
+
+    def run(release: bool):
+        state = eng.init_decode_state()
+        for slot, prompt in ((0, [1, 17, 99, 4]), (1, [1, 8, 8, 8, 8, 30])):
+            padded = np.zeros(eng.bucket_for(len(prompt)), np.int32)
+            padded[:len(prompt)] = prompt
+            prefix, _ = eng.prefill(params=params, padded_tokens=padded, true_length=len(prompt))
+            state = eng.insert(prefix, state, slot)
+        state, first = eng.generate(params, state)
+        if release:
+            state = eng.release_slots(state, np.array([False, True, False]))
+        state, res = eng.generate(params, state)
+        return first.to_host(), res.to_host(), np.asarray(state.pos)
+
+    f0, kept, pos_kept = run(False)
+    f1, parked, pos_parked = run(True)
+    assert list(f0.tokens[1]) == list(f1.tokens[1])  # the call before the release is the same
+    assert list(parked.lengths[1]) == [0] * 4 and not parked.valid[1].any()
+    assert pos_parked[1] == 0 and pos_kept[1] == 6 + 8
+    assert list(parked.tokens[0]) == list(kept.tokens[0]) and pos_parked[0] == pos_kept[0] == 4 + 8
+    assert pos_kept[2] == pos_parked[2] == 0  # never filled: parked from the start
+
+
+def test_batcher_parks_slots_left_free(batched, solo):
+    """Slots that free while no request is left to take them are released before the next
+    decode call; the remaining requests' tokens are those they get alone."""
+    reqs = [Request(id=i, prompt_token_ids=[5 + i, 6, 7], sampling=SamplingParams(max_tokens=m, ignore_eos=True))
+            for i, m in enumerate([2, 3, 25])]
+    batched.batcher.stats.clear()
+    together = batched.generate_all([_clone(r) for r in reqs])
+    assert batched.batcher.stats["released_slots"] == 2
+    alone = [solo.generate_all([_clone(r)])[0] for r in reqs]
+    assert [r.completion_token_ids for r in together] == [r.completion_token_ids for r in alone]
+
+
 def test_cache_full_ends_with_length(solo):
     prompt = [1] + [10] * 29  # 30 of the 64 cache positions
     r = solo.generate_all([Request(id=0, prompt_token_ids=prompt,
