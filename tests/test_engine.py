@@ -174,13 +174,18 @@ def test_bad_requests_are_errors_and_others_unaffected(batched):
         assert mixed[g.id].completion_token_ids == ref.completion_token_ids
 
 
-def _config(llm, **changes):
-    """Set batcher policy fields of a live engine's config (read per run, not compiled in);
-    returns the old values."""
-    old = {k: getattr(llm.engine.config, k) for k in changes}
-    for k, v in changes.items():
+def _run_with(llm, reqs, stat: str, **policy):
+    """Serve clones of `reqs` with batcher policy fields of the live engine's config changed
+    (they are read per run, not compiled in); return the results and one batcher stat."""
+    old = {k: getattr(llm.engine.config, k) for k in policy}
+    for k, v in policy.items():
         setattr(llm.engine.config, k, v)
-    return old
+    llm.batcher.stats.clear()
+    try:
+        return llm.generate_all([_clone(r) for r in reqs]), llm.batcher.stats[stat]
+    finally:
+        for k, v in old.items():
+            setattr(llm.engine.config, k, v)
 
 
 def test_early_refill_skips_the_wasted_decode_call(batched):
@@ -190,18 +195,11 @@ def test_early_refill_skips_the_wasted_decode_call(batched):
     Tokens are the same either way."""
     reqs = [Request(id=i, prompt_token_ids=[3 + i, 7, 9], sampling=SamplingParams(max_tokens=9, ignore_eos=True))
             for i in range(6)]
-    runs = {}
-    for early in (True, False):
-        old = _config(batched, early_refill=early)
-        batched.batcher.stats.clear()
-        try:
-            runs[early] = batched.generate_all([_clone(r) for r in reqs])
-            runs[early, "calls"] = batched.batcher.stats["decode_calls"]
-        finally:
-            _config(batched, **old)
-    assert runs[True, "calls"] == 4 and runs[False, "calls"] == 6
-    assert [r.completion_token_ids for r in runs[True]] == [r.completion_token_ids for r in runs[False]]
-    assert all(r.completion_tokens == 9 and r.finish_reason == "length" for r in runs[True])
+    early, early_calls = _run_with(batched, reqs, "decode_calls", early_refill=True)
+    late, late_calls = _run_with(batched, reqs, "decode_calls", early_refill=False)
+    assert early_calls == 4 and late_calls == 6
+    assert [r.completion_token_ids for r in early] == [r.completion_token_ids for r in late]
+    assert all(r.completion_tokens == 9 and r.finish_reason == "length" for r in early)
 
 
 def test_min_refill_waits_for_fuller_prefill_calls(batched):
@@ -209,18 +207,11 @@ def test_min_refill_waits_for_fuller_prefill_calls(batched):
     requests run out), so 9 requests of different lengths take 3 refills; refilling at once
     takes more. Every request still completes with the same tokens."""
     reqs = _mixed_requests(9, seed=5)
-    runs = {}
-    for m in (1, 3):
-        old = _config(batched, min_refill=m)
-        batched.batcher.stats.clear()
-        try:
-            runs[m] = batched.generate_all([_clone(r) for r in reqs])
-            runs[m, "refills"] = batched.batcher.stats["refills"]
-        finally:
-            _config(batched, **old)
-    assert runs[3, "refills"] == 3 < runs[1, "refills"]
-    assert [r.completion_token_ids for r in runs[3]] == [r.completion_token_ids for r in runs[1]]
-    assert [r.completion_tokens for r in runs[3]] == [r.sampling.max_tokens for r in reqs]
+    at_once, n_at_once = _run_with(batched, reqs, "refills", min_refill=1)
+    batched3, n_batched3 = _run_with(batched, reqs, "refills", min_refill=3)
+    assert n_batched3 == 3 < n_at_once
+    assert [r.completion_token_ids for r in batched3] == [r.completion_token_ids for r in at_once]
+    assert [r.completion_tokens for r in batched3] == [r.sampling.max_tokens for r in reqs]
 
 
 def test_released_slot_is_parked_and_others_unaffected(batched):
