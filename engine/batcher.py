@@ -117,7 +117,9 @@ class ContinuousBatcher:
         active: dict[int, _Active] = {}  # slot -> request that may still need decode calls
         retiring: list[_Active] = []  # slot already refilled; last tokens still to be read
         waiting: deque = deque()  # (request, prompt ids) pulled from the source, not admitted
-        parked = set(free)  # free slots already released on the device (a fresh state's are)
+        # Free slots already released on the device. None at first: a state reused from an
+        # earlier run may hold slots that finished last and kept decoding.
+        parked: set = set()
         calls = 0
         pending = None  # (call index, ResultTokens on device)
         while True:
