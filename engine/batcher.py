@@ -276,8 +276,7 @@ class ContinuousBatcher:
             a.first = None
             a.t_first = now
             self._push(a, int(np.asarray(arr)[row, 0]))
-        if (a.finish is None and host is not None and call >= a.start_call
-                and (a.end_call is None or call <= a.end_call)):
+        if a.finish is None and host is not None and call >= a.start_call:
             for tok in host.tokens[a.slot]:
                 if self._push(a, int(tok)):
                     break

@@ -89,6 +89,17 @@ def test_short_prompts_share_a_longer_prefill_call(solo):
     assert [r.completion_token_ids for r in together] == [r.completion_token_ids for r in alone]
 
 
+def test_a_refilled_slot_is_parked_again_when_it_frees_again(batched):
+    b = batched.batcher
+    b.stats.clear()
+    parked = set()
+    b._park([0], parked)  # slot 0 free, no refill: released
+    b._park([0], parked)  # still parked: nothing to do
+    b._park([], parked)  # refilled: live again
+    b._park([0], parked)  # free again: released again
+    assert b.stats["released_slots"] == 2 and parked == {0}
+
+
 def test_results_stream_in_completion_order(batched):
     reqs = [Request(id="long", prompt_token_ids=[5, 6], sampling=SamplingParams(max_tokens=30, ignore_eos=True)),
             Request(id="short", prompt_token_ids=[5, 6], sampling=SamplingParams(max_tokens=2, ignore_eos=True))]
@@ -212,6 +223,26 @@ def test_min_refill_waits_for_fuller_prefill_calls(batched):
     assert n_batched3 == 3 < n_at_once
     assert [r.completion_token_ids for r in batched3] == [r.completion_token_ids for r in at_once]
     assert [r.completion_tokens for r in batched3] == [r.sampling.max_tokens for r in reqs]
+
+
+def test_refill_policies_give_every_request_its_solo_tokens(batched, solo):
+    """Under each refill policy, a mix of lengths (max_tokens 1 included: done at prefill) and
+    stop tokens (ending requests before max_tokens, after their slot may have been refilled
+    early) gives every request the tokens and finish reason it gets alone."""
+    reqs = _mixed_requests(10, seed=11)
+    # Every residue mod decode_steps (4), so a request ends at each step of a call.
+    for r, m in zip(reqs, [17, 4, 1, 19, 6, 1, 10, 2, 8, 3]):
+        r.sampling.max_tokens = m
+    alone = [solo.generate_all([_clone(r)])[0] for r in reqs]
+    for r, a in zip(reqs, alone):  # stop on the 3rd token for some: a stop before max_tokens
+        if r.sampling.max_tokens > 3 and r.id % 3 == 0:
+            r.sampling.stop_token_ids = [a.completion_token_ids[2]]
+    alone = [solo.generate_all([_clone(r)])[0] for r in reqs]
+    assert any(a.finish_reason == "stop" for a in alone)
+    for early, min_refill in ((True, 2), (False, 3), (True, 3)):
+        got, _ = _run_with(batched, reqs, "refills", early_refill=early, min_refill=min_refill)
+        assert [(g.completion_token_ids, g.finish_reason) for g in got] == \
+            [(a.completion_token_ids, a.finish_reason) for a in alone], (early, min_refill)
 
 
 def test_released_slot_is_parked_and_others_unaffected(batched):
