@@ -80,8 +80,9 @@ _GAP_BUCKETS = [(10.0, "<10us"), (100.0, "10-100us"), (1000.0, "0.1-1ms"), (1000
 
 def idle_gaps(events: list[tuple[str, float, float]], min_gap_us: float = 1000.0, top: int = 10) -> dict:
     """How much of a traced span the device sat idle, and where: the union of kernel intervals
-    against first start to last end, and the longest gaps with the kernels on either side
-    (a gap after a decode call's last kernel and before a prefill's first is a host bubble)."""
+    against first start to last end, and the longest gaps with the kernels on either side.
+    The profiler slows the host that launches the kernels, so a traced run shows gaps an
+    untraced one does not have (on an H100, 5 s of them in a run whose wall time doubled)."""
     if not events:
         return {"gap_ms_by_size": {}, "gap_pairs": [], "span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0,
                 "gaps_over_min": 0, "gaps_over_min_ms": 0.0, "top": []}
