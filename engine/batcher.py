@@ -170,6 +170,8 @@ class ContinuousBatcher:
         """Release free slots that no refill took, so the next decode call does not read their
         stale caches: a finished request's slot would otherwise keep decoding, its length
         growing to the end of the cache, while it waits (min_refill) or the stream drains."""
+        if not self.engine.config.park_free_slots:
+            return
         parked &= set(free)  # refilled slots are live again
         idle = set(free) - parked
         if idle:

@@ -218,6 +218,9 @@ class EngineConfig:
     # Refill free slots only once this many are free (or nothing else decodes, or no requests
     # are left to wait for): fewer, fuller prefill calls for length mixes. 1: refill at once.
     min_refill: int = 1
+    # Park free slots that no refill took (release_slots) so decode stops reading their
+    # stale caches; off only to measure what parking saves.
+    park_free_slots: bool = True
     attention: str = "auto"  # "auto" | "xla" | "cudnn" | "pallas"
     # One GEMM for q|k|v and one for gate|up (fewer, larger kernels). Single-device meshes only:
     # a tensor-parallel split keeps the separate matrices.
@@ -229,7 +232,8 @@ class EngineConfig:
     compilation_cache_dir: Optional[str] = None
 
     def __post_init__(self):
-        for name in ("quantize_weights", "quantize_kv_cache", "fuse_projections", "early_refill"):
+        for name in ("quantize_weights", "quantize_kv_cache", "fuse_projections", "early_refill",
+                     "park_free_slots"):
             setattr(self, name, _as_bool(getattr(self, name)))
         if self.warmup is not None:
             self.warmup = _as_bool(self.warmup)

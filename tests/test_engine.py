@@ -277,11 +277,12 @@ def test_batcher_parks_slots_left_free(batched, solo):
     decode call; the remaining requests' tokens are those they get alone."""
     reqs = [Request(id=i, prompt_token_ids=[5 + i, 6, 7], sampling=SamplingParams(max_tokens=m, ignore_eos=True))
             for i, m in enumerate([2, 3, 25])]
-    batched.batcher.stats.clear()
-    together = batched.generate_all([_clone(r) for r in reqs])
-    assert batched.batcher.stats["released_slots"] == 2
+    together, released = _run_with(batched, reqs, "released_slots")
+    unparked, none_released = _run_with(batched, reqs, "released_slots", park_free_slots=False)
+    assert released == 2 and none_released == 0
     alone = [solo.generate_all([_clone(r)])[0] for r in reqs]
     assert [r.completion_token_ids for r in together] == [r.completion_token_ids for r in alone]
+    assert [r.completion_token_ids for r in unparked] == [r.completion_token_ids for r in alone]
 
 
 def test_cache_full_ends_with_length(solo):
