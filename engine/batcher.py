@@ -117,8 +117,9 @@ class ContinuousBatcher:
         active: dict[int, _Active] = {}  # slot -> request that may still need decode calls
         retiring: list[_Active] = []  # slot already refilled; last tokens still to be read
         waiting: deque = deque()  # (request, prompt ids) pulled from the source, not admitted
-        # Free slots already released on the device. None at first: a state reused from an
-        # earlier run may hold slots that finished last and kept decoding.
+        # Free slots already released on the device. Empty at first, so every slot left free
+        # is released once: a state reused from an earlier run may hold slots that finished
+        # last and kept decoding.
         parked: set = set()
         calls = 0
         pending = None  # (call index, ResultTokens on device)
@@ -172,8 +173,9 @@ class ContinuousBatcher:
         growing to the end of the cache, while it waits (min_refill) or the stream drains."""
         if not self.engine.config.park_free_slots:
             return
-        parked &= set(free)  # refilled slots are live again
-        idle = set(free) - parked
+        now_free = set(free)
+        parked &= now_free  # refilled slots are live again
+        idle = now_free - parked
         if idle:
             mask = np.zeros(self.engine.max_concurrent_decodes, bool)
             mask[list(idle)] = True
