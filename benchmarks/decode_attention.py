@@ -34,6 +34,27 @@ from benchmarks.roofline import time_call  # noqa: E402
 
 
 
+def paginate(cache: KVCache, page: int, seed: int):
+    """The one-layer cache [B, T, ...] as B*T/page shuffled pages (+ a trash page) and its table."""
+    b, t = cache.k[0].shape[:2]
+    w = t // page
+    order = jnp.asarray(np.random.default_rng(seed).permutation(b * w), jnp.int32)
+    inv = jnp.argsort(order)
+
+    def pages(x):  # [B, T, ...] -> [B*W + 1, page, ...]: page order[i] holds chunk i
+        x = x.reshape(b * w, page, *x.shape[2:])[inv]
+        return jnp.concatenate([x, jnp.zeros_like(x[:1])])
+
+    def scale_pages(x):  # [B, Hkv, T] -> [B*W + 1, Hkv, page]
+        x = x.reshape(b, x.shape[1], w, page).transpose(0, 2, 1, 3).reshape(b * w, x.shape[1], page)[inv]
+        return jnp.concatenate([x, jnp.ones_like(x[:1])])
+
+    paged = KVCache([pages(cache.k[0])], [pages(cache.v[0])])
+    if cache.quantized:
+        paged = KVCache(paged.k, paged.v, [scale_pages(cache.k_scale[0])], [scale_pages(cache.v_scale[0])])
+    return paged, order.reshape(b, w)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--slots", type=int, default=256)
@@ -46,10 +67,14 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--sweep", action="store_true", help="also time a grid of kernel settings")
     p.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test, interpret mode)")
+    p.add_argument("--page", type=int, default=64,
+                   help="also time the kernel over a paged copy of the cache (shuffled pages of this "
+                        "many tokens, checked bit for bit against the contiguous kernel); 0: skip")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.small:
         a.slots, a.cache, a.kv_heads, a.head_dim, a.min_len, a.max_len, a.iters = 4, 64, 2, 32, 8, 64, 2
+        a.page = min(a.page, 16)
 
     backend = jax.default_backend()
     interpret = backend != "gpu"
@@ -131,6 +156,23 @@ def main(argv=None):
         out = bench(f"pallas int8 convert={conv}", pallas(convert=conv), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
         if out is not None and base8 is not None:
             print(f"    convert={conv} output identical to the defaults': {bool(np.array_equal(out, base8))}")
+
+    if a.page:
+        paged8, pagedb = paginate(q8, a.page, a.seed), paginate(qb, a.page, a.seed)
+        table = paged8[1]
+
+        def paged(**kw):
+            return jax.jit(lambda q, k, v, ks, vs, pt, pos: ragged_decode_attention(
+                q, k, v, ks, vs, pos + 1, scale, page_table=pt, interpret=interpret, **kw))
+
+        c8, cb = paged8[0], pagedb[0]
+        out = bench(f"pallas int8 paged (page {a.page})", paged(),
+                    (q, c8.k[0], c8.v[0], c8.k_scale[0], c8.v_scale[0], table, pos), bytes_int8, want8)
+        if out is not None and base8 is not None:
+            print(f"    paged output identical to the contiguous kernel's: {bool(np.array_equal(out, base8))}")
+        bench(f"pallas {jnp.dtype(cdt).name} paged (page {a.page})", paged(),
+              (q, cb.k[0], cb.v[0], None, None, table, pos), bytes_16, wantb)
+        del paged8, pagedb, c8, cb
 
     if a.sweep:
         # fma (the G=1 default) with masked loads and 4 warps, which beat the dot method,

@@ -18,6 +18,12 @@ When a slot frees:
   slot is left decoding, or when no requests are left to wait for: a 7B prefill call of one
   prompt costs nearly as much as one of eight, so refilling slots one at a time as a length
   mix frees them spends more on prefill than the idle slots cost.
+
+With a paged KV cache (`EngineConfig.kv_page_size`) a request is admitted only once the pool
+has the pages for its prompt plus max_tokens (first come, first served), and a slot's pages
+go back to the pool when the device drops its page-table row: at its next insert, or when
+the slot is parked. Device work runs in dispatch order, so a page handed to a new request
+is written only after every decode call that the old owner's row was in.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from engine.kv_pages import PagePool
 from engine.request import Request, RequestError, Result
 from engine.sampling import SlotSampling
 
@@ -75,6 +82,9 @@ class ContinuousBatcher:
         # JETBEAM_SYNC_TIMING=1: wait for the device after every prefill, insert and decode call
         # and add up their times in `stats` (a profile that gives up the overlap: not for speed).
         self.sync_timing = bool(os.environ.get("JETBEAM_SYNC_TIMING"))
+        self.pages = (PagePool(engine.num_kv_pages, engine.config.kv_page_size, engine.pages_per_slot)
+                      if getattr(engine, "paged", False) else None)
+        self.slot_pages: dict[int, list] = {}  # pages named by each slot's row on the device
 
     def _timed(self, key: str, t0: float, out):
         if self.sync_timing:
@@ -104,7 +114,35 @@ class ContinuousBatcher:
             raise RequestError("missing or empty prompt")
         if len(ids) > cfg.context_size:
             raise RequestError(f"prompt has {len(ids)} tokens, longer than context_size {cfg.context_size}")
+        if self.pages is not None:
+            need = self.pages.pages_for(self._cache_tokens(ids, req))
+            if need > self.pages.num_pages:
+                raise RequestError(
+                    f"prompt ({len(ids)} tokens) plus max_tokens needs {need} KV cache pages of "
+                    f"{cfg.kv_page_size} tokens; the pool holds {self.pages.num_pages} (kv_cache_tokens)")
         return ids
+
+    def _max_tokens(self, ids, req) -> int:
+        return min(req.sampling.max_tokens, self.engine.config.max_cache_length - len(ids))
+
+    def _cache_tokens(self, ids, req) -> int:
+        """Cache positions a request can write: its prompt and every token but the last."""
+        return len(ids) + self._max_tokens(ids, req) - 1
+
+    def _fitting(self, waiting, limit: int) -> int:
+        """How many requests at the head of `waiting` (at most `limit`) the free pages hold."""
+        if self.pages is None:
+            return limit
+        n, budget = 0, self.pages.free_pages
+        for req, ids in waiting:
+            if n == limit:
+                break
+            need = self.pages.pages_for(self._cache_tokens(ids, req))
+            if need > budget:
+                break
+            budget -= need
+            n += 1
+        return n
 
     # ---- the loop ----
     def run(self, requests: Iterable[Request]) -> Iterator[Result]:
@@ -138,13 +176,20 @@ class ContinuousBatcher:
                     yield Result(id=req.id, error=str(e), metadata=req.metadata)
             if waiting and (len(free) >= cfg.min_refill or not active
                             or (exhausted and len(waiting) <= len(free))):
-                n = min(len(free), len(waiting))
-                self.stats["refills"] += 1
-                self._admit([waiting.popleft() for _ in range(n)], free, active, calls)
-                self._retire(active, retiring, free, calls)  # max_tokens=1: the prefill is all
+                if self.pages is not None:
+                    self._park(free, parked)  # the free slots' pages back to the pool first
+                n = self._fitting(waiting, min(len(free), len(waiting)))
+                if n < min(len(free), len(waiting)):
+                    self.stats["page_waits"] += 1  # refills held back by a full page pool
+                if n:
+                    self.stats["refills"] += 1
+                    self._admit([waiting.popleft() for _ in range(n)], free, active, calls, parked)
+                    self._retire(active, retiring, free, calls)  # max_tokens=1: the prefill is all
             if not active and not retiring and pending is None:
                 if exhausted and not waiting:
                     return
+                if waiting and self.pages is not None and not self._fitting(waiting, 1):
+                    raise RuntimeError("page pool stuck: nothing decodes and the next request does not fit")
                 continue
             # 2. Dispatch the next decode call, then read the previous one while it runs.
             current = None
@@ -170,8 +215,9 @@ class ContinuousBatcher:
     def _park(self, free, parked):
         """Release free slots that no refill took, so the next decode call does not read their
         stale caches: a finished request's slot would otherwise keep decoding, its length
-        growing to the end of the cache, while it waits (min_refill) or the stream drains."""
-        if not self.engine.config.park_free_slots:
+        growing to the end of the cache, while it waits (min_refill) or the stream drains.
+        A paged cache always parks: that is how a free slot's pages return to the pool."""
+        if not self.engine.config.park_free_slots and self.pages is None:
             return
         now_free = set(free)
         parked &= now_free  # refilled slots are live again
@@ -182,6 +228,12 @@ class ContinuousBatcher:
             self.state = self.engine.release_slots(self.state, mask)
             parked |= idle
             self.stats["released_slots"] += len(idle)
+            for slot in idle:
+                self._return_pages(slot)
+
+    def _return_pages(self, slot: int) -> None:
+        if self.pages is not None:
+            self.pages.give(self.slot_pages.pop(slot, []))
 
     def _retire(self, active, retiring, free, calls):
         """Early refill: free the slots of requests that the `calls` decode calls dispatched so
@@ -222,7 +274,7 @@ class ContinuousBatcher:
             todo = [item for item in todo if id(item) not in picked]
             yield bucket, [(req, ids) for _, req, ids in take[:n]]
 
-    def _admit(self, admitted, free, active, calls):
+    def _admit(self, admitted, free, active, calls, parked):
         engine = self.engine
         now = time.perf_counter()
         for bucket, chunk in self._prefill_groups(admitted):
@@ -230,11 +282,16 @@ class ContinuousBatcher:
             tokens = np.zeros((n, bucket), np.int32)
             lengths = np.ones(n, np.int32)
             slots = np.full(n, -1, np.int32)
-            params = []
+            params, page_lists = [], []
             for row, (req, ids) in enumerate(chunk):
                 tokens[row, :len(ids)] = ids
                 lengths[row] = len(ids)
-                slots[row] = free.pop()
+                slots[row] = slot = free.pop()
+                parked.discard(slot)
+                if self.pages is not None:  # the slot's old pages go with its old row
+                    self._return_pages(slot)
+                    self.slot_pages[slot] = self.pages.take(self._cache_tokens(ids, req))
+                    page_lists.append(self.slot_pages[slot])
                 sp = req.sampling
                 if sp.seed is None:
                     sp.seed = int(self.rng.integers(0, 2**31 - 1))
@@ -244,12 +301,15 @@ class ContinuousBatcher:
                                            sampling=SlotSampling.from_params(params))
             self._timed("prefill_s", t0, prefix)
             t0 = time.perf_counter()
-            self.state = engine.insert(prefix, self.state, slots)
+            if self.pages is not None:
+                self.state = engine.insert(prefix, self.state, slots, self.pages.rows(page_lists))
+                self.stats["kv_pages_peak"] = max(self.stats["kv_pages_peak"], self.pages.peak_used)
+            else:
+                self.state = engine.insert(prefix, self.state, slots)
             self._timed("insert_s", t0, self.state.tokens)
             for row, (req, ids) in enumerate(chunk):
-                cap = engine.config.max_cache_length - len(ids)
                 active[int(slots[row])] = _Active(
-                    request=req, prompt_ids=ids, max_tokens=min(req.sampling.max_tokens, cap),
+                    request=req, prompt_ids=ids, max_tokens=self._max_tokens(ids, req),
                     start_call=calls, slot=int(slots[row]), t_admit=now, first=(first.tokens, row))
             self.stats["prefill_calls"] += 1
             self.stats["prefill_rows"] += n

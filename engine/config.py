@@ -221,6 +221,12 @@ class EngineConfig:
     # Park free slots that no refill took (release_slots) so decode stops reading their
     # stale caches; off only to measure what parking saves.
     park_free_slots: bool = True
+    # Paged KV cache: pages of this many tokens from one shared pool (0: one max_cache_length
+    # region per slot). A slot then holds only the pages its request needs (prompt +
+    # max_tokens), so a length mix fits several times the slots in the same memory.
+    kv_page_size: int = 0
+    # Tokens in the page pool (0: batch_size * max_cache_length, the contiguous cache's size).
+    kv_cache_tokens: int = 0
     attention: str = "auto"  # "auto" | "xla" | "cudnn" | "pallas"
     # One GEMM for q|k|v and one for gate|up (fewer, larger kernels). Single-device meshes only:
     # a tensor-parallel split keeps the separate matrices.
@@ -238,7 +244,8 @@ class EngineConfig:
         if self.warmup is not None:
             self.warmup = _as_bool(self.warmup)
         for name in ("batch_size", "max_cache_length", "context_size", "min_prefill_bucket",
-                     "decode_steps", "prefill_batch", "min_refill", "seed"):
+                     "decode_steps", "prefill_batch", "min_refill", "seed", "kv_page_size",
+                     "kv_cache_tokens"):
             setattr(self, name, int(getattr(self, name)))
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -252,6 +259,20 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.decode_steps < 1 or self.prefill_batch < 1 or self.min_refill < 1:
             raise ValueError("decode_steps, prefill_batch and min_refill must be >= 1")
+        if self.kv_page_size < 0 or self.kv_cache_tokens < 0:
+            raise ValueError("kv_page_size and kv_cache_tokens must be >= 0")
+        if self.kv_page_size and self.max_cache_length % self.kv_page_size:
+            raise ValueError(f"kv_page_size ({self.kv_page_size}) must divide max_cache_length "
+                             f"({self.max_cache_length})")
+        if self.kv_page_size and self.kv_cache_tokens and self.kv_cache_tokens < self.kv_page_size:
+            raise ValueError("kv_cache_tokens must hold at least one page")
+
+    @property
+    def num_kv_pages(self) -> int:
+        """Pages in the pool of a paged cache (without the trash page); 0 when not paged."""
+        if not self.kv_page_size:
+            return 0
+        return (self.kv_cache_tokens or self.batch_size * self.max_cache_length) // self.kv_page_size
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineConfig":

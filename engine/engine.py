@@ -19,7 +19,7 @@ import numpy as np
 from engine import sharding as shd
 from engine.config import EngineConfig, ModelConfig
 from engine.engine_api import Engine, ResultTokens
-from engine.kv_cache import KVCache, init_cache, insert_prefix, pack_prefix
+from engine.kv_cache import KVCache, init_cache, insert_prefix, insert_prefix_paged, pack_prefix
 from engine.model import decode_step, prefill as model_prefill
 from engine.sampling import SlotSampling, sample
 
@@ -33,6 +33,7 @@ class DecodeState:
     pos: Any  # int32 [B]: position that token will occupy (= tokens already in the cache)
     step: Any  # int32 [B]: tokens generated so far by the slot's request; 0: the slot is parked
     sampling: SlotSampling  # per-slot settings
+    page_table: Any = None  # int32 [B, max_cache_length / page] for a paged cache, else None
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Prefix:
     sampling: SlotSampling
 
 
-for _cls, _fields in ((DecodeState, ["cache", "tokens", "pos", "step", "sampling"]),
+for _cls, _fields in ((DecodeState, ["cache", "tokens", "pos", "step", "sampling", "page_table"]),
                       (Prefix, ["cache", "true_length", "first_token", "sampling"])):
     jax.tree_util.register_dataclass(_cls, data_fields=_fields, meta_fields=[])
 
@@ -58,6 +59,7 @@ class JaxEngine(Engine):
         self.model_config = model_config
         self.checkpoint = checkpoint  # None: random weights (benchmarks, config-name models)
         self.dtype = config.compute_dtype
+        self.paged = config.kv_page_size > 0
         self._mesh = shd.make_mesh(config.platform)
         backend = self._mesh.devices.flat[0].platform
         self.prefill_attention, self.attention_impl = self._choose_attention(backend)
@@ -91,6 +93,8 @@ class JaxEngine(Engine):
                 attn = "cudnn" if cudnn_ok else "xla"
         if attn == "cudnn" and self.config.quantize_kv_cache:
             attn = "xla"  # cuDNN reads 16-bit K/V only
+        if attn == "cudnn" and self.paged:  # cuDNN reads no page table; our kernel does
+            attn = "pallas" if backend == "gpu" and _pallas_compiles(self.model_config, self.dtype) else "xla"
         return prefill, attn
 
     # ---- properties of the API ----
@@ -105,6 +109,15 @@ class JaxEngine(Engine):
     @property
     def mesh(self):
         return self._mesh
+
+    @property
+    def num_kv_pages(self) -> int:
+        """Pages in a paged cache's pool (page `num_kv_pages` is the trash page); 0: not paged."""
+        return self.config.num_kv_pages
+
+    @property
+    def pages_per_slot(self) -> int:
+        return self.config.max_cache_length // self.config.kv_page_size if self.paged else 0
 
     @property
     def samples_per_slot(self) -> int:
@@ -130,15 +143,24 @@ class JaxEngine(Engine):
         cfg, b = self.model_config, self.config.batch_size
 
         def build():
-            cache = init_cache(cfg.num_layers, b, self.config.max_cache_length, cfg.num_kv_heads,
-                               cfg.head_dim, self.dtype, self.config.quantize_kv_cache)
+            if self.paged:  # pages + the trash page, all free slots' rows pointing at it
+                page, pages = self.config.kv_page_size, self.num_kv_pages
+                cache = init_cache(cfg.num_layers, pages + 1, page, cfg.num_kv_heads, cfg.head_dim,
+                                   self.dtype, self.config.quantize_kv_cache)
+                table = jnp.full((b, self.pages_per_slot), pages, jnp.int32)
+            else:
+                cache = init_cache(cfg.num_layers, b, self.config.max_cache_length, cfg.num_kv_heads,
+                                   cfg.head_dim, self.dtype, self.config.quantize_kv_cache)
+                table = None
             g = SlotSampling.greedy(b)
             return DecodeState(cache, jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32),
                                jnp.zeros(b, jnp.int32),
-                               SlotSampling(*(jnp.asarray(x) for x in (g.temperature, g.top_k, g.top_p, g.key))))
+                               SlotSampling(*(jnp.asarray(x) for x in (g.temperature, g.top_k, g.top_p, g.key))),
+                               table)
 
-        out_shardings = DecodeState(self._cache_sharding, *([shd.replicated(self._mesh)] * 3),
-                                    SlotSampling(*([shd.replicated(self._mesh)] * 4)))
+        rep = shd.replicated(self._mesh)
+        out_shardings = DecodeState(self._cache_sharding, rep, rep, rep, SlotSampling(*([rep] * 4)),
+                                    rep if self.paged else None)
         return jax.jit(build, out_shardings=out_shardings)()
 
     # ---- prefill ----
@@ -171,35 +193,54 @@ class JaxEngine(Engine):
         return prefix, first
 
     # ---- insert ----
-    def _insert_impl(self, state: DecodeState, prefix: Prefix, slots):
-        cache = insert_prefix(state.cache, prefix.cache, slots)
-
+    def _insert_impl(self, state: DecodeState, prefix: Prefix, slots, page_rows):
         def put(dst, src):
             return dst.at[slots].set(src.astype(dst.dtype), mode="drop")
+
+        if page_rows is None:
+            cache, table = insert_prefix(state.cache, prefix.cache, slots), None
+        else:
+            cache = insert_prefix_paged(state.cache, prefix.cache, page_rows)
+            table = put(state.page_table, page_rows)
 
         samp = SlotSampling(*(put(d, s) for d, s in zip(
             (state.sampling.temperature, state.sampling.top_k, state.sampling.top_p, state.sampling.key),
             (prefix.sampling.temperature, prefix.sampling.top_k, prefix.sampling.top_p, prefix.sampling.key))))
         return DecodeState(cache, put(state.tokens, prefix.first_token), put(state.pos, prefix.true_length),
-                           put(state.step, jnp.ones_like(prefix.true_length)), samp)
+                           put(state.step, jnp.ones_like(prefix.true_length)), samp, table)
 
     # ---- release ----
-    @staticmethod
-    def _release_impl(state: DecodeState, mask):
+    def _release_impl(self, state: DecodeState, mask):
         """Parked slots (step 0) stay at position 0: their attention reads one cache row
-        instead of a stale sequence that kept growing to the end of the cache."""
+        instead of a stale sequence that kept growing to the end of the cache. Paged, their
+        rows point at the trash page, so their pages can go to other requests."""
+        table = state.page_table
+        if table is not None:
+            table = jnp.where(mask[:, None], self.num_kv_pages, table)
         return DecodeState(state.cache, state.tokens, jnp.where(mask, 0, state.pos),
-                           jnp.where(mask, 0, state.step), state.sampling)
+                           jnp.where(mask, 0, state.step), state.sampling, table)
 
     def release_slots(self, decode_state: DecodeState, slots) -> DecodeState:
         """Park the slots of the [batch_size] bool mask `slots` until their next insert."""
         return self._release_jit(decode_state, np.asarray(slots, bool))
 
-    def insert(self, prefix: Prefix, decode_state: DecodeState, slot) -> DecodeState:
-        """Insert a prefix into `slot` (an int, or [N] slots for a batched prefix; -1 skips a row)."""
+    def insert(self, prefix: Prefix, decode_state: DecodeState, slot, page_rows=None) -> DecodeState:
+        """Insert a prefix into `slot` (an int, or [N] slots for a batched prefix; -1 skips a row).
+
+        A paged cache also takes each row's page-table row, page_rows [N, pages_per_slot]
+        (engine.kv_pages.PagePool.rows): the pages its prompt and generated tokens go to.
+        Skipped rows, and rows given none, point at the trash page."""
         slots = np.atleast_1d(np.asarray(slot, np.int32))
-        slots = np.where(slots < 0, self.config.batch_size, slots)  # out of range -> dropped
-        return self._insert_jit(decode_state, prefix, slots)
+        skip = slots < 0
+        slots = np.where(skip, self.config.batch_size, slots)  # out of range -> dropped
+        if self.paged:
+            rows = np.full((len(slots), self.pages_per_slot), self.num_kv_pages, np.int32)
+            if page_rows is not None:
+                rows[~skip] = np.asarray(page_rows, np.int32).reshape(len(slots), -1)[~skip]
+            page_rows = rows
+        elif page_rows is not None:
+            raise ValueError("page_rows given to an engine without a paged cache")
+        return self._insert_jit(decode_state, prefix, slots, page_rows)
 
     # ---- generate ----
     def decode_windows(self) -> list:
@@ -234,13 +275,14 @@ class JaxEngine(Engine):
         def body(i, carry):
             state, out_tokens, out_pos = carry
             logits, cache = decode_step(params, cfg, state.tokens, state.pos, state.cache, self.dtype,
-                                        self.attention_impl, window)
+                                        self.attention_impl, window, state.page_table)
             nxt = sample(logits, state.sampling, state.step)
             live = state.step > 0  # parked slots (released, or never filled) stay where they are
             pos = jnp.where(live, jnp.minimum(state.pos + 1, limit), state.pos)
             out_tokens = out_tokens.at[:, i].set(nxt)
             out_pos = out_pos.at[:, i].set(pos)
-            return DecodeState(cache, nxt, pos, state.step + live, state.sampling), out_tokens, out_pos
+            return (DecodeState(cache, nxt, pos, state.step + live, state.sampling, state.page_table),
+                    out_tokens, out_pos)
 
         b = self.config.batch_size
         init = (state, jnp.zeros((b, steps), jnp.int32), jnp.zeros((b, steps), jnp.int32))

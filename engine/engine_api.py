@@ -75,8 +75,10 @@ class Engine(abc.ABC):
         """Run the prompt; return its KV prefix and its first sampled token."""
 
     @abc.abstractmethod
-    def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
-        """Place a prefix into a decode slot (the old state is donated)."""
+    def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int,
+               page_rows: Any = None) -> DecodeState:
+        """Place a prefix into a decode slot (the old state is donated). An engine with a
+        paged KV cache also takes the slot's page-table row (an extension of JetStream's API)."""
 
     @abc.abstractmethod
     def generate(self, params: Params, decode_state: DecodeState) -> tuple[DecodeState, ResultTokens]:

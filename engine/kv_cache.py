@@ -1,5 +1,11 @@
 """The preallocated KV cache and decode attention over it.
 
+Paged (EngineConfig.kv_page_size > 0): the same arrays hold pages instead of slots,
+[pages, page, kv_heads, head_dim] (scales [pages, kv_heads, page]), and a page table
+[slots, max_cache_length / page] in the decode state names each slot's pages. Slots then
+share one pool of cache tokens, so a length mix fits many more slots than one
+max_cache_length region per slot allows.
+
 Layout per layer: K and V as [slots, max_cache_length, kv_heads, head_dim] (the BTNH
 layout cuDNN's attention reads directly), in the compute dtype or int8 with one float32
 scale per (slot, kv_head, token). The scales are stored [slots, kv_heads, T], not
@@ -81,21 +87,72 @@ def insert_prefix(cache: KVCache, prefix: KVCache, slots) -> KVCache:
                    [put_scale(d, s) for d, s in zip(cache.v_scale, prefix.v_scale)])
 
 
-def write_token(cache: KVCache, layer: int, k, v, pos) -> KVCache:
-    """Write one new token's K/V ([B, Hkv, D]) for every slot at its position pos [B]."""
-    rows = jnp.arange(k.shape[0])
+def insert_prefix_paged(cache: KVCache, prefix: KVCache, page_rows) -> KVCache:
+    """Write N prefixes ([N, S, ...]) into a paged cache through their page-table rows
+    page_rows [N, W]: positions [j*page, (j+1)*page) go to page page_rows[n, j].
+
+    S is padded up to whole pages. Rows of dummy prompts, and a prompt's padding pages past
+    its allocation, point at the trash page (duplicate writes there are harmless)."""
+    page = cache.k[0].shape[1]
+    n, s = prefix.k[0].shape[:2]
+    n_pg = -(-s // page)
+    pad = n_pg * page - s
+    pages = page_rows[:, :n_pg].reshape(-1)
+
+    def put(dst, src):  # K/V [N, S, Hkv, D] -> [N * n_pg, page, Hkv, D]
+        src = jnp.pad(src, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        return dst.at[pages].set(src.reshape(n * n_pg, page, *src.shape[2:]).astype(dst.dtype))
+
+    def put_scale(dst, src):  # scales [N, Hkv, S] -> [N * n_pg, Hkv, page]
+        hkv = src.shape[1]
+        src = jnp.pad(src, ((0, 0), (0, 0), (0, pad)), constant_values=1.0)
+        src = src.reshape(n, hkv, n_pg, page).transpose(0, 2, 1, 3).reshape(n * n_pg, hkv, page)
+        return dst.at[pages].set(src)
+
+    k = [put(d, x) for d, x in zip(cache.k, prefix.k)]
+    v = [put(d, x) for d, x in zip(cache.v, prefix.v)]
+    if not cache.quantized:
+        return KVCache(k, v)
+    return KVCache(k, v, [put_scale(d, x) for d, x in zip(cache.k_scale, prefix.k_scale)],
+                   [put_scale(d, x) for d, x in zip(cache.v_scale, prefix.v_scale)])
+
+
+def write_token(cache: KVCache, layer: int, k, v, pos, page_table=None) -> KVCache:
+    """Write one new token's K/V ([B, Hkv, D]) for every slot at its position pos [B]
+    (paged: at offset pos % page of page page_table[b, pos // page])."""
+    if page_table is None:
+        where = (jnp.arange(k.shape[0]), pos)  # (slot, position)
+    else:
+        page = cache.k[layer].shape[1]
+        where = (page_table[jnp.arange(k.shape[0]), pos // page], pos % page)  # (page, offset)
     if cache.quantized:
         kq, ks = quantize_kv(k)
         vq, vs = quantize_kv(v)
-        cache.k[layer] = cache.k[layer].at[rows, pos].set(kq)
-        cache.v[layer] = cache.v[layer].at[rows, pos].set(vq)
-        # scales [B, Hkv, T]: (rows, :, pos) selects [B, Hkv]
-        cache.k_scale[layer] = cache.k_scale[layer].at[rows, :, pos].set(ks)
-        cache.v_scale[layer] = cache.v_scale[layer].at[rows, :, pos].set(vs)
+        cache.k[layer] = cache.k[layer].at[where].set(kq)
+        cache.v[layer] = cache.v[layer].at[where].set(vq)
+        # scales [B or P, Hkv, T or page]: (row, :, col) selects [B, Hkv]
+        cache.k_scale[layer] = cache.k_scale[layer].at[where[0], :, where[1]].set(ks)
+        cache.v_scale[layer] = cache.v_scale[layer].at[where[0], :, where[1]].set(vs)
     else:
-        cache.k[layer] = cache.k[layer].at[rows, pos].set(k.astype(cache.k[layer].dtype))
-        cache.v[layer] = cache.v[layer].at[rows, pos].set(v.astype(cache.v[layer].dtype))
+        cache.k[layer] = cache.k[layer].at[where].set(k.astype(cache.k[layer].dtype))
+        cache.v[layer] = cache.v[layer].at[where].set(v.astype(cache.v[layer].dtype))
     return cache
+
+
+def gather_pages(cache: KVCache, layer: int, page_table, window: Optional[int] = None):
+    """A paged layer as the contiguous per-slot layout ([B, T, Hkv, D], scales [B, Hkv, T]),
+    copied through page_table [B, W]; only the first `window` positions' pages if given.
+    For the XLA and cuDNN paths, which read dense arrays (the Pallas kernel reads pages)."""
+    page = cache.k[layer].shape[1]
+    w = page_table.shape[1] if window is None else min(-(-window // page), page_table.shape[1])
+    pt = page_table[:, :w]
+    b = pt.shape[0]
+    dense = lambda x: x[pt].reshape(b, w * page, *x.shape[2:])
+    k, v = dense(cache.k[layer]), dense(cache.v[layer])
+    if not cache.quantized:
+        return KVCache([k], [v])
+    scales = lambda x: x[pt].transpose(0, 2, 1, 3).reshape(b, x.shape[1], w * page)
+    return KVCache([k], [v], [scales(cache.k_scale[layer])], [scales(cache.v_scale[layer])])
 
 
 def _softcap(s, cap):
@@ -104,15 +161,13 @@ def _softcap(s, cap):
 
 def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str = "xla",
                      window: Optional[int] = None, softcap: Optional[float] = None,
-                     sliding_window: Optional[int] = None):
+                     sliding_window: Optional[int] = None, page_table=None):
     """One query per slot (q: [B, H, D]) against that slot's cache positions [0, pos].
 
     `window` (static) bounds what the XLA path reads: only cache[:, :window], which the caller
     guarantees covers every live slot's positions (the masked einsum cannot skip unfilled blocks).
+    `page_table` [B, W]: the cache is paged (see insert_prefix_paged).
     """
-    k, v = cache.k[layer], cache.v[layer]
-    b, t, hkv, d = k.shape
-    h = q.shape[1]
     if impl != "xla" and (softcap is not None or sliding_window is not None):
         raise ValueError(f"{impl} decode attention has no soft-cap or sliding window; use 'xla'")
     if impl == "pallas":  # reads only each slot's filled blocks; int8 or unquantized cache
@@ -120,8 +175,14 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
         ks = cache.k_scale[layer] if cache.quantized else None
         vs = cache.v_scale[layer] if cache.quantized else None
         # The Triton kernel compiles only for GPUs; elsewhere Pallas interprets it (tests).
-        return ragged_decode_attention(q, k, v, ks, vs, pos + 1, scale,
+        return ragged_decode_attention(q, cache.k[layer], cache.v[layer], ks, vs, pos + 1, scale,
+                                       page_table=page_table,
                                        interpret=jax.default_backend() != "gpu")
+    if page_table is not None:
+        cache, layer = gather_pages(cache, layer, page_table, window), 0
+    k, v = cache.k[layer], cache.v[layer]
+    b, t, hkv, d = k.shape
+    h = q.shape[1]
     if impl == "cudnn" and not cache.quantized:
         out = jax.nn.dot_product_attention(
             q[:, None], k, v, scale=scale, implementation="cudnn",

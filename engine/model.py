@@ -149,10 +149,11 @@ def prefill(params, cfg: ModelConfig, tokens, dtype, all_logits: bool = False, l
 
 
 def decode_step(params, cfg: ModelConfig, tokens, pos, cache: KVCache, dtype, attn_impl: str = "xla",
-                window=None):
+                window=None, page_table=None):
     """One token per slot: tokens [B] at positions pos [B]; returns (logits [B, V], cache).
 
     `window` (static): attention reads at most the first `window` cache positions.
+    `page_table` [B, W]: the cache is paged (engine/kv_cache.py).
     """
     cache = KVCache(list(cache.k), list(cache.v),
                     None if cache.k_scale is None else list(cache.k_scale),
@@ -165,8 +166,9 @@ def decode_step(params, cfg: ModelConfig, tokens, pos, cache: KVCache, dtype, at
         q, k, v = _qkv(layer, h, cfg)
         q = apply_rope(q, pos, inv_freq)
         k = apply_rope(k, pos, inv_freq)
-        cache = write_token(cache, i, k, v, pos)
-        a = decode_attention(q, cache, i, pos, impl=attn_impl, window=window, **attn_options(cfg, i))
+        cache = write_token(cache, i, k, v, pos, page_table)
+        a = decode_attention(q, cache, i, pos, impl=attn_impl, window=window, page_table=page_table,
+                             **attn_options(cfg, i))
         x = _residual_attn(layer, x, a.reshape(b, -1), cfg)
         x = _residual_mlp(layer, x, cfg)
     return logits(params, cfg, x), cache

@@ -135,9 +135,14 @@ def _prmt_magic_bits(x):
     return bits
 
 
-def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, block_t: int, chunk: int, g: int, scale: float,
-            quantized: bool, method: str, split: bool, mask_loads: bool, convert: str,
-            interpret: bool):
+def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quantized: bool,
+            method: str, split: bool, mask_loads: bool, convert: str, interpret: bool,
+            page: int = 0):
+    if page:
+        pt_ref, q_ref, k_ref, v_ref, *rest = refs
+    else:
+        pt_ref = None
+        q_ref, k_ref, v_ref, *rest = refs
     if quantized:
         ks_ref, vs_ref, *outs = rest
     else:
@@ -146,6 +151,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, block_t: int, chunk: int, g: in
     o_ref = outs[0]
     d = k_ref.shape[-1]
     s_idx = pl.program_id(2)
+    hi = pl.program_id(0)  # kv head (read here: interpret mode has no program_id inside loops)
     chunk_start = s_idx * chunk
     length = len_ref[()]
     # Valid tokens of this chunk: [chunk_start, min(length, chunk_start + chunk)).
@@ -153,28 +159,54 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, block_t: int, chunk: int, g: in
     n_blocks = lax.div(n_valid + (block_t - 1), jnp.int32(block_t))
     iota = lax.broadcasted_iota(jnp.int32, (block_t,), 0)
 
-    def load_block(ref, start, valid, two_d):
-        idx = (pl.ds(start, block_t), slice(None)) if two_d else (pl.ds(start, block_t),)
+    def index(start, two_d, pg):
+        """Where a block of block_t tokens at chunk-local `start` lives in a K/V (two_d) or
+        scale ref: rows of this (slot, kv head)'s view, or, paged, of page `pg`."""
+        if not page:
+            return (pl.ds(start, block_t), slice(None)) if two_d else (pl.ds(start, block_t),)
+        off = _multiple_of(lax.rem(chunk_start + start, jnp.int32(page)), block_t)
+        return (pg, pl.ds(off, block_t), hi, slice(None)) if two_d else (pg, hi, pl.ds(off, block_t))
+
+    def page_of(i):  # the page holding block i (clamped: the loop reads one entry ahead)
+        j = lax.div(chunk_start + i * block_t, jnp.int32(page))
+        return pt_ref[jnp.minimum(j, pt_ref.shape[0] - 1)]
+
+    def loop(step, init):
+        """fori_loop over the slot's filled blocks. Paged, the carry also holds the next block's
+        page, loaded one iteration early: its load then overlaps this block's K/V loads instead
+        of delaying them (the K/V addresses depend on it)."""
+        if not page:
+            return lax.fori_loop(0, n_blocks, lambda i, c: step(i, c, None), init)
+
+        def body(i, carry):
+            c, pg = carry
+            nxt = page_of(i + 1)
+            return step(i, c, pg), nxt
+
+        return lax.fori_loop(0, n_blocks, body, (init, page_of(0)))[0]
+
+    def load_block(ref, start, valid, two_d, pg):
+        idx = index(start, two_d, pg)
         if not mask_loads:
             return ref[idx]
         m = jnp.broadcast_to(valid[:, None], (block_t, d)) if two_d else valid
         return _load(ref.at[idx], mask=m, other=0)
 
-    def block(i):
+    def block(i, pg):
         start = _multiple_of(i * block_t, block_t)
         valid = (start + iota) < n_valid  # chunk-local positions
-        k = load_block(k_ref, start, valid, True)
-        v = load_block(v_ref, start, valid, True)
-        ks = load_block(ks_ref, start, valid, False) if quantized else None
-        vs = load_block(vs_ref, start, valid, False) if quantized else None
+        k = load_block(k_ref, start, valid, True, pg)
+        v = load_block(v_ref, start, valid, True, pg)
+        ks = load_block(ks_ref, start, valid, False, pg) if quantized else None
+        vs = load_block(vs_ref, start, valid, False, pg) if quantized else None
         return valid, k, v, ks, vs
 
     if method == "fma":
         qs = [q_ref[j, :].astype(jnp.float32) * scale for j in range(g)]  # [D] each
 
-        def body(i, carry):
+        def body(i, carry, pg):
             ms, ls, accs = carry
-            valid, k, v, ks, vs = block(i)
+            valid, k, v, ks, vs = block(i, pg)
             k = _int8_to_f32(k, convert, interpret)
             v = _int8_to_f32(v, convert, interpret)
             new_m, new_l, new_acc = [], [], []
@@ -196,7 +228,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, block_t: int, chunk: int, g: in
         init = (tuple(jnp.float32(NEG_INF) for _ in range(g)),
                 tuple(jnp.float32(0.0) for _ in range(g)),
                 tuple(jnp.zeros((d,), jnp.float32) for _ in range(g)))
-        ms, ls, accs = lax.fori_loop(0, n_blocks, body, init)
+        ms, ls, accs = loop(body, init)
         for j in range(g):
             if split:
                 o_ref[j, :] = accs[j]
@@ -212,9 +244,9 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, block_t: int, chunk: int, g: in
     cdt = q.dtype
     prec = lax.Precision.HIGHEST if cdt == jnp.float32 else None
 
-    def body(i, carry):
+    def body(i, carry, pg):
         m, l, acc = carry
-        valid, k, v, ks, vs = block(i)
+        valid, k, v, ks, vs = block(i, pg)
         s = lax.dot_general(q, k.astype(cdt), (((1,), (1,)), ((), ())), precision=prec,
                             preferred_element_type=jnp.float32)  # [Gp, block_t]
         if quantized:
@@ -231,7 +263,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, block_t: int, chunk: int, g: in
 
     init = (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32),
             jnp.zeros((gp, d), jnp.float32))
-    m, l, acc = lax.fori_loop(0, n_blocks, body, init)
+    m, l, acc = loop(body, init)
     if split:
         o_ref[...] = acc
         outs[1][...] = m
@@ -247,6 +279,7 @@ def _pick_block(t: int, want: int, method: str) -> int:
 
 
 def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
+                            page_table=None,
                             block_t: Optional[int] = None, method: Optional[str] = None,
                             num_splits: Optional[int] = None, num_warps: Optional[int] = None,
                             num_stages: Optional[int] = None, mask_loads: Optional[bool] = None,
@@ -255,6 +288,9 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
 
     k_scale/v_scale: [B, Hkv, T] float32 for an int8 cache, or None for an unquantized one.
     Returns [B, H, D] in q's dtype. Lengths are clipped to [0, T]; a slot of length 0 gets zeros.
+    page_table: a paged cache. K/V are then pages [P, page, Hkv, D] (scales [P, Hkv, page])
+    and page_table [B, W] int32 names the page holding each slot's positions
+    [j*page, (j+1)*page): T = W * page. Blocks never straddle pages (block_t <= page).
     mask_loads: predicate the K/V/scale loads on position < length, so the rows of the last
     block past the length are not read either (otherwise they are read and masked in the
     scores); always on when block_t does not divide the chunk length.
@@ -265,7 +301,12 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     if cfg["convert"] not in ("cvt", "magic", "prmt"):
         raise ValueError(f"convert must be 'cvt', 'magic' or 'prmt', not {cfg['convert']!r}")
     b, h, d = q.shape
-    _, t, hkv, _ = k.shape
+    if page_table is not None:
+        _, page, hkv, _ = k.shape
+        t = page_table.shape[1] * page
+    else:
+        page = 0
+        _, t, hkv, _ = k.shape
     if h % hkv:
         raise ValueError(f"{h} query heads do not divide into {hkv} kv heads")
     g = h // hkv
@@ -279,7 +320,11 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     if t % splits:
         raise ValueError(f"num_splits={splits} does not divide the cache length {t}")
     chunk = t // splits
-    bt = _pick_block(chunk, cfg["block_t"], method)
+    if page and chunk % page:
+        raise ValueError(f"num_splits={splits} must split the {t}-token page table on page edges")
+    bt = _pick_block(chunk, min(cfg["block_t"], page) if page else cfg["block_t"], method)
+    if page and page % bt:
+        raise ValueError(f"page size {page} is not a multiple of a {bt}-token block")
     # Loads may stay unmasked when blocks tile the chunk exactly (positions past the length
     # are masked in the scores instead); otherwise the last block would run past the array.
     mask_loads = bool(cfg["mask_loads"]) or chunk % bt != 0
@@ -293,13 +338,20 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
             qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gq - g), (0, 0)))
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, t)
 
-    kv_spec = pl.BlockSpec((_SQ, chunk, _SQ, d), lambda hi, bi, si: (bi, si, hi, 0))
-    in_specs = [pl.BlockSpec((_SQ,), lambda hi, bi, si: (bi,)),
-                pl.BlockSpec((_SQ, _SQ, gq, d), lambda hi, bi, si: (bi, hi, 0, 0)),
-                kv_spec, kv_spec]
-    args = [lengths, qg, k, v]
-    if quantized:
+    if page:  # the kernel indexes the whole page pool itself, through its slot's table row
+        kv_spec = pl.BlockSpec(k.shape, lambda hi, bi, si: (0, 0, 0, 0))
+        sc_spec = pl.BlockSpec((k.shape[0], hkv, page), lambda hi, bi, si: (0, 0, 0))
+    else:
+        kv_spec = pl.BlockSpec((_SQ, chunk, _SQ, d), lambda hi, bi, si: (bi, si, hi, 0))
         sc_spec = pl.BlockSpec((_SQ, _SQ, chunk), lambda hi, bi, si: (bi, hi, si))
+    in_specs = [pl.BlockSpec((_SQ,), lambda hi, bi, si: (bi,))]
+    args = [lengths]
+    if page:
+        in_specs.append(pl.BlockSpec((_SQ, page_table.shape[1]), lambda hi, bi, si: (bi, 0)))
+        args.append(page_table.astype(jnp.int32))
+    in_specs += [pl.BlockSpec((_SQ, _SQ, gq, d), lambda hi, bi, si: (bi, hi, 0, 0)), kv_spec, kv_spec]
+    args += [qg, k, v]
+    if quantized:
         in_specs += [sc_spec, sc_spec]
         args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
     if split:
@@ -315,7 +367,8 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
 
     kernel = functools.partial(_kernel, block_t=bt, chunk=chunk, g=g, scale=float(scale),
                                quantized=quantized, method=method, split=split,
-                               mask_loads=mask_loads, convert=cfg["convert"], interpret=interpret)
+                               mask_loads=mask_loads, convert=cfg["convert"], interpret=interpret,
+                               page=page)
     kwargs = {}
     params = _compiler_params(int(cfg["num_warps"]), int(cfg["num_stages"]))
     if params is not None:
