@@ -159,13 +159,17 @@ def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
 
 
 def test_multi_processing_workers(tmp_path, tokenizer_dir):
-    """--direct_num_workers=2 --direct_running_mode=multi_processing (Beam worker subprocesses)."""
+    """--direct_num_workers=2 --direct_running_mode=multi_processing (Beam worker subprocesses),
+    with a paged KV cache of 6 pages x 8 tokens shared by the 4 slots: a row needs up to 3
+    pages, so rows wait for pages, across several flushes of one resident engine."""
     a = sample_parquet(tmp_path / "a.parquet")
     b = sample_jsonl(tmp_path / "b.jsonl")
     out = tmp_path / "out"
     metrics, _ = run_job([f"--input={a},{b}", f"--output={out}", "--direct_num_workers=2",
-                          "--direct_running_mode=multi_processing", "--flush_rows=3"]
+                          "--direct_running_mode=multi_processing", "--flush_rows=3",
+                          "--kv_page_size=8", "--kv_cache_tokens=48"]
                          + engine_args(tokenizer_dir))
+    assert metrics["engine_config"]["kv_page_size"] == 8 and metrics["engine_config"]["kv_cache_tokens"] == 48
     comps, errs = read_outputs(str(out))
     assert errs == []
     assert_each_id_once(comps, errs)

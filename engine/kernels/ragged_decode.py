@@ -16,6 +16,13 @@ each 4-byte scale load pull its own 32-byte sector.) The kv-head axis is grid ax
 fastest-varying CUDA program id), so programs running together read neighbouring rows of the
 same slot.
 
+Paged caches (page_table given): K/V are a pool of pages [P, page, Hkv, D] (scales
+[P, Hkv, page]) shared by all slots, and page_table [B, W] names slot b's page for positions
+[j*page, (j+1)*page). The kernel takes the whole pool as one block and loads each block's rows
+from page page_table[b, j] (block_t divides page, so a block never straddles pages). The next
+block's page index is loaded one loop iteration ahead. On an H100 the paged kernel ran 5-7%
+slower than the contiguous one over the same int8 cache, bit-identical (BENCHMARKS.md).
+
 Two ways to compute the G query rows against a block (`method`):
 - "fma": each query row separately, scores = sum(k * q_g, axis=1) and out += sum(p[:, None] * v,
   axis=0), in float32 on the CUDA cores. No tensor-core shape rules: any G (G=1 for Llama-2-7B
