@@ -122,6 +122,31 @@ class ContinuousBatcher:
                     f"{cfg.kv_page_size} tokens; the pool holds {self.pages.num_pages} (kv_cache_tokens)")
         return ids
 
+    def _prepared(self, requests: Iterable[Request]):
+        """(request, prompt ids) pairs in serving order, and an error Result for each request
+        that cannot be served. With schedule "longest_first", requests are read a window at a
+        time and each window is served longest first: in a length mix the longest requests
+        decide when a job ends, and started last they decode alone while the other slots idle
+        (offline batches know each request's max_tokens up front)."""
+        cfg = self.engine.config
+        window = cfg.schedule_window if cfg.schedule == "longest_first" else 1
+        source = iter(requests)
+        while True:
+            chunk = []
+            for req in source:
+                try:
+                    chunk.append((req, self.prepare(req)))
+                except RequestError as e:
+                    self.stats["errors"] += 1
+                    yield Result(id=req.id, error=str(e), metadata=req.metadata)
+                if len(chunk) >= window:
+                    break
+            if not chunk:
+                return
+            if window > 1:  # stable: equal lengths keep arrival order
+                chunk.sort(key=lambda item: (-self._max_tokens(item[1], item[0]), -len(item[1])))
+            yield from chunk
+
     def _max_tokens(self, ids, req) -> int:
         return min(req.sampling.max_tokens, self.engine.config.max_cache_length - len(ids))
 
@@ -149,7 +174,7 @@ class ContinuousBatcher:
         engine = self.engine
         cfg = engine.config
         steps = cfg.decode_steps
-        source = iter(requests)
+        source = self._prepared(requests)
         exhausted = False
         free = list(range(engine.max_concurrent_decodes))[::-1]
         active: dict[int, _Active] = {}  # slot -> request that may still need decode calls
@@ -165,15 +190,14 @@ class ContinuousBatcher:
             # 1. Pull requests (bad ones become error results at once) and refill free slots.
             while len(waiting) < len(free) and not exhausted:
                 try:
-                    req = next(source)
+                    item = next(source)
                 except StopIteration:
                     exhausted = True
                     break
-                try:
-                    waiting.append((req, self.prepare(req)))
-                except RequestError as e:
-                    self.stats["errors"] += 1
-                    yield Result(id=req.id, error=str(e), metadata=req.metadata)
+                if isinstance(item, Result):
+                    yield item
+                else:
+                    waiting.append(item)
             if waiting and (len(free) >= cfg.min_refill or not active
                             or (exhausted and len(waiting) <= len(free))):
                 if self.pages is not None:

@@ -221,6 +221,12 @@ class EngineConfig:
     # Park free slots that no refill took (release_slots) so decode stops reading their
     # stale caches; off only to measure what parking saves.
     park_free_slots: bool = True
+    # Order in which waiting requests take slots. "longest_first": each window of
+    # `schedule_window` requests is served longest max_tokens first (then longest prompt), so
+    # the long requests no longer run alone at the end of a job while most slots sit empty
+    # (ties keep arrival order: same-length jobs run as they arrive). "arrival": as they come.
+    schedule: str = "longest_first"
+    schedule_window: int = 4096
     # Paged KV cache: pages of this many tokens from one shared pool (0: one max_cache_length
     # region per slot). A slot then holds only the pages its request needs (prompt +
     # max_tokens), so a length mix fits several times the slots in the same memory.
@@ -245,7 +251,7 @@ class EngineConfig:
             self.warmup = _as_bool(self.warmup)
         for name in ("batch_size", "max_cache_length", "context_size", "min_prefill_bucket",
                      "decode_steps", "prefill_batch", "min_refill", "seed", "kv_page_size",
-                     "kv_cache_tokens"):
+                     "kv_cache_tokens", "schedule_window"):
             setattr(self, name, int(getattr(self, name)))
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -259,6 +265,10 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.decode_steps < 1 or self.prefill_batch < 1 or self.min_refill < 1:
             raise ValueError("decode_steps, prefill_batch and min_refill must be >= 1")
+        if self.schedule not in ("arrival", "longest_first"):
+            raise ValueError(f"schedule must be 'arrival' or 'longest_first', got {self.schedule!r}")
+        if self.schedule_window < 1:
+            raise ValueError("schedule_window must be >= 1")
         if self.kv_page_size < 0 or self.kv_cache_tokens < 0:
             raise ValueError("kv_page_size and kv_cache_tokens must be >= 0")
         if self.kv_page_size and self.max_cache_length % self.kv_page_size:

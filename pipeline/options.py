@@ -27,7 +27,8 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop"
 # Flags passed to the engine as EngineConfig fields (engine/config.py) when set.
 ENGINE_FIELDS = ("batch_size", "max_cache_length", "context_size", "quantize_weights",
                  "quantize_kv_cache", "dtype", "platform", "tokenizer_path", "decode_steps",
-                 "prefill_batch", "min_prefill_bucket", "min_refill", "kv_page_size", "kv_cache_tokens")
+                 "prefill_batch", "min_prefill_bucket", "min_refill", "kv_page_size", "kv_cache_tokens",
+                 "schedule", "schedule_window")
 
 
 def _bool(value) -> bool:
@@ -106,6 +107,12 @@ class JetbeamOptions(PipelineOptions):
                                 "slots: +26%% output tok/s on a ShareGPT-like mix on an H100 (BENCHMARKS.md).")
         model.add_argument("--kv_cache_tokens", type=int, default=None,
                            help="Tokens in the paged KV cache's pool (default batch_size * max_cache_length).")
+        model.add_argument("--schedule", choices=["longest_first", "arrival"], default=None,
+                           help="Order in which buffered rows take decode slots (engine knob): "
+                                "longest max_tokens first (the default; the long rows no longer decode "
+                                "alone at the end of each flush) or arrival order.")
+        model.add_argument("--schedule_window", type=int, default=None,
+                           help="Rows ordered together by --schedule longest_first (default 4096).")
         model.add_argument("--engine_config", default=None,
                            help="JSON object of further EngineConfig fields, e.g. '{\"attention\": \"xla\"}'.")
         model.add_argument("--num_engines", type=int, default=None,

@@ -225,6 +225,24 @@ def test_min_refill_waits_for_fuller_prefill_calls(batched):
     assert [r.completion_tokens for r in batched3] == [r.sampling.max_tokens for r in reqs]
 
 
+def test_longest_first_ends_without_a_lone_tail(batched):
+    """Six 2-token requests then one of 21 tokens, on 3 slots of 4-step calls: in arrival order
+    the long one starts last and decodes alone for 5 calls; served longest first it starts at
+    once and the short ones pass through the other two slots meanwhile. Same tokens each way."""
+    reqs = [Request(id=i, prompt_token_ids=[4 + i, 9], sampling=SamplingParams(max_tokens=2, ignore_eos=True))
+            for i in range(6)]
+    reqs.append(Request(id=6, prompt_token_ids=[7, 7, 7], sampling=SamplingParams(max_tokens=21, ignore_eos=True)))
+    arrival, arrival_calls = _run_with(batched, reqs, "decode_calls", schedule="arrival")
+    longest, longest_calls = _run_with(batched, reqs, "decode_calls", schedule="longest_first")
+    assert longest_calls == 5 < arrival_calls == 7
+    assert [r.completion_token_ids for r in longest] == [r.completion_token_ids for r in arrival]
+    assert [r.completion_tokens for r in longest] == [2] * 6 + [21]
+    # A window of 2 sorts only within pairs: the long request is in the last window, so it
+    # still starts last.
+    _, windowed_calls = _run_with(batched, reqs, "decode_calls", schedule_window=2)
+    assert windowed_calls == arrival_calls
+
+
 def test_refill_policies_give_every_request_its_solo_tokens(batched, solo):
     """Under each refill policy, a mix of lengths (max_tokens 1 included: done at prefill) and
     stop tokens (ending requests before max_tokens, after their slot may have been refilled
