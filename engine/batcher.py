@@ -19,6 +19,10 @@ When a slot frees:
   prompt costs nearly as much as one of eight, so refilling slots one at a time as a length
   mix frees them spends more on prefill than the idle slots cost.
 
+Requests are read a window at a time (`EngineConfig.schedule_window`) and each window is
+served longest max_tokens first (`EngineConfig.schedule`): in a length mix served in arrival
+order, the longest requests started last and decoded nearly alone at the end of the job.
+
 With a paged KV cache (`EngineConfig.kv_page_size`) a request is admitted only once the pool
 has the pages for its prompt plus max_tokens (first come, first served), and a slot's pages
 go back to the pool when the device drops its page-table row: at its next insert, or when
