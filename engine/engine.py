@@ -88,13 +88,15 @@ class JaxEngine(Engine):
         prefill = "cudnn" if cudnn_ok and attn in ("auto", "cudnn", "pallas") else "xla"
         if attn == "auto":
             if self.config.quantize_kv_cache:
-                attn = "pallas" if backend == "gpu" and _pallas_compiles(self.model_config, self.dtype) else "xla"
+                attn = "pallas" if backend == "gpu" and _pallas_compiles(
+                    self.model_config, self.dtype, self.config.kv_page_size) else "xla"
             else:
                 attn = "cudnn" if cudnn_ok else "xla"
         if attn == "cudnn" and self.config.quantize_kv_cache:
             attn = "xla"  # cuDNN reads 16-bit K/V only
         if attn == "cudnn" and self.paged:  # cuDNN reads no page table; our kernel does
-            attn = "pallas" if backend == "gpu" and _pallas_compiles(self.model_config, self.dtype) else "xla"
+            attn = "pallas" if backend == "gpu" and _pallas_compiles(
+                self.model_config, self.dtype, self.config.kv_page_size) else "xla"
         return prefill, attn
 
     # ---- properties of the API ----
@@ -331,15 +333,21 @@ class JaxEngine(Engine):
         return sizes + [top]
 
 
-def _pallas_compiles(cfg: ModelConfig, dtype) -> bool:
-    """Compile and run the ragged kernel once on tiny inputs of this model's head shapes."""
+def _pallas_compiles(cfg: ModelConfig, dtype, page: int = 0) -> bool:
+    """Compile and run the ragged kernel once on tiny inputs of this model's head shapes
+    (as 2 slots of 128 tokens, or, paged, 2 x 128 / page pages of `page` tokens)."""
     try:
         from engine.kernels.ragged_decode import ragged_decode_attention
         hkv, g, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
         q = jnp.zeros((2, hkv * g, d), dtype)
-        k = jnp.zeros((2, 128, hkv, d), jnp.int8)
-        s = jnp.ones((2, hkv, 128), jnp.float32)  # scales [B, Hkv, T]
-        out = ragged_decode_attention(q, k, k, s, s, jnp.array([1, 100], jnp.int32), d ** -0.5)
+        rows, t, table = 2, 128, None
+        if page:  # the same 256 tokens as pages, through a page table
+            rows, t = max(1, 256 // page), page
+            table = jnp.arange(rows, dtype=jnp.int32).reshape(2, -1) if rows > 1 else jnp.zeros((2, 1), jnp.int32)
+        k = jnp.zeros((rows, t, hkv, d), jnp.int8)
+        s = jnp.ones((rows, hkv, t), jnp.float32)  # scales [B or pages, Hkv, T or page]
+        out = ragged_decode_attention(q, k, k, s, s, jnp.array([1, 100], jnp.int32), d ** -0.5,
+                                      page_table=table)
         jax.block_until_ready(out)
         return True
     except Exception as e:  # a Triton or Pallas version that rejects the kernel: use XLA
