@@ -66,6 +66,16 @@ def pack_prefix(ks: list, vs: list, quantized: bool) -> KVCache:
     return KVCache(list(kq), list(vq), heads_first(ksc), heads_first(vsc))
 
 
+def _write_layers(cache: KVCache, prefix: KVCache, put, put_scale) -> KVCache:
+    """put(dst, src) for every layer's K and V, put_scale for their scales (int8 caches)."""
+    k = [put(d, x) for d, x in zip(cache.k, prefix.k)]
+    v = [put(d, x) for d, x in zip(cache.v, prefix.v)]
+    if not cache.quantized:
+        return KVCache(k, v)
+    return KVCache(k, v, [put_scale(d, x) for d, x in zip(cache.k_scale, prefix.k_scale)],
+                   [put_scale(d, x) for d, x in zip(cache.v_scale, prefix.v_scale)])
+
+
 def insert_prefix(cache: KVCache, prefix: KVCache, slots) -> KVCache:
     """Write N prefixes ([N, S, ...]) into rows `slots` [N] at positions [0, S).
 
@@ -79,12 +89,7 @@ def insert_prefix(cache: KVCache, prefix: KVCache, slots) -> KVCache:
         s = src.shape[2]
         return dst.at[slots, :, :s].set(src, mode="drop")
 
-    k = [put(d, s) for d, s in zip(cache.k, prefix.k)]
-    v = [put(d, s) for d, s in zip(cache.v, prefix.v)]
-    if not cache.quantized:
-        return KVCache(k, v)
-    return KVCache(k, v, [put_scale(d, s) for d, s in zip(cache.k_scale, prefix.k_scale)],
-                   [put_scale(d, s) for d, s in zip(cache.v_scale, prefix.v_scale)])
+    return _write_layers(cache, prefix, put, put_scale)
 
 
 def insert_prefix_paged(cache: KVCache, prefix: KVCache, page_rows) -> KVCache:
@@ -109,12 +114,7 @@ def insert_prefix_paged(cache: KVCache, prefix: KVCache, page_rows) -> KVCache:
         src = src.reshape(n, hkv, n_pg, page).transpose(0, 2, 1, 3).reshape(n * n_pg, hkv, page)
         return dst.at[pages].set(src)
 
-    k = [put(d, x) for d, x in zip(cache.k, prefix.k)]
-    v = [put(d, x) for d, x in zip(cache.v, prefix.v)]
-    if not cache.quantized:
-        return KVCache(k, v)
-    return KVCache(k, v, [put_scale(d, x) for d, x in zip(cache.k_scale, prefix.k_scale)],
-                   [put_scale(d, x) for d, x in zip(cache.v_scale, prefix.v_scale)])
+    return _write_layers(cache, prefix, put, put_scale)
 
 
 def write_token(cache: KVCache, layer: int, k, v, pos, page_table=None) -> KVCache:
