@@ -78,7 +78,8 @@ class JaxEngine(Engine):
         prefill and, for a 16-bit cache, its decode kernel with per-slot kv lengths (reads only
         the filled cache at ~3 TB/s on an H100). An int8 cache goes to our ragged Pallas kernel
         (engine/kernels), which beat XLA's masked einsum there (BENCHMARKS.md), provided Triton
-        compiles it for this model's head shapes; otherwise, and on CPU/TPU, XLA.
+        compiles it for this model's head shapes; otherwise, and on CPU/TPU, XLA. A paged
+        16-bit cache goes to the Pallas kernel too: cuDNN's decode reads no page table.
         """
         cfg = self.model_config
         if cfg.attn_logit_softcap is not None or cfg.sliding_window is not None:
@@ -86,17 +87,17 @@ class JaxEngine(Engine):
         cudnn_ok = backend == "gpu" and self.dtype in (jnp.bfloat16, jnp.float16)
         attn = self.config.attention
         prefill = "cudnn" if cudnn_ok and attn in ("auto", "cudnn", "pallas") else "xla"
+
+        def pallas_or_xla():
+            ok = backend == "gpu" and _pallas_compiles(self.model_config, self.dtype, self.config.kv_page_size)
+            return "pallas" if ok else "xla"
+
         if attn == "auto":
-            if self.config.quantize_kv_cache:
-                attn = "pallas" if backend == "gpu" and _pallas_compiles(
-                    self.model_config, self.dtype, self.config.kv_page_size) else "xla"
-            else:
-                attn = "cudnn" if cudnn_ok else "xla"
+            attn = pallas_or_xla() if self.config.quantize_kv_cache else ("cudnn" if cudnn_ok else "xla")
         if attn == "cudnn" and self.config.quantize_kv_cache:
             attn = "xla"  # cuDNN reads 16-bit K/V only
         if attn == "cudnn" and self.paged:  # cuDNN reads no page table; our kernel does
-            attn = "pallas" if backend == "gpu" and _pallas_compiles(
-                self.model_config, self.dtype, self.config.kv_page_size) else "xla"
+            attn = pallas_or_xla()
         return prefill, attn
 
     # ---- properties of the API ----
