@@ -22,11 +22,13 @@ CHILD = textwrap.dedent("""
     out = {}
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(3, 256, size=n)] for n in (3, 11, 16, 7, 15)]
-    runs = [("tiny-llama", p, q) for p in ("cpu", "cpu=4", "cpu=8") for q in (False, True)]
-    runs += [("tiny-gemma", p, False) for p in ("cpu", "cpu=8")]
-    for model, platform, q in runs:
+    runs = [("tiny-llama", p, q, 0) for p in ("cpu", "cpu=4", "cpu=8") for q in (False, True)]
+    runs += [("tiny-gemma", p, False, 0) for p in ("cpu", "cpu=8")]
+    runs += [("tiny-llama", "cpu=4", True, 8)]  # a paged int8 cache, split by KV head
+    for model, platform, q, page in runs:
         llm = LLM(model, platform=platform, batch_size=2, max_cache_length=40, context_size=16,
-                  decode_steps=4, prefill_batch=2, quantize_weights=q, quantize_kv_cache=q)
+                  decode_steps=4, prefill_batch=2, quantize_weights=q, quantize_kv_cache=q,
+                  kv_page_size=page)
         layer = llm.params["layers"][0]
         wq = layer.get("wq", layer.get("wqkv"))  # one device: q|k|v fused (engine/weights.py)
         wq = getattr(wq, "q", wq)
@@ -34,7 +36,7 @@ CHILD = textwrap.dedent("""
                                         sampling=SamplingParams(max_tokens=12, ignore_eos=True))
                                 for i, p in enumerate(prompts)])
         cache = llm.batcher.state.cache.k[0]  # the live (not donated) cache
-        out[f"{model}|{platform}|{q}"] = {
+        out[f"{model}|{platform}" + ("|paged" if page else "") + f"|{q}"] = {
             "tokens": [r.completion_token_ids for r in res],
             "devices": int(llm.engine.mesh.devices.size),
             "wq_shards": len({str(s.index) for s in wq.addressable_shards}),
@@ -57,12 +59,13 @@ def runs():
     ("tiny-llama", False, ("cpu=4", "cpu=8")),
     ("tiny-llama", True, ("cpu=4", "cpu=8")),
     ("tiny-gemma", False, ("cpu=8",)),
+    ("tiny-llama", True, ("cpu=4|paged",)),
 ])
 def test_sharded_greedy_equals_single_device(runs, model, quantized, platforms):
     one = runs[f"{model}|cpu|{quantized}"]
     assert one["devices"] == 1
     for platform in platforms:
-        n = int(platform.split("=")[1])
+        n = int(platform.split("=")[1].split("|")[0])
         many = runs[f"{model}|{platform}|{quantized}"]
         assert many["devices"] == n
         assert many["tokens"] == one["tokens"]
@@ -75,6 +78,7 @@ def test_weights_and_cache_are_actually_split(runs):
     assert runs["tiny-llama|cpu=8|False"]["cache_shards"] == 1
     assert runs["tiny-llama|cpu=4|True"]["wq_shards"] == 4
     assert runs["tiny-llama|cpu=4|True"]["cache_shards"] == 4
+    assert runs["tiny-llama|cpu=4|paged|True"]["cache_shards"] == 4  # the page pool, by KV head
     # tiny-gemma: 4 heads, 1 KV head (multi-query): cache replicated everywhere.
     assert runs["tiny-gemma|cpu=8|False"]["wq_shards"] == 1  # 4 heads do not split 8 ways
     assert runs["tiny-gemma|cpu=8|False"]["cache_shards"] == 1
