@@ -162,16 +162,7 @@ class ContinuousBatcher:
         """How many requests at the head of `waiting` (at most `limit`) the free pages hold."""
         if self.pages is None:
             return limit
-        n, budget = 0, self.pages.free_pages
-        for req, ids in waiting:
-            if n == limit:
-                break
-            need = self.pages.pages_for(self._cache_tokens(ids, req))
-            if need > budget:
-                break
-            budget -= need
-            n += 1
-        return n
+        return self.pages.count_fitting((self._cache_tokens(ids, req) for req, ids in waiting), limit)
 
     # ---- the loop ----
     def run(self, requests: Iterable[Request]) -> Iterator[Result]:

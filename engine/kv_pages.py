@@ -34,6 +34,18 @@ class PagePool:
     def used_pages(self) -> int:
         return self.num_pages - len(self._free)
 
+    def count_fitting(self, token_counts, limit: int) -> int:
+        """How many of the leading requests (each needing token_counts[i] positions, at most
+        `limit` of them) the free pages hold together, first come first served."""
+        n, budget = 0, len(self._free)
+        for tokens in token_counts:
+            need = self.pages_for(tokens)
+            if n == limit or need > budget:
+                break
+            budget -= need
+            n += 1
+        return n
+
     def take(self, tokens: int) -> list[int]:
         """The pages for `tokens` positions; ValueError if the pool has too few free."""
         n = self.pages_for(tokens)

@@ -40,7 +40,13 @@ def test_page_pool():
     assert rows.shape == (3, 3) and list(rows[0]) == a and list(rows[1]) == [b[0], 5, 5]
     assert list(rows[2]) == [5, 5, 5]  # the trash page
     pool.give(a)
-    assert pool.free_pages == 4 and len(set(pool.take(16 - 4)) & set(b)) == 0
+    c = pool.take(16 - 4)
+    assert pool.free_pages == 1 and not set(c) & set(b)
+    pool.give(c)
+    assert pool.count_fitting([8, 4, 8], limit=3) == 2  # 2 + 1 of the 4 free pages; then 2 more
+    assert pool.count_fitting([8, 4, 4], limit=3) == 3
+    assert pool.count_fitting([8, 4, 4], limit=1) == 1
+    assert pool.count_fitting([20, 1], limit=2) == 0  # first come, first served: no skipping
 
 
 def test_config_checks():
