@@ -52,8 +52,18 @@ def _summary(metrics: dict) -> str:
         f"  TTFT p50/p90/p99: {f(metrics['ttft_p50_s'], '{:.3f}')}/{f(metrics['ttft_p90_s'], '{:.3f}')}/"
         f"{f(metrics['ttft_p99_s'], '{:.3f}')} s; latency p50/p90/p99: {f(metrics['latency_p50_s'], '{:.3f}')}/"
         f"{f(metrics['latency_p90_s'], '{:.3f}')}/{f(metrics['latency_p99_s'], '{:.3f}')} s",
-        f"  outputs: {metrics['output']}/completions-*.parquet, errors-*.jsonl, metrics.json, metrics.csv",
     ]
+    sched = metrics.get("scheduler") or {}
+    if sched.get("decode_calls"):
+        batch = (metrics.get("engine_config") or {}).get("batch_size")
+        line = (f"  slots: {f(sched['mean_live_slots'])} of {batch} decoding per call on average "
+                f"({f(sched['slot_occupancy'], '{:.0%}')}), {sched['decode_calls']} decode calls, "
+                f"{sched['prefill_calls']} prefill calls")
+        if "kv_pages" in sched:
+            line += (f"; KV pages: peak {sched['kv_pages_peak']} of {sched['kv_pages']}, "
+                     f"{sched['page_waits']} refills waited for pages")
+        lines.append(line)
+    lines.append(f"  outputs: {metrics['output']}/completions-*.parquet, errors-*.jsonl, metrics.json, metrics.csv")
     return "\n".join(lines)
 
 

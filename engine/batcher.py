@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 # A prefill call may pad shorter prompts up to its bucket while its padded tokens stay within this.
 MERGE_TOKENS = 1024
+# Running counters of how the slots were used (`ContinuousBatcher.scheduler_stats`):
+# live_slots / decode_calls is the mean number of slots decoding a request per call.
+SCHEDULER_STATS = ("decode_calls", "live_slots", "prefill_calls", "refills", "page_waits")
 
 
 @dataclass
@@ -89,6 +92,14 @@ class ContinuousBatcher:
         self.pages = (PagePool(engine.num_kv_pages, engine.config.kv_page_size, engine.pages_per_slot)
                       if getattr(engine, "paged", False) else None)
         self.slot_pages: dict[int, list] = {}  # pages named by each slot's row on the device
+
+    def scheduler_stats(self) -> dict:
+        """The scheduling counters so far (subtract an earlier snapshot for one run), and for a
+        paged cache the pool's size and the most pages in use since the last run started."""
+        out = {k: int(self.stats.get(k, 0)) for k in SCHEDULER_STATS}
+        if self.pages is not None:
+            out.update(kv_pages=self.pages.num_pages, kv_pages_peak=self.pages.peak_used)
+        return out
 
     def _timed(self, key: str, t0: float, out):
         if self.sync_timing:
@@ -170,6 +181,8 @@ class ContinuousBatcher:
         cfg = engine.config
         steps = cfg.decode_steps
         source = self._prepared(requests)
+        if self.pages is not None:
+            self.pages.peak_used = self.pages.used_pages  # this run's peak from here
         exhausted = False
         free = list(range(engine.max_concurrent_decodes))[::-1]
         active: dict[int, _Active] = {}  # slot -> request that may still need decode calls

@@ -144,6 +144,10 @@ def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
     assert m["prompt_tokens"] == sum(c["prompt_tokens"] for c in comps)
     assert m["device_kind"] and m["device_count"] >= 1 and m["engines"] == 1
     assert m["engine_config"]["batch_size"] == 4 and m["engine_config"]["context_size"] == 16
+    sched = m["scheduler"]  # 10 rows through 4 slots: every decode call has 1..4 slots live
+    assert sched["decode_calls"] > 0 and sched["prefill_calls"] >= 3 and sched["page_waits"] == 0
+    assert 1 <= sched["mean_live_slots"] <= 4 and sched["slot_occupancy"] == round(sched["mean_live_slots"] / 4, 3)
+    assert "kv_pages" not in sched  # contiguous cache
     for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "latency_p50_s", "latency_p90_s", "latency_p99_s",
               "output_tok_per_s", "total_tok_per_s", "requests_per_s", "wall_time_s"):
         assert m[k] is not None, k
@@ -153,6 +157,7 @@ def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
     counters = {c.key.metric.name: c.committed for c in q["counters"]}
     assert counters["rows_read"] == 10 and counters["completions"] == 10
     assert counters["generated_tokens"] == m["generated_tokens"]
+    assert counters["decode_calls"] == sched["decode_calls"]
     assert {d.key.metric.name for d in q["distributions"]} >= {"ttft_ms", "latency_ms", "flush_rows"}
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"rows_in", "completed", "errored", "output_tok_per_s", "ttft_p99_s", "device_kind"} <= set(header)
@@ -170,6 +175,8 @@ def test_multi_processing_workers(tmp_path, tokenizer_dir):
                           "--kv_page_size=8", "--kv_cache_tokens=48"]
                          + engine_args(tokenizer_dir))
     assert metrics["engine_config"]["kv_page_size"] == 8 and metrics["engine_config"]["kv_cache_tokens"] == 48
+    sched = metrics["scheduler"]
+    assert sched["kv_pages"] == 6 and 1 <= sched["kv_pages_peak"] <= 6 and sched["decode_calls"] > 0
     comps, errs = read_outputs(str(out))
     assert errs == []
     assert_each_id_once(comps, errs)

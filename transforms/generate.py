@@ -141,6 +141,8 @@ class GenerateFn(beam.DoFn):
         self.prompt_tokens = Metrics.counter(NAMESPACE, "prompt_tokens")
         self.generated_tokens = Metrics.counter(NAMESPACE, "generated_tokens")
         self.flushes = Metrics.counter(NAMESPACE, "engine_flushes")
+        self.decode_calls = Metrics.counter(NAMESPACE, "decode_calls")
+        self.page_waits = Metrics.counter(NAMESPACE, "page_waits")
         self.flush_size = Metrics.distribution(NAMESPACE, "flush_rows")
         self.ttft_ms = Metrics.distribution(NAMESPACE, "ttft_ms")
         self.latency_ms = Metrics.distribution(NAMESPACE, "latency_ms")
@@ -196,6 +198,7 @@ class GenerateFn(beam.DoFn):
         self.flush_size.update(len(specs))
         with holder.lock:
             t_start = time.time()
+            sched_before = llm.batcher.scheduler_stats()
             requests, errors = build_requests(llm, specs)
             for e in errors:
                 self.errored.inc()
@@ -238,6 +241,12 @@ class GenerateFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(ERRORS, error_record(
                     specs[idx]["id"], "engine returned no result for this row", "generate", specs[idx].get("row")))
             t_end = time.time()
+            sched = llm.batcher.scheduler_stats()
+            for k, v in sched_before.items():
+                if k not in ("kv_pages", "kv_pages_peak"):  # sizes, not running counts
+                    sched[k] -= v
+            self.decode_calls.inc(sched["decode_calls"])
+            self.page_waits.inc(sched["page_waits"])
             holder.rows_done += len(specs)
             holder.tokens_done += gtok
         el = max(t_end - t_start, 1e-9)
@@ -248,7 +257,7 @@ class GenerateFn(beam.DoFn):
             "engine": holder.name, "shard": shard, "rows": len(specs), "t_start": t_start, "t_end": t_end,
             "prompt_tokens": ptok, "completion_tokens": gtok, "model": llm.model_name,
             "engine_config": holder.engine_config, "device_info": holder.device_info,
-            "load_time_s": holder.load_time_s,
+            "load_time_s": holder.load_time_s, "scheduler": sched,
         })
 
 

@@ -251,6 +251,7 @@ def compute_metrics(*, files: list, stats: list, ttft_q: list, latency_q: list, 
         "engine_flushes": len(stats),
         "engine_load_time_s": round(max((s.get("load_time_s") or 0) for s in engines.values()), 3) if engines else None,
         "engine_config": (first or {}).get("engine_config"),
+        "scheduler": scheduler_metrics(stats, ((first or {}).get("engine_config") or {}).get("batch_size")),
         "device_kind": dev.get("device_kind"),
         "device_count": sum(int((s.get("device_info") or {}).get("device_count") or 0) for s in engines.values()),
         "devices_per_engine": dev.get("device_count"),
@@ -258,6 +259,25 @@ def compute_metrics(*, files: list, stats: list, ttft_q: list, latency_q: list, 
         "errors_files": len(errs),
         "options": options,
     }
+
+
+def scheduler_metrics(stats: list, batch_size) -> dict:
+    """How the decode slots were used, over every flush of every engine: the batcher's counts
+    summed, the mean number of slots decoding per call (and as a share of batch_size), and for
+    a paged KV cache the most pages any flush held at once against the pool's size. A low
+    occupancy with page_waits > 0 says the pool, not the slot count, limits the job."""
+    per = [s.get("scheduler") or {} for s in stats]
+    counts = ("decode_calls", "live_slots", "prefill_calls", "refills", "page_waits")
+    out = {k: sum(int(p.get(k, 0)) for p in per) for k in counts}
+    calls = out["decode_calls"]
+    out["mean_live_slots"] = round(out["live_slots"] / calls, 2) if calls else None
+    out["slot_occupancy"] = (round(out["mean_live_slots"] / batch_size, 3)
+                             if calls and batch_size else None)
+    peaks = [p["kv_pages_peak"] for p in per if "kv_pages_peak" in p]
+    if peaks:
+        out["kv_pages_peak"] = max(peaks)
+        out["kv_pages"] = max(p["kv_pages"] for p in per if "kv_pages" in p)
+    return out
 
 
 def metrics_csv(metrics: dict) -> str:
