@@ -381,11 +381,12 @@ def test_filter_mask_matches_sorted_definition():
         assert (got[row] == want).all(), row
 
 
-@pytest.mark.parametrize("kv8", [False, True])
-def test_gemma2_decode_matches_full_forward(kv8):
-    """Gemma 2's sliding window (8) and soft-caps hold in decode through the cache, past the window."""
+@pytest.mark.parametrize("kv8,page", [(False, 0), (True, 0), (False, 8)])
+def test_gemma2_decode_matches_full_forward(kv8, page):
+    """Gemma 2's sliding window (8) and soft-caps hold in decode through the cache, past the
+    window; also through a paged cache (8-token pages, gathered for the XLA path)."""
     llm = LLM("tiny-gemma2", batch_size=2, max_cache_length=64, context_size=16, decode_steps=4,
-              quantize_kv_cache=kv8)
+              quantize_kv_cache=kv8, kv_page_size=page)
     assert llm.engine.attention_impl == "xla" and llm.model_config.sliding_layers == (0, 2)
     prompt = [2, 40, 41, 42, 43, 44]
     r = llm.generate_all([Request(id=0, prompt_token_ids=prompt, sampling=SamplingParams(max_tokens=24, ignore_eos=True))])[0]
