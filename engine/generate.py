@@ -45,6 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--quantize_weights", action="store_true", default=None)
     e.add_argument("--quantize_kv_cache", action="store_true", default=None)
     e.add_argument("--decode_steps", type=int, default=None, help="decode steps per host round-trip")
+    e.add_argument("--kv_page_size", type=int, default=None,
+                   help="paged KV cache: tokens per page (default: one region per slot)")
+    e.add_argument("--kv_cache_tokens", type=int, default=None, help="tokens in the paged cache's pool")
+    e.add_argument("--schedule", choices=["longest_first", "arrival"], default=None,
+                   help="order in which requests take slots (default longest_first)")
     return p.parse_args(argv)
 
 
@@ -72,7 +77,7 @@ def main(argv=None) -> int:
 
     engine_args = {k: getattr(args, k) for k in (
         "batch_size", "max_cache_length", "context_size", "dtype", "platform", "quantize_weights",
-        "quantize_kv_cache", "decode_steps")}
+        "quantize_kv_cache", "decode_steps", "kv_page_size", "kv_cache_tokens", "schedule")}
     try:
         llm = LLM(args.model, **engine_args)
     except (ValueError, FileNotFoundError) as e:

@@ -22,7 +22,8 @@ def test_cli_serves_every_line(tmp_path):
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n\n")
     out = tmp_path / "out.jsonl"
     proc = subprocess.run([sys.executable, "-m", "engine.generate", "--model", str(model_json), "--input", str(src),
-                           "--output", str(out), "--max_tokens", "4"], capture_output=True, text=True, timeout=300)
+                           "--output", str(out), "--max_tokens", "4", "--kv_page_size", "8"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(got) == {"a", "b", "long", "text", "badtemp", 6}  # line 6 has no id: its line number
