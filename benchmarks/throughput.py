@@ -54,6 +54,10 @@ def parse_args(argv=None):
                    help="any other EngineConfig field, e.g. --engine fuse_projections=0 (repeatable)")
     p.add_argument("--temperature", type=float, default=0.0, help="vLLM's benchmark samples at 1.0")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry_run", action="store_true",
+                   help="no model and no device: run the same requests through the real batcher over "
+                        "a schedule-only engine (benchmarks/dry_run.py) and print its decode/prefill call "
+                        "counts, slot occupancy and page-pool use (CPU, seconds)")
     p.add_argument("--peer_json", default=None, help="peer_hf.py output for the same shape")
     p.add_argument("--peer", action="store_true",
                    help="first run benchmarks/peer_hf.py on the same model and lengths in its own process "
@@ -133,12 +137,25 @@ def main(argv=None):
     context = int(next_power_of_two(ins.max()))
     cache_len = args.max_cache_length or int(ins.max() + outs.max())
     cache_len = max(cache_len, context + 1)
+    kwargs = dict(batch_size=args.batch_size, max_cache_length=cache_len, context_size=context,
+                  min_prefill_bucket=int(next_power_of_two(ins.min())) if args.dataset == "fixed" else args.min_prefill_bucket,
+                  quantize_weights=qw, quantize_kv_cache=qk, dtype=args.dtype, decode_steps=args.decode_steps,
+                  prefill_batch=args.prefill_batch, seed=args.seed, attention=args.attention,
+                  **engine_overrides(args.engine))
+    if args.dry_run:
+        from benchmarks.dry_run import dry_run
+        from engine.llm import resolve_model
+        ec, mc, _, _ = resolve_model(args.model, dict(kwargs, warmup=False))
+        warm = make_requests(args, mc.vocab_size, ins[:args.batch_size], np.minimum(outs[:args.batch_size], 16), "warm")
+        report = dry_run(ec, mc, make_requests(args, mc.vocab_size, ins, outs), warm)
+        report.update(dataset=args.dataset, num_requests=args.num_requests, engine=args.engine)
+        print(json.dumps(report, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+        return
     t0 = time.perf_counter()
-    llm = LLM(args.model, batch_size=args.batch_size, max_cache_length=cache_len, context_size=context,
-              min_prefill_bucket=int(next_power_of_two(ins.min())) if args.dataset == "fixed" else args.min_prefill_bucket,
-              quantize_weights=qw, quantize_kv_cache=qk, dtype=args.dtype, decode_steps=args.decode_steps,
-              prefill_batch=args.prefill_batch, seed=args.seed, warmup=False, attention=args.attention,
-              **engine_overrides(args.engine))
+    llm = LLM(args.model, warmup=False, **kwargs)
     t_load = time.perf_counter() - t0
     llm.batcher.state = llm.engine.warmup(llm.params, llm.batcher.state)
     t_compile = time.perf_counter() - t0 - t_load

@@ -45,3 +45,36 @@ def test_peer_runs_first_in_its_own_process(tmp_path):
     assert peer["batch_size"] == 2 and (peer["input_len"], peer["output_len"]) == (8, 4)
     assert r["peer"] == peer and peer["output_tok_s"] > 0
     assert r["ours_over_peer"] == round(r["output_tok_per_s"] / peer["output_tok_s"], 2)
+
+
+SCHED_KEYS = ("decode_calls", "prefill_calls", "refills", "page_waits", "live_slots", "kv_pages_peak")
+
+
+def test_dry_run_matches_a_real_run(tmp_path):
+    """--dry_run (the real batcher over a schedule-only engine) makes exactly the calls the
+    real engine makes for the same requests: here the tiny model, a length mix, a paged cache
+    small enough that admissions wait for pages, longest first."""
+    args = ["--model", "tiny-llama", "--dataset", "sharegpt", "--num_requests", "24", "--batch_size", "6",
+            "--prefill_batch", "2", "--min_prefill_bucket", "64", "--max_cache_length", "2048",
+            "--engine", "kv_page_size=64", "--engine", "kv_cache_tokens=2048", "--engine", "min_refill=2"]
+    throughput.main(args + ["--json", str(tmp_path / "real.json")])
+    throughput.main(args + ["--dry_run", "--json", str(tmp_path / "dry.json")])
+    real = json.loads((tmp_path / "real.json").read_text())["batcher"]
+    dry = json.loads((tmp_path / "dry.json").read_text())
+    assert dry["page_waits"] > 0 and dry["requests"] == 24
+    assert {k: int(real.get(k, 0)) for k in SCHED_KEYS} == {k: dry[k] for k in SCHED_KEYS}
+
+
+def test_dry_run_reproduces_the_h100_schedule(tmp_path):
+    """The ShareGPT-like mix at Llama-2-7B shapes, dry: the decode/prefill calls, refills and
+    page waits measured on the H100 (BENCHMARKS.md, session 5, calls 5 and 6)."""
+    base = ["--model", "llama2-7b", "--dataset", "sharegpt", "--prefill_batch", "8", "--min_prefill_bucket", "64",
+            "--quantize_kv_cache", "--batch_size", "256", "--engine", "kv_page_size=64",
+            "--engine", "kv_cache_tokens=196608", "--engine", "min_refill=16", "--dry_run"]
+    h100 = {"longest_first": (128, 243, 35, 54, 3072), "arrival": (197, 266, 39, 0, 2830)}
+    for schedule, want in h100.items():
+        out = tmp_path / f"{schedule}.json"
+        throughput.main(base + ["--engine", f"schedule={schedule}", "--json", str(out)])
+        r = json.loads(out.read_text())
+        got = tuple(r[k] for k in ("decode_calls", "prefill_calls", "refills", "page_waits", "kv_pages_peak"))
+        assert got == want, schedule
