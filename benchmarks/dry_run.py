@@ -59,6 +59,7 @@ def dry_run(ec, mc, requests, warm_requests=()) -> dict:
     real batcher over a ScheduleOnlyEngine of EngineConfig `ec` and ModelConfig `mc`; return
     the batcher's counters for the second run."""
     from engine.batcher import ContinuousBatcher
+    from engine.sched_stats import slot_occupancy
 
     batcher = ContinuousBatcher(ScheduleOnlyEngine(ec, mc), params=None)
     for _ in batcher.run(list(warm_requests)):
@@ -72,7 +73,5 @@ def dry_run(ec, mc, requests, warm_requests=()) -> dict:
     out.update(requests=len(results), slots=ec.batch_size,
                generated_tokens=sum(r.completion_tokens for r in results),
                released_slots=int(batcher.stats.get("released_slots", 0)))
-    calls = out["decode_calls"]
-    out["mean_live_slots"] = round(out["live_slots"] / calls, 2) if calls else None
-    out["slot_occupancy"] = round(out["live_slots"] / calls / ec.batch_size, 3) if calls else None
+    out.update(slot_occupancy(out["live_slots"], out["decode_calls"], ec.batch_size))
     return out

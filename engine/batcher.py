@@ -44,14 +44,12 @@ import numpy as np
 from engine.kv_pages import PagePool
 from engine.request import Request, RequestError, Result
 from engine.sampling import SlotSampling
+from engine.sched_stats import SCHEDULER_STATS
 
 log = logging.getLogger(__name__)
 
 # A prefill call may pad shorter prompts up to its bucket while its padded tokens stay within this.
 MERGE_TOKENS = 1024
-# Running counters of how the slots were used (`ContinuousBatcher.scheduler_stats`):
-# live_slots / decode_calls is the mean number of slots decoding a request per call.
-SCHEDULER_STATS = ("decode_calls", "live_slots", "prefill_calls", "refills", "page_waits")
 
 
 @dataclass

@@ -146,7 +146,8 @@ def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
     assert m["engine_config"]["batch_size"] == 4 and m["engine_config"]["context_size"] == 16
     sched = m["scheduler"]  # 10 rows through 4 slots: every decode call has 1..4 slots live
     assert sched["decode_calls"] > 0 and sched["prefill_calls"] >= 3 and sched["page_waits"] == 0
-    assert 1 <= sched["mean_live_slots"] <= 4 and sched["slot_occupancy"] == round(sched["mean_live_slots"] / 4, 3)
+    assert 1 <= sched["mean_live_slots"] <= 4
+    assert abs(sched["slot_occupancy"] - sched["live_slots"] / sched["decode_calls"] / 4) < 1e-3
     assert "kv_pages" not in sched  # contiguous cache
     for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "latency_p50_s", "latency_p90_s", "latency_p99_s",
               "output_tok_per_s", "total_tok_per_s", "requests_per_s", "wall_time_s"):

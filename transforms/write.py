@@ -33,6 +33,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms import window
 from apache_beam.utils.windowed_value import WindowedValue
 
+from engine.sched_stats import SCHEDULER_STATS, slot_occupancy
 from transforms import fs
 from transforms.read import COMPLETIONS_PREFIX, ERRORS_PREFIX, NAMESPACE
 
@@ -267,12 +268,8 @@ def scheduler_metrics(stats: list, batch_size) -> dict:
     a paged KV cache the most pages any flush held at once against the pool's size. A low
     occupancy with page_waits > 0 says the pool, not the slot count, limits the job."""
     per = [s.get("scheduler") or {} for s in stats]
-    counts = ("decode_calls", "live_slots", "prefill_calls", "refills", "page_waits")
-    out = {k: sum(int(p.get(k, 0)) for p in per) for k in counts}
-    calls = out["decode_calls"]
-    out["mean_live_slots"] = round(out["live_slots"] / calls, 2) if calls else None
-    out["slot_occupancy"] = (round(out["mean_live_slots"] / batch_size, 3)
-                             if calls and batch_size else None)
+    out = {k: sum(int(p.get(k, 0)) for p in per) for k in SCHEDULER_STATS}
+    out.update(slot_occupancy(out["live_slots"], out["decode_calls"], batch_size))
     peaks = [p["kv_pages_peak"] for p in per if "kv_pages_peak" in p]
     if peaks:
         out["kv_pages_peak"] = max(peaks)
