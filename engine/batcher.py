@@ -156,7 +156,7 @@ class ContinuousBatcher:
                     break
             if not chunk:
                 return
-            if window > 1:  # stable: equal lengths keep arrival order
+            if window > 1:  # stable: requests equal in both keys keep arrival order
                 chunk.sort(key=lambda item: (-self._max_tokens(item[1], item[0]), -len(item[1])))
             yield from chunk
 

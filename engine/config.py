@@ -224,7 +224,8 @@ class EngineConfig:
     # Order in which waiting requests take slots. "longest_first": each window of
     # `schedule_window` requests is served longest max_tokens first (then longest prompt), so
     # the long requests no longer run alone at the end of a job while most slots sit empty
-    # (ties keep arrival order: same-length jobs run as they arrive). "arrival": as they come.
+    # (requests with equal max_tokens and prompt length keep arrival order, so fixed-length
+    # jobs run as they arrive). "arrival": as they come.
     schedule: str = "longest_first"
     schedule_window: int = 4096
     # Paged KV cache: pages of this many tokens from one shared pool (0: one max_cache_length
