@@ -195,7 +195,7 @@ def main(argv=None):
         "output_tok_per_s": round(out_tok / wall, 1),
         "total_tok_per_s": round((in_tok + out_tok) / wall, 1),
         "ttft_p50_s": pct([r.ttft_s for r in results], 50), "ttft_p99_s": pct([r.ttft_s for r in results], 99),
-        "batcher": {k: round(v, 3) for k, v in llm.batcher.stats.items()},
+        "batcher": {**{k: round(v, 3) for k, v in llm.batcher.stats.items()}, **llm.batcher.scheduler_stats()},
         "peak_device_bytes": stats.get("peak_bytes_in_use"),
         "device_bytes_limit": stats.get("bytes_limit"),
     }

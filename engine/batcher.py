@@ -333,7 +333,6 @@ class ContinuousBatcher:
             t0 = time.perf_counter()
             if self.pages is not None:
                 self.state = engine.insert(prefix, self.state, slots, self.pages.rows(page_lists))
-                self.stats["kv_pages_peak"] = max(self.stats["kv_pages_peak"], self.pages.peak_used)
             else:
                 self.state = engine.insert(prefix, self.state, slots)
             self._timed("insert_s", t0, self.state.tokens)

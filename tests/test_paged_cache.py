@@ -75,7 +75,7 @@ def test_paged_matches_contiguous_and_returns_every_page(paged, contiguous):
     assert [(g.completion_token_ids, g.finish_reason) for g in got] == \
         [(w.completion_token_ids, w.finish_reason) for w in want]
     assert any(w.finish_reason == "stop" for w in want)
-    stats, pool = paged.batcher.stats, paged.batcher.pages
+    stats, pool = paged.batcher.scheduler_stats(), paged.batcher.pages
     assert stats["page_waits"] > 0 and 0 < stats["kv_pages_peak"] <= pool.num_pages == 12
     assert pool.free_pages + sum(len(p) for p in paged.batcher.slot_pages.values()) == 12
     paged.generate_all([_clone(reqs[0])])  # the next run parks the last slots first
