@@ -52,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--attention", default="auto", help="decode attention: auto | xla | cudnn | pallas")
     p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                    help="any other EngineConfig field, e.g. --engine fuse_projections=0 (repeatable)")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="after the timed run, change these scheduling fields (%s) on the same compiled "
+                        "engine and time the same requests again; then the first setting once more, to "
+                        "show the drift (repeatable: one timed run per --variant)" % ", ".join(BATCHER_FIELDS))
     p.add_argument("--temperature", type=float, default=0.0, help="vLLM's benchmark samples at 1.0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry_run", action="store_true",
@@ -68,6 +72,26 @@ def parse_args(argv=None):
     p.add_argument("--markdown", default=None, help="append a row to this markdown file")
     p.add_argument("--card", default=None, help="label for the markdown row (default: device kind)")
     return p.parse_args(argv)
+
+
+# EngineConfig fields the batcher reads at run time: changing one needs no new compilation.
+BATCHER_FIELDS = ("min_refill", "min_refill_counts_pages", "schedule", "schedule_window", "early_refill",
+                  "park_free_slots")
+
+
+def set_batcher_fields(engine, items) -> dict:
+    """Apply "KEY=VALUE" items (BATCHER_FIELDS only) to engine.config, converted and checked by
+    EngineConfig; return the old values, to restore them."""
+    import dataclasses
+    changes = engine_overrides(items)
+    bad = sorted(set(changes) - set(BATCHER_FIELDS))
+    if bad:
+        raise SystemExit(f"--variant takes only scheduling fields {BATCHER_FIELDS}, not {bad}")
+    checked = dataclasses.replace(engine.config, **changes)
+    old = {k: getattr(engine.config, k) for k in changes}
+    for k in changes:
+        setattr(engine.config, k, getattr(checked, k))
+    return old
 
 
 def make_lengths(args):
@@ -166,17 +190,20 @@ def main(argv=None):
         pass
     t_warm = time.perf_counter() - t0 - t_load - t_compile
 
-    reqs = make_requests(args, vocab, ins, outs)
-    llm.batcher.stats.clear()
-    start = time.perf_counter()
-    results = list(llm.generate(reqs))
-    wall = time.perf_counter() - start
-    bad = [r for r in results if not r.ok]
-    if bad:
-        raise SystemExit(f"{len(bad)} requests failed, e.g. {bad[0].error}")
+    def timed(prefix=""):
+        llm.batcher.stats.clear()
+        start = time.perf_counter()
+        results = list(llm.generate(make_requests(args, vocab, ins, outs, prefix)))
+        wall = time.perf_counter() - start
+        bad = [r for r in results if not r.ok]
+        if bad:
+            raise SystemExit(f"{len(bad)} requests failed, e.g. {bad[0].error}")
+        assert sum(r.completion_tokens for r in results) == int(outs.sum())
+        return wall, results
+
+    wall, results = timed()
     out_tok = sum(r.completion_tokens for r in results)
     in_tok = sum(r.prompt_tokens for r in results)
-    assert out_tok == int(outs.sum()), (out_tok, int(outs.sum()))
     dev = llm.engine.mesh.devices.flat[0]
     stats = dev.memory_stats() or {}
     report = {
@@ -199,6 +226,16 @@ def main(argv=None):
         "peak_device_bytes": stats.get("peak_bytes_in_use"),
         "device_bytes_limit": stats.get("bytes_limit"),
     }
+    if args.variant:
+        report["variants"] = []
+        for i, item in enumerate(args.variant + ["(first setting again)"]):
+            old = set_batcher_fields(llm.engine, item.split(",")) if i < len(args.variant) else {}
+            v_wall, _ = timed(f"v{i}-")
+            report["variants"].append({"variant": item, "wall_s": round(v_wall, 3),
+                                       "output_tok_per_s": round(out_tok / v_wall, 1),
+                                       "batcher": llm.batcher.scheduler_stats()})
+            print(json.dumps(report["variants"][-1]), flush=True)
+            set_batcher_fields(llm.engine, [f"{k}={v}" for k, v in old.items()])
     if args.profile:
         llm.batcher.stats.clear()
         llm.batcher.sync_timing = True
