@@ -147,6 +147,9 @@ def main(argv=None):
     bench(f"pallas {jnp.dtype(cdt).name} (defaults)", pallas(), (q, kb, vb, None, None, pos), bytes_16, wantb)
     other = "fma" if g >= 8 else "dot"  # the method "auto" does not pick for this G
     bench(f"pallas int8 method={other}", pallas(method=other), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
+    if cdt == jnp.bfloat16:  # tensor-core dots in float16, int8 -> f16 by byte permutes
+        bench("pallas int8 method=dot dot_f16=1", pallas(method="dot", dot_f16=True),
+              (q, k8, v8, ks, vs, pos), bytes_int8, want8)
 
     # Every conversion is exact, so each output must be bit-identical to the defaults' (which
     # already ran with the default conversion, DEFAULTS or $JETBEAM_RAGGED_DECODE).
@@ -180,9 +183,13 @@ def main(argv=None):
         grid = itertools.product(["fma"], [32, 64, 128], [4], [2], [1, 2], ["magic", "prmt"])
         if a.small:
             grid = itertools.product(["fma", "dot"], [16, 32], [4], [2], [1, 2], ["magic"])
-        for method, bt, warps, stages, splits, convert in grid:
+        grid = [(*cell, 0) for cell in grid]
+        if cdt == jnp.bfloat16:  # the dot method in float16 (dot_f16)
+            grid += [("dot", bt, warps, stages, 1, "magic", 1)
+                     for bt, warps, stages in itertools.product([32, 64, 128], [4, 8], [2, 3])]
+        for method, bt, warps, stages, splits, convert, f16 in grid:
             kw = dict(method=method, block_t=bt, num_warps=warps, num_stages=stages, num_splits=splits,
-                      mask_loads=not a.small, convert=convert)
+                      mask_loads=not a.small, convert=convert, dot_f16=f16)
             bench("pallas int8 " + " ".join(f"{k}={v}" for k, v in kw.items()), pallas(**kw),
                   (q, k8, v8, ks, vs, pos), bytes_int8, want8)
 

@@ -115,6 +115,46 @@ def test_prmt_conversion_asm_is_exact():
     np.testing.assert_array_equal(got, x.astype(np.float32))
 
 
+def test_prmt_f16_conversion_asm_is_exact():
+    """The PTX of dot_f16 (rd._PRMT_F16_ASM) through an emulator of its xor, prmt, mov and
+    sub.f16x2 on all 256 int8 values: two float16 per output register, element 0 in the low half."""
+    import re
+    x = np.arange(-128, 128, dtype=np.int8)
+    regs = {"$2": x.view(np.uint32)}
+
+    def val(tok, like):
+        return regs[tok] if tok in regs else np.full_like(like, int(tok, 16), dtype=np.uint32)
+
+    for line in rd._PRMT_F16_ASM.splitlines():
+        m = re.match(r"(xor|prmt|mov|sub)\.(?:b32|f16x2) (\S+), (\S+)(?:, (\S+))?(?:, (\S+))?;", line.strip())
+        if not m:
+            continue
+        op, dst, a, b, sel = m.groups()
+        like = regs["$2"]
+        if op == "mov":
+            regs[dst] = val(a, like)
+        elif op == "xor":
+            regs[dst] = val(a, like) ^ val(b, like)
+        elif op == "prmt":
+            pa, pb = val(a, like), val(b, like)
+            pool = [(w >> np.uint32(8 * i)) & np.uint32(0xFF) for w in (pa, pb) for i in range(4)]
+            c = int(sel, 16)
+            regs[dst] = sum(pool[(c >> (4 * j)) & 7] << np.uint32(8 * j) for j in range(4)).astype(np.uint32)
+        else:  # sub.f16x2, exact here: integers of f16
+            d = val(a, like).view(np.float16) - val(b, like).view(np.float16)
+            regs[dst] = d.astype(np.float16).view(np.uint32)
+    halves = np.stack([regs["$0"], regs["$1"]], axis=-1).reshape(-1).view(np.float16)
+    np.testing.assert_array_equal(halves, x.astype(np.float16))
+
+
+def test_dot_f16_matches_xla():
+    """dot_f16 (tensor-core dots in float16 over an int8 cache) with a bf16 query: the CPU
+    interprets the f16 path with a plain convert; the GPU builds the same values with PRMTs."""
+    q, cache = _case(4, 64, 2, 1, 32, quantized=True, seed=6, q_dtype=jnp.bfloat16)
+    _check(q, cache, [1, 32, 64, 50], atol=2e-2, block_t=16, method="dot", dot_f16=True)
+    _check(q, cache, [1, 32, 64, 50], atol=2e-2, block_t=16, method="dot", dot_f16=True, num_splits=2)
+
+
 def test_conversion_methods_agree():
     q, cache = _case(5, 64, 2, 2, 32, quantized=True, seed=9)
     args = (q, cache.k[0], cache.v[0], cache.k_scale[0], cache.v_scale[0], jnp.asarray(LENGTHS), 0.2)

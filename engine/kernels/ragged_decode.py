@@ -67,7 +67,7 @@ _SQ = getattr(pl, "squeezed", None)
 
 # Tuned on an H100 (benchmarks/decode_attention.py --sweep, BENCHMARKS.md): masked loads win.
 DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=4, num_stages=2, mask_loads=1,
-                convert="magic")
+                convert="magic", dot_f16=0)
 ENV_VAR = "JETBEAM_RAGGED_DECODE"
 
 
@@ -142,9 +142,38 @@ def _prmt_magic_bits(x):
     return bits
 
 
+# Four int8 in one 32-bit register -> four float16 in two: halves 0x64uu, uu = byte + 128, are
+# 1024 + 128 + x; one f16x2 subtract of 1152 leaves x, exactly. Two PRMTs and two HSUB2s per
+# four elements, against an I2F per element for a plain int8 -> bf16 convert.
+_PRMT_F16_ASM = """{
+.reg .b32 t, a, b, c;
+xor.b32 t, $2, 0x80808080;
+prmt.b32 a, t, 0x64646464, 0x4140;
+prmt.b32 b, t, 0x64646464, 0x4342;
+mov.b32 c, 0x64806480;
+sub.f16x2 $0, a, c;
+sub.f16x2 $1, b, c;
+}"""
+
+
+def _int8_to_f16(x, interpret: bool = False):
+    """int8 -> float16, exactly (byte permutes in inline PTX; a plain convert when interpreted)."""
+    if interpret:
+        return x.astype(jnp.float16)
+    (out,) = plgpu.elementwise_inline_asm(
+        _PRMT_F16_ASM, args=[x], constraints="=r,=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float16)])
+    return out
+
+
+# The dot method in float16 scales p * v_scale by this before the cast (and the output back):
+# v scales are small (max|v| / 127), and unscaled products would fall into f16's subnormals.
+_PV_SCALE = 256.0
+
+
 def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quantized: bool,
             method: str, split: bool, mask_loads: bool, convert: str, interpret: bool,
-            page: int = 0):
+            page: int = 0, dot_f16: bool = False):
     if page:
         pt_ref, q_ref, k_ref, v_ref, *rest = refs
     else:
@@ -250,11 +279,20 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
     q = q_ref[...]
     cdt = q.dtype
     prec = lax.Precision.HIGHEST if cdt == jnp.float32 else None
+    # dot_f16 (int8 cache): both dots in float16, int8 turned into f16 by byte permutes, exact.
+    f16 = dot_f16 and quantized and cdt != jnp.float32
+    pv_scale = _PV_SCALE if f16 else 1.0
+    if f16:
+        q = q.astype(jnp.float16)
+        cdt = jnp.float16
+
+    def mma_operand(x):
+        return _int8_to_f16(x, interpret) if f16 else x.astype(cdt)
 
     def body(i, carry, pg):
         m, l, acc = carry
         valid, k, v, ks, vs = block(i, pg)
-        s = lax.dot_general(q, k.astype(cdt), (((1,), (1,)), ((), ())), precision=prec,
+        s = lax.dot_general(q, mma_operand(k), (((1,), (1,)), ((), ())), precision=prec,
                             preferred_element_type=jnp.float32)  # [Gp, block_t]
         if quantized:
             s = s * ks[None, :]
@@ -262,15 +300,17 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         m_next = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_next)
         p = jnp.exp(s - m_next[:, None])
-        pv = p * vs[None, :] if quantized else p
+        pv = p * (vs[None, :] * pv_scale) if quantized else p
         pv = jnp.where(valid[None, :], pv, 0.0)
-        o = lax.dot_general(pv.astype(cdt), v.astype(cdt), (((1,), (0,)), ((), ())),
+        o = lax.dot_general(pv.astype(cdt), mma_operand(v), (((1,), (0,)), ((), ())),
                             precision=prec, preferred_element_type=jnp.float32)  # [Gp, D]
         return m_next, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + o
 
     init = (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32),
             jnp.zeros((gp, d), jnp.float32))
     m, l, acc = loop(body, init)
+    if f16:
+        acc = acc * (1.0 / pv_scale)
     if split:
         o_ref[...] = acc
         outs[1][...] = m
@@ -290,7 +330,8 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
                             block_t: Optional[int] = None, method: Optional[str] = None,
                             num_splits: Optional[int] = None, num_warps: Optional[int] = None,
                             num_stages: Optional[int] = None, mask_loads: Optional[bool] = None,
-                            convert: Optional[str] = None, interpret: bool = False):
+                            convert: Optional[str] = None, dot_f16: Optional[bool] = None,
+                            interpret: bool = False):
     """Attention of q [B, H, D] over cache positions [0, lengths[b]) of K/V [B, T, Hkv, D].
 
     k_scale/v_scale: [B, Hkv, T] float32 for an int8 cache, or None for an unquantized one.
@@ -302,9 +343,11 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     block past the length are not read either (otherwise they are read and masked in the
     scores); always on when block_t does not divide the chunk length.
     convert: how the "fma" method turns int8 into float32 ("magic" or "cvt"; both exact).
+    dot_f16: the "dot" method over an int8 cache runs its tensor-core dots in float16, turning
+    int8 into f16 by byte permutes (exact) instead of converting to bf16 (an I2F per element).
     """
     cfg = _settings(block_t=block_t, method=method, num_splits=num_splits, num_warps=num_warps,
-                    num_stages=num_stages, mask_loads=mask_loads, convert=convert)
+                    num_stages=num_stages, mask_loads=mask_loads, convert=convert, dot_f16=dot_f16)
     if cfg["convert"] not in ("cvt", "magic", "prmt"):
         raise ValueError(f"convert must be 'cvt', 'magic' or 'prmt', not {cfg['convert']!r}")
     b, h, d = q.shape
@@ -375,7 +418,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     kernel = functools.partial(_kernel, block_t=bt, chunk=chunk, g=g, scale=float(scale),
                                quantized=quantized, method=method, split=split,
                                mask_loads=mask_loads, convert=cfg["convert"], interpret=interpret,
-                               page=page)
+                               page=page, dot_f16=bool(cfg["dot_f16"]))
     kwargs = {}
     params = _compiler_params(int(cfg["num_warps"]), int(cfg["num_stages"]))
     if params is not None:
