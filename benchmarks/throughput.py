@@ -75,8 +75,7 @@ def parse_args(argv=None):
 
 
 # EngineConfig fields the batcher reads at run time: changing one needs no new compilation.
-BATCHER_FIELDS = ("min_refill", "min_refill_counts_pages", "schedule", "schedule_window", "early_refill",
-                  "park_free_slots")
+BATCHER_FIELDS = ("min_refill", "schedule", "schedule_window", "early_refill", "park_free_slots")
 
 
 def set_batcher_fields(engine, items) -> dict:

@@ -17,9 +17,7 @@ When a slot frees:
 - Free slots are refilled once at least `EngineConfig.min_refill` of them are free, or when no
   slot is left decoding, or when no requests are left to wait for: a 7B prefill call of one
   prompt costs nearly as much as one of eight, so refilling slots one at a time as a length
-  mix frees them spends more on prefill than the idle slots cost. With a paged cache the
-  free pages count too (`min_refill_counts_pages`): a refill that the pool limits to fewer
-  than min_refill requests waits while other slots decode.
+  mix frees them spends more on prefill than the idle slots cost.
 
 Requests are read a window at a time (`EngineConfig.schedule_window`) and each window is
 served longest max_tokens first (`EngineConfig.schedule`): in a length mix served in arrival
@@ -210,12 +208,9 @@ class ContinuousBatcher:
                             or (exhausted and len(waiting) <= len(free))):
                 if self.pages is not None:
                     self._park(free, parked)  # the free slots' pages back to the pool first
-                want = min(len(free), len(waiting))
-                n = self._fitting(waiting, want)
-                if n < want:
+                n = self._fitting(waiting, min(len(free), len(waiting)))
+                if n < min(len(free), len(waiting)):
                     self.stats["page_waits"] += 1  # refills held back by a full page pool
-                    if cfg.min_refill_counts_pages and active and n < cfg.min_refill:
-                        n = 0  # wait for pages enough for a fuller prefill call
                 if n:
                     self.stats["refills"] += 1
                     self._admit([waiting.popleft() for _ in range(n)], free, active, calls, parked)

@@ -218,10 +218,6 @@ class EngineConfig:
     # Refill free slots only once this many are free (or nothing else decodes, or no requests
     # are left to wait for): fewer, fuller prefill calls for length mixes. 1: refill at once.
     min_refill: int = 1
-    # With a paged cache, min_refill also counts the pages: while other slots decode, a refill
-    # that the page pool limits to fewer than min_refill requests waits for more pages instead
-    # of running a small prefill call. Off only to measure what it saves.
-    min_refill_counts_pages: bool = True
     # Park free slots that no refill took (release_slots) so decode stops reading their
     # stale caches; off only to measure what parking saves.
     park_free_slots: bool = True
@@ -250,7 +246,7 @@ class EngineConfig:
 
     def __post_init__(self):
         for name in ("quantize_weights", "quantize_kv_cache", "fuse_projections", "early_refill",
-                     "park_free_slots", "min_refill_counts_pages"):
+                     "park_free_slots"):
             setattr(self, name, _as_bool(getattr(self, name)))
         if self.warmup is not None:
             self.warmup = _as_bool(self.warmup)
