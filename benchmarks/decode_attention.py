@@ -180,13 +180,15 @@ def main(argv=None):
     if a.sweep:
         # fma (the G=1 default) with masked loads and 4 warps, which beat the dot method,
         # unmasked loads and 8 warps on the H100 and H200 (BENCHMARKS.md).
-        grid = itertools.product(["fma"], [32, 64, 128], [4], [2], [1, 2], ["magic", "prmt"])
+        # Session 6 (BENCHMARKS.md): blocks of 32 and 2 splits lost; software pipelining depth
+        # (num_stages) had not been swept for fma.
+        grid = itertools.product(["fma"], [64, 128], [4], [1, 2, 3, 4], [1], ["magic", "prmt"])
         if a.small:
             grid = itertools.product(["fma", "dot"], [16, 32], [4], [2], [1, 2], ["magic"])
         grid = [(*cell, 0) for cell in grid]
         if cdt == jnp.bfloat16:  # the dot method in float16 (dot_f16)
             grid += [("dot", bt, warps, stages, 1, "magic", 1)
-                     for bt, warps, stages in itertools.product([32, 64, 128], [4, 8], [2, 3])]
+                     for bt, warps, stages in itertools.product([32, 64], [4], [3, 4])]
         for method, bt, warps, stages, splits, convert, f16 in grid:
             kw = dict(method=method, block_t=bt, num_warps=warps, num_stages=stages, num_splits=splits,
                       mask_loads=not a.small, convert=convert, dot_f16=f16)

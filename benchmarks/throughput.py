@@ -13,6 +13,7 @@ run) and the roofline (benchmarks/roofline.py), for ratios from the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -81,7 +82,6 @@ BATCHER_FIELDS = ("min_refill", "schedule", "schedule_window", "early_refill", "
 def set_batcher_fields(engine, items) -> dict:
     """Apply "KEY=VALUE" items (BATCHER_FIELDS only) to engine.config, converted and checked by
     EngineConfig; return the old values, to restore them."""
-    import dataclasses
     changes = engine_overrides(items)
     bad = sorted(set(changes) - set(BATCHER_FIELDS))
     if bad:
@@ -222,6 +222,8 @@ def main(argv=None):
         "total_tok_per_s": round((in_tok + out_tok) / wall, 1),
         "ttft_p50_s": pct([r.ttft_s for r in results], 50), "ttft_p99_s": pct([r.ttft_s for r in results], 99),
         "batcher": {**{k: round(v, 3) for k, v in llm.batcher.stats.items()}, **llm.batcher.scheduler_stats()},
+        "kv_cache_tokens": llm.engine.config.kv_cache_tokens,
+        "kv_pool_plan": dataclasses.asdict(llm.engine.pool_plan) if llm.engine.pool_plan else None,
         "peak_device_bytes": stats.get("peak_bytes_in_use"),
         "device_bytes_limit": stats.get("bytes_limit"),
     }

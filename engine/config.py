@@ -14,7 +14,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -232,8 +232,10 @@ class EngineConfig:
     # region per slot). A slot then holds only the pages its request needs (prompt +
     # max_tokens), so a length mix fits several times the slots in the same memory.
     kv_page_size: int = 0
-    # Tokens in the page pool (0: batch_size * max_cache_length, the contiguous cache's size).
-    kv_cache_tokens: int = 0
+    # Tokens in the page pool (0: batch_size * max_cache_length, the contiguous cache's size;
+    # "auto": what the device has free after the weights and the compiled programs' workspace,
+    # engine/kv_budget.py). The engine replaces "auto" by the number it chose.
+    kv_cache_tokens: Union[int, str] = 0
     attention: str = "auto"  # "auto" | "xla" | "cudnn" | "pallas"
     # One GEMM for q|k|v and one for gate|up (fewer, larger kernels). Single-device meshes only:
     # a tensor-parallel split keeps the separate matrices.
@@ -253,6 +255,9 @@ class EngineConfig:
         for name in ("batch_size", "max_cache_length", "context_size", "min_prefill_bucket",
                      "decode_steps", "prefill_batch", "min_refill", "seed", "kv_page_size",
                      "kv_cache_tokens", "schedule_window"):
+            if name == "kv_cache_tokens" and str(self.kv_cache_tokens).strip().lower() == "auto":
+                self.kv_cache_tokens = "auto"
+                continue
             setattr(self, name, int(getattr(self, name)))
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -270,12 +275,17 @@ class EngineConfig:
             raise ValueError(f"schedule must be 'arrival' or 'longest_first', got {self.schedule!r}")
         if self.schedule_window < 1:
             raise ValueError("schedule_window must be >= 1")
-        if self.kv_page_size < 0 or self.kv_cache_tokens < 0:
-            raise ValueError("kv_page_size and kv_cache_tokens must be >= 0")
+        if self.kv_cache_tokens == "auto":
+            if not self.kv_page_size:
+                raise ValueError("kv_cache_tokens=auto sizes a paged cache: set kv_page_size too")
+        elif self.kv_cache_tokens < 0:
+            raise ValueError("kv_cache_tokens must be >= 0 or 'auto'")
+        if self.kv_page_size < 0:
+            raise ValueError("kv_page_size must be >= 0")
         if self.kv_page_size and self.max_cache_length % self.kv_page_size:
             raise ValueError(f"kv_page_size ({self.kv_page_size}) must divide max_cache_length "
                              f"({self.max_cache_length})")
-        if self.kv_page_size and self.kv_cache_tokens and self.kv_cache_tokens < self.kv_page_size:
+        if self.kv_page_size and self.kv_cache_tokens != "auto" and 0 < self.kv_cache_tokens < self.kv_page_size:
             raise ValueError("kv_cache_tokens must hold at least one page")
 
     @property
@@ -283,6 +293,9 @@ class EngineConfig:
         """Pages in the pool of a paged cache (without the trash page); 0 when not paged."""
         if not self.kv_page_size:
             return 0
+        if self.kv_cache_tokens == "auto":
+            raise ValueError("kv_cache_tokens=auto is sized from device memory by the engine "
+                             "(JaxEngine.init_decode_state, after load_params)")
         return (self.kv_cache_tokens or self.batch_size * self.max_cache_length) // self.kv_page_size
 
     @classmethod

@@ -70,6 +70,8 @@ class JaxEngine(Engine):
         self._release_jit = jax.jit(self._release_impl, donate_argnums=(0,))
         self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2,))
         self._cache_sharding = shd.cache_shardings(self._mesh, model_config, config.quantize_kv_cache)
+        self._param_avals = None  # shapes of the loaded params, for sizing an "auto" page pool
+        self.pool_plan = None  # kv_budget.PoolPlan once an "auto" pool is sized
 
     def _choose_attention(self, backend: str) -> tuple[str, str]:
         """(prefill, decode) attention implementations.
@@ -139,32 +141,78 @@ class JaxEngine(Engine):
                              self.config.quantize_weights, seed=self.config.seed)
         if self.config.fuse_projections and self._mesh.size == 1:
             params = fuse_projections(params)
+        self._param_avals = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), params)
         return params
 
     # ---- decode state ----
-    def init_decode_state(self) -> DecodeState:
+    def _build_state(self, pages: int) -> DecodeState:
+        """A fresh decode state; paged, a pool of `pages` pages plus the trash page."""
         cfg, b = self.model_config, self.config.batch_size
+        if self.paged:  # all free slots' rows point at the trash page
+            cache = init_cache(cfg.num_layers, pages + 1, self.config.kv_page_size, cfg.num_kv_heads,
+                               cfg.head_dim, self.dtype, self.config.quantize_kv_cache)
+            table = jnp.full((b, self.pages_per_slot), pages, jnp.int32)
+        else:
+            cache = init_cache(cfg.num_layers, b, self.config.max_cache_length, cfg.num_kv_heads,
+                               cfg.head_dim, self.dtype, self.config.quantize_kv_cache)
+            table = None
+        g = SlotSampling.greedy(b)
+        return DecodeState(cache, jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32),
+                           SlotSampling(*(jnp.asarray(x) for x in (g.temperature, g.top_k, g.top_p, g.key))),
+                           table)
 
-        def build():
-            if self.paged:  # pages + the trash page, all free slots' rows pointing at it
-                page, pages = self.config.kv_page_size, self.num_kv_pages
-                cache = init_cache(cfg.num_layers, pages + 1, page, cfg.num_kv_heads, cfg.head_dim,
-                                   self.dtype, self.config.quantize_kv_cache)
-                table = jnp.full((b, self.pages_per_slot), pages, jnp.int32)
-            else:
-                cache = init_cache(cfg.num_layers, b, self.config.max_cache_length, cfg.num_kv_heads,
-                                   cfg.head_dim, self.dtype, self.config.quantize_kv_cache)
-                table = None
-            g = SlotSampling.greedy(b)
-            return DecodeState(cache, jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32),
-                               jnp.zeros(b, jnp.int32),
-                               SlotSampling(*(jnp.asarray(x) for x in (g.temperature, g.top_k, g.top_p, g.key))),
-                               table)
-
+    def init_decode_state(self) -> DecodeState:
+        if self.config.kv_cache_tokens == "auto":
+            self.size_kv_pool()
         rep = shd.replicated(self._mesh)
         out_shardings = DecodeState(self._cache_sharding, rep, rep, rep, SlotSampling(*([rep] * 4)),
                                     rep if self.paged else None)
-        return jax.jit(build, out_shardings=out_shardings)()
+        return jax.jit(lambda: self._build_state(self.num_kv_pages), out_shardings=out_shardings)()
+
+    # ---- an "auto" page pool ----
+    def size_kv_pool(self, memory_stats: Optional[dict] = None):
+        """Resolve kv_cache_tokens="auto" (engine/kv_budget.py): the pool gets the device memory
+        left after the loaded weights, the workspace of the largest prefill call plus a decode
+        call, and a margin. `memory_stats` defaults to the first device's; without a
+        "bytes_limit" in it (the CPU) the pool holds batch_size * max_cache_length tokens.
+        Sets config.kv_cache_tokens to the tokens chosen and returns the PoolPlan (or None)."""
+        from engine import kv_budget
+        cfg = self.config
+        full = cfg.batch_size * self.pages_per_slot
+        stats = memory_stats if memory_stats is not None else (self._mesh.devices.flat[0].memory_stats() or {})
+        if "bytes_limit" not in stats:
+            log.warning("kv_cache_tokens=auto: the %s device reports no memory statistics; the page pool "
+                        "holds batch_size x max_cache_length tokens", self._mesh.devices.flat[0].platform)
+            cfg.kv_cache_tokens = full * cfg.kv_page_size
+            return None
+        if self._param_avals is None:
+            raise RuntimeError("kv_cache_tokens=auto: call load_params() before init_decode_state()")
+        per_token = kv_budget.cache_bytes_per_token(self.model_config, self.dtype, cfg.quantize_kv_cache,
+                                                    kv_shards=self._mesh.size)
+        plan = kv_budget.plan_pool(int(stats["bytes_limit"]), int(stats["bytes_in_use"]), self.workspace_bytes(),
+                                   per_token, cfg.kv_page_size, max_pages=full, min_pages=self.pages_per_slot)
+        cfg.kv_cache_tokens = plan.tokens
+        self.pool_plan = plan
+        log.info(plan.describe())
+        return plan
+
+    def workspace_bytes(self) -> int:
+        """Device bytes, beyond params and cache, of the largest prefill call (its K/V output
+        waits for the insert) plus one decode call: temporaries and outputs from XLA's memory
+        analysis of the compiled programs (the decode step compiled over a one-page pool:
+        its workspace does not grow with the pool)."""
+        from engine.kv_budget import compiled_workspace
+        if self._param_avals is None:
+            raise RuntimeError("workspace_bytes needs the params' shapes: call load_params() first")
+        n, s = self.prefill_sizes()[-1], self.buckets[-1]
+        aval = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+        samp = jax.tree.map(aval, SlotSampling.greedy(n))
+        tokens, lengths = jax.ShapeDtypeStruct((n, s), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32)
+        prefill = self._prefill_jit.lower(self._param_avals, tokens, lengths, samp).compile()
+        state = jax.eval_shape(lambda: self._build_state(1))
+        decode = self._generate_jit.lower(self._param_avals, state, self._windows[-1]).compile()
+        return compiled_workspace(prefill) + compiled_workspace(decode)
 
     # ---- prefill ----
     def _prefill_impl(self, params, tokens, true_length, sampling: SlotSampling):

@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--decode_steps", type=int, default=None, help="decode steps per host round-trip")
     e.add_argument("--kv_page_size", type=int, default=None,
                    help="paged KV cache: tokens per page (default: one region per slot)")
-    e.add_argument("--kv_cache_tokens", type=int, default=None, help="tokens in the paged cache's pool")
+    e.add_argument("--kv_cache_tokens", default=None,
+                   help="tokens in the paged cache's pool, or 'auto' (what device memory leaves free)")
     e.add_argument("--schedule", choices=["longest_first", "arrival"], default=None,
                    help="order in which requests take slots (default longest_first)")
     return p.parse_args(argv)

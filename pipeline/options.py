@@ -105,8 +105,10 @@ class JetbeamOptions(PipelineOptions):
                                 "max_cache_length region per slot). Slots share one pool and hold only "
                                 "the pages their prompt + max_tokens need, so mixed lengths fit more "
                                 "slots: +26%% output tok/s on a ShareGPT-like mix on an H100 (BENCHMARKS.md).")
-        model.add_argument("--kv_cache_tokens", type=int, default=None,
-                           help="Tokens in the paged KV cache's pool (default batch_size * max_cache_length).")
+        model.add_argument("--kv_cache_tokens", type=str, default=None,
+                           help="Tokens in the paged KV cache's pool (default batch_size * max_cache_length), "
+                                "or 'auto': what the accelerator has free after the weights and the "
+                                "compiled programs' workspace (the number chosen is logged).")
         model.add_argument("--schedule", choices=["longest_first", "arrival"], default=None,
                            help="Order in which buffered rows take decode slots (engine knob): "
                                 "longest max_tokens first (the default; the long rows no longer decode "

@@ -106,3 +106,65 @@ def test_paged_int8_cache_and_pallas_kernel(contiguous):
     assert llm.engine.attention_impl == "pallas"
     got = llm.generate_all([_clone(r) for r in reqs])
     assert [g.completion_token_ids for g in got] == [w.completion_token_ids for w in want]
+
+
+# ---- kv_cache_tokens="auto" (engine/kv_budget.py) ----
+
+def test_auto_pool_sized_from_memory_stats(contiguous):
+    """The pool gets what the device's memory statistics leave after the weights, the compiled
+    workspace (XLA's memory analysis of the largest prefill and a decode call) and the margin;
+    the engine then serves a length mix from it with the contiguous cache's tokens. (The CPU
+    reports no memory statistics, so the test hands them in, as a GPU's would read.)"""
+    from engine import kv_budget
+    from engine.batcher import ContinuousBatcher
+    from engine.engine import JaxEngine
+    from engine.llm import resolve_model
+    ec, mc, _, _ = resolve_model("tiny-llama", dict(KW, batch_size=4, kv_page_size=8, kv_cache_tokens="auto",
+                                                    warmup=False))
+    eng = JaxEngine(ec, mc)
+    with pytest.raises(ValueError, match="sized from device memory"):
+        eng.num_kv_pages
+    params = eng.load_params()
+    ws = eng.workspace_bytes()
+    per_token = kv_budget.cache_bytes_per_token(mc, eng.dtype, quantized=False)
+    n, s = eng.prefill_sizes()[-1], eng.buckets[-1]
+    assert ws >= n * s * per_token  # the largest prefill's K/V output waits for its insert
+    per_page, in_use = 8 * per_token, 1 << 20
+    # Room for 12 pages and half a page: 11 pool pages plus the trash page.
+    limit = int((in_use + ws + 12.5 * per_page) / (1 - kv_budget.MARGIN_FRACTION)) + 1
+    plan = eng.size_kv_pool({"bytes_limit": limit, "bytes_in_use": in_use})
+    assert (plan.pages, ec.kv_cache_tokens, eng.num_kv_pages, plan.capped) == (11, 88, 11, False)
+    assert "11 pages of 8 tokens" in plan.describe()
+    batcher = ContinuousBatcher(eng, params)  # init_decode_state: "auto" is already resolved
+    assert batcher.state.cache.k[0].shape[0] == 12 and batcher.pages.num_pages == 11
+    reqs = _mix(10, seed=5)
+    want = {r.id: r.completion_token_ids for r in contiguous.generate_all([_clone(r) for r in reqs])}
+    got = {r.id: r.completion_token_ids for r in batcher.run([_clone(r) for r in reqs])}
+    assert got == want and batcher.stats["page_waits"] > 0
+    # Far more memory than 4 slots x 64 tokens can use: capped at 4 x 8 pages.
+    eng.config.kv_cache_tokens = "auto"
+    big = eng.size_kv_pool({"bytes_limit": 1 << 34, "bytes_in_use": in_use})
+    assert big.capped and big.pages == 4 * 8 == eng.num_kv_pages
+
+
+def test_auto_pool_arithmetic_errors_and_cpu_fallback():
+    from engine import kv_budget
+    from engine.llm import resolve_model
+    _, llama7b, _, _ = resolve_model("llama2-7b", dict(warmup=False))
+    # int8 K and V of 32 layers x 32 heads x 128, plus two f32 scales per head: 264 KiB a token.
+    assert kv_budget.cache_bytes_per_token(llama7b, "bfloat16", quantized=True) == 32 * 32 * (256 + 8)
+    assert kv_budget.cache_bytes_per_token(llama7b, "bfloat16", quantized=False) == 32 * 32 * 512
+    assert kv_budget.cache_bytes_per_token(llama7b, "bfloat16", quantized=True, kv_shards=4) == 8 * 32 * (256 + 8)
+    # 100 MiB - 80 in use - 1 of workspace - 4 of margin = 15 MiB: 7 pages of 2 MiB, one the trash page.
+    with pytest.raises(ValueError, match="only 6 KV pages of 8 tokens fit"):
+        kv_budget.plan_pool(bytes_limit=100 * 2**20, bytes_in_use=80 * 2**20, workspace_bytes=2**20,
+                            bytes_per_token=2**18, page_size=8, max_pages=100, min_pages=8)
+    assert kv_budget.plan_pool(bytes_limit=100 * 2**20, bytes_in_use=80 * 2**20, workspace_bytes=2**20,
+                               bytes_per_token=2**18, page_size=8, max_pages=100, min_pages=6).pages == 6
+    with pytest.raises(ValueError, match="set kv_page_size"):
+        EngineConfig(max_cache_length=64, context_size=32, kv_cache_tokens="auto")
+    assert EngineConfig(max_cache_length=64, context_size=32, kv_page_size=8, kv_cache_tokens="Auto").kv_cache_tokens == "auto"
+    # The CPU has no memory statistics: "auto" falls back to batch_size x max_cache_length.
+    llm = LLM("tiny-llama", batch_size=2, **dict(KW, kv_page_size=8, kv_cache_tokens="auto"))
+    assert llm.engine.config.kv_cache_tokens == 2 * 64 and llm.batcher.pages.num_pages == 16
+    assert llm.generate_all([Request(id=0, prompt_token_ids=[5, 6, 7], sampling=SamplingParams(max_tokens=3))])[0].ok
