@@ -359,13 +359,17 @@ class WriteOutputs(beam.PTransform):
         files = (comp_files, err_files) | "AllFiles" >> beam.Flatten()
         ttft_q = _quantiles(completions, "ttft_s", "Ttft")
         latency_q = _quantiles(completions, "latency_s", "Latency")
+        # The per-flush stats reach Finalize as one list built by a combiner, not through
+        # AsList: Beam's local FnApiRunner (2.77) hands AsList every element a stateful DoFn
+        # emitted from process() twice (not those from its timers); ToList sees each once.
+        stats = inputs["stats"] | "CollectStats" >> beam.combiners.ToList()
         p = completions.pipeline
         return (p
                 | "Once" >> beam.Create([None])
                 | "Finalize" >> beam.ParDo(
                     FinalizeFn(self.output_dir, self.run_id, self.skip_existing, self.launch_time, self.options),
                     files=beam.pvalue.AsList(files),
-                    stats=beam.pvalue.AsList(inputs["stats"]),
+                    stats=beam.pvalue.AsSingleton(stats, default_value=[]),
                     ttft_q=beam.pvalue.AsSingleton(ttft_q, default_value=[]),
                     latency_q=beam.pvalue.AsSingleton(latency_q, default_value=[]),
                     rows_in=beam.pvalue.AsSingleton(inputs["rows_in"], default_value=0),
