@@ -52,6 +52,7 @@ def main(argv=None):
     from benchmarks import throughput
     from engine.config import next_power_of_two
     work = args.workdir or tempfile.mkdtemp(prefix="jetbeam-e2e-")
+    os.makedirs(work, exist_ok=True)
     vocab = configs.load_model_config_dict(args.model)["vocab_size"] if not os.path.exists(args.model) else 32000
     rng = np.random.default_rng(1)
     n = args.num_requests
