@@ -173,6 +173,8 @@ def main(argv=None):
                     (q, c8.k[0], c8.v[0], c8.k_scale[0], c8.v_scale[0], table, pos), bytes_int8, want8)
         if out is not None and base8 is not None:
             print(f"    paged output identical to the contiguous kernel's: {bool(np.array_equal(out, base8))}")
+        bench(f"pallas int8 paged (page {a.page}) prefetch=1", paged(prefetch=True),
+              (q, c8.k[0], c8.v[0], c8.k_scale[0], c8.v_scale[0], table, pos), bytes_int8, want8)
         bench(f"pallas {jnp.dtype(cdt).name} paged (page {a.page})", paged(),
               (q, cb.k[0], cb.v[0], None, None, table, pos), bytes_16, wantb)
         del paged8, pagedb, c8, cb
@@ -180,18 +182,17 @@ def main(argv=None):
     if a.sweep:
         # fma (the G=1 default) with masked loads and 4 warps, which beat the dot method,
         # unmasked loads and 8 warps on the H100 and H200 (BENCHMARKS.md).
-        # Session 6 (BENCHMARKS.md): blocks of 32 and 2 splits lost; software pipelining depth
-        # (num_stages) had not been swept for fma.
-        grid = itertools.product(["fma"], [64, 128], [4], [1, 2, 3, 4], [1], ["magic", "prmt"])
+        # Session 6 (BENCHMARKS.md): 2 splits, num_stages 1-4 and the dot method in float16
+        # did not beat the defaults; this grid times register prefetch against them.
+        grid = itertools.product(["fma"], [32, 64, 128], [4], [2], [1], ["magic", "prmt"], [0], [0, 1])
         if a.small:
-            grid = itertools.product(["fma", "dot"], [16, 32], [4], [2], [1, 2], ["magic"])
-        grid = [(*cell, 0) for cell in grid]
-        if cdt == jnp.bfloat16:  # the dot method in float16 (dot_f16)
-            grid += [("dot", bt, warps, stages, 1, "magic", 1)
-                     for bt, warps, stages in itertools.product([32, 64], [4], [3, 4])]
-        for method, bt, warps, stages, splits, convert, f16 in grid:
+            grid = itertools.product(["fma", "dot"], [16, 32], [4], [2], [1, 2], ["magic"], [0], [0, 1])
+        grid = list(grid)
+        if cdt == jnp.bfloat16:  # the dot method in float16 (dot_f16), its best stages
+            grid += [("dot", 32, 4, 3, 1, "magic", 1, pf) for pf in (0, 1)]
+        for method, bt, warps, stages, splits, convert, f16, pf in grid:
             kw = dict(method=method, block_t=bt, num_warps=warps, num_stages=stages, num_splits=splits,
-                      mask_loads=not a.small, convert=convert, dot_f16=f16)
+                      mask_loads=not a.small or pf, convert=convert, dot_f16=f16, prefetch=pf)
             bench("pallas int8 " + " ".join(f"{k}={v}" for k, v in kw.items()), pallas(**kw),
                   (q, k8, v8, ks, vs, pos), bytes_int8, want8)
 

@@ -254,3 +254,21 @@ def test_paged_blocks_smaller_than_a_page():
     got = ragged_decode_attention(q, paged.k[0], paged.v[0], paged.k_scale[0], paged.v_scale[0],
                                   lengths, 0.2, page_table=table, block_t=16, interpret=True)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("method,paged", [("fma", False), ("fma", True), ("dot", True)])
+def test_prefetch_matches(method, paged):
+    """prefetch (block i+1's loads issued before block i's math) changes no arithmetic: the
+    same output, contiguous and through shuffled pages (whose trash page holds NaN scales and
+    garbage that a prefetch past the last block must not pull in). Equal to float32 rounding:
+    interpreted on CPU, XLA may fuse the reordered loop body differently."""
+    q, cache = _case(5, 64, 2, 2, 32, quantized=True, seed=31)
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    table = None
+    if paged:
+        cache, table, _ = _paginate(cache, 16, seed=3)
+    args = (q, cache.k[0], cache.v[0], cache.k_scale[0], cache.v_scale[0], lengths, 0.2)
+    kw = dict(block_t=16, method=method, page_table=table, interpret=True)
+    want = ragged_decode_attention(*args, **kw)
+    got = ragged_decode_attention(*args, prefetch=True, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)

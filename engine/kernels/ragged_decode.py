@@ -67,7 +67,7 @@ _SQ = getattr(pl, "squeezed", None)
 
 # Tuned on an H100 (benchmarks/decode_attention.py --sweep, BENCHMARKS.md): masked loads win.
 DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=4, num_stages=2, mask_loads=1,
-                convert="magic", dot_f16=0)
+                convert="magic", dot_f16=0, prefetch=0)
 ENV_VAR = "JETBEAM_RAGGED_DECODE"
 
 
@@ -173,7 +173,7 @@ _PV_SCALE = 256.0
 
 def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quantized: bool,
             method: str, split: bool, mask_loads: bool, convert: str, interpret: bool,
-            page: int = 0, dot_f16: bool = False):
+            page: int = 0, dot_f16: bool = False, prefetch: bool = False):
     if page:
         pt_ref, q_ref, k_ref, v_ref, *rest = refs
     else:
@@ -210,7 +210,21 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
     def loop(step, init):
         """fori_loop over the slot's filled blocks. Paged, the carry also holds the next block's
         page, loaded one iteration early: its load then overlaps this block's K/V loads instead
-        of delaying them (the K/V addresses depend on it)."""
+        of delaying them (the K/V addresses depend on it).
+
+        prefetch: the carry holds block i's loaded K/V/scales, and iteration i issues block
+        i+1's loads before computing on block i (register double-buffering; past the last
+        block the masked loads read nothing). `step(i, carry, data)` then gets the data."""
+        if prefetch:
+            def page_or_none(i):
+                return page_of(i) if page else None
+
+            def body_pf(i, carry):
+                c, data = carry
+                nxt = block(i + 1, page_or_none(i + 1))
+                return step(i, c, data), nxt
+
+            return lax.fori_loop(0, n_blocks, body_pf, (init, block(0, page_or_none(0))))[0]
         if not page:
             return lax.fori_loop(0, n_blocks, lambda i, c: step(i, c, None), init)
 
@@ -242,7 +256,7 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
 
         def body(i, carry, pg):
             ms, ls, accs = carry
-            valid, k, v, ks, vs = block(i, pg)
+            valid, k, v, ks, vs = pg if prefetch else block(i, pg)  # prefetch: pg is the data
             k = _int8_to_f32(k, convert, interpret)
             v = _int8_to_f32(v, convert, interpret)
             new_m, new_l, new_acc = [], [], []
@@ -291,7 +305,7 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
 
     def body(i, carry, pg):
         m, l, acc = carry
-        valid, k, v, ks, vs = block(i, pg)
+        valid, k, v, ks, vs = pg if prefetch else block(i, pg)  # prefetch: pg is the data
         s = lax.dot_general(q, mma_operand(k), (((1,), (1,)), ((), ())), precision=prec,
                             preferred_element_type=jnp.float32)  # [Gp, block_t]
         if quantized:
@@ -331,7 +345,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
                             num_splits: Optional[int] = None, num_warps: Optional[int] = None,
                             num_stages: Optional[int] = None, mask_loads: Optional[bool] = None,
                             convert: Optional[str] = None, dot_f16: Optional[bool] = None,
-                            interpret: bool = False):
+                            prefetch: Optional[bool] = None, interpret: bool = False):
     """Attention of q [B, H, D] over cache positions [0, lengths[b]) of K/V [B, T, Hkv, D].
 
     k_scale/v_scale: [B, Hkv, T] float32 for an int8 cache, or None for an unquantized one.
@@ -345,9 +359,11 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     convert: how the "fma" method turns int8 into float32 ("magic" or "cvt"; both exact).
     dot_f16: the "dot" method over an int8 cache runs its tensor-core dots in float16, turning
     int8 into f16 by byte permutes (exact) instead of converting to bf16 (an I2F per element).
+    prefetch: load block i+1 while computing block i (register double-buffering; masked loads).
     """
     cfg = _settings(block_t=block_t, method=method, num_splits=num_splits, num_warps=num_warps,
-                    num_stages=num_stages, mask_loads=mask_loads, convert=convert, dot_f16=dot_f16)
+                    num_stages=num_stages, mask_loads=mask_loads, convert=convert, dot_f16=dot_f16,
+                    prefetch=prefetch)
     if cfg["convert"] not in ("cvt", "magic", "prmt"):
         raise ValueError(f"convert must be 'cvt', 'magic' or 'prmt', not {cfg['convert']!r}")
     b, h, d = q.shape
@@ -377,7 +393,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
         raise ValueError(f"page size {page} is not a multiple of a {bt}-token block")
     # Loads may stay unmasked when blocks tile the chunk exactly (positions past the length
     # are masked in the scores instead); otherwise the last block would run past the array.
-    mask_loads = bool(cfg["mask_loads"]) or chunk % bt != 0
+    mask_loads = bool(cfg["mask_loads"]) or chunk % bt != 0 or bool(cfg["prefetch"])
     split = splits > 1
 
     qg = q.reshape(b, hkv, g, d)
@@ -418,7 +434,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     kernel = functools.partial(_kernel, block_t=bt, chunk=chunk, g=g, scale=float(scale),
                                quantized=quantized, method=method, split=split,
                                mask_loads=mask_loads, convert=cfg["convert"], interpret=interpret,
-                               page=page, dot_f16=bool(cfg["dot_f16"]))
+                               page=page, dot_f16=bool(cfg["dot_f16"]), prefetch=bool(cfg["prefetch"]))
     kwargs = {}
     params = _compiler_params(int(cfg["num_warps"]), int(cfg["num_stages"]))
     if params is not None:
