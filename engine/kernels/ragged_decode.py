@@ -219,12 +219,19 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
             def page_or_none(i):
                 return page_of(i) if page else None
 
-            def body_pf(i, carry):
-                c, data = carry
-                nxt = block(i + 1, page_or_none(i + 1))
-                return step(i, c, data), nxt
+            def loads(i):  # the carry holds no bool mask (Triton's loop lowering rejected one)
+                return tuple(x for x in block(i, page_or_none(i))[1:] if x is not None)
 
-            return lax.fori_loop(0, n_blocks, body_pf, (init, block(0, page_or_none(0))))[0]
+            def data_of(i, kv):
+                k, v, *sc = kv
+                return (valid_of(i), k, v, *(sc if quantized else (None, None)))
+
+            def body_pf(i, carry):
+                c, kv = carry
+                nxt = loads(i + 1)
+                return step(i, c, data_of(i, kv)), nxt
+
+            return lax.fori_loop(0, n_blocks, body_pf, (init, loads(0)))[0]
         if not page:
             return lax.fori_loop(0, n_blocks, lambda i, c: step(i, c, None), init)
 
@@ -242,9 +249,12 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         m = jnp.broadcast_to(valid[:, None], (block_t, d)) if two_d else valid
         return _load(ref.at[idx], mask=m, other=0)
 
+    def valid_of(i):  # chunk-local positions of block i below the filled length
+        return (i * block_t + iota) < n_valid
+
     def block(i, pg):
         start = _multiple_of(i * block_t, block_t)
-        valid = (start + iota) < n_valid  # chunk-local positions
+        valid = valid_of(i)
         k = load_block(k_ref, start, valid, True, pg)
         v = load_block(v_ref, start, valid, True, pg)
         ks = load_block(ks_ref, start, valid, False, pg) if quantized else None
