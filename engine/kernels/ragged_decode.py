@@ -231,7 +231,7 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
                 nxt = loads(i + 1)
                 return step(i, c, data_of(i, kv)), nxt
 
-            return lax.fori_loop(0, n_blocks, body_pf, (init, loads(0)))[0]
+            return lax.fori_loop(0, n_blocks, body_pf, (init, loads(jnp.int32(0))))[0]
         if not page:
             return lax.fori_loop(0, n_blocks, lambda i, c: step(i, c, None), init)
 
