@@ -147,9 +147,6 @@ def main(argv=None):
     bench(f"pallas {jnp.dtype(cdt).name} (defaults)", pallas(), (q, kb, vb, None, None, pos), bytes_16, wantb)
     other = "fma" if g >= 8 else "dot"  # the method "auto" does not pick for this G
     bench(f"pallas int8 method={other}", pallas(method=other), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
-    if cdt == jnp.bfloat16:  # tensor-core dots in float16, int8 -> f16 by byte permutes
-        bench("pallas int8 method=dot dot_f16=1", pallas(method="dot", dot_f16=True),
-              (q, k8, v8, ks, vs, pos), bytes_int8, want8)
 
     # Every conversion is exact, so each output must be bit-identical to the defaults' (which
     # already ran with the default conversion, DEFAULTS or $JETBEAM_RAGGED_DECODE).
@@ -173,8 +170,6 @@ def main(argv=None):
                     (q, c8.k[0], c8.v[0], c8.k_scale[0], c8.v_scale[0], table, pos), bytes_int8, want8)
         if out is not None and base8 is not None:
             print(f"    paged output identical to the contiguous kernel's: {bool(np.array_equal(out, base8))}")
-        bench(f"pallas int8 paged (page {a.page}) prefetch=1", paged(prefetch=True),
-              (q, c8.k[0], c8.v[0], c8.k_scale[0], c8.v_scale[0], table, pos), bytes_int8, want8)
         bench(f"pallas {jnp.dtype(cdt).name} paged (page {a.page})", paged(),
               (q, cb.k[0], cb.v[0], None, None, table, pos), bytes_16, wantb)
         del paged8, pagedb, c8, cb
@@ -182,17 +177,12 @@ def main(argv=None):
     if a.sweep:
         # fma (the G=1 default) with masked loads and 4 warps, which beat the dot method,
         # unmasked loads and 8 warps on the H100 and H200 (BENCHMARKS.md).
-        # Session 6 (BENCHMARKS.md): 2 splits, num_stages 1-4 and the dot method in float16
-        # did not beat the defaults; this grid times register prefetch against them.
-        grid = itertools.product(["fma"], [32, 64, 128], [4], [2], [1], ["magic", "prmt"], [0], [0, 1])
+        grid = itertools.product(["fma"], [32, 64, 128], [4], [2], [1, 2], ["magic", "prmt"])
         if a.small:
-            grid = itertools.product(["fma", "dot"], [16, 32], [4], [2], [1, 2], ["magic"], [0], [0, 1])
-        grid = list(grid)
-        if cdt == jnp.bfloat16:  # the dot method in float16 (dot_f16), its best stages
-            grid += [("dot", 32, 4, 3, 1, "magic", 1, pf) for pf in (0, 1)]
-        for method, bt, warps, stages, splits, convert, f16, pf in grid:
+            grid = itertools.product(["fma", "dot"], [16, 32], [4], [2], [1, 2], ["magic"])
+        for method, bt, warps, stages, splits, convert in grid:
             kw = dict(method=method, block_t=bt, num_warps=warps, num_stages=stages, num_splits=splits,
-                      mask_loads=not a.small or pf, convert=convert, dot_f16=f16, prefetch=pf)
+                      mask_loads=not a.small, convert=convert)
             bench("pallas int8 " + " ".join(f"{k}={v}" for k, v in kw.items()), pallas(**kw),
                   (q, k8, v8, ks, vs, pos), bytes_int8, want8)
 

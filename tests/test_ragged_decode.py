@@ -115,46 +115,6 @@ def test_prmt_conversion_asm_is_exact():
     np.testing.assert_array_equal(got, x.astype(np.float32))
 
 
-def test_prmt_f16_conversion_asm_is_exact():
-    """The PTX of dot_f16 (rd._PRMT_F16_ASM) through an emulator of its xor, prmt, mov and
-    sub.f16x2 on all 256 int8 values: two float16 per output register, element 0 in the low half."""
-    import re
-    x = np.arange(-128, 128, dtype=np.int8)
-    regs = {"$2": x.view(np.uint32)}
-
-    def val(tok, like):
-        return regs[tok] if tok in regs else np.full_like(like, int(tok, 16), dtype=np.uint32)
-
-    for line in rd._PRMT_F16_ASM.splitlines():
-        m = re.match(r"(xor|prmt|mov|sub)\.(?:b32|f16x2) (\S+), (\S+)(?:, (\S+))?(?:, (\S+))?;", line.strip())
-        if not m:
-            continue
-        op, dst, a, b, sel = m.groups()
-        like = regs["$2"]
-        if op == "mov":
-            regs[dst] = val(a, like)
-        elif op == "xor":
-            regs[dst] = val(a, like) ^ val(b, like)
-        elif op == "prmt":
-            pa, pb = val(a, like), val(b, like)
-            pool = [(w >> np.uint32(8 * i)) & np.uint32(0xFF) for w in (pa, pb) for i in range(4)]
-            c = int(sel, 16)
-            regs[dst] = sum(pool[(c >> (4 * j)) & 7] << np.uint32(8 * j) for j in range(4)).astype(np.uint32)
-        else:  # sub.f16x2, exact here: integers of f16
-            d = val(a, like).view(np.float16) - val(b, like).view(np.float16)
-            regs[dst] = d.astype(np.float16).view(np.uint32)
-    halves = np.stack([regs["$0"], regs["$1"]], axis=-1).reshape(-1).view(np.float16)
-    np.testing.assert_array_equal(halves, x.astype(np.float16))
-
-
-def test_dot_f16_matches_xla():
-    """dot_f16 (tensor-core dots in float16 over an int8 cache) with a bf16 query: the CPU
-    interprets the f16 path with a plain convert; the GPU builds the same values with PRMTs."""
-    q, cache = _case(4, 64, 2, 1, 32, quantized=True, seed=6, q_dtype=jnp.bfloat16)
-    _check(q, cache, [1, 32, 64, 50], atol=2e-2, block_t=16, method="dot", dot_f16=True)
-    _check(q, cache, [1, 32, 64, 50], atol=2e-2, block_t=16, method="dot", dot_f16=True, num_splits=2)
-
-
 def test_conversion_methods_agree():
     q, cache = _case(5, 64, 2, 2, 32, quantized=True, seed=9)
     args = (q, cache.k[0], cache.v[0], cache.k_scale[0], cache.v_scale[0], jnp.asarray(LENGTHS), 0.2)
@@ -254,21 +214,3 @@ def test_paged_blocks_smaller_than_a_page():
     got = ragged_decode_attention(q, paged.k[0], paged.v[0], paged.k_scale[0], paged.v_scale[0],
                                   lengths, 0.2, page_table=table, block_t=16, interpret=True)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
-
-@pytest.mark.parametrize("method,paged", [("fma", False), ("fma", True), ("dot", True)])
-def test_prefetch_matches(method, paged):
-    """prefetch (block i+1's loads issued before block i's math) changes no arithmetic: the
-    same output, contiguous and through shuffled pages (whose trash page holds NaN scales and
-    garbage that a prefetch past the last block must not pull in). Equal to float32 rounding:
-    interpreted on CPU, XLA may fuse the reordered loop body differently."""
-    q, cache = _case(5, 64, 2, 2, 32, quantized=True, seed=31)
-    lengths = jnp.asarray(LENGTHS, jnp.int32)
-    table = None
-    if paged:
-        cache, table, _ = _paginate(cache, 16, seed=3)
-    args = (q, cache.k[0], cache.v[0], cache.k_scale[0], cache.v_scale[0], lengths, 0.2)
-    kw = dict(block_t=16, method=method, page_table=table, interpret=True)
-    want = ragged_decode_attention(*args, **kw)
-    got = ragged_decode_attention(*args, prefetch=True, **kw)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)

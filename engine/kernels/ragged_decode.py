@@ -67,7 +67,7 @@ _SQ = getattr(pl, "squeezed", None)
 
 # Tuned on an H100 (benchmarks/decode_attention.py --sweep, BENCHMARKS.md): masked loads win.
 DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=4, num_stages=2, mask_loads=1,
-                convert="magic", dot_f16=0, prefetch=0)
+                convert="magic")
 ENV_VAR = "JETBEAM_RAGGED_DECODE"
 
 
@@ -142,38 +142,9 @@ def _prmt_magic_bits(x):
     return bits
 
 
-# Four int8 in one 32-bit register -> four float16 in two: halves 0x64uu, uu = byte + 128, are
-# 1024 + 128 + x; one f16x2 subtract of 1152 leaves x, exactly. Two PRMTs and two HSUB2s per
-# four elements, against an I2F per element for a plain int8 -> bf16 convert.
-_PRMT_F16_ASM = """{
-.reg .b32 t, a, b, c;
-xor.b32 t, $2, 0x80808080;
-prmt.b32 a, t, 0x64646464, 0x4140;
-prmt.b32 b, t, 0x64646464, 0x4342;
-mov.b32 c, 0x64806480;
-sub.f16x2 $0, a, c;
-sub.f16x2 $1, b, c;
-}"""
-
-
-def _int8_to_f16(x, interpret: bool = False):
-    """int8 -> float16, exactly (byte permutes in inline PTX; a plain convert when interpreted)."""
-    if interpret:
-        return x.astype(jnp.float16)
-    (out,) = plgpu.elementwise_inline_asm(
-        _PRMT_F16_ASM, args=[x], constraints="=r,=r,r", pack=4,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float16)])
-    return out
-
-
-# The dot method in float16 scales p * v_scale by this before the cast (and the output back):
-# v scales are small (max|v| / 127), and unscaled products would fall into f16's subnormals.
-_PV_SCALE = 256.0
-
-
 def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quantized: bool,
             method: str, split: bool, mask_loads: bool, convert: str, interpret: bool,
-            page: int = 0, dot_f16: bool = False, prefetch: bool = False):
+            page: int = 0):
     if page:
         pt_ref, q_ref, k_ref, v_ref, *rest = refs
     else:
@@ -210,28 +181,7 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
     def loop(step, init):
         """fori_loop over the slot's filled blocks. Paged, the carry also holds the next block's
         page, loaded one iteration early: its load then overlaps this block's K/V loads instead
-        of delaying them (the K/V addresses depend on it).
-
-        prefetch: the carry holds block i's loaded K/V/scales, and iteration i issues block
-        i+1's loads before computing on block i (register double-buffering; past the last
-        block the masked loads read nothing). `step(i, carry, data)` then gets the data."""
-        if prefetch:
-            def page_or_none(i):
-                return page_of(i) if page else None
-
-            def loads(i):  # the carry holds no bool mask (Triton's loop lowering rejected one)
-                return tuple(x for x in block(i, page_or_none(i))[1:] if x is not None)
-
-            def data_of(i, kv):
-                k, v, *sc = kv
-                return (valid_of(i), k, v, *(sc if quantized else (None, None)))
-
-            def body_pf(i, carry):
-                c, kv = carry
-                nxt = loads(i + 1)
-                return step(i, c, data_of(i, kv)), nxt
-
-            return lax.fori_loop(0, n_blocks, body_pf, (init, loads(jnp.int32(0))))[0]
+        of delaying them (the K/V addresses depend on it)."""
         if not page:
             return lax.fori_loop(0, n_blocks, lambda i, c: step(i, c, None), init)
 
@@ -249,12 +199,9 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         m = jnp.broadcast_to(valid[:, None], (block_t, d)) if two_d else valid
         return _load(ref.at[idx], mask=m, other=0)
 
-    def valid_of(i):  # chunk-local positions of block i below the filled length
-        return (i * block_t + iota) < n_valid
-
     def block(i, pg):
         start = _multiple_of(i * block_t, block_t)
-        valid = valid_of(i)
+        valid = (start + iota) < n_valid  # chunk-local positions
         k = load_block(k_ref, start, valid, True, pg)
         v = load_block(v_ref, start, valid, True, pg)
         ks = load_block(ks_ref, start, valid, False, pg) if quantized else None
@@ -266,7 +213,7 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
 
         def body(i, carry, pg):
             ms, ls, accs = carry
-            valid, k, v, ks, vs = pg if prefetch else block(i, pg)  # prefetch: pg is the data
+            valid, k, v, ks, vs = block(i, pg)
             k = _int8_to_f32(k, convert, interpret)
             v = _int8_to_f32(v, convert, interpret)
             new_m, new_l, new_acc = [], [], []
@@ -303,20 +250,11 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
     q = q_ref[...]
     cdt = q.dtype
     prec = lax.Precision.HIGHEST if cdt == jnp.float32 else None
-    # dot_f16 (int8 cache): both dots in float16, int8 turned into f16 by byte permutes, exact.
-    f16 = dot_f16 and quantized and cdt != jnp.float32
-    pv_scale = _PV_SCALE if f16 else 1.0
-    if f16:
-        q = q.astype(jnp.float16)
-        cdt = jnp.float16
-
-    def mma_operand(x):
-        return _int8_to_f16(x, interpret) if f16 else x.astype(cdt)
 
     def body(i, carry, pg):
         m, l, acc = carry
-        valid, k, v, ks, vs = pg if prefetch else block(i, pg)  # prefetch: pg is the data
-        s = lax.dot_general(q, mma_operand(k), (((1,), (1,)), ((), ())), precision=prec,
+        valid, k, v, ks, vs = block(i, pg)
+        s = lax.dot_general(q, k.astype(cdt), (((1,), (1,)), ((), ())), precision=prec,
                             preferred_element_type=jnp.float32)  # [Gp, block_t]
         if quantized:
             s = s * ks[None, :]
@@ -324,17 +262,15 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         m_next = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_next)
         p = jnp.exp(s - m_next[:, None])
-        pv = p * (vs[None, :] * pv_scale) if quantized else p
+        pv = p * vs[None, :] if quantized else p
         pv = jnp.where(valid[None, :], pv, 0.0)
-        o = lax.dot_general(pv.astype(cdt), mma_operand(v), (((1,), (0,)), ((), ())),
+        o = lax.dot_general(pv.astype(cdt), v.astype(cdt), (((1,), (0,)), ((), ())),
                             precision=prec, preferred_element_type=jnp.float32)  # [Gp, D]
         return m_next, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + o
 
     init = (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32),
             jnp.zeros((gp, d), jnp.float32))
     m, l, acc = loop(body, init)
-    if f16:
-        acc = acc * (1.0 / pv_scale)
     if split:
         o_ref[...] = acc
         outs[1][...] = m
@@ -354,8 +290,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
                             block_t: Optional[int] = None, method: Optional[str] = None,
                             num_splits: Optional[int] = None, num_warps: Optional[int] = None,
                             num_stages: Optional[int] = None, mask_loads: Optional[bool] = None,
-                            convert: Optional[str] = None, dot_f16: Optional[bool] = None,
-                            prefetch: Optional[bool] = None, interpret: bool = False):
+                            convert: Optional[str] = None, interpret: bool = False):
     """Attention of q [B, H, D] over cache positions [0, lengths[b]) of K/V [B, T, Hkv, D].
 
     k_scale/v_scale: [B, Hkv, T] float32 for an int8 cache, or None for an unquantized one.
@@ -367,13 +302,9 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     block past the length are not read either (otherwise they are read and masked in the
     scores); always on when block_t does not divide the chunk length.
     convert: how the "fma" method turns int8 into float32 ("magic" or "cvt"; both exact).
-    dot_f16: the "dot" method over an int8 cache runs its tensor-core dots in float16, turning
-    int8 into f16 by byte permutes (exact) instead of converting to bf16 (an I2F per element).
-    prefetch: load block i+1 while computing block i (register double-buffering; masked loads).
     """
     cfg = _settings(block_t=block_t, method=method, num_splits=num_splits, num_warps=num_warps,
-                    num_stages=num_stages, mask_loads=mask_loads, convert=convert, dot_f16=dot_f16,
-                    prefetch=prefetch)
+                    num_stages=num_stages, mask_loads=mask_loads, convert=convert)
     if cfg["convert"] not in ("cvt", "magic", "prmt"):
         raise ValueError(f"convert must be 'cvt', 'magic' or 'prmt', not {cfg['convert']!r}")
     b, h, d = q.shape
@@ -403,7 +334,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
         raise ValueError(f"page size {page} is not a multiple of a {bt}-token block")
     # Loads may stay unmasked when blocks tile the chunk exactly (positions past the length
     # are masked in the scores instead); otherwise the last block would run past the array.
-    mask_loads = bool(cfg["mask_loads"]) or chunk % bt != 0 or bool(cfg["prefetch"])
+    mask_loads = bool(cfg["mask_loads"]) or chunk % bt != 0
     split = splits > 1
 
     qg = q.reshape(b, hkv, g, d)
@@ -444,7 +375,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     kernel = functools.partial(_kernel, block_t=bt, chunk=chunk, g=g, scale=float(scale),
                                quantized=quantized, method=method, split=split,
                                mask_loads=mask_loads, convert=cfg["convert"], interpret=interpret,
-                               page=page, dot_f16=bool(cfg["dot_f16"]), prefetch=bool(cfg["prefetch"]))
+                               page=page)
     kwargs = {}
     params = _compiler_params(int(cfg["num_warps"]), int(cfg["num_stages"]))
     if params is not None:
