@@ -169,6 +169,10 @@ def main(argv=None):
         from benchmarks.dry_run import dry_run
         from engine.llm import resolve_model
         ec, mc, _, _ = resolve_model(args.model, dict(kwargs, warmup=False))
+        if ec.kv_cache_tokens == "auto":
+            raise SystemExit("--dry_run has no device memory to size kv_cache_tokens=auto: give the number "
+                             "of tokens (a device run logs the number 'auto' chose, and reports it as "
+                             "kv_cache_tokens)")
         warm = make_requests(args, mc.vocab_size, ins[:args.batch_size], np.minimum(outs[:args.batch_size], 16), "warm")
         report = dry_run(ec, mc, make_requests(args, mc.vocab_size, ins, outs), warm)
         report.update(dataset=args.dataset, num_requests=args.num_requests, engine=args.engine)

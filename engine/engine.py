@@ -172,30 +172,13 @@ class JaxEngine(Engine):
 
     # ---- an "auto" page pool ----
     def size_kv_pool(self, memory_stats: Optional[dict] = None):
-        """Resolve kv_cache_tokens="auto" (engine/kv_budget.py): the pool gets the device memory
-        left after the loaded weights, the workspace of the largest prefill call plus a decode
-        call, and a margin. `memory_stats` defaults to the first device's; without a
-        "bytes_limit" in it (the CPU) the pool holds batch_size * max_cache_length tokens.
-        Sets config.kv_cache_tokens to the tokens chosen and returns the PoolPlan (or None)."""
-        from engine import kv_budget
-        cfg = self.config
-        full = cfg.batch_size * self.pages_per_slot
-        stats = memory_stats if memory_stats is not None else (self._mesh.devices.flat[0].memory_stats() or {})
-        if "bytes_limit" not in stats:
-            log.warning("kv_cache_tokens=auto: the %s device reports no memory statistics; the page pool "
-                        "holds batch_size x max_cache_length tokens", self._mesh.devices.flat[0].platform)
-            cfg.kv_cache_tokens = full * cfg.kv_page_size
-            return None
-        if self._param_avals is None:
-            raise RuntimeError("kv_cache_tokens=auto: call load_params() before init_decode_state()")
-        per_token = kv_budget.cache_bytes_per_token(self.model_config, self.dtype, cfg.quantize_kv_cache,
-                                                    kv_shards=self._mesh.size)
-        plan = kv_budget.plan_pool(int(stats["bytes_limit"]), int(stats["bytes_in_use"]), self.workspace_bytes(),
-                                   per_token, cfg.kv_page_size, max_pages=full, min_pages=self.pages_per_slot)
-        cfg.kv_cache_tokens = plan.tokens
-        self.pool_plan = plan
-        log.info(plan.describe())
-        return plan
+        """Resolve kv_cache_tokens="auto" from `memory_stats` (default: the first device's):
+        engine/kv_budget.size_pool. Sets config.kv_cache_tokens; returns the PoolPlan or None."""
+        from engine.kv_budget import size_pool
+        if memory_stats is None:
+            memory_stats = self._mesh.devices.flat[0].memory_stats() or {}
+        self.pool_plan = size_pool(self, memory_stats)
+        return self.pool_plan
 
     def workspace_bytes(self) -> int:
         """Device bytes, beyond params and cache, of the largest prefill call (its K/V output
