@@ -1,5 +1,6 @@
 """benchmarks/throughput.py end to end on the tiny config (CPU): the harness the GPU numbers
-come from accounts for every request and token, and its --profile split adds up."""
+come from accounts for every request and token, its --profile split adds up, and its dry run
+makes the calls a real run makes."""
 
 import json
 import os
@@ -11,16 +12,27 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import throughput  # noqa: E402
 
 
-def test_length_mix_with_profile(tmp_path):
+SCHED_KEYS = ("decode_calls", "prefill_calls", "refills", "page_waits", "live_slots", "kv_pages_peak")
+
+
+def test_length_mix_profile_variant_and_dry_run(tmp_path):
+    """One compiled engine (tiny model, a length mix, an int8 paged cache small enough that
+    admissions wait for pages, longest first) runs the timed pass, a --variant with other
+    scheduling then the first setting again, the --profile split and a --trace rerun. Every
+    request and token is accounted for, the profile's parts add up, and --dry_run (the real
+    batcher over a schedule-only engine) makes exactly the calls each timed pass made."""
+    args = ["--model", "tiny-llama", "--dataset", "sharegpt", "--num_requests", "12", "--batch_size", "6",
+            "--prefill_batch", "2", "--min_prefill_bucket", "64", "--max_cache_length", "2048",
+            "--quantize_kv_cache", "--engine", "kv_page_size=64", "--engine", "kv_cache_tokens=2048",
+            "--engine", "min_refill=2"]
     out = tmp_path / "mix.json"
-    throughput.main(["--model", "tiny-llama", "--dataset", "sharegpt", "--num_requests", "24",
-                     "--batch_size", "6", "--prefill_batch", "2", "--min_prefill_bucket", "64",
-                     "--quantize_kv_cache", "--profile", "--trace", str(tmp_path / "trace"), "--json", str(out)])
+    throughput.main(args + ["--variant", "min_refill=1,schedule=arrival", "--profile",
+                            "--trace", str(tmp_path / "trace"), "--json", str(out)])
     r = json.loads(out.read_text())
-    ins, outs = throughput.make_lengths(throughput.parse_args(["--dataset", "sharegpt", "--num_requests", "24"]))
+    ins, outs = throughput.make_lengths(throughput.parse_args(["--dataset", "sharegpt", "--num_requests", "12"]))
     assert r["mean_input"] == float(ins.mean()) and r["mean_output"] == float(outs.mean())
     for stats in (r["batcher"], r["sync_profile"]):
-        assert stats["completed"] == 24 and stats["prefill_rows"] == 24
+        assert stats["completed"] == 12 and stats["prefill_rows"] == 12
         assert stats["generated_tokens"] == int(outs.sum())
         assert stats["prompt_tokens"] == int(ins.sum())
         assert stats["live_slots"] <= 6 * stats["decode_calls"]
@@ -31,6 +43,18 @@ def test_length_mix_with_profile(tmp_path):
     prof = r["sync_profile"]
     parts = prof["prefill_s"] + prof["insert_s"] + prof["decode_s"]
     assert 0 < parts <= prof["wall_s"] and abs(prof["host_s"] - (prof["wall_s"] - parts)) < 2e-3
+
+    throughput.main(args + ["--dry_run", "--json", str(tmp_path / "dry.json")])
+    throughput.main(args + ["--dry_run", "--engine", "min_refill=1", "--engine", "schedule=arrival",
+                            "--json", str(tmp_path / "dry_v.json")])
+    dry = json.loads((tmp_path / "dry.json").read_text())
+    dry_v = json.loads((tmp_path / "dry_v.json").read_text())
+    assert dry["page_waits"] > 0 and dry["requests"] == 12
+    assert {k: int(r["batcher"].get(k, 0)) for k in SCHED_KEYS} == {k: dry[k] for k in SCHED_KEYS}
+    variant, again = r["variants"]
+    assert {k: variant["batcher"][k] for k in SCHED_KEYS} == {k: dry_v[k] for k in SCHED_KEYS}
+    assert {k: dry_v[k] for k in SCHED_KEYS} != {k: dry[k] for k in SCHED_KEYS}  # the variant changed it
+    assert {k: again["batcher"][k] for k in SCHED_KEYS} == {k: dry[k] for k in SCHED_KEYS}
 
 
 def test_peer_runs_first_in_its_own_process(tmp_path):
@@ -47,32 +71,6 @@ def test_peer_runs_first_in_its_own_process(tmp_path):
     assert r["ours_over_peer"] == round(r["output_tok_per_s"] / peer["output_tok_s"], 2)
 
 
-SCHED_KEYS = ("decode_calls", "prefill_calls", "refills", "page_waits", "live_slots", "kv_pages_peak")
-
-
-def test_dry_run_matches_a_real_run(tmp_path):
-    """--dry_run (the real batcher over a schedule-only engine) makes exactly the calls the
-    real engine makes for the same requests: here the tiny model, a length mix, a paged cache
-    small enough that admissions wait for pages, longest first."""
-    args = ["--model", "tiny-llama", "--dataset", "sharegpt", "--num_requests", "24", "--batch_size", "6",
-            "--prefill_batch", "2", "--min_prefill_bucket", "64", "--max_cache_length", "2048",
-            "--engine", "kv_page_size=64", "--engine", "kv_cache_tokens=2048", "--engine", "min_refill=2"]
-    # --variant reruns the same requests on the same compiled engine with scheduling changed,
-    # then with the first setting again.
-    throughput.main(args + ["--variant", "min_refill=1,schedule=arrival", "--json", str(tmp_path / "real.json")])
-    throughput.main(args + ["--dry_run", "--json", str(tmp_path / "dry.json")])
-    throughput.main(args + ["--dry_run", "--engine", "min_refill=1", "--engine", "schedule=arrival",
-                            "--json", str(tmp_path / "dry_v.json")])
-    report = json.loads((tmp_path / "real.json").read_text())
-    real = report["batcher"]
-    dry = json.loads((tmp_path / "dry.json").read_text())
-    dry_v = json.loads((tmp_path / "dry_v.json").read_text())
-    assert dry["page_waits"] > 0 and dry["requests"] == 24
-    assert {k: int(real.get(k, 0)) for k in SCHED_KEYS} == {k: dry[k] for k in SCHED_KEYS}
-    variant, again = report["variants"]
-    assert {k: variant["batcher"][k] for k in SCHED_KEYS} == {k: dry_v[k] for k in SCHED_KEYS}
-    assert {k: dry_v[k] for k in SCHED_KEYS} != {k: dry[k] for k in SCHED_KEYS}  # the variant changed it
-    assert {k: again["batcher"][k] for k in SCHED_KEYS} == {k: dry[k] for k in SCHED_KEYS}
 
 
 def test_dry_run_reproduces_the_h100_schedule(tmp_path):
