@@ -42,6 +42,15 @@ CHILD = textwrap.dedent("""
             "wq_shards": len({str(s.index) for s in wq.addressable_shards}),
             "cache_shards": len({str(s.index) for s in cache.addressable_shards}),
         }
+        if page:  # what kv_cache_tokens=auto counts per device, against the real sharded pool
+            from engine import kv_budget
+            eng, c = llm.engine, llm.batcher.state.cache
+            shard = sum(x.addressable_shards[0].data.nbytes for part in (c.k, c.v, c.k_scale, c.v_scale)
+                        for x in part)
+            out["auto"] = {"pool_bytes_per_token": shard / ((eng.num_kv_pages + 1) * page),
+                           "counted": kv_budget.cache_bytes_per_token(eng.model_config, eng.dtype, True,
+                                                                      kv_shards=eng.mesh.size),
+                           "workspace": eng.workspace_bytes()}
     json.dump(out, sys.stdout)
 """)
 
@@ -82,3 +91,11 @@ def test_weights_and_cache_are_actually_split(runs):
     # tiny-gemma: 4 heads, 1 KV head (multi-query): cache replicated everywhere.
     assert runs["tiny-gemma|cpu=8|False"]["wq_shards"] == 1  # 4 heads do not split 8 ways
     assert runs["tiny-gemma|cpu=8|False"]["cache_shards"] == 1
+
+
+def test_auto_pool_counts_bytes_per_device(runs):
+    """kv_cache_tokens=auto on a mesh: the bytes per token it counts on each device equal what
+    one device's shard of the real int8 page pool (K, V and scales, split by KV head) holds,
+    and the workspace analysis compiles the sharded prefill and decode programs."""
+    auto = runs["auto"]
+    assert auto["counted"] == auto["pool_bytes_per_token"] and auto["workspace"] > 0
