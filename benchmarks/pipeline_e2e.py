@@ -50,7 +50,6 @@ def main(argv=None):
 
     import configs
     from benchmarks import throughput
-    from engine.config import next_power_of_two
     work = args.workdir or tempfile.mkdtemp(prefix="jetbeam-e2e-")
     os.makedirs(work, exist_ok=True)
     vocab = configs.load_model_config_dict(args.model)["vocab_size"] if not os.path.exists(args.model) else 32000
@@ -67,13 +66,10 @@ def main(argv=None):
     })
     src = os.path.join(work, "prompts.parquet")
     pq.write_table(table, src)
-    # throughput.py's choices for the same lengths: cache = longest prompt + longest reply.
-    cache = args.max_cache_length or int(ins.max() + outs.max())
-    context = int(next_power_of_two(ins.max()))
-    bucket = args.input_len if args.dataset == "fixed" else args.min_prefill_bucket
-    engine_flags = [f"--batch_size={args.batch_size}", f"--max_cache_length={max(cache, context + 1)}",
-                    f"--context_size={context}", f"--min_prefill_bucket={bucket}",
-                    f"--prefill_batch={args.prefill_batch}"]
+    # throughput.py's choices for the same lengths.
+    eshape = throughput.engine_shape(args, ins, outs)
+    engine_flags = [f"--batch_size={args.batch_size}", f"--prefill_batch={args.prefill_batch}"]
+    engine_flags += [f"--{k}={v}" for k, v in eshape.items()]
     engine_flags += ["--quantize_kv_cache"] * args.quantize_kv_cache + ["--quantize_weights"] * args.quantize_weights
     engine_flags += [f"--{k}={v}" for k, v in throughput.engine_overrides(args.engine).items()]
 
@@ -82,7 +78,8 @@ def main(argv=None):
     import subprocess
     eng_json = os.path.join(work, "engine.json")
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), f"--model={args.model}",
-                    *shape, f"--batch_size={args.batch_size}", f"--max_cache_length={max(cache, context + 1)}", f"--prefill_batch={args.prefill_batch}",
+                    *shape, f"--batch_size={args.batch_size}", f"--prefill_batch={args.prefill_batch}",
+                    f"--max_cache_length={eshape['max_cache_length']}",
                     f"--min_prefill_bucket={args.min_prefill_bucket}", f"--json={eng_json}"]
                    + ["--quantize_kv_cache"] * args.quantize_kv_cache + ["--quantize_weights"] * args.quantize_weights
                    + [f"--engine={e}" for e in args.engine],

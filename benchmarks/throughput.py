@@ -93,6 +93,17 @@ def set_batcher_fields(engine, items) -> dict:
     return old
 
 
+def engine_shape(args, ins, outs) -> dict:
+    """max_cache_length, context_size and min_prefill_bucket for these prompt and reply lengths
+    (args: max_cache_length, dataset, min_prefill_bucket): the cache holds the longest prompt
+    plus the longest reply unless args.max_cache_length says otherwise."""
+    from engine.config import next_power_of_two
+    context = int(next_power_of_two(ins.max()))
+    cache_len = args.max_cache_length or int(ins.max() + outs.max())
+    bucket = int(next_power_of_two(ins.min())) if args.dataset == "fixed" else args.min_prefill_bucket
+    return dict(max_cache_length=max(cache_len, context + 1), context_size=context, min_prefill_bucket=bucket)
+
+
 def make_lengths(args):
     rng = np.random.default_rng(args.seed)
     n = args.num_requests
@@ -151,17 +162,14 @@ def main(argv=None):
     if args.peer:
         args.peer_json = run_peer(args)
     import jax
-    from engine.config import next_power_of_two
     from engine.llm import LLM
 
     ins, outs = make_lengths(args)
     qw = args.quantize or args.quantize_weights
     qk = args.quantize or args.quantize_kv_cache
-    context = int(next_power_of_two(ins.max()))
-    cache_len = args.max_cache_length or int(ins.max() + outs.max())
-    cache_len = max(cache_len, context + 1)
-    kwargs = dict(batch_size=args.batch_size, max_cache_length=cache_len, context_size=context,
-                  min_prefill_bucket=int(next_power_of_two(ins.min())) if args.dataset == "fixed" else args.min_prefill_bucket,
+    shape = engine_shape(args, ins, outs)
+    cache_len = shape["max_cache_length"]
+    kwargs = dict(batch_size=args.batch_size, **shape,
                   quantize_weights=qw, quantize_kv_cache=qk, dtype=args.dtype, decode_steps=args.decode_steps,
                   prefill_batch=args.prefill_batch, seed=args.seed, attention=args.attention,
                   **engine_overrides(args.engine))
