@@ -67,7 +67,7 @@ _SQ = getattr(pl, "squeezed", None)
 
 # Tuned on an H100 (benchmarks/decode_attention.py --sweep, BENCHMARKS.md): masked loads win.
 DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=4, num_stages=2, mask_loads=1,
-                convert="magic")
+                convert="magic", qk="exact")
 ENV_VAR = "JETBEAM_RAGGED_DECODE"
 
 
@@ -78,7 +78,7 @@ def _settings(**explicit):
         key = key.strip()
         if key not in s:
             raise ValueError(f"{ENV_VAR}: unknown setting {key!r} (known: {sorted(s)})")
-        s[key] = val.strip() if key in ("method", "convert") else int(val)
+        s[key] = val.strip() if key in ("method", "convert", "qk") else int(val)
     s.update({k: v for k, v in explicit.items() if v is not None})
     return s
 
@@ -142,13 +142,39 @@ def _prmt_magic_bits(x):
     return bits
 
 
+_DP4A_ASM = "dp4a.s32.s32 $0, $1, $2, 0;"
+
+
+def _dp4a(a, b, interpret: bool):
+    """Per int32 word: the dot product of its four signed bytes with b's (one DP4A instruction
+    on the GPU, which reads the packed bytes as they were loaded: no conversion). Interpreted
+    runs compute the same integers with shifts."""
+    if not interpret:
+        (out,) = plgpu.elementwise_inline_asm(
+            _DP4A_ASM, args=[a, b], constraints="=r,r,r", pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
+        return out
+    total = jnp.zeros(a.shape, jnp.int32)
+    for i in range(4):
+        sh = jnp.int32(24 - 8 * i)
+        total = total + (((a << sh) >> 24) * ((b << sh) >> 24))
+    return total
+
+
+def _int8_words(x):
+    """[..., D] int8 -> [..., D // 4] int32 holding the same bytes (a free bitcast)."""
+    return lax.bitcast_convert_type(x.reshape(*x.shape[:-1], x.shape[-1] // 4, 4), jnp.int32)
+
+
 def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quantized: bool,
             method: str, split: bool, mask_loads: bool, convert: str, interpret: bool,
-            page: int = 0):
+            page: int = 0, qk_int8: bool = False):
+    pt_ref = qs_ref = None
     if page:
-        pt_ref, q_ref, k_ref, v_ref, *rest = refs
+        pt_ref, *refs = refs
+    if qk_int8:
+        q_ref, qs_ref, k_ref, v_ref, *rest = refs
     else:
-        pt_ref = None
         q_ref, k_ref, v_ref, *rest = refs
     if quantized:
         ks_ref, vs_ref, *outs = rest
@@ -156,7 +182,7 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         ks_ref = vs_ref = None
         outs = list(rest)
     o_ref = outs[0]
-    d = k_ref.shape[-1]
+    d = v_ref.shape[-1]  # K holds d // 4 int32 words per row when qk_int8
     s_idx = pl.program_id(2)
     hi = pl.program_id(0)  # kv head (read here: interpret mode has no program_id inside loops)
     chunk_start = s_idx * chunk
@@ -196,7 +222,7 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         idx = index(start, two_d, pg)
         if not mask_loads:
             return ref[idx]
-        m = jnp.broadcast_to(valid[:, None], (block_t, d)) if two_d else valid
+        m = jnp.broadcast_to(valid[:, None], (block_t, ref.shape[-1])) if two_d else valid
         return _load(ref.at[idx], mask=m, other=0)
 
     def block(i, pg):
@@ -209,17 +235,26 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         return valid, k, v, ks, vs
 
     if method == "fma":
-        qs = [q_ref[j, :].astype(jnp.float32) * scale for j in range(g)]  # [D] each
+        if qk_int8:  # int8 query words and their scales (times the softmax scale)
+            qs = [q_ref[j, :] for j in range(g)]  # [D // 4] int32 each
+            qsc = [qs_ref[j] * scale for j in range(g)]
+        else:
+            qs = [q_ref[j, :].astype(jnp.float32) * scale for j in range(g)]  # [D] each
 
         def body(i, carry, pg):
             ms, ls, accs = carry
             valid, k, v, ks, vs = block(i, pg)
-            k = _int8_to_f32(k, convert, interpret)
+            if not qk_int8:
+                k = _int8_to_f32(k, convert, interpret)
             v = _int8_to_f32(v, convert, interpret)
             new_m, new_l, new_acc = [], [], []
             for j in range(g):
-                s = jnp.sum(k * qs[j][None, :], axis=1)  # [block_t]
-                if quantized:
+                if qk_int8:  # integer dot products of the packed bytes: K is never converted
+                    dots = _dp4a(k, jnp.broadcast_to(qs[j][None, :], k.shape), interpret)
+                    s = jnp.sum(dots, axis=1).astype(jnp.float32) * (ks * qsc[j])
+                else:
+                    s = jnp.sum(k * qs[j][None, :], axis=1)  # [block_t]
+                if quantized and not qk_int8:
                     s = s * ks
                 s = jnp.where(valid, s, NEG_INF)
                 m_next = jnp.maximum(ms[j], jnp.max(s))
@@ -290,7 +325,8 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
                             block_t: Optional[int] = None, method: Optional[str] = None,
                             num_splits: Optional[int] = None, num_warps: Optional[int] = None,
                             num_stages: Optional[int] = None, mask_loads: Optional[bool] = None,
-                            convert: Optional[str] = None, interpret: bool = False):
+                            convert: Optional[str] = None, qk: Optional[str] = None,
+                            interpret: bool = False):
     """Attention of q [B, H, D] over cache positions [0, lengths[b]) of K/V [B, T, Hkv, D].
 
     k_scale/v_scale: [B, Hkv, T] float32 for an int8 cache, or None for an unquantized one.
@@ -302,9 +338,13 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     block past the length are not read either (otherwise they are read and masked in the
     scores); always on when block_t does not divide the chunk length.
     convert: how the "fma" method turns int8 into float32 ("magic" or "cvt"; both exact).
+    qk: "exact" (scores from the bf16 query in float32) or "int8": the query is quantized
+    per (slot, head) to int8 with an absmax scale, the same scheme as the K cache rows, and the
+    scores are integer dot products of packed bytes (DP4A), so K is never converted. An
+    approximation of the query, like the cache's own; int8 caches and the "fma" method only.
     """
     cfg = _settings(block_t=block_t, method=method, num_splits=num_splits, num_warps=num_warps,
-                    num_stages=num_stages, mask_loads=mask_loads, convert=convert)
+                    num_stages=num_stages, mask_loads=mask_loads, convert=convert, qk=qk)
     if cfg["convert"] not in ("cvt", "magic", "prmt"):
         raise ValueError(f"convert must be 'cvt', 'magic' or 'prmt', not {cfg['convert']!r}")
     b, h, d = q.shape
@@ -323,6 +363,12 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
         method = "dot" if g >= 8 else "fma"
     if method not in ("fma", "dot"):
         raise ValueError(f"method must be 'auto', 'fma' or 'dot', not {method!r}")
+    if cfg["qk"] not in ("exact", "int8"):
+        raise ValueError(f"qk must be 'exact' or 'int8', not {cfg['qk']!r}")
+    qk_int8 = cfg["qk"] == "int8" and quantized
+    if qk_int8 and (method != "fma" or d % 4):
+        raise ValueError(f"qk='int8' needs the 'fma' method and a head_dim divisible by 4 "
+                         f"(method {method!r}, head_dim {d})")
     splits = max(1, int(cfg["num_splits"]))
     if t % splits:
         raise ValueError(f"num_splits={splits} does not divide the cache length {t}")
@@ -344,9 +390,15 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
         if gq != g:
             qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gq - g), (0, 0)))
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, t)
+    if qk_int8:
+        qf = qg.astype(jnp.float32)
+        q_scale = jnp.max(jnp.abs(qf), axis=-1) / 127.0  # [B, Hkv, G]
+        q_scale = jnp.where(q_scale > 0, q_scale, 1.0)
+        q_i8 = jnp.clip(jnp.round(qf / q_scale[..., None]), -127, 127).astype(jnp.int8)
+        qg, k = _int8_words(q_i8), _int8_words(k)
 
     if page:  # the kernel indexes the whole page pool itself, through its slot's table row
-        kv_spec = pl.BlockSpec(k.shape, lambda hi, bi, si: (0, 0, 0, 0))
+        kv_spec = pl.BlockSpec(v.shape, lambda hi, bi, si: (0, 0, 0, 0))
         sc_spec = pl.BlockSpec((k.shape[0], hkv, page), lambda hi, bi, si: (0, 0, 0))
     else:
         kv_spec = pl.BlockSpec((_SQ, chunk, _SQ, d), lambda hi, bi, si: (bi, si, hi, 0))
@@ -356,8 +408,18 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     if page:
         in_specs.append(pl.BlockSpec((_SQ, page_table.shape[1]), lambda hi, bi, si: (bi, 0)))
         args.append(page_table.astype(jnp.int32))
-    in_specs += [pl.BlockSpec((_SQ, _SQ, gq, d), lambda hi, bi, si: (bi, hi, 0, 0)), kv_spec, kv_spec]
-    args += [qg, k, v]
+    dk = k.shape[-1]  # d, or d // 4 int32 words
+    if page:
+        k_spec = pl.BlockSpec(k.shape, lambda hi, bi, si: (0, 0, 0, 0))
+    else:
+        k_spec = pl.BlockSpec((_SQ, chunk, _SQ, dk), lambda hi, bi, si: (bi, si, hi, 0))
+    in_specs.append(pl.BlockSpec((_SQ, _SQ, gq, qg.shape[-1]), lambda hi, bi, si: (bi, hi, 0, 0)))
+    args.append(qg)
+    if qk_int8:
+        in_specs.append(pl.BlockSpec((_SQ, _SQ, gq), lambda hi, bi, si: (bi, hi, 0)))
+        args.append(q_scale)
+    in_specs += [k_spec, kv_spec]
+    args += [k, v]
     if quantized:
         in_specs += [sc_spec, sc_spec]
         args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
@@ -375,7 +437,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     kernel = functools.partial(_kernel, block_t=bt, chunk=chunk, g=g, scale=float(scale),
                                quantized=quantized, method=method, split=split,
                                mask_loads=mask_loads, convert=cfg["convert"], interpret=interpret,
-                               page=page)
+                               page=page, qk_int8=qk_int8)
     kwargs = {}
     params = _compiler_params(int(cfg["num_warps"]), int(cfg["num_stages"]))
     if params is not None:
