@@ -56,12 +56,12 @@ def paginate(cache: KVCache, page: int, seed: int):
 
 
 def sweep_grid(spec: str):
-    """'block_t=32,64 qk=exact,int8' -> every combination, as keyword dicts."""
+    """'block_t=32,64 convert=magic,prmt' -> every combination, as keyword dicts."""
     keys, values = [], []
     for item in spec.split():
         key, _, vals = item.partition("=")
         keys.append(key)
-        values.append([v if key in ("method", "convert", "qk") else int(v) for v in vals.split(",")])
+        values.append([v if key in ("method", "convert") else int(v) for v in vals.split(",")])
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 
@@ -76,7 +76,7 @@ def main(argv=None):
     p.add_argument("--max_len", type=int, default=512, help="lengths uniform in [min_len, max_len)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--sweep", action="store_true", help="also time a grid of kernel settings")
-    p.add_argument("--grid", default="block_t=32,64,128 num_warps=2,4,8 qk=exact,int8",
+    p.add_argument("--grid", default="block_t=32,64,128 num_warps=1,2,4 convert=magic,prmt",
                    help="the --sweep grid: space-separated KEY=V1,V2,... of kernel settings")
     p.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test, interpret mode)")
     p.add_argument("--page", type=int, default=64,
@@ -169,10 +169,6 @@ def main(argv=None):
         if out is not None and base8 is not None:
             print(f"    convert={conv} output identical to the defaults': {bool(np.array_equal(out, base8))}")
 
-    # Scores as integer dot products of an int8 query with the packed K bytes (an approximation
-    # of the query: its error against the exact XLA output is printed, not zero).
-    bench("pallas int8 qk=int8 (dp4a scores)", pallas(qk="int8"), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
-
     def paged(**kw):
         return jax.jit(lambda q, k, v, ks, vs, pt, pos: ragged_decode_attention(
             q, k, v, ks, vs, pos + 1, scale, page_table=pt, interpret=interpret, **kw))
@@ -186,8 +182,6 @@ def main(argv=None):
                     (q, c8.k[0], c8.v[0], c8.k_scale[0], c8.v_scale[0], table, pos), bytes_int8, want8)
         if out is not None and base8 is not None:
             print(f"    paged output identical to the contiguous kernel's: {bool(np.array_equal(out, base8))}")
-        bench(f"pallas int8 paged (page {a.page}) qk=int8", paged(qk="int8"),
-              (q, c8.k[0], c8.v[0], c8.k_scale[0], c8.v_scale[0], table, pos), bytes_int8, want8)
         bench(f"pallas {jnp.dtype(cdt).name} paged (page {a.page})", paged(),
               (q, cb.k[0], cb.v[0], None, None, table, pos), bytes_16, wantb)
         del paged8, pagedb, c8, cb
@@ -195,13 +189,13 @@ def main(argv=None):
     if a.sweep:
         # The "fma" method (the G=1 default) with masked loads, which beat the dot method and
         # unmasked loads on the H100 and H200 (BENCHMARKS.md), over the --grid of settings.
-        grid = sweep_grid("block_t=16,32 num_warps=4 qk=exact,int8" if a.small else a.grid)
+        grid = sweep_grid("block_t=16,32 num_warps=2,4" if a.small else a.grid)
         paged_sweep = None
         if a.page:
             pc, ptable = paginate(q8, a.page, a.seed)
             paged_sweep = (q, pc.k[0], pc.v[0], pc.k_scale[0], pc.v_scale[0], ptable, pos)
         for kw in grid:
-            kw = dict(method="fma", mask_loads=not a.small, **kw)
+            kw = {"method": "fma", "mask_loads": not a.small, **kw}
             label = " ".join(f"{k}={v}" for k, v in kw.items())
             bench("pallas int8 " + label, pallas(**kw), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
             if paged_sweep is not None and kw.get("block_t", DEFAULTS["block_t"]) <= a.page:

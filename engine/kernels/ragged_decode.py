@@ -31,14 +31,20 @@ Two ways to compute the G query rows against a block (`method`):
 - "dot": tensor-core dots, q padded with zero rows to Gp = max(16, next power of 2 >= G)
   (Triton's dot needs M >= 16), int8 converted to q's dtype (exact for bf16), probabilities
   cast to q's dtype for p @ v like the XLA path. Better for large G.
-"auto" picks "dot" for G >= 8, "fma" otherwise (a guess: measure).
+"auto" picks "fma" for G=1 and "dot" for G >= 2 (on an H100, "dot" was 1.2x faster at G=2,
+1.8x at G=3 and 2.9x at G=4, each at its best warp count).
 
 Settings can be overridden without code changes by the environment variable
 JETBEAM_RAGGED_DECODE, e.g. "block_t=32,method=dot,num_splits=2,num_warps=8,num_stages=3,mask_loads=1,
 convert=cvt", read when a call is traced (explicit keyword arguments win). `convert` picks how
-the "fma" method turns int8 into float32: "magic" (integer add + bitcast, the default: 7% faster
-on an H100, where I2F conversion bounded the kernel), "prmt" (the same float bits built by one
-byte-permute per element in inline PTX) or "cvt" (a plain convert).
+the "fma" method turns int8 into float32: "prmt" (the default: the float bits of 2**23 + 128 + x
+built by one byte-permute per element in inline PTX), "magic" (the same bits by an integer add)
+or "cvt" (a plain convert, 7% slower on an H100). All three are exact.
+
+Block shape and warps (H100, BENCHMARKS.md sessions 3 and 7): 64-token blocks; warps by shape
+(`_warps`): 2 for one Llama-2-7B layer at 256 slots took 0.323 ms against 0.349 at 4 and
+0.36-0.38 at 1, and the decode step 17.98 against 19.12 ms. Integer dot products for the scores
+(DP4A on an int8-quantized query, commit 5df884a) saved under 3% more and were not kept.
 
 Works with jax 0.10 (CPU: interpret=True only) and 0.11 (GPU: Triton). The Triton backend is
 chosen explicitly via triton CompilerParams: newer jax lowers pallas_call on GPU to Mosaic GPU
@@ -65,9 +71,10 @@ NEG_INF = -1e30
 # A squeezed block dimension: pl.squeezed in newer jax, None (its older spelling) otherwise.
 _SQ = getattr(pl, "squeezed", None)
 
-# Tuned on an H100 (benchmarks/decode_attention.py --sweep, BENCHMARKS.md): masked loads win.
-DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=4, num_stages=2, mask_loads=1,
-                convert="magic", qk="exact")
+# Tuned on an H100 (benchmarks/decode_attention.py --sweep, BENCHMARKS.md): masked loads win;
+# num_warps 0 picks by shape (_warps).
+DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=0, num_stages=2, mask_loads=1,
+                convert="prmt")
 ENV_VAR = "JETBEAM_RAGGED_DECODE"
 
 
@@ -78,7 +85,7 @@ def _settings(**explicit):
         key = key.strip()
         if key not in s:
             raise ValueError(f"{ENV_VAR}: unknown setting {key!r} (known: {sorted(s)})")
-        s[key] = val.strip() if key in ("method", "convert", "qk") else int(val)
+        s[key] = val.strip() if key in ("method", "convert") else int(val)
     s.update({k: v for k, v in explicit.items() if v is not None})
     return s
 
@@ -142,39 +149,13 @@ def _prmt_magic_bits(x):
     return bits
 
 
-_DP4A_ASM = "dp4a.s32.s32 $0, $1, $2, 0;"
-
-
-def _dp4a(a, b, interpret: bool):
-    """Per int32 word: the dot product of its four signed bytes with b's (one DP4A instruction
-    on the GPU, which reads the packed bytes as they were loaded: no conversion). Interpreted
-    runs compute the same integers with shifts."""
-    if not interpret:
-        (out,) = plgpu.elementwise_inline_asm(
-            _DP4A_ASM, args=[a, b], constraints="=r,r,r", pack=1,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
-        return out
-    total = jnp.zeros(a.shape, jnp.int32)
-    for i in range(4):
-        sh = jnp.int32(24 - 8 * i)
-        total = total + (((a << sh) >> 24) * ((b << sh) >> 24))
-    return total
-
-
-def _int8_words(x):
-    """[..., D] int8 -> [..., D // 4] int32 holding the same bytes (a free bitcast)."""
-    return lax.bitcast_convert_type(x.reshape(*x.shape[:-1], x.shape[-1] // 4, 4), jnp.int32)
-
-
 def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quantized: bool,
             method: str, split: bool, mask_loads: bool, convert: str, interpret: bool,
-            page: int = 0, qk_int8: bool = False):
-    pt_ref = qs_ref = None
+            page: int = 0):
     if page:
-        pt_ref, *refs = refs
-    if qk_int8:
-        q_ref, qs_ref, k_ref, v_ref, *rest = refs
+        pt_ref, q_ref, k_ref, v_ref, *rest = refs
     else:
+        pt_ref = None
         q_ref, k_ref, v_ref, *rest = refs
     if quantized:
         ks_ref, vs_ref, *outs = rest
@@ -182,7 +163,7 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         ks_ref = vs_ref = None
         outs = list(rest)
     o_ref = outs[0]
-    d = v_ref.shape[-1]  # K holds d // 4 int32 words per row when qk_int8
+    d = k_ref.shape[-1]
     s_idx = pl.program_id(2)
     hi = pl.program_id(0)  # kv head (read here: interpret mode has no program_id inside loops)
     chunk_start = s_idx * chunk
@@ -222,7 +203,7 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         idx = index(start, two_d, pg)
         if not mask_loads:
             return ref[idx]
-        m = jnp.broadcast_to(valid[:, None], (block_t, ref.shape[-1])) if two_d else valid
+        m = jnp.broadcast_to(valid[:, None], (block_t, d)) if two_d else valid
         return _load(ref.at[idx], mask=m, other=0)
 
     def block(i, pg):
@@ -235,26 +216,17 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         return valid, k, v, ks, vs
 
     if method == "fma":
-        if qk_int8:  # int8 query words and their scales (times the softmax scale)
-            qs = [q_ref[j, :] for j in range(g)]  # [D // 4] int32 each
-            qsc = [qs_ref[j] * scale for j in range(g)]
-        else:
-            qs = [q_ref[j, :].astype(jnp.float32) * scale for j in range(g)]  # [D] each
+        qs = [q_ref[j, :].astype(jnp.float32) * scale for j in range(g)]  # [D] each
 
         def body(i, carry, pg):
             ms, ls, accs = carry
             valid, k, v, ks, vs = block(i, pg)
-            if not qk_int8:
-                k = _int8_to_f32(k, convert, interpret)
+            k = _int8_to_f32(k, convert, interpret)
             v = _int8_to_f32(v, convert, interpret)
             new_m, new_l, new_acc = [], [], []
             for j in range(g):
-                if qk_int8:  # integer dot products of the packed bytes: K is never converted
-                    dots = _dp4a(k, jnp.broadcast_to(qs[j][None, :], k.shape), interpret)
-                    s = jnp.sum(dots, axis=1).astype(jnp.float32) * (ks * qsc[j])
-                else:
-                    s = jnp.sum(k * qs[j][None, :], axis=1)  # [block_t]
-                if quantized and not qk_int8:
+                s = jnp.sum(k * qs[j][None, :], axis=1)  # [block_t]
+                if quantized:
                     s = s * ks
                 s = jnp.where(valid, s, NEG_INF)
                 m_next = jnp.maximum(ms[j], jnp.max(s))
@@ -314,6 +286,17 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
 
 
+def _warps(method: str, g: int, d: int) -> int:
+    """Warps per program when not set. H100, one layer at 256 slots, T 512 (BENCHMARKS.md,
+    session 7), 2 warps against the earlier default of 4:
+    - "fma", G=1, D=128 (Llama-2-7B): 0.323 against 0.349 ms; G=2 and 3: also faster;
+      G=4: 1.7x slower; D=256 (Gemma-7B): 0.346 against 0.318, slower.
+    - "dot" (q padded to 16 rows for every G <= 16): G=2, 3, 4 each 8-11% faster."""
+    if method == "dot":
+        return 2 if g <= 16 else 4
+    return 2 if g <= 3 and d <= 128 else 4
+
+
 def _pick_block(t: int, want: int, method: str) -> int:
     bt = 1 << max(0, int(want).bit_length() - 1)  # power of 2 <= want
     bt = min(bt, 1 << (t - 1).bit_length())  # no bigger than T rounded up to a power of 2
@@ -325,8 +308,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
                             block_t: Optional[int] = None, method: Optional[str] = None,
                             num_splits: Optional[int] = None, num_warps: Optional[int] = None,
                             num_stages: Optional[int] = None, mask_loads: Optional[bool] = None,
-                            convert: Optional[str] = None, qk: Optional[str] = None,
-                            interpret: bool = False):
+                            convert: Optional[str] = None, interpret: bool = False):
     """Attention of q [B, H, D] over cache positions [0, lengths[b]) of K/V [B, T, Hkv, D].
 
     k_scale/v_scale: [B, Hkv, T] float32 for an int8 cache, or None for an unquantized one.
@@ -338,13 +320,9 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     block past the length are not read either (otherwise they are read and masked in the
     scores); always on when block_t does not divide the chunk length.
     convert: how the "fma" method turns int8 into float32 ("magic" or "cvt"; both exact).
-    qk: "exact" (scores from the bf16 query in float32) or "int8": the query is quantized
-    per (slot, head) to int8 with an absmax scale, the same scheme as the K cache rows, and the
-    scores are integer dot products of packed bytes (DP4A), so K is never converted. An
-    approximation of the query, like the cache's own; int8 caches and the "fma" method only.
     """
     cfg = _settings(block_t=block_t, method=method, num_splits=num_splits, num_warps=num_warps,
-                    num_stages=num_stages, mask_loads=mask_loads, convert=convert, qk=qk)
+                    num_stages=num_stages, mask_loads=mask_loads, convert=convert)
     if cfg["convert"] not in ("cvt", "magic", "prmt"):
         raise ValueError(f"convert must be 'cvt', 'magic' or 'prmt', not {cfg['convert']!r}")
     b, h, d = q.shape
@@ -359,16 +337,10 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     g = h // hkv
     quantized = k_scale is not None
     method = cfg["method"]
-    if method == "auto":
-        method = "dot" if g >= 8 else "fma"
+    if method == "auto":  # H100 (session 7): dot beat fma by 1.2x at G=2, 1.8x at 3, 2.9x at 4
+        method = "dot" if g >= 2 else "fma"
     if method not in ("fma", "dot"):
         raise ValueError(f"method must be 'auto', 'fma' or 'dot', not {method!r}")
-    if cfg["qk"] not in ("exact", "int8"):
-        raise ValueError(f"qk must be 'exact' or 'int8', not {cfg['qk']!r}")
-    qk_int8 = cfg["qk"] == "int8" and quantized
-    if qk_int8 and (method != "fma" or d % 4):
-        raise ValueError(f"qk='int8' needs the 'fma' method and a head_dim divisible by 4 "
-                         f"(method {method!r}, head_dim {d})")
     splits = max(1, int(cfg["num_splits"]))
     if t % splits:
         raise ValueError(f"num_splits={splits} does not divide the cache length {t}")
@@ -376,6 +348,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     if page and chunk % page:
         raise ValueError(f"num_splits={splits} must split the {t}-token page table on page edges")
     bt = _pick_block(chunk, min(cfg["block_t"], page) if page else cfg["block_t"], method)
+    num_warps = int(cfg["num_warps"]) or _warps(method, g, d)
     if page and page % bt:
         raise ValueError(f"page size {page} is not a multiple of a {bt}-token block")
     # Loads may stay unmasked when blocks tile the chunk exactly (positions past the length
@@ -390,15 +363,9 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
         if gq != g:
             qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gq - g), (0, 0)))
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, t)
-    if qk_int8:
-        qf = qg.astype(jnp.float32)
-        q_scale = jnp.max(jnp.abs(qf), axis=-1) / 127.0  # [B, Hkv, G]
-        q_scale = jnp.where(q_scale > 0, q_scale, 1.0)
-        q_i8 = jnp.clip(jnp.round(qf / q_scale[..., None]), -127, 127).astype(jnp.int8)
-        qg, k = _int8_words(q_i8), _int8_words(k)
 
     if page:  # the kernel indexes the whole page pool itself, through its slot's table row
-        kv_spec = pl.BlockSpec(v.shape, lambda hi, bi, si: (0, 0, 0, 0))
+        kv_spec = pl.BlockSpec(k.shape, lambda hi, bi, si: (0, 0, 0, 0))
         sc_spec = pl.BlockSpec((k.shape[0], hkv, page), lambda hi, bi, si: (0, 0, 0))
     else:
         kv_spec = pl.BlockSpec((_SQ, chunk, _SQ, d), lambda hi, bi, si: (bi, si, hi, 0))
@@ -408,18 +375,8 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     if page:
         in_specs.append(pl.BlockSpec((_SQ, page_table.shape[1]), lambda hi, bi, si: (bi, 0)))
         args.append(page_table.astype(jnp.int32))
-    dk = k.shape[-1]  # d, or d // 4 int32 words
-    if page:
-        k_spec = pl.BlockSpec(k.shape, lambda hi, bi, si: (0, 0, 0, 0))
-    else:
-        k_spec = pl.BlockSpec((_SQ, chunk, _SQ, dk), lambda hi, bi, si: (bi, si, hi, 0))
-    in_specs.append(pl.BlockSpec((_SQ, _SQ, gq, qg.shape[-1]), lambda hi, bi, si: (bi, hi, 0, 0)))
-    args.append(qg)
-    if qk_int8:
-        in_specs.append(pl.BlockSpec((_SQ, _SQ, gq), lambda hi, bi, si: (bi, hi, 0)))
-        args.append(q_scale)
-    in_specs += [k_spec, kv_spec]
-    args += [k, v]
+    in_specs += [pl.BlockSpec((_SQ, _SQ, gq, d), lambda hi, bi, si: (bi, hi, 0, 0)), kv_spec, kv_spec]
+    args += [qg, k, v]
     if quantized:
         in_specs += [sc_spec, sc_spec]
         args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
@@ -437,9 +394,9 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     kernel = functools.partial(_kernel, block_t=bt, chunk=chunk, g=g, scale=float(scale),
                                quantized=quantized, method=method, split=split,
                                mask_loads=mask_loads, convert=cfg["convert"], interpret=interpret,
-                               page=page, qk_int8=qk_int8)
+                               page=page)
     kwargs = {}
-    params = _compiler_params(int(cfg["num_warps"]), int(cfg["num_stages"]))
+    params = _compiler_params(num_warps, int(cfg["num_stages"]))
     if params is not None:
         kwargs["compiler_params"] = params
     outs = pl.pallas_call(
