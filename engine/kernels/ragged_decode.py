@@ -25,12 +25,11 @@ slower than the contiguous one over the same int8 cache, bit-identical (BENCHMAR
 
 Two ways to compute the G query rows against a block (`method`):
 - "fma": each query row separately, scores = sum(k * q_g, axis=1) and out += sum(p[:, None] * v,
-  axis=0), in float32 on the CUDA cores. No tensor-core shape rules: any G (G=1 for Llama-2-7B
-  MHA, 3 for SmolLM2, 4 for Llama-3), the G rows unrolled in Python. Work per byte is ~2G
-  FMAs, cheap next to the memory traffic for small G.
+  axis=0), in float32 on the CUDA cores. No tensor-core shape rules: any G, the G rows unrolled
+  in Python; "auto" uses it for G=1 (MHA: Llama-2-7B, Gemma-7B).
 - "dot": tensor-core dots, q padded with zero rows to Gp = max(16, next power of 2 >= G)
   (Triton's dot needs M >= 16), int8 converted to q's dtype (exact for bf16), probabilities
-  cast to q's dtype for p @ v like the XLA path. Better for large G.
+  cast to q's dtype for p @ v like the XLA path. Faster for every G >= 2 that was measured.
 "auto" picks "fma" for G=1 and "dot" for G >= 2 (on an H100, "dot" was 1.2x faster at G=2,
 1.8x at G=3 and 2.9x at G=4, each at its best warp count).
 
