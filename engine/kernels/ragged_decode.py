@@ -40,10 +40,8 @@ the "fma" method turns int8 into float32: "prmt" (the default: the float bits of
 built by one byte-permute per element in inline PTX), "magic" (the same bits by an integer add)
 or "cvt" (a plain convert, 7% slower on an H100). All three are exact.
 
-Block shape and warps (H100, BENCHMARKS.md sessions 3 and 7): 64-token blocks; warps by shape
-(`_warps`): 2 for one Llama-2-7B layer at 256 slots took 0.323 ms against 0.349 at 4 and
-0.36-0.38 at 1, and the decode step 17.98 against 19.12 ms. Integer dot products for the scores
-(DP4A on an int8-quantized query, commit 5df884a) saved under 3% more and were not kept.
+64-token blocks; warps by shape (`_warps`), both measured on an H100 (BENCHMARKS.md). Integer
+dot products for the scores (DP4A on an int8 query, commit 5df884a) gained under 3%: not kept.
 
 Works with jax 0.10 (CPU: interpret=True only) and 0.11 (GPU: Triton). The Triton backend is
 chosen explicitly via triton CompilerParams: newer jax lowers pallas_call on GPU to Mosaic GPU
