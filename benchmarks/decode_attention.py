@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from engine.kernels.ragged_decode import DEFAULTS, _settings, ragged_decode_attention  # noqa: E402
+from engine.kernels.ragged_decode import DEFAULTS, _settings, parse_setting, ragged_decode_attention  # noqa: E402
 from engine.kv_cache import KVCache, decode_attention  # noqa: E402
 from benchmarks.roofline import time_call  # noqa: E402
 
@@ -60,8 +60,9 @@ def sweep_grid(spec: str):
     keys, values = [], []
     for item in spec.split():
         key, _, vals = item.partition("=")
-        keys.append(key)
-        values.append([v if key in ("method", "convert") else int(v) for v in vals.split(",")])
+        parsed = [parse_setting(key, v) for v in vals.split(",")]
+        keys.append(parsed[0][0])
+        values.append([v for _, v in parsed])
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 

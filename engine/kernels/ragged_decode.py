@@ -75,14 +75,23 @@ DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=0, num_stages
 ENV_VAR = "JETBEAM_RAGGED_DECODE"
 
 
+def parse_setting(key: str, val: str):
+    """One kernel setting from text (the environment variable, benchmark grids): its value as
+    DEFAULTS holds it. Unknown keys raise ValueError."""
+    key = key.strip()
+    if key not in DEFAULTS:
+        raise ValueError(f"unknown ragged decode setting {key!r} (known: {sorted(DEFAULTS)})")
+    return key, val.strip() if isinstance(DEFAULTS[key], str) else int(val)
+
+
 def _settings(**explicit):
     s = dict(DEFAULTS)
     for item in filter(None, os.environ.get(ENV_VAR, "").split(",")):
-        key, _, val = item.partition("=")
-        key = key.strip()
-        if key not in s:
-            raise ValueError(f"{ENV_VAR}: unknown setting {key!r} (known: {sorted(s)})")
-        s[key] = val.strip() if key in ("method", "convert") else int(val)
+        try:
+            key, val = parse_setting(*item.partition("=")[::2])
+        except ValueError as e:
+            raise ValueError(f"{ENV_VAR}: {e}") from None
+        s[key] = val
     s.update({k: v for k, v in explicit.items() if v is not None})
     return s
 
