@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -186,13 +187,26 @@ def main(argv=None):
                           ("prefill+insert", prefill_insert, args.iters)):
         if what != "decode" and not n_pf:
             continue
+        # Untraced wall time first: kernel sums alone miss device time spent idle inside a call.
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            state = fn(state)
+        wall_ms = (time.perf_counter() - t0) / per * 1e3
         d = os.path.join(base, what.replace("+", "_"))
         with jax.profiler.trace(d):
             for _ in range(args.iters):
                 state = fn(state)
-        s = summarize(device_kernels(d), per)
+        events = device_events(d)
+        s = summarize([(n, dur) for n, _, dur in events], per)
+        s["untraced_wall_ms"] = wall_ms
+        s["traced_gaps"] = idle_gaps(events, min_gap_us=100.0, top=8)
         results[what] = s
         print_summary(f"{what} ({'per step' if what == 'decode' else f'per call of {args.prefill}'})", s)
+        g = s["traced_gaps"]
+        print(f"   untraced wall {wall_ms:.2f} ms; traced: {g['idle_ms'] / per:.2f} ms idle of "
+              f"{g['span_ms'] / per:.2f} ms span; gaps by size (ms, all calls) {g['gap_ms_by_size']}")
+        for t in g["top"]:
+            print(f"   gap {t['ms']:.3f} ms after {t['after'][:50]} before {t['before'][:50]}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -66,6 +66,32 @@ def pack_prefix(ks: list, vs: list, quantized: bool) -> KVCache:
     return KVCache(list(kq), list(vq), heads_first(ksc), heads_first(vsc))
 
 
+def _words(x):
+    """x viewed as 32-bit words along its last axis, and x's dtype (None: x is returned as is).
+
+    Cache writes scatter whole words: XLA's GPU scatter stores one element per thread, and for
+    one byte per element (int8 K/V) that ran at ~0.2 TB/s (BENCHMARKS.md, session 8).
+    The view is a bitcast, so the scatter still updates the donated cache in place."""
+    size = x.dtype.itemsize
+    if size >= 4 or (x.shape[-1] * size) % 4:
+        return x, None
+    per = 4 // size
+    return jax.lax.bitcast_convert_type(x.reshape(*x.shape[:-1], x.shape[-1] // per, per), jnp.uint32), x.dtype
+
+
+def _unwords(w, dtype):
+    if dtype is None:
+        return w
+    x = jax.lax.bitcast_convert_type(w, dtype)  # [..., words, per]
+    return x.reshape(*x.shape[:-2], -1)
+
+
+def _set_rows(dst, where, src, **kw):
+    """dst.at[where].set(src) over whole last-axis rows, scattered as 32-bit words."""
+    words, dtype = _words(dst)
+    return _unwords(words.at[where].set(_words(src.astype(dst.dtype))[0], **kw), dtype)
+
+
 def _write_layers(cache: KVCache, prefix: KVCache, put, put_scale) -> KVCache:
     """put(dst, src) for every layer's K and V, put_scale for their scales (int8 caches)."""
     k = [put(d, x) for d, x in zip(cache.k, prefix.k)]
@@ -82,8 +108,7 @@ def insert_prefix(cache: KVCache, prefix: KVCache, slots) -> KVCache:
     Slots outside [0, B) are dropped, so a padded prefill batch can carry dummy rows.
     """
     def put(dst, src):  # K/V [N, S, Hkv, D]
-        s = src.shape[1]
-        return dst.at[slots, :s].set(src.astype(dst.dtype), mode="drop")
+        return _set_rows(dst, (slots, slice(0, src.shape[1])), src, mode="drop")
 
     def put_scale(dst, src):  # scales [N, Hkv, S]
         s = src.shape[2]
@@ -106,7 +131,7 @@ def insert_prefix_paged(cache: KVCache, prefix: KVCache, page_rows) -> KVCache:
 
     def put(dst, src):  # K/V [N, S, Hkv, D] -> [N * n_pg, page, Hkv, D]
         src = jnp.pad(src, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        return dst.at[pages].set(src.reshape(n * n_pg, page, *src.shape[2:]).astype(dst.dtype))
+        return _set_rows(dst, pages, src.reshape(n * n_pg, page, *src.shape[2:]))
 
     def put_scale(dst, src):  # scales [N, Hkv, S] -> [N * n_pg, Hkv, page]
         hkv = src.shape[1]
@@ -128,14 +153,14 @@ def write_token(cache: KVCache, layer: int, k, v, pos, page_table=None) -> KVCac
     if cache.quantized:
         kq, ks = quantize_kv(k)
         vq, vs = quantize_kv(v)
-        cache.k[layer] = cache.k[layer].at[where].set(kq)
-        cache.v[layer] = cache.v[layer].at[where].set(vq)
+        cache.k[layer] = _set_rows(cache.k[layer], where, kq)
+        cache.v[layer] = _set_rows(cache.v[layer], where, vq)
         # scales [B or P, Hkv, T or page]: (row, :, col) selects [B, Hkv]
         cache.k_scale[layer] = cache.k_scale[layer].at[where[0], :, where[1]].set(ks)
         cache.v_scale[layer] = cache.v_scale[layer].at[where[0], :, where[1]].set(vs)
     else:
-        cache.k[layer] = cache.k[layer].at[where].set(k.astype(cache.k[layer].dtype))
-        cache.v[layer] = cache.v[layer].at[where].set(v.astype(cache.v[layer].dtype))
+        cache.k[layer] = _set_rows(cache.k[layer], where, k)
+        cache.v[layer] = _set_rows(cache.v[layer], where, v)
     return cache
 
 
