@@ -151,6 +151,8 @@ def main(argv=None):
     add_shape_args(p)
     p.add_argument("--iters", type=int, default=3, help="traced generate calls")
     p.add_argument("--prefill", default="", help="also trace one prefill + insert of NxS prompts, e.g. 16x256")
+    p.add_argument("--prefill_iters", type=int, default=0,
+                   help="prefill + insert calls to time and trace, back to back (default: --iters)")
     p.add_argument("--trace_dir", default="", help="keep the raw trace here (default: a temp dir)")
     p.add_argument("--out", default="", help="write the summaries as JSON here")
     args = p.parse_args(argv)
@@ -183,18 +185,19 @@ def main(argv=None):
         state = prefill_insert(prefill_insert(state))
     results = {"args": vars(args), "device": str(jax.devices()[0].device_kind)}
     base = args.trace_dir or tempfile.mkdtemp(prefix="jetbeam-trace-")
-    for what, fn, per in (("decode", decode, args.iters * args.decode_steps),
-                          ("prefill+insert", prefill_insert, args.iters)):
+    pf_iters = args.prefill_iters or args.iters
+    for what, fn, iters, per in (("decode", decode, args.iters, args.iters * args.decode_steps),
+                                 ("prefill+insert", prefill_insert, pf_iters, pf_iters)):
         if what != "decode" and not n_pf:
             continue
         # Untraced wall time first: kernel sums alone miss device time spent idle inside a call.
         t0 = time.perf_counter()
-        for _ in range(args.iters):
+        for _ in range(iters):
             state = fn(state)
         wall_ms = (time.perf_counter() - t0) / per * 1e3
         d = os.path.join(base, what.replace("+", "_"))
         with jax.profiler.trace(d):
-            for _ in range(args.iters):
+            for _ in range(iters):
                 state = fn(state)
         events = device_events(d)
         s = summarize([(n, dur) for n, _, dur in events], per)
