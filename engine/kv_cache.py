@@ -67,7 +67,8 @@ def pack_prefix(ks: list, vs: list, quantized: bool) -> KVCache:
 
 
 def _words(x):
-    """x viewed as 32-bit words along its last axis, and x's dtype (None: x is returned as is).
+    """(x viewed as 32-bit words along its last axis, x's dtype), or (x, None) where elements
+    are already 4 bytes or a row is not a whole number of words.
 
     Cache writes scatter whole words: XLA's GPU scatter stores one element per thread, and for
     one byte per element (int8 K/V) that ran at ~0.2 TB/s (BENCHMARKS.md, session 8).
@@ -80,6 +81,7 @@ def _words(x):
 
 
 def _unwords(w, dtype):
+    """The inverse of _words: words back to `dtype` elements (None: w as is)."""
     if dtype is None:
         return w
     x = jax.lax.bitcast_convert_type(w, dtype)  # [..., words, per]
