@@ -60,18 +60,19 @@ def main(argv=None):
     state.step = jnp.ones((args.slots,), jnp.int32)  # live: a parked slot (step 0) stays put
     limit = args.context + args.decode_steps + 1
     window = eng._window_for(limit)
-    hlo = eng._generate_jit.lower(llm.params, state, window).compile().as_text()
-    cache_shape = f"[{args.slots},{args.cache},"
-    copies = [ln.strip()[:160] for ln in hlo.splitlines()
-              if re.search(r"= \S+\[" + re.escape(cache_shape[1:]), ln) and " copy(" in ln]
+    cache_dims = re.escape("{},{},".format(*state.cache.k[0].shape[:2]))  # slots or pages, then tokens
+
+    def cache_copies(compiled) -> list:
+        return [ln.strip()[:160] for ln in compiled.as_text().splitlines()
+                if re.search(r"= \S+\[" + cache_dims, ln) and " copy(" in ln]
+
+    copies = cache_copies(eng._generate_jit.lower(llm.params, state, window).compile())
     # The insert of a prefill's prefix must write the cache in place too.
     n, s = eng.prefill_sizes()[-1], eng.buckets[0]
     prefix, _ = eng.prefill(params=llm.params, padded_tokens=np.zeros((n, s), np.int32),
                             true_length=np.ones(n, np.int32))
-    slots = np.arange(n, dtype=np.int32)
-    hlo = eng._insert_jit.lower(state, prefix, slots, None).compile().as_text()
-    copies += [ln.strip()[:160] for ln in hlo.splitlines()
-               if re.search(r"= \S+\[" + re.escape(cache_shape[1:]), ln) and " copy(" in ln]
+    rows = np.full((n, eng.pages_per_slot), eng.num_kv_pages, np.int32) if eng.paged else None  # trash page
+    copies += cache_copies(eng._insert_jit.lower(state, prefix, np.arange(n, dtype=np.int32), rows).compile())
     state, res = eng.generate(llm.params, state, max_length=limit)  # compile + warm
     jax.block_until_ready(res.tokens)
     times = []
