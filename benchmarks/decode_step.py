@@ -63,8 +63,16 @@ def main(argv=None):
     cache_dims = re.escape("{},{},".format(*state.cache.k[0].shape[:2]))  # slots or pages, then tokens
 
     def cache_copies(compiled) -> list:
-        return [ln.strip()[:160] for ln in compiled.as_text().splitlines()
-                if re.search(r"= \S+\[" + cache_dims, ln) and " copy(" in ln]
+        """Instructions that write a whole cache-shaped array other than the in-place updates
+        (scatters, dynamic-update-slices): copies, and loop fusions such as the copy XLA's CPU
+        backend makes to undo a bitcast of the cache to another element type."""
+        out = []
+        for ln in compiled.as_text().splitlines():
+            m = re.match(r"\s*(?:ROOT )?%(\S+) = \S+\[" + cache_dims, ln)
+            if m and not re.search(r"scatter|dynamic.update.slice", m.group(1)) and (
+                    " copy(" in ln or "kind=kLoop" in ln):
+                out.append(ln.strip()[:160])
+        return out
 
     copies = cache_copies(eng._generate_jit.lower(llm.params, state, window).compile())
     # The insert of a prefill's prefix must write the cache in place too.

@@ -68,11 +68,7 @@ def pack_prefix(ks: list, vs: list, quantized: bool) -> KVCache:
 
 def _words(x):
     """(x viewed as 32-bit words along its last axis, x's dtype), or (x, None) where elements
-    are already 4 bytes or a row is not a whole number of words.
-
-    Cache writes scatter whole words: XLA's GPU scatter stores one element per thread, and for
-    one byte per element (int8 K/V) that ran at ~0.2 TB/s (BENCHMARKS.md, session 8).
-    The view is a bitcast, so the scatter still updates the donated cache in place."""
+    are already 4 bytes or a row is not a whole number of words."""
     size = x.dtype.itemsize
     if size >= 4 or (x.shape[-1] * size) % 4:
         return x, None
@@ -88,10 +84,20 @@ def _unwords(w, dtype):
     return x.reshape(*x.shape[:-2], -1)
 
 
-def _set_rows(dst, where, src, **kw):
-    """dst.at[where].set(src) over whole last-axis rows, scattered as 32-bit words."""
-    words, dtype = _words(dst)
-    return _unwords(words.at[where].set(_words(src.astype(dst.dtype))[0], **kw), dtype)
+def _set_rows(dst, where, src, words: Optional[bool] = None, **kw):
+    """dst.at[where].set(src) over whole last-axis rows.
+
+    With `words` (default: on GPUs) the rows are scattered as 32-bit words. XLA's GPU scatter
+    stores one element per thread, and for int8 K/V, one byte per thread, the insert ran at
+    ~0.2 TB/s (BENCHMARKS.md, session 8). There the view is a free bitcast and the donated
+    cache is still updated in place; XLA's CPU backend instead copies the whole cache to undo
+    the view, so elsewhere the plain scatter stays."""
+    if words is None:
+        words = jax.default_backend() == "gpu"
+    if not words:
+        return dst.at[where].set(src.astype(dst.dtype), **kw)
+    view, dtype = _words(dst)
+    return _unwords(view.at[where].set(_words(src.astype(dst.dtype))[0], **kw), dtype)
 
 
 def _write_layers(cache: KVCache, prefix: KVCache, put, put_scale) -> KVCache:

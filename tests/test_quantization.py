@@ -103,19 +103,19 @@ def test_fused_projections_match_separate(name, quantize):
 
 @pytest.mark.parametrize("dtype,d", [("int8", 8), ("int8", 6), ("bfloat16", 4), ("bfloat16", 3), ("float32", 4)])
 def test_cache_writes_as_words_equal_plain_scatters(dtype, d):
-    """kv_cache._set_rows scatters whole rows as 32-bit words where the row allows it (int8 rows
-    of 8 bytes, bf16 of 4) and plainly otherwise; either way it writes what .at[].set writes,
-    negative int8 bytes and dropped out-of-range rows included."""
+    """kv_cache._set_rows with words=True (the GPU default) scatters whole rows as 32-bit words
+    where the row allows it (int8 rows of 8 bytes, bf16 of 4) and plainly otherwise; either way
+    it writes what .at[].set writes, negative int8 bytes and dropped out-of-range rows included."""
     from engine.kv_cache import _set_rows
     rng = np.random.default_rng(0)
     dst = jnp.asarray(rng.integers(-128, 128, (5, 7, 2, d)).astype(dtype))
     src = jnp.asarray(rng.integers(-128, 128, (3, 4, 2, d)).astype(dtype))
     slots = jnp.array([4, 0, 5])  # 5 is past the last row: dropped, as an insert's dummy rows are
-    got = _set_rows(dst, (slots, slice(0, 4)), src, mode="drop")  # insert_prefix's prefix write
+    got = _set_rows(dst, (slots, slice(0, 4)), src, words=True, mode="drop")  # insert_prefix's write
     want = dst.at[slots, :4].set(src, mode="drop")
     assert got.dtype == dst.dtype and got.shape == dst.shape
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     pos = jnp.array([6, 0, 3, 2, 5])  # write_token: one row per slot at its position
     new = dst[:, 0][::-1]  # [5, 2, d]: a new token's K for each of 5 slots
-    got = jax.jit(lambda x, s: _set_rows(x, (jnp.arange(5), pos), s))(dst, new)
+    got = jax.jit(lambda x, s: _set_rows(x, (jnp.arange(5), pos), s, words=True))(dst, new)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(dst.at[jnp.arange(5), pos].set(new)))
