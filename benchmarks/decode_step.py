@@ -42,6 +42,33 @@ def make_llm(args, context_size: int = 16, **overrides):
                **engine_overrides(args.engine), **overrides)
 
 
+def cache_copies(hlo_text: str, rows: int, tokens: int) -> list:
+    """Lines of compiled HLO that write a whole cache-shaped array ([rows, tokens, ...]) other
+    than the in-place updates (scatters, dynamic-update-slices): copies, and loop fusions such as
+    the copy XLA's CPU backend makes to undo a bitcast of the cache to another element type."""
+    out = []
+    for ln in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = \S+\[" + re.escape(f"{rows},{tokens},"), ln)
+        if m and not re.search(r"scatter|dynamic.update.slice", m.group(1)) and (
+                " copy(" in ln or "kind=kLoop" in ln):
+            out.append(ln.strip()[:160])
+    return out
+
+
+def cache_program_copies(eng, params, state, window: int) -> list:
+    """cache_copies of the engine's compiled generate and insert programs (a decode step and a
+    prefill's insert must update the donated cache in place)."""
+    import numpy as np
+    rows, tokens = state.cache.k[0].shape[:2]  # slots or pages, then tokens
+    copies = cache_copies(eng._generate_jit.lower(params, state, window).compile().as_text(), rows, tokens)
+    n, s = eng.prefill_sizes()[-1], eng.buckets[0]
+    prefix, _ = eng.prefill(params=params, padded_tokens=np.zeros((n, s), np.int32),
+                            true_length=np.ones(n, np.int32))
+    pages = np.full((n, eng.pages_per_slot), eng.num_kv_pages, np.int32) if eng.paged else None  # trash page
+    insert = eng._insert_jit.lower(state, prefix, np.arange(n, dtype=np.int32), pages).compile()
+    return copies + cache_copies(insert.as_text(), rows, tokens)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_args(p)
@@ -50,7 +77,6 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from benchmarks import roofline as rl
 
     llm = make_llm(args)
@@ -60,27 +86,7 @@ def main(argv=None):
     state.step = jnp.ones((args.slots,), jnp.int32)  # live: a parked slot (step 0) stays put
     limit = args.context + args.decode_steps + 1
     window = eng._window_for(limit)
-    cache_dims = re.escape("{},{},".format(*state.cache.k[0].shape[:2]))  # slots or pages, then tokens
-
-    def cache_copies(compiled) -> list:
-        """Instructions that write a whole cache-shaped array other than the in-place updates
-        (scatters, dynamic-update-slices): copies, and loop fusions such as the copy XLA's CPU
-        backend makes to undo a bitcast of the cache to another element type."""
-        out = []
-        for ln in compiled.as_text().splitlines():
-            m = re.match(r"\s*(?:ROOT )?%(\S+) = \S+\[" + cache_dims, ln)
-            if m and not re.search(r"scatter|dynamic.update.slice", m.group(1)) and (
-                    " copy(" in ln or "kind=kLoop" in ln):
-                out.append(ln.strip()[:160])
-        return out
-
-    copies = cache_copies(eng._generate_jit.lower(llm.params, state, window).compile())
-    # The insert of a prefill's prefix must write the cache in place too.
-    n, s = eng.prefill_sizes()[-1], eng.buckets[0]
-    prefix, _ = eng.prefill(params=llm.params, padded_tokens=np.zeros((n, s), np.int32),
-                            true_length=np.ones(n, np.int32))
-    rows = np.full((n, eng.pages_per_slot), eng.num_kv_pages, np.int32) if eng.paged else None  # trash page
-    copies += cache_copies(eng._insert_jit.lower(state, prefix, np.arange(n, dtype=np.int32), rows).compile())
+    copies = cache_program_copies(eng, llm.params, state, window)
     state, res = eng.generate(llm.params, state, max_length=limit)  # compile + warm
     jax.block_until_ready(res.tokens)
     times = []
