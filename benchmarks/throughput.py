@@ -212,7 +212,9 @@ def main(argv=None):
         assert sum(r.completion_tokens for r in results) == int(outs.sum())
         return wall, results
 
-    wall, results = timed()
+    from benchmarks.gpu_power import PowerSampler
+    with PowerSampler() as power:  # was the run at full clock, or at the power cap?
+        wall, results = timed()
     out_tok = sum(r.completion_tokens for r in results)
     in_tok = sum(r.prompt_tokens for r in results)
     dev = llm.engine.mesh.devices.flat[0]
@@ -236,6 +238,7 @@ def main(argv=None):
         "batcher": {**{k: round(v, 3) for k, v in llm.batcher.stats.items()}, **llm.batcher.scheduler_stats()},
         "kv_cache_tokens": llm.engine.config.kv_cache_tokens,
         "kv_pool_plan": dataclasses.asdict(llm.engine.pool_plan) if llm.engine.pool_plan else None,
+        "gpu_power": power.summary(),
         "peak_device_bytes": stats.get("peak_bytes_in_use"),
         "device_bytes_limit": stats.get("bytes_limit"),
     }

@@ -31,6 +31,7 @@ def test_length_mix_profile_variant_and_dry_run(tmp_path):
     r = json.loads(out.read_text())
     ins, outs = throughput.make_lengths(throughput.parse_args(["--dataset", "sharegpt", "--num_requests", "12"]))
     assert r["mean_input"] == float(ins.mean()) and r["mean_output"] == float(outs.mean())
+    assert r["gpu_power"]["available"] == bool(r["gpu_power"].get("samples"))  # {"available": False} here
     for stats in (r["batcher"], r["sync_profile"]):
         assert stats["completed"] == 12 and stats["prefill_rows"] == 12
         assert stats["generated_tokens"] == int(outs.sum())
