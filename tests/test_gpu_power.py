@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import time
 
 import pytest
 
@@ -39,7 +40,6 @@ def test_sampler_runs_nvidia_smi_in_its_own_process(tmp_path, monkeypatch):
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     with PowerSampler(interval_ms=100) as power:
-        import time
         time.sleep(0.5)
     assert power._proc is None and len(power.samples) == 3
     assert power.summary()["power_capped_fraction"] == round(2 / 3, 3)

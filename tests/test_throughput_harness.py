@@ -72,8 +72,6 @@ def test_peer_runs_first_in_its_own_process(tmp_path):
     assert r["ours_over_peer"] == round(r["output_tok_per_s"] / peer["output_tok_s"], 2)
 
 
-
-
 def test_dry_run_reproduces_the_h100_schedule(tmp_path):
     """The ShareGPT-like mix at Llama-2-7B shapes, dry: the decode/prefill calls, refills and
     page waits measured on the H100 (BENCHMARKS.md, session 5, calls 5 and 6; again in session 6's
