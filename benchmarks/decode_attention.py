@@ -28,7 +28,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from engine.kernels.ragged_decode import DEFAULTS, _settings, parse_setting, ragged_decode_attention  # noqa: E402
+from engine.kernels.ragged_decode import ragged_decode_attention  # noqa: E402
+from engine.kernels.settings import DEFAULTS, parse_setting, resolve  # noqa: E402
 from engine.kv_cache import KVCache, decode_attention  # noqa: E402
 from benchmarks.roofline import time_call  # noqa: E402
 
@@ -161,10 +162,9 @@ def main(argv=None):
     other = "fma" if g >= 2 else "dot"  # the method "auto" does not pick for this G
     bench(f"pallas int8 method={other}", pallas(method=other), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
 
-    # Every conversion is exact, so each output must be bit-identical to the defaults' (which
-    # already ran with the default conversion, DEFAULTS or $JETBEAM_RAGGED_DECODE).
+    # Every conversion is exact, so each output must be bit-identical to the defaults'.
     for conv in ("cvt", "magic", "prmt"):
-        if conv == _settings()["convert"]:
+        if conv == resolve()["convert"]:
             continue
         out = bench(f"pallas int8 convert={conv}", pallas(convert=conv), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
         if out is not None and base8 is not None:

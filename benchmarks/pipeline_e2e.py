@@ -6,10 +6,10 @@ pipeline generation tok/s / engine-only tok/s.
 
     python benchmarks/pipeline_e2e.py --model llama2-7b --num_requests 1000 --batch_size 256 --quantize_kv_cache
     python benchmarks/pipeline_e2e.py --dataset sharegpt --batch_size 256 --quantize_kv_cache \
-        --engine kv_page_size=64 --engine kv_cache_tokens=auto --engine min_refill=16
+        --kv_page_size 64 --kv_cache_tokens auto --min_refill 16
 
-The length mix is throughput.py's (same seed, same lengths). Each --engine KEY=VALUE goes to
-both runs: to throughput.py as --engine, to the pipeline as its --KEY=VALUE flag.
+The length mix is throughput.py's (same seed, same lengths), and so are the engine settings: both
+runs get every model, engine and scheduler setting flag (engine/config.py).
 """
 
 from __future__ import annotations
@@ -26,38 +26,41 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    from engine.config import add_settings_arguments
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="llama2-7b")
-    p.add_argument("--num_requests", type=int, default=1000)
-    p.add_argument("--input_len", type=int, default=256)
-    p.add_argument("--output_len", type=int, default=256)
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--quantize_kv_cache", action="store_true")
-    p.add_argument("--quantize_weights", action="store_true")
-    p.add_argument("--prefill_batch", type=int, default=8)
-    p.add_argument("--dataset", choices=["fixed", "sharegpt"], default="fixed")
-    p.add_argument("--min_prefill_bucket", type=int, default=64, help="length mix only")
-    p.add_argument("--max_cache_length", type=int, default=None, help="default: longest prompt + longest reply")
-    p.add_argument("--flush_rows", type=int, default=None, help="the pipeline's flush size (default: all rows)")
-    p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
-                   help="another engine setting for both runs (repeatable)")
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    b = p.add_argument_group("benchmark")
+    b.add_argument("--num_requests", type=int, default=1000, help="(default: 1000)")
+    b.add_argument("--input_len", type=int, default=256, help="(default: 256)")
+    b.add_argument("--output_len", type=int, default=256, help="(default: 256)")
+    b.add_argument("--dataset", choices=["fixed", "sharegpt"], default="fixed", help="(default: fixed)")
+    b.add_argument("--flush_rows", type=int, default=None, help="the pipeline's flush size (default: all rows)")
+    b.add_argument("--workdir", default=None)
+    b.add_argument("--json", default=None)
+    from benchmarks import throughput
+    add_settings_arguments(p, defaults={**throughput.BENCH_DEFAULTS, **throughput.DERIVED}, skip=throughput.SAMPLING)
+    return p
+
+
+def main(argv=None):
+    from benchmarks import throughput
+    from engine.config import settings_flags
+    args = build_parser().parse_args(argv)
+    sampling = throughput.SAMPLING
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import configs
-    from benchmarks import throughput
     work = args.workdir or tempfile.mkdtemp(prefix="jetbeam-e2e-")
     os.makedirs(work, exist_ok=True)
-    vocab = configs.load_model_config_dict(args.model)["vocab_size"] if not os.path.exists(args.model) else 32000
-    rng = np.random.default_rng(1)
     n = args.num_requests
     shape = [f"--dataset={args.dataset}", f"--num_requests={n}", f"--input_len={args.input_len}",
              f"--output_len={args.output_len}"]
     ins, outs = throughput.make_lengths(throughput.parse_args(shape))
+    settings = throughput.settings_for(args, ins, outs)  # the engine harness's choices for these lengths
+    given = settings_flags(args, skip=sampling)
+    from engine.llm import resolve_model
+    vocab = resolve_model(settings.source)[0].vocab_size if settings.source.model else 32000
+    rng = np.random.default_rng(1)
     table = pa.table({
         "id": [f"r{i}" for i in range(n)],
         "prompt": [rng.integers(3, vocab, size=int(a)).tolist() for a in ins],
@@ -66,29 +69,23 @@ def main(argv=None):
     })
     src = os.path.join(work, "prompts.parquet")
     pq.write_table(table, src)
-    # throughput.py's choices for the same lengths.
-    eshape = throughput.engine_shape(args, ins, outs)
-    engine_flags = [f"--batch_size={args.batch_size}", f"--prefill_batch={args.prefill_batch}"]
-    engine_flags += [f"--{k}={v}" for k, v in eshape.items()]
-    engine_flags += ["--quantize_kv_cache"] * args.quantize_kv_cache + ["--quantize_weights"] * args.quantize_weights
-    engine_flags += [f"--{k}={v}" for k, v in throughput.engine_overrides(args.engine).items()]
+    # The same settings for both runs: the pipeline gets the harness's resolved engine and
+    # scheduler settings as flags.
+    flat = {k: v for k, v in settings.to_flat().items() if k not in sampling and v is not None}
+    engine_flags = [f"--{k}={v}" for k, v in flat.items() if k != "warmup"]
 
     # The engine-only baseline runs first, in its own process, which frees the GPU when it exits:
     # the pipeline's engine then stays resident in this one (one engine per worker process).
     import subprocess
     eng_json = os.path.join(work, "engine.json")
-    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), f"--model={args.model}",
-                    *shape, f"--batch_size={args.batch_size}", f"--prefill_batch={args.prefill_batch}",
-                    f"--max_cache_length={eshape['max_cache_length']}",
-                    f"--min_prefill_bucket={args.min_prefill_bucket}", f"--json={eng_json}"]
-                   + ["--quantize_kv_cache"] * args.quantize_kv_cache + ["--quantize_weights"] * args.quantize_weights
-                   + [f"--engine={e}" for e in args.engine],
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), *shape,
+                    *[f"--{k}={v}" for k, v in given.items()], f"--json={eng_json}"],
                    check=True, stdout=subprocess.DEVNULL)
     import run_pipeline
     out = os.path.join(work, "out")
     # (Run this script once per configuration: the pipeline's engine stays resident afterwards.)
-    rc = run_pipeline.main([f"--input={src}", f"--output={out}", f"--model={args.model}",
-                            f"--flush_rows={args.flush_rows or n}", *engine_flags])
+    rc = run_pipeline.main([f"--input={src}", f"--output={out}", f"--flush_rows={args.flush_rows or n}",
+                            *engine_flags])
     if rc:
         raise SystemExit(f"pipeline failed with exit code {rc}")
     with open(os.path.join(out, "metrics.json")) as f:
@@ -97,10 +94,8 @@ def main(argv=None):
     with open(eng_json) as f:
         eng = json.load(f)
     report = {
-        "model": args.model, "num_requests": n, "input_len": args.input_len, "output_len": args.output_len,
-        "dataset": args.dataset, "engine": args.engine, "flush_rows": args.flush_rows or n,
-        "slots": args.batch_size, "quantize_kv_cache": args.quantize_kv_cache,
-        "quantize_weights": args.quantize_weights,
+        "model": settings.source.model, "num_requests": n, "input_len": args.input_len, "output_len": args.output_len,
+        "dataset": args.dataset, "settings": flat, "flush_rows": args.flush_rows or n,
         "pipeline_rows_completed": pipe.get("completed"), "pipeline_rows_errored": pipe.get("errored"),
         "pipeline_output_tok_per_s": pipe.get("output_tok_per_s"),
         "pipeline_job_output_tok_per_s": pipe.get("job_output_tok_per_s"),

@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import load_model_config_dict  # noqa: E402
-from engine.config import ModelConfig  # noqa: E402
+from engine.model_config import ModelConfig  # noqa: E402
 
 
 def time_call(fn, *args, iters: int, warmup: int = 2) -> float:

@@ -8,22 +8,22 @@ and refills are dispatched right behind it.
 When a slot frees:
 - A request that reaches its max_tokens within the calls already dispatched is certain to be
   done once they run, whatever tokens they return. Its slot is refilled right after the
-  dispatch (`EngineConfig.early_refill`): the new request's prefill and insert queue behind
+  dispatch (`SchedulerConfig.early_refill`): the new request's prefill and insert queue behind
   that call on the device, and the old request's last tokens are read later from its results.
   Without this, a slot freed by call k's tokens would also run call k+1 for nothing; with
   fixed output lengths every slot frees at once, and that wasted call idled the whole batch.
 - A request stopped by EOS or a stop sequence frees its slot when its tokens are read (call
   k+1 still ran it; those tokens are dropped).
-- Free slots are refilled once at least `EngineConfig.min_refill` of them are free, or when no
+- Free slots are refilled once at least `SchedulerConfig.min_refill` of them are free, or when no
   slot is left decoding, or when no requests are left to wait for: a 7B prefill call of one
   prompt costs nearly as much as one of eight, so refilling slots one at a time as a length
   mix frees them spends more on prefill than the idle slots cost.
 
-Requests are read a window at a time (`EngineConfig.schedule_window`) and each window is
-served longest max_tokens first (`EngineConfig.schedule`): in a length mix served in arrival
+Requests are read a window at a time (`SchedulerConfig.schedule_window`) and each window is
+served longest max_tokens first (`SchedulerConfig.schedule`): in a length mix served in arrival
 order, the longest requests started last and decoded nearly alone at the end of the job.
 
-With a paged KV cache (`EngineConfig.kv_page_size`) a request is admitted only once the pool
+With a paged KV cache (`EngineGeometry.kv_page_size`) a request is admitted only once the pool
 has the pages for its prompt plus max_tokens (first come, first served), and a slot's pages
 go back to the pool when the device drops its page-table row: at its next insert, or when
 the slot is parked. Device work runs in dispatch order, so a page handed to a new request
@@ -32,8 +32,8 @@ is written only after every decode call that the old owner's row was in.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -41,8 +41,10 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from engine.config import SchedulerConfig
+from engine.engine_api import Engine
 from engine.kv_pages import PagePool
-from engine.request import Request, RequestError, Result
+from engine.request import Request, RequestError, Result, SamplingParams
 from engine.sampling import SlotSampling
 from engine.sched_stats import SCHEDULER_STATS
 
@@ -71,25 +73,37 @@ class _Active:
 
 
 class ContinuousBatcher:
-    """Feeds any iterable of Requests through an engine; yields each Result when it finishes."""
+    """Feeds any iterable of Requests through an engine; yields each Result when it finishes.
 
-    def __init__(self, engine, params, tokenizer=None, seed: int = 0):
+    It uses only the Engine API (engine/engine_api.py), so any engine serves: the JAX engine,
+    or the fake one of engine/fake_engine.py. `seed` draws the seeds of requests that give none.
+    """
+
+    def __init__(self, engine: Engine, params, tokenizer=None, scheduler: Optional[SchedulerConfig] = None,
+                 seed: int = 0):
         self.engine = engine
         self.params = params
         self.tokenizer = tokenizer
+        self.scheduler = scheduler or SchedulerConfig()
         self.rng = np.random.default_rng(seed)
         self.state = engine.init_decode_state()
-        eos = engine.model_config.eos_token_ids
+        self.geo = geo = engine.geometry  # final once the decode state exists
+        eos = set(geo.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_ids:
-            eos = tuple(set(eos) | set(tokenizer.eos_ids))
+            eos |= set(tokenizer.eos_ids)
         self.eos_ids = frozenset(eos)
         self.stats = defaultdict(float)
-        # JETBEAM_SYNC_TIMING=1: wait for the device after every prefill, insert and decode call
-        # and add up their times in `stats` (a profile that gives up the overlap: not for speed).
-        self.sync_timing = bool(os.environ.get("JETBEAM_SYNC_TIMING"))
-        self.pages = (PagePool(engine.num_kv_pages, engine.config.kv_page_size, engine.pages_per_slot)
-                      if getattr(engine, "paged", False) else None)
+        self.pages = PagePool(geo.num_kv_pages, geo.kv_page_size, geo.pages_per_slot) if geo.paged else None
         self.slot_pages: dict[int, list] = {}  # pages named by each slot's row on the device
+
+    def set_scheduler(self, scheduler: SchedulerConfig) -> None:
+        """Serve the next runs under another SchedulerConfig (no recompilation: the engine's
+        programs do not depend on it)."""
+        self.scheduler = scheduler
+
+    def warmup(self) -> None:
+        """Compile every program the runs can call (Engine.warmup)."""
+        self.state = self.engine.warmup(self.params, self.state)
 
     def scheduler_stats(self) -> dict:
         """The scheduling counters so far (subtract an earlier snapshot for one run), and for a
@@ -100,20 +114,21 @@ class ContinuousBatcher:
         return out
 
     def _timed(self, key: str, t0: float, out):
-        if self.sync_timing:
-            import jax
-            jax.block_until_ready(out)
+        """With scheduler.sync_timing, wait for `out` and add the call's time to stats[key]."""
+        if self.scheduler.sync_timing:
+            self.engine.sync(out)
             self.stats[key] += time.perf_counter() - t0
         return out
 
     # ---- request preparation ----
     def prepare(self, req: Request) -> list:
         """Token ids of a request's prompt; RequestError with the reason if it cannot be served."""
-        req.sampling.validate()
-        cfg = self.engine.config
+        geo = self.geo
+        if not isinstance(req.sampling, SamplingParams):
+            raise RequestError(f"sampling must be a SamplingParams, got {type(req.sampling).__name__}")
         if req.prompt_token_ids is not None:
             ids = [int(t) for t in req.prompt_token_ids]
-            vocab = self.engine.model_config.vocab_size
+            vocab = geo.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise RequestError(f"prompt_token_ids contains ids outside [0, {vocab}): {bad[:5]}")
@@ -125,14 +140,14 @@ class ContinuousBatcher:
             ids = self.tokenizer.encode(req.prompt)
         if not ids:
             raise RequestError("missing or empty prompt")
-        if len(ids) > cfg.context_size:
-            raise RequestError(f"prompt has {len(ids)} tokens, longer than context_size {cfg.context_size}")
+        if len(ids) > geo.context_size:
+            raise RequestError(f"prompt has {len(ids)} tokens, longer than context_size {geo.context_size}")
         if self.pages is not None:
             need = self.pages.pages_for(self._cache_tokens(ids, req))
             if need > self.pages.num_pages:
                 raise RequestError(
                     f"prompt ({len(ids)} tokens) plus max_tokens needs {need} KV cache pages of "
-                    f"{cfg.kv_page_size} tokens; the pool holds {self.pages.num_pages} (kv_cache_tokens)")
+                    f"{geo.kv_page_size} tokens; the pool holds {self.pages.num_pages} (kv_cache_tokens)")
         return ids
 
     def _prepared(self, requests: Iterable[Request]):
@@ -141,8 +156,8 @@ class ContinuousBatcher:
         time and each window is served longest first: in a length mix the longest requests
         decide when a job ends, and started last they decode alone while the other slots idle
         (offline batches know each request's max_tokens up front)."""
-        cfg = self.engine.config
-        window = cfg.schedule_window if cfg.schedule == "longest_first" else 1
+        sched = self.scheduler
+        window = sched.schedule_window if sched.schedule == "longest_first" else 1
         source = iter(requests)
         while True:
             chunk = []
@@ -161,7 +176,7 @@ class ContinuousBatcher:
             yield from chunk
 
     def _max_tokens(self, ids, req) -> int:
-        return min(req.sampling.max_tokens, self.engine.config.max_cache_length - len(ids))
+        return min(req.sampling.max_tokens, self.geo.max_cache_length - len(ids))
 
     def _cache_tokens(self, ids, req) -> int:
         """Cache positions a request can write: its prompt and every token but the last."""
@@ -176,13 +191,13 @@ class ContinuousBatcher:
     # ---- the loop ----
     def run(self, requests: Iterable[Request]) -> Iterator[Result]:
         engine = self.engine
-        cfg = engine.config
-        steps = cfg.decode_steps
+        sched = self.scheduler
+        steps = self.geo.decode_steps
         source = self._prepared(requests)
         if self.pages is not None:
             self.pages.peak_used = self.pages.used_pages  # this run's peak from here
         exhausted = False
-        free = list(range(engine.max_concurrent_decodes))[::-1]
+        free = list(range(self.geo.slots))[::-1]
         active: dict[int, _Active] = {}  # slot -> request that may still need decode calls
         retiring: list[_Active] = []  # slot already refilled; last tokens still to be read
         waiting: deque = deque()  # (request, prompt ids) pulled from the source, not admitted
@@ -204,7 +219,7 @@ class ContinuousBatcher:
                     yield item
                 else:
                     waiting.append(item)
-            if waiting and (len(free) >= cfg.min_refill or not active
+            if waiting and (len(free) >= sched.min_refill or not active
                             or (exhausted and len(waiting) <= len(free))):
                 if self.pages is not None:
                     self._park(free, parked)  # the free slots' pages back to the pool first
@@ -247,13 +262,13 @@ class ContinuousBatcher:
         stale caches: a finished request's slot would otherwise keep decoding, its length
         growing to the end of the cache, while it waits (min_refill) or the stream drains.
         A paged cache always parks: that is how a free slot's pages return to the pool."""
-        if not self.engine.config.park_free_slots and self.pages is None:
+        if not self.scheduler.park_free_slots and self.pages is None:
             return
         now_free = set(free)
         parked &= now_free  # refilled slots are live again
         idle = now_free - parked
         if idle:
-            mask = np.zeros(self.engine.max_concurrent_decodes, bool)
+            mask = np.zeros(self.geo.slots, bool)
             mask[list(idle)] = True
             self.state = self.engine.release_slots(self.state, mask)
             parked |= idle
@@ -268,9 +283,9 @@ class ContinuousBatcher:
     def _retire(self, active, retiring, free, calls):
         """Early refill: free the slots of requests that the `calls` decode calls dispatched so
         far carry to max_tokens (the prefill's token plus decode_steps per call from start_call)."""
-        if not self.engine.config.early_refill:
+        if not self.scheduler.early_refill:
             return
-        steps = self.engine.config.decode_steps
+        steps = self.geo.decode_steps
         for slot, a in list(active.items()):
             if 1 + (calls - a.start_call) * steps >= a.max_tokens:
                 a.end_call = calls - 1
@@ -285,11 +300,11 @@ class ContinuousBatcher:
         while its padded size stays within MERGE_TOKENS: on an H100 a 7B prefill call of a
         few hundred tokens costs about as much as one of a thousand (too few GEMM tiles to fill
         the GPU), and a length mix frees slots a few at a time across several buckets.
-        Call sizes come from engine.prefill_sizes() (powers of two), so no row is padding.
+        Call sizes come from geometry.prefill_sizes (powers of two), so no row is padding.
         """
-        engine = self.engine
-        sizes = engine.prefill_sizes()
-        todo = sorted(((engine.bucket_for(len(ids)), req, ids) for req, ids in admitted),
+        geo = self.geo
+        sizes = geo.prefill_sizes
+        todo = sorted(((geo.bucket_for(len(ids)), req, ids) for req, ids in admitted),
                       key=lambda item: -len(item[2]))
         while todo:
             bucket = todo[0][0]
@@ -323,8 +338,8 @@ class ContinuousBatcher:
                     self.slot_pages[slot] = self.pages.take(self._cache_tokens(ids, req))
                     page_lists.append(self.slot_pages[slot])
                 sp = req.sampling
-                if sp.seed is None:
-                    sp.seed = int(self.rng.integers(0, 2**31 - 1))
+                if sp.seed is None:  # the request keeps its own settings; the slot gets a seed
+                    sp = dataclasses.replace(sp, seed=int(self.rng.integers(0, 2**31 - 1)))
                 params.append(sp)
             t0 = time.perf_counter()
             prefix, first = engine.prefill(params=self.params, padded_tokens=tokens, true_length=lengths,
@@ -335,7 +350,7 @@ class ContinuousBatcher:
                 self.state = engine.insert(prefix, self.state, slots, self.pages.rows(page_lists))
             else:
                 self.state = engine.insert(prefix, self.state, slots)
-            self._timed("insert_s", t0, self.state.tokens)
+            self._timed("insert_s", t0, self.state)
             for row, (req, ids) in enumerate(chunk):
                 active[int(slots[row])] = _Active(
                     request=req, prompt_ids=ids, max_tokens=self._max_tokens(ids, req),

@@ -1,292 +1,132 @@
-"""Model and engine configuration as plain dataclasses.
+"""Every setting of a run, once, in frozen dataclasses split by concern.
 
-One `ModelConfig` describes every supported family (MaxText style): Llama 2/3,
-SmolLM2 and Gemma differ only in the switches below, never in code copies.
-`EngineConfig` carries the serving knobs and accepts the fields of the
-`model.json` that JetStream's Triton backend used (booleans may arrive as the
-strings "True"/"False").
+    ModelSource      what the model is: a config name, a checkpoint, a tokenizer
+    EngineConfig     how the engine is shaped and quantized: slots, cache, buckets, dtype, devices
+    SchedulerConfig  how the batcher fills slots: refill policy, serving order, profiling
+    SamplingParams   what a request asks for unless its row says otherwise (engine/request.py)
+
+`Settings` holds one of each. Its keys form one flat namespace (no name is used twice), so a
+JetStream-style `model.json`, a job config in configs/jobs/ and the command line all spell a
+setting the same way; `Settings.from_flat` splits such a mapping by owner and refuses unknown
+keys and bad values with a one-line `ConfigError`. The front ends (`run_pipeline.py`,
+`python -m engine.generate`, `engine.convert`, the benchmarks) generate their flags from these
+fields (engine/settings.py). A value derived later (an "auto" page pool) makes a new config with
+`dataclasses.replace`; nothing is written into a config once it is built.
+
+This module imports neither JAX nor Beam: a launcher checks flags before either loads.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
-from typing import Any, Optional, Union
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Union
 
-import jax
-import jax.numpy as jnp
+from engine.request import SamplingParams
+from engine.settings import (ConfigError, add_arguments, check_fields, fields_of, from_mapping, set_flags,
+                             setting, to_mapping)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture hyper-parameters of a decoder-only transformer."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_position_embeddings: int = 4096
-    rope_theta: float = 10000.0
-    # Llama-3.1 style rope scaling: {"factor", "low_freq_factor", "high_freq_factor",
-    # "original_max_position_embeddings"}; None for plain RoPE.
-    rope_scaling: Optional[dict] = None
-    rms_norm_eps: float = 1e-5
-    # Family switches.
-    activation: str = "silu"  # "silu" (SwiGLU, Llama) | "gelu_tanh" (GeGLU, Gemma)
-    norm_weight_offset: float = 0.0  # Gemma stores RMSNorm weights as w, applies (1 + w)
-    embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
-    tie_embeddings: bool = False  # lm_head shares the embedding matrix
-    # Gemma 2 switches (all off for other families).
-    post_norms: bool = False  # extra RMSNorm after attention and after the MLP (post_attn_norm, post_mlp_norm)
-    query_scale: Optional[float] = None  # scores use query_scale**-0.5 instead of head_dim**-0.5
-    attn_logit_softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap)
-    final_logit_softcap: Optional[float] = None  # logits -> cap * tanh(logits / cap)
-    sliding_window: Optional[int] = None  # local attention span of the layers in sliding_layers
-    sliding_layers: tuple = ()
-    bos_token_id: Optional[int] = 1
-    eos_token_ids: tuple = (2,)
-    family: str = "llama"  # informational: "llama" | "gemma"
-    name: str = "custom"
-
-    @property
-    def q_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    def validate(self) -> "ModelConfig":
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-        if self.activation not in ("silu", "gelu_tanh"):
-            raise ValueError(f"unsupported activation {self.activation!r}")
-        return self
-
-    def param_count(self) -> int:
-        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        attn = d * self.num_heads * self.head_dim * 2 + d * self.num_kv_heads * self.head_dim * 2
-        per_layer = attn + 3 * d * f + 2 * d
-        head = 0 if self.tie_embeddings else v * d
-        return v * d + self.num_layers * per_layer + d + head
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        _check_fields(cls, d, "model")
-        d = dict(d)
-        if "sliding_layers" in d:
-            d["sliding_layers"] = tuple(d["sliding_layers"])
-        if "eos_token_ids" in d:
-            eos = d["eos_token_ids"]
-            d["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-        return cls(**d).validate()
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["eos_token_ids"] = list(self.eos_token_ids)
-        out["sliding_layers"] = list(self.sliding_layers)
-        return out
-
-    @classmethod
-    def from_hf(cls, hf: dict, name: str = "custom") -> "ModelConfig":
-        """Map a Hugging Face `config.json` onto our switches."""
-        archs = hf.get("architectures") or []
-        model_type = hf.get("model_type", "")
-        if model_type not in ("llama", "gemma", "gemma2", "mistral") and not any(
-                a in ("LlamaForCausalLM", "GemmaForCausalLM", "MistralForCausalLM") for a in archs):
-            raise ValueError(
-                f"unsupported architecture: model_type={model_type!r}, architectures={archs}; "
-                "supported: llama, gemma, gemma2, mistral (no sliding window)")
-        if model_type == "mistral" and hf.get("sliding_window") not in (None, 0):
-            if hf["sliding_window"] < hf.get("max_position_embeddings", 0):
-                raise ValueError("mistral with a sliding window is not supported")
-        heads = hf["num_attention_heads"]
-        hidden = hf["hidden_size"]
-        gemma2 = model_type == "gemma2"
-        gemma = model_type == "gemma" or gemma2
-        eos = hf.get("eos_token_id", 2)
-        act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
-        if gemma:
-            act = "gelu_tanh"  # Gemma uses the tanh approximation in practice (HF does too)
-        elif act not in ("silu", "swish"):
-            raise ValueError(f"unsupported activation {act!r}")
-        else:
-            act = "silu"
-        # Newer transformers (5.x) write `rope_parameters` (rope_theta + scaling in one dict)
-        # instead of the older top-level `rope_theta` / `rope_scaling`; accept both.
-        rope_params = hf.get("rope_parameters") or {}
-        rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-        rope_scaling = hf.get("rope_scaling") or rope_params or None
-        if rope_scaling is not None:
-            kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
-            if kind in (None, "default"):
-                rope_scaling = None
-            elif kind != "llama3":
-                raise ValueError(f"unsupported rope_scaling type {kind!r}")
-            else:
-                rope_scaling = {k: rope_scaling[k] for k in (
-                    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ValueError("attention/MLP biases are not supported")
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hidden,
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hidden // heads,
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5)),
-            activation=act,
-            norm_weight_offset=1.0 if gemma else 0.0,
-            embed_scale=gemma,
-            tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
-            family="gemma2" if gemma2 else ("gemma" if gemma else "llama"),
-            name=name,
-            **(_gemma2_fields(hf) if gemma2 else {}),
-        ).validate()
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+PLATFORMS = ("tpu", "gpu", "cpu", "cuda", "rocm")
 
 
-def _gemma2_fields(hf: dict) -> dict:
-    """Gemma 2: post-norms, soft-capped scores and logits, sliding-window layers alternating with global."""
-    n = hf["num_hidden_layers"]
-    types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
-    window = hf.get("sliding_window")
-    return dict(
-        post_norms=True,
-        query_scale=float(hf.get("query_pre_attn_scalar") or hf.get("head_dim") or 256),
-        attn_logit_softcap=hf.get("attn_logit_softcapping"),
-        final_logit_softcap=hf.get("final_logit_softcapping"),
-        sliding_window=window,
-        sliding_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention") if window else (),
-    )
-
-
-def _check_fields(cls, d: dict, what: str) -> None:
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ValueError(f"unknown {what} config fields: {sorted(unknown)}")
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "y", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "n", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {value!r}")
+def parse_platform(platform: str) -> tuple[Optional[str], Optional[int]]:
+    """"tpu=8" -> ("tpu", 8); "cpu" -> ("cpu", 1); "gpu" -> ("gpu", all); "auto" -> (None, all)."""
+    platform = (platform or "auto").strip().lower()
+    if platform == "auto":
+        return None, None
+    name, _, count = platform.partition("=")
+    if name not in PLATFORMS:
+        raise ConfigError(f"platform: must look like 'tpu=8', 'gpu=1', 'cpu' or 'auto', got {platform!r}")
+    if name in ("cuda", "rocm"):
+        name = "gpu"
+    if count:
+        if not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"platform: bad device count in {platform!r}")
+        return name, int(count)
+    return name, 1 if name == "cpu" else None
 
 
 def next_power_of_two(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-@dataclass
-class EngineConfig:
-    """Serving knobs. Field names follow JetStream's model.json where one exists."""
+@dataclass(frozen=True)
+class ModelSource:
+    """Which model to serve. With none of these set, the embedded SmolLM2-135M-Instruct."""
 
-    checkpoint_path: Optional[str] = None
-    tokenizer_path: Optional[str] = None
-    param_size: Optional[str] = None  # e.g. "7b": picks configs/models/llama2-7b.json when no checkpoint
-    batch_size: int = 16  # decode slots
-    max_cache_length: int = 1024  # tokens per slot, prompt + completion
-    context_size: int = 512  # longest prompt accepted
-    quantize_weights: bool = False
-    quantize_kv_cache: bool = False
-    platform: str = "auto"  # "tpu=8" | "gpu=1" | "cpu" | "auto"
-    dtype: Optional[str] = None  # None: bfloat16 on accelerators, float32 on CPU
-    model: Optional[str] = None  # a config name (configs/models/NAME.json)
-    min_prefill_bucket: int = 16
-    decode_steps: int = 8  # decode steps per host round-trip
-    prefill_batch: int = 8  # prompts prefilled together per bucket
-    # Refill a slot as soon as the decode calls already dispatched carry its request to
-    # max_tokens, instead of after its tokens are read (saves a decode call per refill).
-    early_refill: bool = True
-    # Refill free slots only once this many are free (or nothing else decodes, or no requests
-    # are left to wait for): fewer, fuller prefill calls for length mixes. 1: refill at once.
-    min_refill: int = 1
-    # Park free slots that no refill took (release_slots) so decode stops reading their
-    # stale caches; off only to measure what parking saves.
-    park_free_slots: bool = True
-    # Order in which waiting requests take slots. "longest_first": each window of
-    # `schedule_window` requests is served longest max_tokens first (then longest prompt), so
-    # the long requests no longer run alone at the end of a job while most slots sit empty
-    # (requests with equal max_tokens and prompt length keep arrival order, so fixed-length
-    # jobs run as they arrive). "arrival": as they come.
-    schedule: str = "longest_first"
-    schedule_window: int = 4096
-    # Paged KV cache: pages of this many tokens from one shared pool (0: one max_cache_length
-    # region per slot). A slot then holds only the pages its request needs (prompt +
-    # max_tokens), so a length mix fits several times the slots in the same memory.
-    kv_page_size: int = 0
-    # Tokens in the page pool (0: batch_size * max_cache_length, the contiguous cache's size;
-    # "auto": what the device has free after the weights and the compiled programs' workspace,
-    # engine/kv_budget.py). The engine replaces "auto" by the number it chose.
-    kv_cache_tokens: Union[int, str] = 0
-    attention: str = "auto"  # "auto" | "xla" | "cudnn" | "pallas"
-    # One GEMM for q|k|v and one for gate|up (fewer, larger kernels). Single-device meshes only:
-    # a tensor-parallel split keeps the separate matrices.
-    fuse_projections: bool = True
-    seed: int = 0
-    warmup: Optional[bool] = None  # compile every prefill shape + decode at load; None: on accelerators only
-    # Persistent XLA compilation cache, so a scheduled rerun with the same shapes skips compiling.
-    # None: $JETBEAM_COMPILATION_CACHE, else ~/.cache/jetbeam/xla; "" turns it off.
-    compilation_cache_dir: Optional[str] = None
+    model: Optional[str] = setting(
+        None, "A checkpoint directory (Hugging Face, Meta, jetbeam-converted), a .gguf file, a settings "
+              ".json (JetStream model.json), or a config name from configs/models (random weights, for "
+              "tests and benchmarks); none: the embedded SmolLM2-135M-Instruct")
+    checkpoint_path: Optional[str] = setting(
+        None, "Checkpoint directory or .gguf file (JetStream's model.json key; --model is the short form)")
+    tokenizer_path: Optional[str] = setting(
+        None, "A tokenizer file or directory that replaces the checkpoint's")
+    param_size: Optional[str] = setting(
+        None, "JetStream's model.json size (e.g. 7b): picks configs/models/llama2-<size>.json "
+              "when no checkpoint is given")
 
     def __post_init__(self):
-        for name in ("quantize_weights", "quantize_kv_cache", "fuse_projections", "early_refill",
-                     "park_free_slots"):
-            setattr(self, name, _as_bool(getattr(self, name)))
-        if self.warmup is not None:
-            self.warmup = _as_bool(self.warmup)
-        for name in ("batch_size", "max_cache_length", "context_size", "min_prefill_bucket",
-                     "decode_steps", "prefill_batch", "min_refill", "seed", "kv_page_size",
-                     "kv_cache_tokens", "schedule_window"):
-            if name == "kv_cache_tokens" and str(self.kv_cache_tokens).strip().lower() == "auto":
-                self.kv_cache_tokens = "auto"
-                continue
-            setattr(self, name, int(getattr(self, name)))
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        if self.context_size < 1 or self.max_cache_length < 2:
-            raise ValueError("context_size must be >= 1 and max_cache_length >= 2")
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's shapes, dtypes, quantization and devices: what its compiled programs depend on."""
+
+    batch_size: int = setting(16, "Decode slots: sequences generated concurrently", minimum=1)
+    max_cache_length: int = setting(1024, "KV cache tokens per slot: prompt plus completion", minimum=2)
+    context_size: int = setting(512, "Longest prompt accepted, in tokens; longer rows become error rows",
+                                minimum=1)
+    dtype: Optional[str] = setting(None, "Compute dtype; none: bfloat16 on accelerators, float32 on CPU",
+                                   choices=DTYPE_NAMES)
+    platform: str = setting("auto", "Devices one engine uses: auto, cpu, gpu=N or tpu=N")
+    quantize_weights: bool = setting(False, "int8 weight matrices with per-output-channel scales")
+    quantize_kv_cache: bool = setting(False, "int8 KV cache with per-token, per-head scales")
+    min_prefill_bucket: int = setting(16, "Shortest prompt-length bucket compiled for prefill", minimum=1)
+    prefill_batch: int = setting(8, "Most prompts prefilled together in one call", minimum=1)
+    decode_steps: int = setting(8, "Decode steps per host round-trip (one compiled loop)", minimum=1)
+    kv_page_size: int = setting(
+        0, "Paged KV cache: tokens per page, from one pool shared by the slots (0: one "
+           "max_cache_length region per slot)", minimum=0)
+    kv_cache_tokens: Union[int, str] = setting(
+        0, "Tokens in the page pool (0: batch_size x max_cache_length), or auto: what the device has "
+           "free after the weights and the compiled programs' workspace", choices=("auto",), minimum=0)
+    attention: str = setting("auto", "Attention implementation; auto picks per device and cache",
+                             choices=("auto", "xla", "cudnn", "pallas"))
+    decode_kernel: str = setting(
+        "", "Settings of the ragged decode kernel as KEY=VALUE,... (block_t, method, num_splits, "
+            "num_warps, num_stages, mask_loads, convert; engine/kernels/ragged_decode.py)")
+    fuse_projections: bool = setting(
+        True, "One GEMM for q|k|v and one for gate|up (single-device meshes only)")
+    random_seed: int = setting(
+        0, "Seed of random weights (config-name models) and of the seeds drawn for requests that "
+           "give none", minimum=0, maximum=2**32 - 1)
+    warmup: Optional[bool] = setting(
+        None, "Compile every prefill shape and the decode step at load; none: on accelerators only")
+    compilation_cache_dir: Optional[str] = setting(
+        None, "Persistent XLA compilation cache; none: $JETBEAM_COMPILATION_CACHE, else "
+              "~/.cache/jetbeam/xla; empty: off")
+
+    def __post_init__(self):
+        check_fields(self)
+        parse_platform(self.platform)
         if self.context_size >= self.max_cache_length:
-            raise ValueError(
-                f"context_size ({self.context_size}) must be smaller than max_cache_length "
+            raise ConfigError(
+                f"context_size: {self.context_size} must be smaller than max_cache_length "
                 f"({self.max_cache_length}) so at least one token can be generated")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.decode_steps < 1 or self.prefill_batch < 1 or self.min_refill < 1:
-            raise ValueError("decode_steps, prefill_batch and min_refill must be >= 1")
-        if self.schedule not in ("arrival", "longest_first"):
-            raise ValueError(f"schedule must be 'arrival' or 'longest_first', got {self.schedule!r}")
-        if self.schedule_window < 1:
-            raise ValueError("schedule_window must be >= 1")
-        if self.kv_cache_tokens == "auto":
-            if not self.kv_page_size:
-                raise ValueError("kv_cache_tokens=auto sizes a paged cache: set kv_page_size too")
-        elif self.kv_cache_tokens < 0:
-            raise ValueError("kv_cache_tokens must be >= 0 or 'auto'")
-        if self.kv_page_size < 0:
-            raise ValueError("kv_page_size must be >= 0")
         if self.kv_page_size and self.max_cache_length % self.kv_page_size:
-            raise ValueError(f"kv_page_size ({self.kv_page_size}) must divide max_cache_length "
-                             f"({self.max_cache_length})")
-        if self.kv_page_size and self.kv_cache_tokens != "auto" and 0 < self.kv_cache_tokens < self.kv_page_size:
-            raise ValueError("kv_cache_tokens must hold at least one page")
+            raise ConfigError(f"kv_page_size: {self.kv_page_size} must divide max_cache_length "
+                              f"({self.max_cache_length})")
+        if self.kv_cache_tokens == "auto" and not self.kv_page_size:
+            raise ConfigError("kv_cache_tokens: auto sizes a paged cache: set kv_page_size too")
+        if (self.kv_page_size and isinstance(self.kv_cache_tokens, int)
+                and 0 < self.kv_cache_tokens < self.kv_page_size):
+            raise ConfigError("kv_cache_tokens: must hold at least one page")
+        kernel_settings(self.decode_kernel)
 
     @property
     def num_kv_pages(self) -> int:
@@ -294,35 +134,11 @@ class EngineConfig:
         if not self.kv_page_size:
             return 0
         if self.kv_cache_tokens == "auto":
-            raise ValueError("kv_cache_tokens=auto is sized from device memory by the engine "
-                             "(JaxEngine.init_decode_state, after load_params)")
+            raise ConfigError("kv_cache_tokens: auto is sized from device memory by the engine "
+                              "(JaxEngine.init_decode_state, after load_params)")
         return (self.kv_cache_tokens or self.batch_size * self.max_cache_length) // self.kv_page_size
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "EngineConfig":
-        _check_fields(cls, d, "engine")
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, path: str) -> "EngineConfig":
-        with open(path) as f:
-            d = json.load(f)
-        base = os.path.dirname(os.path.abspath(path))
-        for key in ("checkpoint_path", "tokenizer_path"):
-            if d.get(key) and not os.path.isabs(d[key]) and "://" not in d[key]:
-                d[key] = os.path.join(base, d[key])
-        return cls.from_dict(d)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @property
-    def compute_dtype(self):
-        if self.dtype is not None:
-            return DTYPES[self.dtype]
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-
-    def prefill_buckets(self) -> list[int]:
+    def prefill_buckets(self) -> tuple[int, ...]:
         """Power-of-two prompt lengths compiled for prefill, up to context_size."""
         top = next_power_of_two(self.context_size)
         b = min(next_power_of_two(self.min_prefill_bucket), top)
@@ -330,4 +146,156 @@ class EngineConfig:
         while b <= top:
             out.append(min(b, self.max_cache_length))
             b *= 2
-        return sorted(set(out))
+        return tuple(sorted(set(out)))
+
+    def prefill_sizes(self) -> tuple[int, ...]:
+        """Prompt counts per prefill call: the powers of two below min(prefill_batch, batch_size),
+        and that number. A same-bucket group splits into these exactly (7 = 4 + 2 + 1), so no
+        call computes padding rows."""
+        top = min(self.prefill_batch, self.batch_size)
+        sizes, n = [], 1
+        while n < top:
+            sizes.append(n)
+            n *= 2
+        return tuple(sizes + [top])
+
+
+def kernel_settings(text: str) -> tuple[tuple[str, object], ...]:
+    """`decode_kernel` text as sorted (key, value) pairs, checked against the kernel's settings."""
+    from engine.kernels.settings import parse_setting  # no JAX: the kernel's own setting names
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise ConfigError(f"decode_kernel: {item!r} is not KEY=VALUE")
+        try:
+            k, v = parse_setting(key, val)
+        except ValueError as e:
+            raise ConfigError(f"decode_kernel: {e}") from None
+        out[k] = v
+    return tuple(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How the continuous batcher fills slots (engine/batcher.py). Changing these needs no new
+    compilation: a live engine can run under another SchedulerConfig."""
+
+    early_refill: bool = setting(
+        True, "Refill a slot as soon as the decode calls already dispatched carry its request to "
+              "max_tokens, instead of after its tokens are read")
+    min_refill: int = setting(
+        1, "Refill free slots only once this many are free (or nothing else decodes): fewer, fuller "
+           "prefill calls for length mixes", minimum=1)
+    park_free_slots: bool = setting(
+        True, "Park free slots that no refill took, so decode stops reading their stale caches")
+    schedule: str = setting(
+        "longest_first", "Order in which waiting requests take slots: longest max_tokens first within "
+                         "each window of schedule_window requests, or as they arrive",
+        choices=("longest_first", "arrival"))
+    schedule_window: int = setting(4096, "Requests ordered together by schedule=longest_first", minimum=1)
+    sync_timing: bool = setting(
+        False, "Profiling: wait for the device after every prefill, insert and decode call and add up "
+               "their times (gives up the overlap of host and device)")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+SETTING_CLASSES = {"source": ModelSource, "engine": EngineConfig, "scheduler": SchedulerConfig,
+                   "sampling": SamplingParams}
+SETTING_TITLES = {"source": "model", "engine": "engine (shapes, quantization, devices)",
+                  "scheduler": "scheduler (how decode slots are filled)",
+                  "sampling": "sampling defaults (a row's own columns of the same names win)"}
+
+
+def add_settings_arguments(parser, defaults: Optional[Mapping] = None, skip: tuple = ()) -> None:
+    """Every setting as a --flag, grouped by concern; `defaults` replaces some for this front end."""
+    for part, kind in SETTING_CLASSES.items():
+        add_arguments(parser, kind, title=SETTING_TITLES[part], defaults=defaults, skip=skip)
+
+
+def settings_flags(namespace, skip: tuple = ()) -> dict:
+    """{name: text} of the settings flags given on a command line (less `skip`, the settings a
+    front end does not offer: its namespace may use those names for flags of its own)."""
+    out = {}
+    for kind in SETTING_CLASSES.values():
+        out.update(set_flags(namespace, kind))
+    return {k: v for k, v in out.items() if k not in skip}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One run's settings, a frozen dataclass per concern."""
+
+    source: ModelSource = field(default_factory=ModelSource)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    @staticmethod
+    def keys() -> dict[str, str]:
+        """{setting name: the concern that owns it}."""
+        return {f.name: part for part, cls in SETTING_CLASSES.items() for f in fields_of(cls)}
+
+    @classmethod
+    def from_flat(cls, flat: Mapping, where: str = "settings", base: Optional["Settings"] = None) -> "Settings":
+        """Settings from one flat mapping (a model.json, a job config, flags), over `base`."""
+        if not isinstance(flat, Mapping):
+            raise ConfigError(f"{where}: must be a JSON object, got {type(flat).__name__}")
+        owner = cls.keys()
+        unknown = sorted(k for k in flat if k not in owner)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(owner))})")
+        base = base or cls()
+        parts = {}
+        for part, kind in SETTING_CLASSES.items():
+            mine = {k: v for k, v in flat.items() if owner[k] == part}
+            parts[part] = from_mapping(kind, mine, where, base=getattr(base, part)) if mine else getattr(base, part)
+        return cls(**parts)
+
+    @classmethod
+    def from_file(cls, path: str, base: Optional["Settings"] = None) -> "Settings":
+        """A JSON settings file (JetStream model.json, configs/jobs/*.json); relative checkpoint
+        and tokenizer paths are taken from the file's directory."""
+        return cls.from_flat(read_settings_file(path), where=path, base=base)
+
+    def to_flat(self) -> dict:
+        out = {}
+        for part in SETTING_CLASSES:
+            out.update(to_mapping(getattr(self, part)))
+        return out
+
+    def replace(self, **flat) -> "Settings":
+        """A copy with some settings changed, by flat name (checked like a file's)."""
+        return Settings.from_flat(flat, where="settings", base=self)
+
+
+def read_settings_file(path: str) -> dict:
+    """The JSON object of a settings file, with relative paths resolved; ConfigError if unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: must hold a JSON object, got {type(d).__name__}")
+    base = os.path.dirname(os.path.abspath(path))
+    for key in ("checkpoint_path", "tokenizer_path"):
+        v = d.get(key)
+        if isinstance(v, str) and v and not os.path.isabs(v) and "://" not in v:
+            d[key] = os.path.join(base, v)
+    return d
+
+
+def make_settings(model: Optional[str] = None, settings: Optional[Settings] = None, **flat) -> Settings:
+    """Settings from `--model` (a name, a checkpoint, or a settings .json file), over `settings`,
+    with `flat` settings by name on top."""
+    settings = settings or Settings()
+    if model is not None and model.endswith(".json") and os.path.isfile(model):
+        settings = Settings.from_file(model, base=settings)
+    elif model is not None:
+        flat = {"model": model, **flat}
+    return Settings.from_flat(flat, where="settings", base=settings) if flat else settings

@@ -29,8 +29,11 @@ import time
 import ml_dtypes
 import numpy as np
 
-from engine.loaders import Checkpoint, CheckpointError, open_checkpoint
+from engine.checkpoint import Checkpoint, CheckpointError, expected_shapes
+from engine.config import EngineConfig
+from engine.loaders import open_checkpoint
 from engine.loaders.converted import CONFIG_FILE, FORMAT_VERSION, ShardedWriter, is_matrix
+from engine.settings import add_arguments, parse_bool, parse_value
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 KEEP = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
@@ -87,7 +90,6 @@ def save_tokenizer(ckpt: Checkpoint, out_dir: str) -> list[str]:
 
 def _write(ckpt: Checkpoint, out_dir: str, quantize: bool, dtype: str, shard_bytes: int) -> dict:
     from engine.quantize import QuantizedWeight, quantize_weight
-    from engine.weights import expected_shapes
 
     cfg = ckpt.config
     shapes = expected_shapes(cfg)
@@ -177,9 +179,8 @@ def convert(input_path: str, output_path: str, quantize: bool = False, dtype: st
 
 
 def _bool(value: str) -> bool:
-    from engine.config import _as_bool
     try:
-        return _as_bool(value)
+        return parse_bool(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -190,13 +191,14 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m engine.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--input_checkpoint_dir", required=True,
                    help="HF / Meta / jetbeam checkpoint directory, or a .gguf file")
     p.add_argument("--output_checkpoint_dir", required=True)
-    p.add_argument("--quantize", "--quantize_weights", dest="quantize", type=_bool, nargs="?",
-                   const=True, default=False, help="int8 per-output-column weights (True/False)")
+    add_arguments(p, EngineConfig, only=("quantize_weights",))  # the engine's own flag and help
+    p.add_argument("--quantize", dest="quantize_weights", nargs="?", const="true",
+                   help="the same as --quantize_weights (JetStream's spelling)")
     p.add_argument("--output_safetensors", type=_bool, nargs="?", const=True, default=True,
                    help="accepted for JetStream compatibility; the output is always safetensors")
     p.add_argument("--dtype", default="keep", choices=["keep", *FORCED],
@@ -204,11 +206,20 @@ def main(argv=None) -> int:
     p.add_argument("--shard_size_gb", type=float, default=2.0, help="approximate size of each weight file")
     p.add_argument("--overwrite", type=_bool, nargs="?", const=True, default=False,
                    help="replace a non-empty OUT")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    try:
+        quantize = parse_value(EngineConfig, "quantize_weights", args.quantize_weights or False)
+    except ValueError as e:
+        p.error(str(e))
     if not args.output_safetensors:
         print("note: only safetensors output exists; writing safetensors", file=sys.stderr)
     try:
-        summary = convert(args.input_checkpoint_dir, args.output_checkpoint_dir, quantize=args.quantize,
+        summary = convert(args.input_checkpoint_dir, args.output_checkpoint_dir, quantize=quantize,
                           dtype=args.dtype, shard_bytes=max(1, int(args.shard_size_gb * (1 << 30))),
                           overwrite=args.overwrite)
     except (CheckpointError, OSError, ValueError) as e:

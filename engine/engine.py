@@ -8,6 +8,7 @@ host syncs once per several tokens. Decode state and cache are donated: updated 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -17,13 +18,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine import sharding as shd
-from engine.config import EngineConfig, ModelConfig
-from engine.engine_api import Engine, ResultTokens
+from engine.config import EngineConfig, kernel_settings
+from engine.engine_api import Engine, EngineGeometry, ResultTokens, geometry_of
 from engine.kv_cache import KVCache, init_cache, insert_prefix, insert_prefix_paged, pack_prefix
 from engine.model import decode_step, prefill as model_prefill
+from engine.model_config import ModelConfig
 from engine.sampling import SlotSampling, sample
 
 log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: Optional[str], backend: str):
+    """The dtype EngineConfig.dtype names; None: float32 on CPU, bfloat16 on accelerators."""
+    if name is not None:
+        return DTYPES[name]
+    return jnp.float32 if backend == "cpu" else jnp.bfloat16
 
 
 @dataclass
@@ -58,12 +69,14 @@ class JaxEngine(Engine):
         self.config = config
         self.model_config = model_config
         self.checkpoint = checkpoint  # None: random weights (benchmarks, config-name models)
-        self.dtype = config.compute_dtype
         self.paged = config.kv_page_size > 0
         self._mesh = shd.make_mesh(config.platform)
         backend = self._mesh.devices.flat[0].platform
+        self.dtype = compute_dtype(config.dtype, backend)
+        self._kernel = kernel_settings(config.decode_kernel)
+        self._geometry = geometry_of(config, model_config.vocab_size, model_config.eos_token_ids)
         self.prefill_attention, self.attention_impl = self._choose_attention(backend)
-        self.buckets = config.prefill_buckets()
+        self.buckets = self._geometry.prefill_buckets
         self._windows = self._decode_windows()
         self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=())
         self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))
@@ -104,41 +117,39 @@ class JaxEngine(Engine):
 
     # ---- properties of the API ----
     @property
-    def max_concurrent_decodes(self) -> int:
-        return self.config.batch_size
-
-    @property
-    def max_prefill_length(self) -> int:
-        return self.config.context_size
+    def geometry(self) -> EngineGeometry:
+        return self._geometry
 
     @property
     def mesh(self):
+        """The `jax.sharding.Mesh` the engine runs on."""
         return self._mesh
 
     @property
     def num_kv_pages(self) -> int:
         """Pages in a paged cache's pool (page `num_kv_pages` is the trash page); 0: not paged."""
-        return self.config.num_kv_pages
+        return self._geometry.num_kv_pages
 
     @property
     def pages_per_slot(self) -> int:
-        return self.config.max_cache_length // self.config.kv_page_size if self.paged else 0
+        return self._geometry.pages_per_slot
 
-    @property
-    def samples_per_slot(self) -> int:
-        return self.config.decode_steps
+    def sync(self, value):
+        return jax.block_until_ready(value)
 
-    def bucket_for(self, length: int) -> int:
-        for b in self.buckets:
-            if b >= length:
-                return b
-        raise ValueError(f"prompt of {length} tokens exceeds context_size {self.config.context_size}")
+    def describe(self) -> dict:
+        dev = self._mesh.devices.flat[0]
+        plan = self.pool_plan
+        return {"device_kind": dev.device_kind, "platform": dev.platform, "device_count": int(self._mesh.devices.size),
+                "dtype": str(np.dtype(self.dtype)), "prefill_attention": self.prefill_attention,
+                "decode_attention": self.attention_impl, "kv_cache_tokens": self.config.kv_cache_tokens,
+                "kv_pool_plan": dataclasses.asdict(plan) if plan is not None else None}
 
     # ---- weights ----
     def load_params(self):
         from engine.weights import fuse_projections, load_params
         params = load_params(self.model_config, self.checkpoint, self._mesh, self.dtype,
-                             self.config.quantize_weights, seed=self.config.seed)
+                             self.config.quantize_weights, seed=self.config.random_seed)
         if self.config.fuse_projections and self._mesh.size == 1:
             params = fuse_projections(params)
         self._param_avals = jax.tree.map(
@@ -172,12 +183,15 @@ class JaxEngine(Engine):
 
     # ---- an "auto" page pool ----
     def size_kv_pool(self, memory_stats: Optional[dict] = None):
-        """Resolve kv_cache_tokens="auto" from `memory_stats` (default: the first device's):
-        engine/kv_budget.size_pool. Sets config.kv_cache_tokens; returns the PoolPlan or None."""
+        """Resolve kv_cache_tokens="auto" from `memory_stats` (default: the first device's) with
+        engine/kv_budget.size_pool. The engine then runs a new config, with the tokens chosen, and
+        the matching geometry; returns the PoolPlan, or None where the device reports no memory."""
         from engine.kv_budget import size_pool
         if memory_stats is None:
             memory_stats = self._mesh.devices.flat[0].memory_stats() or {}
-        self.pool_plan = size_pool(self, memory_stats)
+        tokens, self.pool_plan = size_pool(self, memory_stats)
+        self.config = dataclasses.replace(self.config, kv_cache_tokens=tokens)
+        self._geometry = geometry_of(self.config, self.model_config.vocab_size, self.model_config.eos_token_ids)
         return self.pool_plan
 
     def workspace_bytes(self) -> int:
@@ -188,7 +202,7 @@ class JaxEngine(Engine):
         from engine.kv_budget import compiled_workspace
         if self._param_avals is None:
             raise RuntimeError("workspace_bytes needs the params' shapes: call load_params() first")
-        n, s = self.prefill_sizes()[-1], self.buckets[-1]
+        n, s = self._geometry.prefill_sizes[-1], self.buckets[-1]
         aval = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
         samp = jax.tree.map(aval, SlotSampling.greedy(n))
         tokens, lengths = jax.ShapeDtypeStruct((n, s), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32)
@@ -295,7 +309,8 @@ class JaxEngine(Engine):
             w *= 2
         return out + [t]
 
-    def _window_for(self, max_length) -> int:
+    def window_for(self, max_length: Optional[int]) -> int:
+        """The decode window (a compiled cache length) that covers positions below `max_length`."""
         wins = self._windows
         if max_length is None:
             return wins[-1]
@@ -309,7 +324,7 @@ class JaxEngine(Engine):
         def body(i, carry):
             state, out_tokens, out_pos = carry
             logits, cache = decode_step(params, cfg, state.tokens, state.pos, state.cache, self.dtype,
-                                        self.attention_impl, window, state.page_table)
+                                        self.attention_impl, window, state.page_table, self._kernel)
             nxt = sample(logits, state.sampling, state.step)
             live = state.step > 0  # parked slots (released, or never filled) stay where they are
             pos = jnp.where(live, jnp.minimum(state.pos + 1, limit), state.pos)
@@ -326,19 +341,37 @@ class JaxEngine(Engine):
     def generate(self, params, decode_state: DecodeState, max_length: Optional[int] = None):
         """Run `decode_steps` steps. `max_length`, if given, bounds every live slot's position
         (before + during this call) so attention may read a shorter cache window."""
-        state, toks, valid, pos = self._generate_jit(params, decode_state, self._window_for(max_length))
+        state, toks, valid, pos = self._generate_jit(params, decode_state, self.window_for(max_length))
         return state, ResultTokens(toks, valid, pos)
+
+    # ---- profiling hooks: the compiled programs, and a state with every slot filled ----
+    def lower_generate(self, params, decode_state: DecodeState, max_length: Optional[int] = None):
+        """The `generate` program for this state, lowered (`.compile().as_text()` gives its HLO)."""
+        return self._generate_jit.lower(params, decode_state, self.window_for(max_length))
+
+    def lower_insert(self, decode_state: DecodeState, prefix: Prefix, slots, page_rows=None):
+        """The `insert` program for this prefix, lowered; arguments as `insert` takes them."""
+        slots = np.atleast_1d(np.asarray(slots, np.int32))
+        if self.paged and page_rows is None:
+            page_rows = np.full((len(slots), self.pages_per_slot), self.num_kv_pages, np.int32)
+        return self._insert_jit.lower(decode_state, prefix, slots, page_rows)
+
+    def filled_state(self, decode_state: DecodeState, length: int) -> DecodeState:
+        """Every slot live at position `length` (cache contents as they are): the state a decode
+        step meets once each slot holds `length` tokens, for timing one step in isolation."""
+        b = self.config.batch_size
+        return dataclasses.replace(decode_state, pos=jnp.full((b,), length, jnp.int32),
+                                   step=jnp.ones((b,), jnp.int32))
 
     # ---- compile everything up front ----
     def warmup(self, params, decode_state: DecodeState, prefill_sizes=None) -> DecodeState:
-        """Compile every prefill bucket (for each prefill batch size), insert and the decode step.
+        """Compile every prefill bucket (for each prefill call size), insert and the decode step.
 
-        One shape after another. (Compiling prefill shapes on several threads while the decode
-        step compiled and ran failed on an H100: XLA's GEMM autotuning reported "All configs
-        failed during profiling", and a prefill hit CUDA_ERROR_INVALID_VALUE.) A rerun with the
-        same shapes loads them from the persistent compilation cache instead.
+        One shape after another: compiling prefill shapes on several threads while the decode
+        step compiles and runs breaks XLA's GEMM autotuning on GPUs. A rerun with the same
+        shapes loads them from the persistent compilation cache instead.
         """
-        sizes = prefill_sizes or self.prefill_sizes()
+        sizes = prefill_sizes or self._geometry.prefill_sizes
         for s in self.buckets:
             for n in sizes:
                 prefix, _ = self.prefill(params=params, padded_tokens=np.zeros((n, s), np.int32),
@@ -349,20 +382,6 @@ class JaxEngine(Engine):
             jax.block_until_ready(res.tokens)
         decode_state = self.release_slots(decode_state, np.zeros(self.config.batch_size, bool))
         return decode_state
-
-    def prefill_sizes(self) -> list[int]:
-        """Prompt counts per prefill call: the powers of two up to min(prefill_batch, batch_size),
-        and that number itself. The batcher splits a same-bucket group into these sizes
-        exactly (7 = 4 + 2 + 1), so no call computes padding rows: with a ShareGPT-like mix,
-        refills arrive a few at a time over several buckets, and padding 2 prompts up to 8
-        computed 4x their rows (the change gave +8% there, BENCHMARKS.md).
-        """
-        top = min(self.config.prefill_batch, self.config.batch_size)
-        sizes, n = [], 1
-        while n < top:
-            sizes.append(n)
-            n *= 2
-        return sizes + [top]
 
 
 def _pallas_compiles(cfg: ModelConfig, dtype, page: int = 0) -> bool:

@@ -1,7 +1,7 @@
-"""The small abstract API that the batcher and the engines meet at.
+"""The small abstract API that the batcher and the engines meet at: everything the batcher uses.
 
-It follows JetStream's `engine_api.Engine` contract (we implement it ourselves:
-the google-jetstream package is archived and imports seqio/TensorFlow):
+It follows JetStream's `engine_api.Engine` contract (we implement it ourselves: the
+google-jetstream package is archived and imports seqio/TensorFlow):
 
     params = engine.load_params()
     state = engine.init_decode_state()
@@ -10,9 +10,17 @@ the google-jetstream package is archived and imports seqio/TensorFlow):
     state, result = engine.generate(params, state)
     result.get_result_at_slot(3).tokens
 
-One extension: `prefill` takes an optional per-request `sampling` (temperature,
-top-k, top-p, seed) which `insert` installs in the slot, so every slot samples
-with its own settings on device.
+Extensions, each declared here so that any engine (the JAX one, the fake one in
+engine/fake_engine.py) serves the batcher unchanged:
+
+* `geometry`: the static shapes the batcher schedules around (slots, prefill buckets and call
+  sizes, decode steps per call, the page pool, EOS ids, vocabulary size);
+* `prefill` takes N prompts at once and a per-request `sampling`, which `insert` installs in
+  the slots, so every slot samples with its own settings on device;
+* `insert` takes page-table rows for a paged KV cache; `release_slots` parks free slots;
+* `generate(max_length=)` bounds the positions the decode attention must read;
+* `warmup`, `sync` and `describe`: compile up front, wait for device work (profiling), report
+  what the engine chose (attention path, pool size).
 """
 
 from __future__ import annotations
@@ -23,9 +31,54 @@ from typing import Any, Optional
 
 import numpy as np
 
+from engine.config import EngineConfig
+
 Params = Any
 Prefix = Any
 DecodeState = Any
+
+
+@dataclass(frozen=True)
+class EngineGeometry:
+    """The static shapes of an engine: what the batcher may ask of it."""
+
+    slots: int  # decode slots
+    max_cache_length: int  # tokens per slot, prompt + completion
+    context_size: int  # longest prompt accepted
+    prefill_buckets: tuple[int, ...]  # padded prompt lengths prefill accepts, ascending
+    prefill_sizes: tuple[int, ...]  # prompt counts one prefill call accepts, ascending (1 first)
+    decode_steps: int  # tokens each slot advances per generate call
+    eos_token_ids: tuple[int, ...]
+    vocab_size: int
+    kv_page_size: int = 0  # 0: one contiguous region per slot
+    num_kv_pages: int = 0  # pages in the pool, the trash page (index num_kv_pages) not counted
+
+    @property
+    def paged(self) -> bool:
+        return self.kv_page_size > 0
+
+    @property
+    def pages_per_slot(self) -> int:
+        return self.max_cache_length // self.kv_page_size if self.paged else 0
+
+    def bucket_for(self, length: int) -> int:
+        """The smallest prefill bucket that holds `length` tokens."""
+        for b in self.prefill_buckets:
+            if b >= length:
+                return b
+        raise ValueError(f"prompt of {length} tokens exceeds context_size {self.context_size}")
+
+
+def geometry_of(config: EngineConfig, vocab_size: int, eos_token_ids, num_kv_pages: Optional[int] = None
+                ) -> EngineGeometry:
+    """The geometry of an engine built from `config` (num_kv_pages: an "auto" pool once sized)."""
+    if num_kv_pages is None:
+        num_kv_pages = 0 if config.kv_cache_tokens == "auto" else config.num_kv_pages
+    return EngineGeometry(
+        slots=config.batch_size, max_cache_length=config.max_cache_length, context_size=config.context_size,
+        prefill_buckets=config.prefill_buckets(), prefill_sizes=config.prefill_sizes(),
+        decode_steps=config.decode_steps, eos_token_ids=tuple(eos_token_ids), vocab_size=vocab_size,
+        kv_page_size=config.kv_page_size, num_kv_pages=num_kv_pages)
 
 
 @dataclass
@@ -58,51 +111,69 @@ class ResultTokens:
 
 
 class Engine(abc.ABC):
-    """JetStream's Engine API."""
+    """JetStream's Engine API, with the extensions above."""
 
     @abc.abstractmethod
     def load_params(self) -> Params:
-        """Load (or build) the weights, placed on the engine's mesh."""
+        """Load (or build) the weights, placed on the engine's devices."""
 
     @abc.abstractmethod
     def init_decode_state(self) -> DecodeState:
-        """A fresh decode state: preallocated KV cache and per-slot bookkeeping."""
+        """A fresh decode state: preallocated KV cache and per-slot bookkeeping, every slot parked.
+        An engine whose page pool is sized from device memory fixes `geometry` here."""
 
     @abc.abstractmethod
-    def prefill(self, *, params: Params, padded_tokens: Any, true_length: int,
+    def prefill(self, *, params: Params, padded_tokens: Any, true_length: Any,
                 existing_prefix: Optional[Prefix] = None,
                 sampling: Optional[Any] = None) -> tuple[Prefix, ResultTokens]:
-        """Run the prompt; return its KV prefix and its first sampled token."""
+        """Run N prompts (padded_tokens [N, bucket], true_length [N]; or one prompt [bucket]);
+        return their KV prefix and first sampled tokens ([N, 1]). `sampling` is an
+        engine.sampling.SlotSampling of N rows (seeds set); None: greedy."""
 
     @abc.abstractmethod
-    def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int,
+    def insert(self, prefix: Prefix, decode_state: DecodeState, slot: Any,
                page_rows: Any = None) -> DecodeState:
-        """Place a prefix into a decode slot (the old state is donated). An engine with a
-        paged KV cache also takes the slot's page-table row (an extension of JetStream's API)."""
+        """Place prefix row i into slot[i] (-1 skips the row); the old state is donated. A paged
+        engine also takes each row's page-table row, page_rows [N, pages_per_slot]."""
 
     @abc.abstractmethod
-    def generate(self, params: Params, decode_state: DecodeState) -> tuple[DecodeState, ResultTokens]:
-        """Advance every slot by `decode_steps` tokens (the old state is donated)."""
+    def generate(self, params: Params, decode_state: DecodeState,
+                 max_length: Optional[int] = None) -> tuple[DecodeState, ResultTokens]:
+        """Advance every live slot by `geometry.decode_steps` tokens (the old state is donated).
+        `max_length`, if given, bounds every live slot's position through this call."""
+
+    @abc.abstractmethod
+    def release_slots(self, decode_state: DecodeState, slots: Any) -> DecodeState:
+        """Park the slots of the [slots] bool mask until their next insert: decode spends
+        nothing on them, and a paged engine drops their page-table rows."""
 
     @property
     @abc.abstractmethod
+    def geometry(self) -> EngineGeometry:
+        """The engine's static shapes (final once init_decode_state has run)."""
+
+    @property
     def max_concurrent_decodes(self) -> int:
-        """Number of decode slots."""
+        """Number of decode slots (JetStream's name)."""
+        return self.geometry.slots
 
     @property
-    @abc.abstractmethod
     def max_prefill_length(self) -> int:
-        """Longest prompt accepted (context_size)."""
+        """Longest prompt accepted (JetStream's name)."""
+        return self.geometry.context_size
 
-    @property
-    @abc.abstractmethod
-    def mesh(self):
-        """The `jax.sharding.Mesh` the engine runs on."""
-
-    def free_resource(self, slot: int) -> None:  # JetStream has this hook; nothing to free here
+    def free_resource(self, slot: int) -> None:
+        """JetStream's hook for per-slot resources; slots here hold none beyond the decode state."""
         return None
 
-    def release_slots(self, decode_state: DecodeState, slots: Any) -> DecodeState:
-        """Park the slots in the [B] bool mask `slots` until their next insert, so decode
-        spends nothing on them (an extension of JetStream's API; the default parks nothing)."""
+    def warmup(self, params: Params, decode_state: DecodeState) -> DecodeState:
+        """Compile every program a run can call; returns the (donated) state. Default: nothing."""
         return decode_state
+
+    def sync(self, value: Any) -> Any:
+        """Wait until `value`'s device work is done (profiling); returns it. Default: no wait."""
+        return value
+
+    def describe(self) -> dict:
+        """What the engine chose and holds, for metrics and benchmark reports (JSON values)."""
+        return {}

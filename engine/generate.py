@@ -18,40 +18,27 @@ import logging
 import sys
 import time
 
+from engine.config import Settings, add_settings_arguments, make_settings, settings_flags
 from engine.request import RequestError, Result
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: --input/--output, a settings file, and every setting of engine/config.py."""
     p = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="config name (configs/models), model.json, checkpoint dir or .gguf file; "
-                        "default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--input", required=True, help="JSONL requests ('-' for stdin)")
     p.add_argument("--output", required=True, help="JSONL results ('-' for stdout)")
-    g = p.add_argument_group("generation defaults (a request's own fields win)")
-    g.add_argument("--max_tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top_k", type=int, default=0)
-    g.add_argument("--top_p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    e = p.add_argument_group("engine")
-    e.add_argument("--batch_size", type=int, default=None, help="decode slots")
-    e.add_argument("--max_cache_length", type=int, default=None)
-    e.add_argument("--context_size", type=int, default=None, help="longest prompt accepted")
-    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    e.add_argument("--platform", default=None, help="'cpu', 'gpu=1', 'tpu=8' (default: all local devices)")
-    e.add_argument("--quantize_weights", action="store_true", default=None)
-    e.add_argument("--quantize_kv_cache", action="store_true", default=None)
-    e.add_argument("--decode_steps", type=int, default=None, help="decode steps per host round-trip")
-    e.add_argument("--kv_page_size", type=int, default=None,
-                   help="paged KV cache: tokens per page (default: one region per slot)")
-    e.add_argument("--kv_cache_tokens", default=None,
-                   help="tokens in the paged cache's pool, or 'auto' (what device memory leaves free)")
-    e.add_argument("--schedule", choices=["longest_first", "arrival"], default=None,
-                   help="order in which requests take slots (default longest_first)")
-    return p.parse_args(argv)
+    p.add_argument("--config", default=None,
+                   help="A JSON settings file (JetStream model.json, configs/jobs/*.json); flags override it")
+    add_settings_arguments(p)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the defaults, then --config, then the flags given; ConfigError if bad."""
+    base = Settings.from_file(args.config) if args.config else Settings()
+    flags = settings_flags(args)
+    return make_settings(flags.pop("model", None), base, **flags)
 
 
 def read_rows(path: str):
@@ -71,21 +58,17 @@ def read_rows(path: str):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from engine.llm import LLM
-    from engine.rows import spec_to_request, to_request_spec
-
-    engine_args = {k: getattr(args, k) for k in (
-        "batch_size", "max_cache_length", "context_size", "dtype", "platform", "quantize_weights",
-        "quantize_kv_cache", "decode_steps", "kv_page_size", "kv_cache_tokens", "schedule")}
     try:
-        llm = LLM(args.model, **engine_args)
+        settings = settings_from_args(args)
+        from engine.llm import LLM
+        llm = LLM(settings=settings)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    defaults = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    from engine.rows import spec_to_request, to_request_spec
+    defaults = settings.sampling
     errors: list[Result] = []
 
     def requests():

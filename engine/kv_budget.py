@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import jax.numpy as jnp
 
-from engine.config import ModelConfig
+from engine.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -106,22 +107,21 @@ def compiled_workspace(compiled) -> int:
     return int(m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
 
 
-def size_pool(engine, memory_stats: dict):
-    """Resolve a JaxEngine's kv_cache_tokens="auto" in place (config.kv_cache_tokens becomes the
-    tokens chosen) and return the PoolPlan. Without a "bytes_limit" in `memory_stats` (the
-    CPU) the pool holds batch_size * max_cache_length tokens and None is returned."""
+def size_pool(engine, memory_stats: dict) -> tuple[int, Optional[PoolPlan]]:
+    """(tokens, PoolPlan) for a JaxEngine's kv_cache_tokens="auto". Without a "bytes_limit" in
+    `memory_stats` (the CPU) the pool holds batch_size * max_cache_length tokens and the plan
+    is None."""
     cfg = engine.config
-    full = cfg.batch_size * engine.pages_per_slot
+    pages_per_slot = cfg.max_cache_length // cfg.kv_page_size
+    full = cfg.batch_size * pages_per_slot
     if "bytes_limit" not in memory_stats:
         log.warning("kv_cache_tokens=auto: the %s device reports no memory statistics; the page pool "
                     "holds batch_size x max_cache_length tokens", engine.mesh.devices.flat[0].platform)
-        cfg.kv_cache_tokens = full * cfg.kv_page_size
-        return None
+        return full * cfg.kv_page_size, None
     per_token = cache_bytes_per_token(engine.model_config, engine.dtype, cfg.quantize_kv_cache,
                                       kv_shards=engine.mesh.size)
     plan = plan_pool(int(memory_stats["bytes_limit"]), int(memory_stats["bytes_in_use"]),
                      engine.workspace_bytes(), per_token, cfg.kv_page_size, max_pages=full,
-                     min_pages=engine.pages_per_slot)
-    cfg.kv_cache_tokens = plan.tokens
+                     min_pages=pages_per_slot)
     log.info(plan.describe())
-    return plan
+    return plan.tokens, plan

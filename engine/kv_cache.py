@@ -194,12 +194,13 @@ def _softcap(s, cap):
 
 def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str = "xla",
                      window: Optional[int] = None, softcap: Optional[float] = None,
-                     sliding_window: Optional[int] = None, page_table=None):
+                     sliding_window: Optional[int] = None, page_table=None, kernel: tuple = ()):
     """One query per slot (q: [B, H, D]) against that slot's cache positions [0, pos].
 
     `window` (static) bounds what the XLA path reads: only cache[:, :window], which the caller
     guarantees covers every live slot's positions (the masked einsum cannot skip unfilled blocks).
     `page_table` [B, W]: the cache is paged (see insert_prefix_paged).
+    `kernel`: (key, value) settings of the Pallas kernel (EngineConfig.decode_kernel).
     """
     if impl != "xla" and (softcap is not None or sliding_window is not None):
         raise ValueError(f"{impl} decode attention has no soft-cap or sliding window; use 'xla'")
@@ -209,7 +210,7 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
         vs = cache.v_scale[layer] if cache.quantized else None
         # The Triton kernel compiles only for GPUs; elsewhere Pallas interprets it (tests).
         return ragged_decode_attention(q, cache.k[layer], cache.v[layer], ks, vs, pos + 1, scale,
-                                       page_table=page_table,
+                                       page_table=page_table, **dict(kernel),
                                        interpret=jax.default_backend() != "gpu")
     if page_table is not None:
         cache, layer = gather_pages(cache, layer, page_table, window), 0

@@ -3,105 +3,154 @@
     from engine.llm import LLM
     from engine.request import Request, SamplingParams
     llm = LLM()                                    # the embedded SmolLM2 default
+    llm = LLM("tiny-llama", batch_size=4)          # any setting of engine/config.py by name
     for r in llm.generate([Request(id=1, prompt="Hello")]):
         print(r.id, r.completion)
+
+`load_engine` is the same start-up without the batcher, for code that drives the Engine API
+itself (benchmarks of one decode step, tests of the cache layout).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
-from typing import Iterable, Iterator, Optional, Union
-
-import jax
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional, Union
 
 from engine.batcher import ContinuousBatcher
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig, ModelSource, SchedulerConfig, Settings, make_settings
 from engine.engine import JaxEngine
+from engine.model_config import ModelConfig
 from engine.request import Request, RequestError, Result, SamplingParams
+from engine.settings import ConfigError, from_mapping
 
 log = logging.getLogger(__name__)
 
 
-def resolve_model(model: Optional[str], overrides: dict):
-    """Turn `--model` into (EngineConfig, ModelConfig, Checkpoint | None, Tokenizer | None).
+def resolve_model(source: ModelSource):
+    """(ModelConfig, Checkpoint | None, Tokenizer | None, display name) of a ModelSource.
 
-    `model` is None (the embedded default), a config name from configs/models (random
-    weights: for benchmarks and tests), a JetStream-style model.json, a checkpoint
-    directory (HF, Meta, converted) or a .gguf file.
+    A checkpoint path (or a `model` that is a path or a .gguf file) is opened; a config name from
+    configs/models (or `param_size`) gives random weights, for benchmarks and tests; nothing set
+    gives the embedded SmolLM2 default.
     """
     import configs
     from engine.loaders import open_checkpoint
     from engine.tokenizer import load_tokenizer
 
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if model and model.endswith(".json") and os.path.isfile(model):
-        ec = EngineConfig.from_json(model)
-        for k, v in overrides.items():
-            setattr(ec, k, v)
-        ec.__post_init__()
-    else:
-        ec = EngineConfig(**overrides)
-        if model is None and ec.checkpoint_path is None and ec.model is None and ec.param_size is None:
+    path, name = source.checkpoint_path, None
+    model = source.model
+    if path is None and model is not None:
+        if os.path.exists(model) or "/" in model or model.endswith(".gguf"):
+            path = model
+        else:
+            name = model
+    if path is None and name is None:
+        if source.param_size:
+            name = f"llama2-{source.param_size.lower()}"
+        else:
             from engine.default_model import default_model_path
-            ec.checkpoint_path = default_model_path()
-        elif model is not None and (os.path.exists(model) or "/" in model or model.endswith(".gguf")):
-            ec.checkpoint_path = model
-        elif model is not None:
-            ec.model = model
-    if ec.checkpoint_path:
-        ckpt = open_checkpoint(ec.checkpoint_path)
-        tokenizer = load_tokenizer(ec.tokenizer_path) if ec.tokenizer_path else ckpt.tokenizer
-        return ec, ckpt.config, ckpt, tokenizer
-    name = ec.model or (f"llama2-{ec.param_size.lower()}" if ec.param_size else None)
+            path = default_model_path()
+    if path is not None:
+        ckpt = open_checkpoint(path)
+        tokenizer = load_tokenizer(source.tokenizer_path) if source.tokenizer_path else ckpt.tokenizer
+        shown = os.path.basename(os.path.normpath(ckpt.source or path))
+        return ckpt.config, ckpt, tokenizer, shown
     try:
         mc = ModelConfig.from_dict(configs.load_model_config_dict(name))
     except KeyError as e:
-        raise ValueError(
-            f"--model {model!r} is neither a file, a checkpoint directory nor a known config name: {e.args[0]}") from None
+        raise ConfigError(f"model: {name!r} is neither a file, a checkpoint directory nor a known "
+                          f"config name: {e.args[0]}") from None
     log.warning("model %s: config only, RANDOM weights (use a checkpoint for real output)", name)
-    return ec, mc, None, load_tokenizer(ec.tokenizer_path)
+    return mc, None, load_tokenizer(source.tokenizer_path), name
+
+
+@dataclass
+class LoadedEngine:
+    """An engine with its weights and tokenizer, as `load_engine` returns it."""
+
+    engine: JaxEngine
+    params: Any
+    tokenizer: Any
+    model_name: str
+    settings: Settings
+
+
+def load_engine(settings: Settings) -> LoadedEngine:
+    """Open the model `settings` names and build a JaxEngine with its weights on the devices."""
+    mc, checkpoint, tokenizer, name = resolve_model(settings.source)
+    enable_compilation_cache(settings.engine.compilation_cache_dir)
+    engine = JaxEngine(settings.engine, mc, checkpoint)
+    return LoadedEngine(engine, engine.load_params(), tokenizer, name, settings)
 
 
 class LLM:
-    """A resident engine with its weights, decode state and batcher; reuse it for many calls."""
+    """A resident engine with its weights, decode state and batcher; reuse it for many calls.
 
-    def __init__(self, model: Optional[str] = None, tokenizer=None, **engine_overrides):
+    `LLM(model, **settings)`: `model` as `--model` takes it (None: the embedded default) and any
+    setting of engine/config.py by name; `settings=` passes a whole Settings instead. The
+    `sampling` settings are the defaults of `generate` for plain prompt strings."""
+
+    def __init__(self, model: Optional[str] = None, tokenizer=None, *, settings: Optional[Settings] = None,
+                 **flat):
         t0 = time.perf_counter()
-        self.engine_config, self.model_config, checkpoint, self.tokenizer = resolve_model(model, engine_overrides)
-        if tokenizer is not None:  # an explicit Tokenizer object wins over the checkpoint's
-            self.tokenizer = tokenizer
-        # A short name for output rows: the checkpoint's file or directory name, else the config name.
-        source = checkpoint.source if checkpoint is not None and checkpoint.source else None
-        enable_compilation_cache(self.engine_config.compilation_cache_dir)
-        self.model_name = os.path.basename(os.path.normpath(source)) if source else (model or self.model_config.name)
-        self.engine = JaxEngine(self.engine_config, self.model_config, checkpoint)
-        self.params = self.engine.load_params()
-        self.batcher = ContinuousBatcher(self.engine, self.params, self.tokenizer, seed=self.engine_config.seed)
-        warmup = self.engine_config.warmup
+        self.settings = make_settings(model, settings, **flat)
+        loaded = load_engine(self.settings)
+        self._engine, self._params = loaded.engine, loaded.params
+        self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
+        self.model_name = loaded.model_name
+        self._batcher = ContinuousBatcher(self._engine, self._params, self.tokenizer,
+                                          scheduler=self.settings.scheduler, seed=self.settings.engine.random_seed)
+        warmup = self.settings.engine.warmup
         if warmup is None:  # compiling every shape up front pays on accelerators; on CPU, compile lazily
-            warmup = self.engine.mesh.devices.flat[0].platform != "cpu"
+            warmup = self._engine.mesh.devices.flat[0].platform != "cpu"
         if warmup:
-            self.batcher.state = self.engine.warmup(self.params, self.batcher.state)
+            self._batcher.warmup()
         self.load_time_s = time.perf_counter() - t0
 
+    # ---- what was built ----
+    @property
+    def engine_config(self) -> EngineConfig:
+        """The engine's config as it runs (an "auto" page pool resolved to its tokens)."""
+        return self._engine.config
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self._engine.model_config
+
+    @property
+    def scheduler_config(self) -> SchedulerConfig:
+        return self._batcher.scheduler
+
+    def engine_info(self) -> dict:
+        """The engine's choices (attention paths, dtype, page pool) and devices (Engine.describe)."""
+        return self._engine.describe()
+
+    def device_info(self) -> dict:
+        info = self.engine_info()
+        return {k: info[k] for k in ("device_kind", "platform", "device_count")}
+
+    # ---- serving ----
     def validate(self, request: Request) -> None:
         """Raise RequestError(reason) if the request cannot be served."""
-        self.batcher.prepare(request)
+        self._batcher.prepare(request)
 
     def generate(self, requests: Iterable[Union[Request, str]],
                  sampling: Optional[SamplingParams] = None) -> Iterator[Result]:
         """Yield a Result per request as each finishes (completion order, not input order).
 
-        Plain strings become Requests numbered from 0 with `sampling` (or defaults). A request
-        that cannot be served yields a Result with `error` set; nothing raises mid-stream.
+        Plain strings become Requests numbered from 0 with `sampling` (default: the settings'
+        sampling). A request that cannot be served yields a Result with `error` set; nothing
+        raises mid-stream.
         """
-        return self.batcher.run(_as_request(i, r, sampling) for i, r in enumerate(requests))
+        sampling = sampling or self.settings.sampling
+        return self._batcher.run(_as_request(i, r, sampling) for i, r in enumerate(requests))
 
     def generate_all(self, requests, sampling: Optional[SamplingParams] = None) -> list[Result]:
         """Like generate, but returns the Results in input order."""
+        sampling = sampling or self.settings.sampling
         reqs = [_as_request(i, r, sampling) for i, r in enumerate(requests)]
         out: list = [None] * len(reqs)
         by_id = {}
@@ -121,20 +170,41 @@ class LLM:
         except Exception as e:  # template errors are a bad row, not a crash
             raise RequestError(f"cannot render messages with the chat template: {e}") from None
 
-    def device_info(self) -> dict:
-        devs = self.engine.mesh.devices.flat
-        first = next(iter(devs))
-        return {"device_kind": first.device_kind, "platform": first.platform,
-                "device_count": int(self.engine.mesh.devices.size)}
+    # ---- scheduling, statistics, profiling ----
+    def set_scheduler(self, **changes) -> SchedulerConfig:
+        """Serve the next calls under a SchedulerConfig with `changes` (checked like flags; no
+        recompilation). Returns the one replaced, to restore it with set_scheduler(**vars)."""
+        old = self._batcher.scheduler
+        self._batcher.set_scheduler(from_mapping(SchedulerConfig, changes, "set_scheduler", base=old))
+        return old
+
+    def stats(self) -> dict:
+        """The batcher's counters since the last reset_stats(): scheduling (SCHEDULER_STATS), rows
+        completed and refused, tokens, and with sync_timing the seconds per call kind; for a
+        paged cache the pool's size and its peak use."""
+        out = {k: (round(v, 4) if isinstance(v, float) and not v.is_integer() else int(v))
+               for k, v in self._batcher.stats.items()}
+        out.update(self._batcher.scheduler_stats())
+        return out
+
+    def reset_stats(self) -> None:
+        self._batcher.stats.clear()
+        if self._batcher.pages is not None:
+            self._batcher.pages.peak_used = self._batcher.pages.used_pages
+
+    def warmup(self) -> None:
+        """Compile every prefill shape, the insert and the decode step now (Engine.warmup)."""
+        self._batcher.warmup()
 
 
 def enable_compilation_cache(path: Optional[str]) -> Optional[str]:
-    """Point JAX's persistent compilation cache at `path` (see EngineConfig.compilation_cache_dir).
+    """Point JAX's persistent compilation cache at `path` (EngineConfig.compilation_cache_dir).
 
-    Compiling a 7B model's prefill shapes and decode step takes 25-40 s on an H100; a scheduled
-    job that reruns with the same shapes loads them from this cache instead. Returns the
-    directory used, or None when off. JAX keeps the first directory set in a process.
+    Compiling a 7B model's prefill shapes and decode step takes tens of seconds on a GPU; a
+    scheduled job that reruns with the same shapes loads them from this cache instead. Returns
+    the directory used, or None when off. JAX keeps the first directory set in a process.
     """
+    import jax
     if path is None:
         path = os.environ.get("JETBEAM_COMPILATION_CACHE", os.path.join("~", ".cache", "jetbeam", "xla"))
     if not path:
@@ -150,8 +220,9 @@ def enable_compilation_cache(path: Optional[str]) -> Optional[str]:
     return jax.config.jax_compilation_cache_dir
 
 
-def _as_request(index: int, r: Union[Request, str], sampling: Optional[SamplingParams]) -> Request:
-    """A Request as given, or a plain prompt string as Request `index` with its own copy of `sampling`."""
+def _as_request(index: int, r: Union[Request, str], sampling: SamplingParams) -> Request:
+    """A Request as given, or a plain prompt string as Request `index` with `sampling`."""
     if isinstance(r, Request):
         return r
-    return Request(id=index, prompt=r, sampling=dataclasses.replace(sampling or SamplingParams()))
+    return Request(id=index, prompt=r, sampling=sampling)
+

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.config import ModelConfig
+from engine.model_config import ModelConfig
 from engine.kv_cache import KVCache, decode_attention, prefill_attention, write_token
 from engine.quantize import linear
 
@@ -149,11 +149,12 @@ def prefill(params, cfg: ModelConfig, tokens, dtype, all_logits: bool = False, l
 
 
 def decode_step(params, cfg: ModelConfig, tokens, pos, cache: KVCache, dtype, attn_impl: str = "xla",
-                window=None, page_table=None):
+                window=None, page_table=None, kernel: tuple = ()):
     """One token per slot: tokens [B] at positions pos [B]; returns (logits [B, V], cache).
 
     `window` (static): attention reads at most the first `window` cache positions.
     `page_table` [B, W]: the cache is paged (engine/kv_cache.py).
+    `kernel` (static): settings of the Pallas decode kernel, (key, value) pairs.
     """
     cache = KVCache(list(cache.k), list(cache.v),
                     None if cache.k_scale is None else list(cache.k_scale),
@@ -168,7 +169,7 @@ def decode_step(params, cfg: ModelConfig, tokens, pos, cache: KVCache, dtype, at
         k = apply_rope(k, pos, inv_freq)
         cache = write_token(cache, i, k, v, pos, page_table)
         a = decode_attention(q, cache, i, pos, impl=attn_impl, window=window, page_table=page_table,
-                             **attn_options(cfg, i))
+                             kernel=kernel, **attn_options(cfg, i))
         x = _residual_attn(layer, x, a.reshape(b, -1), cfg)
         x = _residual_mlp(layer, x, cfg)
     return logits(params, cfg, x), cache

@@ -5,56 +5,52 @@ These are the only types the Beam transforms need from the engine.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
+
+from engine.settings import ConfigError, check_fields, setting
 
 
 class RequestError(ValueError):
     """A request that cannot be served; its message becomes the error row's reason."""
 
 
-@dataclass
+class InvalidSampling(RequestError, ConfigError):
+    """A sampling setting out of range: a bad row (RequestError) or a bad flag (ConfigError)."""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
-    """Per-request generation settings (vLLM names and meanings)."""
+    """What a request asks for (vLLM's names and meanings). The defaults here are the defaults of
+    every front end; a row's columns of the same names override them."""
 
-    max_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = no top-k cut
-    top_p: float = 1.0
-    seed: Optional[int] = None  # None: drawn from the batcher's own generator
-    stop: Sequence[str] = ()  # stop strings, excluded from the completion
-    stop_token_ids: Sequence[int] = ()  # extra stop ids, beside the model's EOS
-    ignore_eos: bool = False  # benchmarks: always produce max_tokens
+    max_tokens: int = setting(64, "Most tokens generated per request", minimum=1)
+    temperature: float = setting(0.0, "Sampling temperature; 0 is greedy", minimum=0)
+    top_k: int = setting(0, "Sample from the k most likely tokens; 0 is no cut", minimum=0)
+    top_p: float = setting(1.0, "Nucleus sampling: the smallest set of tokens holding this much "
+                                "probability, in (0, 1]", maximum=1)
+    seed: Optional[int] = setting(None, "Sampling seed; none: drawn per request from random_seed",
+                                  minimum=0, maximum=2**64 - 1)
+    stop: tuple[str, ...] = setting((), "Stop strings (repeatable), excluded from the completion")
+    stop_token_ids: tuple[int, ...] = setting((), "Token ids that end a request, beside the model's EOS")
+    ignore_eos: bool = setting(False, "Keep generating past EOS, to max_tokens (benchmarks)")
 
-    def validate(self) -> "SamplingParams":
-        """Raise RequestError with a clear reason for any invalid field."""
-        def bad(msg):
-            raise RequestError(f"invalid sampling parameter: {msg}")
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not is_num(self.temperature) or self.temperature < 0:
-            bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not is_int(self.top_k) or self.top_k < 0:
-            bad(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
-            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
-            bad(f"seed must be a non-negative integer, got {self.seed!r}")
-        if isinstance(self.stop, str):
-            self.stop = (self.stop,)
-        if not all(isinstance(s, str) and s for s in self.stop):
-            bad(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
-            bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        return self
+    def __post_init__(self):
+        if isinstance(self.stop, (str, list)):  # one stop string, or a JSON list
+            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        if isinstance(self.stop_token_ids, list):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        try:
+            check_fields(self)
+        except ConfigError as e:
+            raise InvalidSampling(f"invalid sampling parameter: {e}") from None
+        if not self.top_p > 0:
+            raise InvalidSampling(f"invalid sampling parameter: top_p: must be in (0, 1], got {self.top_p!r}")
+        if not all(self.stop):
+            raise InvalidSampling(f"invalid sampling parameter: stop: strings must not be empty, got {self.stop!r}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise InvalidSampling(f"invalid sampling parameter: stop_token_ids: must be >= 0, "
+                                  f"got {self.stop_token_ids!r}")
 
 
 @dataclass

@@ -4,9 +4,9 @@ Shared by the engine CLI and the Beam validate step, so both accept the same row
 the same reasons. A spec is `{"id", "row", "prompt" | "prompt_token_ids" | "messages",
 "sampling"}`. The prompt comes from the prompt column (text, or a list of token ids), else a
 `prompt_token_ids` column, else a chat `messages` column (rendered later with the model's
-chat template, where the tokenizer lives). Per-row columns named like the sampling fields
-(max_tokens, temperature, top_k, top_p, seed, stop) override the defaults; null/NaN means
-"use the default". Prompt length is checked by the engine, which has the tokenizer.
+chat template, where the tokenizer lives). Per-row columns named like the SamplingParams
+settings (max_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids, ignore_eos) override
+the defaults; null/NaN means "use the default". Prompt length is checked by the engine, which has the tokenizer.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import math
 
-from engine.request import Request, RequestError, SamplingParams
+from engine.request import InvalidSampling, Request, RequestError, SamplingParams
+from engine.settings import ConfigError, fields_of, from_mapping
 
-SAMPLING_COLUMNS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids",
-                    "ignore_eos")
-_INT_FIELDS = ("max_tokens", "top_k", "seed")
+# Per-row columns that override the job's sampling defaults: every SamplingParams setting.
+SAMPLING_COLUMNS = tuple(f.name for f in fields_of(SamplingParams))
 
 
 def _missing(v) -> bool:
@@ -26,32 +26,24 @@ def _missing(v) -> bool:
 
 
 def _coerce(name, v):
-    """Column value -> SamplingParams field value; integral floats become ints (pandas/JSON)."""
-    if name in _INT_FIELDS and isinstance(v, float) and v.is_integer():
-        return int(v)
-    if name in _INT_FIELDS and isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        return int(v)
-    if name in ("temperature", "top_p") and isinstance(v, str):
+    """Row spellings beyond a flag's: a stop list written as JSON text (CSV/Parquet string columns)."""
+    if name == "stop" and isinstance(v, str) and v.strip().startswith("["):
         try:
-            return float(v)
+            return json.loads(v)
         except ValueError:
             return v
-    if name == "stop_token_ids" and isinstance(v, (list, tuple)):
-        return tuple(int(t) if isinstance(t, float) and t.is_integer() else t for t in v)
-    if name == "ignore_eos" and not isinstance(v, bool):
-        raise RequestError(f"ignore_eos must be true or false, got {v!r}")
-    if name == "stop":
-        if isinstance(v, str):
-            s = v.strip()
-            if s.startswith("["):
-                try:
-                    return tuple(json.loads(s))
-                except ValueError:
-                    pass
-            return (v,)
-        if isinstance(v, (list, tuple)):
-            return tuple(v)
     return v
+
+
+def sampling_for_row(row: dict, defaults: SamplingParams) -> SamplingParams:
+    """The row's SamplingParams: its sampling columns (null/NaN: the default) over `defaults`."""
+    given = {k: _coerce(k, row[k]) for k in SAMPLING_COLUMNS if k in row and not _missing(row[k])}
+    try:
+        return from_mapping(SamplingParams, given, base=defaults)
+    except InvalidSampling:
+        raise
+    except ConfigError as e:
+        raise RequestError(f"invalid sampling parameter: {e}") from None
 
 
 def _token_ids(v):
@@ -99,7 +91,7 @@ def check_messages(msgs):
     return out
 
 
-def to_request_spec(element: dict, prompt_column: str, defaults: dict) -> dict:
+def to_request_spec(element: dict, prompt_column: str, defaults: SamplingParams) -> dict:
     """The validated request spec of a row; raises RequestError(reason)."""
     row = element["row"]
     if not isinstance(row, dict):
@@ -129,14 +121,7 @@ def to_request_spec(element: dict, prompt_column: str, defaults: dict) -> dict:
     else:
         raise RequestError(f"missing prompt: no {prompt_column!r}, 'prompt_token_ids' or 'messages' column value")
 
-    sampling = dict(defaults)
-    for name in SAMPLING_COLUMNS:
-        if name in row and not _missing(row[name]):
-            sampling[name] = _coerce(name, row[name])
-    sampling["stop"] = tuple(sampling.get("stop") or ())
-    SamplingParams(**sampling).validate()  # raises RequestError with the reason
-    sampling["stop"] = list(sampling["stop"])
-    spec["sampling"] = sampling
+    spec["sampling"] = sampling_for_row(row, defaults)
     return spec
 
 
@@ -147,8 +132,6 @@ def spec_to_request(spec: dict, render_chat=None, request_id=None) -> Request:
         if render_chat is None:
             raise RequestError("chat messages need a model with a chat template")
         prompt = render_chat(spec["messages"])
-    sp = dict(spec["sampling"])
-    sp["stop"] = tuple(sp.get("stop") or ())
     return Request(id=spec["id"] if request_id is None else request_id, prompt=prompt,
-                   prompt_token_ids=spec.get("prompt_token_ids"), sampling=SamplingParams(**sp),
+                   prompt_token_ids=spec.get("prompt_token_ids"), sampling=spec["sampling"],
                    metadata=spec.get("row"))

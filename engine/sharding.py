@@ -13,26 +13,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from engine.config import ModelConfig
+from engine.config import parse_platform
+from engine.model_config import ModelConfig
 
 AXIS = "tp"
-
-
-def parse_platform(platform: str) -> tuple[str | None, int | None]:
-    """"tpu=8" -> ("tpu", 8); "cpu" -> ("cpu", 1); "gpu" -> ("gpu", all); "auto" -> (None, all)."""
-    platform = (platform or "auto").strip().lower()
-    if platform == "auto":
-        return None, None
-    name, _, count = platform.partition("=")
-    if name not in ("tpu", "gpu", "cpu", "cuda", "rocm"):
-        raise ValueError(f"platform must look like 'tpu=8', 'gpu=1', 'cpu' or 'auto', got {platform!r}")
-    if name in ("cuda", "rocm"):
-        name = "gpu"
-    if count:
-        if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"bad device count in platform {platform!r}")
-        return name, int(count)
-    return name, 1 if name == "cpu" else None
 
 
 def make_mesh(platform: str) -> Mesh:

@@ -15,26 +15,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from engine import sharding as shd
-from engine.config import ModelConfig
-from engine.loaders import LAYER_KEYS, POST_NORMS, Checkpoint, CheckpointError
+from engine.model_config import ModelConfig
+from engine.checkpoint import LAYER_KEYS, POST_NORMS, Checkpoint, CheckpointError, expected_shapes
 from engine.quantize import QuantizedWeight, quantize_weight
 
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")
-
-
-def expected_shapes(cfg: ModelConfig) -> dict:
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    hq, hkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    per = {"attn_norm": (d,), "wq": (d, hq), "wk": (d, hkv), "wv": (d, hkv), "wo": (hq, d),
-           "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
-    if cfg.post_norms:
-        per.update(post_attn_norm=(d,), post_mlp_norm=(d,))
-    out = {"embed": (v, d), "final_norm": (d,)}
-    for i in range(cfg.num_layers):
-        out.update({f"layers.{i}.{k}": s for k, s in per.items()})
-    if not cfg.tie_embeddings:
-        out["lm_head"] = (d, v)
-    return out
 
 
 def _is_matrix(name: str) -> bool:

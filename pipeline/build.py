@@ -19,7 +19,9 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, WorkerOptions
 
-from pipeline.options import DEFAULT_RUNNER, JetbeamOptions
+from engine.config import Settings
+from engine.settings import to_mapping
+from pipeline.options import DEFAULT_RUNNER, JobOptions, job_settings
 from transforms import fs
 from transforms.generate import STATS, Generate
 from transforms.key import KeyByEngine
@@ -60,10 +62,9 @@ def is_local_runner(options: PipelineOptions) -> bool:
     return runner.rsplit(".", 1)[-1].lower() in LOCAL_RUNNERS
 
 
-def default_num_engines(options: PipelineOptions) -> int:
-    jo = options.view_as(JetbeamOptions)
-    if jo.num_engines:
-        return max(1, int(jo.num_engines))
+def default_num_engines(options: PipelineOptions, job: JobOptions) -> int:
+    if job.num_engines:
+        return job.num_engines
     if is_local_runner(options):
         # Beam's local FnApiRunner runs a stateful stage on one worker whatever
         # --direct_num_workers says, so more shards would only take turns on one engine.
@@ -72,13 +73,11 @@ def default_num_engines(options: PipelineOptions) -> int:
     return max(1, wo.num_workers or 0, wo.max_num_workers or 0)
 
 
-def options_summary(jo: JetbeamOptions, num_engines: int) -> dict:
-    keys = ("input", "output", "model", "prompt_column", "id_column", "skip_existing", "flush_rows",
-            "flush_seconds")
-    out = {k: getattr(jo, k) for k in keys}
+def options_summary(job: JobOptions, settings: Settings, num_engines: int) -> dict:
+    """The job's settings as metrics.json records them."""
+    out = to_mapping(job)
     out["num_engines"] = num_engines
-    out["sampling"] = jo.sampling_defaults()
-    out["engine_overrides"] = jo.engine_kwargs()
+    out["settings"] = settings.to_flat()
     return out
 
 
@@ -87,13 +86,12 @@ def build_pipeline(pipeline: beam.Pipeline, options: Optional[PipelineOptions] =
                    launch_time: Optional[float] = None):
     """Add the job to `pipeline`; returns a dict of its main PCollections (metrics included)."""
     options = options or pipeline.options
-    jo = options.view_as(JetbeamOptions)
+    jo, settings = job_settings(options)
     if files is None:
         files = fs.expand_inputs(jo.input)
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     launch_time = launch_time or time.time()
-    num_engines = default_num_engines(options)
-    engine_kwargs = jo.engine_kwargs()
+    num_engines = default_num_engines(options, jo)
     output = jo.output.rstrip("/") if fs.is_remote(jo.output) else os.path.abspath(jo.output)
 
     read = pipeline | "Read" >> ReadInputs(files, id_column=jo.id_column, prompt_column=jo.prompt_column)
@@ -106,27 +104,18 @@ def build_pipeline(pipeline: beam.Pipeline, options: Optional[PipelineOptions] =
         skipped = kept.skipped | "CountSkipped" >> beam.combiners.Count.Globally()
     else:
         skipped = pipeline | "NoneSkipped" >> beam.Create([0])
-    valid = rows | "Validate" >> Validate(jo.prompt_column, jo.sampling_defaults())
+    valid = rows | "Validate" >> Validate(jo.prompt_column, settings.sampling)
     keyed = valid.valid | "Key" >> KeyByEngine(num_engines)
-    gen = keyed | "Generate" >> Generate(jo.model, engine_kwargs, flush_rows(jo, engine_kwargs),
-                                         jo.flush_seconds)
+    gen = keyed | "Generate" >> Generate(settings, jo.rows_per_flush(settings), jo.flush_seconds)
     errors = (read[ERRORS], valid[ERRORS], gen[ERRORS]) | "AllErrors" >> beam.Flatten()
     metrics = {"completions": gen.completions, "errors": errors, "stats": gen[STATS],
                "rows_in": rows_in, "skipped": skipped} | "Write" >> WriteOutputs(
-        output, run_id, jo.skip_existing, launch_time, options_summary(jo, num_engines),
+        output, run_id, jo.skip_existing, launch_time, options_summary(jo, settings, num_engines),
         id_column=jo.id_column, prompt_column=jo.prompt_column)
     log.info("jetbeam: %d input file(s), %d engine shard(s), output %s, run %s", len(files), num_engines,
              output, run_id)
     return {"completions": gen.completions, "errors": errors, "metrics": metrics, "run_id": run_id,
             "output": output, "num_engines": num_engines, "files": files}
-
-
-def flush_rows(jo, engine_kwargs: dict) -> int:
-    """--flush_rows, or enough rows for 8 waves of the engine's decode slots (at least 256)."""
-    if jo.flush_rows is not None:
-        return jo.flush_rows
-    from engine.config import EngineConfig
-    return max(256, 8 * EngineConfig(**engine_kwargs).batch_size)
 
 
 def make_options(argv=None, **overrides) -> PipelineOptions:
@@ -136,19 +125,9 @@ def make_options(argv=None, **overrides) -> PipelineOptions:
 
 
 def check_options(options: PipelineOptions) -> list:
-    """Fail fast, in the launcher, on flags the workers would reject; returns the input files."""
-    from engine.config import EngineConfig
-    from engine.request import SamplingParams
-    jo = options.view_as(JetbeamOptions)
-    kwargs = jo.engine_kwargs()
-    try:
-        EngineConfig(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"bad engine option: {e}") from None
-    defaults = jo.sampling_defaults()
-    SamplingParams(**{**defaults, "stop": tuple(defaults["stop"])}).validate()
-    if jo.flush_rows is not None and jo.flush_rows < 1:
-        raise ValueError("--flush_rows must be >= 1")
+    """Fail fast, in the launcher, on settings the workers would reject (ConfigError, one line);
+    returns the input files."""
+    jo, _ = job_settings(options)
     return fs.expand_inputs(jo.input)
 
 

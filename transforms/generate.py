@@ -36,6 +36,8 @@ from apache_beam.transforms.userstate import (BagStateSpec, CombiningValueStateS
 from apache_beam.utils import shared
 from apache_beam.utils.timestamp import Duration, Timestamp
 
+from engine.sched_stats import SCHEDULER_STATS
+from engine.settings import to_mapping
 from transforms.read import ERRORS, NAMESPACE, error_record
 
 log = logging.getLogger(__name__)
@@ -50,19 +52,17 @@ _KEEP: dict = {}  # a strong reference to the current engine: it outlives DoFn t
 class EngineHolder:
     """An LLM plus the lock that serialises it (its batcher is single-threaded)."""
 
-    def __init__(self, model: Optional[str], engine_kwargs: dict):
+    def __init__(self, settings):
         from engine.llm import LLM
         t0 = time.time()
-        log.info("jetbeam: loading engine model=%s config=%s (pid %d)", model or "<default>",
-                 engine_kwargs, os.getpid())
-        self.llm = LLM(model=model, **engine_kwargs)
+        log.info("jetbeam: loading engine model=%s (pid %d)", settings.source.model or "<default>", os.getpid())
+        self.llm = LLM(settings=settings)
         self.load_time_s = time.time() - t0
         self.lock = threading.Lock()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.rows_done = 0
         self.tokens_done = 0
-        cfg = self.llm.engine_config
-        self.engine_config = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+        self.engine_config = to_mapping(self.llm.engine_config)
         try:
             self.device_info = dict(self.llm.device_info())
         except Exception as e:  # informational only
@@ -71,14 +71,17 @@ class EngineHolder:
                  self.llm.model_name, self.device_info)
 
 
-def engine_tag(model: Optional[str], engine_kwargs: dict) -> str:
-    return json.dumps({"model": model, "engine": engine_kwargs}, sort_keys=True, default=str)
+def engine_tag(settings) -> str:
+    """The key an engine is shared under: every setting but the sampling defaults."""
+    flat = settings.to_flat()
+    keep = {k: v for k, v in flat.items() if settings.keys()[k] != "sampling"}
+    return json.dumps(keep, sort_keys=True, default=str)
 
 
-def acquire_engine(model: Optional[str], engine_kwargs: dict) -> EngineHolder:
-    """The process's engine for (model, config); loaded on first use, reused afterwards."""
-    tag = engine_tag(model, engine_kwargs)
-    holder = _SHARED.acquire(lambda: EngineHolder(model, engine_kwargs), tag=tag)
+def acquire_engine(settings) -> EngineHolder:
+    """The process's engine for these settings; loaded on first use, reused afterwards."""
+    tag = engine_tag(settings)
+    holder = _SHARED.acquire(lambda: EngineHolder(settings), tag=tag)
     if _KEEP.get(tag) is not holder:
         _KEEP.clear()
         _KEEP[tag] = holder
@@ -128,10 +131,9 @@ class GenerateFn(beam.DoFn):
     FLUSH_TIMER = TimerSpec("flush", TimeDomain.REAL_TIME)
     END_OF_WINDOW = TimerSpec("end_of_window", TimeDomain.WATERMARK)
 
-    def __init__(self, model: Optional[str], engine_kwargs: dict, flush_rows: int = 256,
-                 flush_seconds: float = 30.0, progress_seconds: float = 10.0):
-        self.model = model
-        self.engine_kwargs = dict(engine_kwargs)
+    def __init__(self, settings, flush_rows: int = 256, flush_seconds: float = 30.0,
+                 progress_seconds: float = 10.0):
+        self.settings = settings
         self.flush_rows = max(1, int(flush_rows))
         self.flush_seconds = float(flush_seconds)
         self.progress_seconds = float(progress_seconds)
@@ -191,14 +193,14 @@ class GenerateFn(beam.DoFn):
 
     def _generate(self, shard, specs, why):
         if self.holder is None:
-            self.holder = acquire_engine(self.model, self.engine_kwargs)
+            self.holder = acquire_engine(self.settings)
         holder = self.holder
         llm = holder.llm
         self.flushes.inc()
         self.flush_size.update(len(specs))
         with holder.lock:
             t_start = time.time()
-            sched_before = llm.batcher.scheduler_stats()
+            sched_before = llm.stats()
             requests, errors = build_requests(llm, specs)
             for e in errors:
                 self.errored.inc()
@@ -241,10 +243,11 @@ class GenerateFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(ERRORS, error_record(
                     specs[idx]["id"], "engine returned no result for this row", "generate", specs[idx].get("row")))
             t_end = time.time()
-            sched = llm.batcher.scheduler_stats()
-            for k, v in sched_before.items():
-                if k not in ("kv_pages", "kv_pages_peak"):  # sizes, not running counts
-                    sched[k] -= v
+            after = llm.stats()
+            sched = {k: after.get(k, 0) - sched_before.get(k, 0) for k in SCHEDULER_STATS}
+            for k in ("kv_pages", "kv_pages_peak"):  # sizes, not running counts
+                if k in after:
+                    sched[k] = after[k]
             self.decode_calls.inc(sched["decode_calls"])
             self.page_waits.inc(sched["page_waits"])
             holder.rows_done += len(specs)
@@ -264,10 +267,9 @@ class GenerateFn(beam.DoFn):
 class Generate(beam.PTransform):
     """(shard, spec) -> completions (main) | ERRORS | STATS."""
 
-    def __init__(self, model: Optional[str], engine_kwargs: dict, flush_rows: int = 256,
-                 flush_seconds: float = 30.0):
+    def __init__(self, settings, flush_rows: int = 256, flush_seconds: float = 30.0):
         super().__init__()
-        self.fn = GenerateFn(model, engine_kwargs, flush_rows, flush_seconds)
+        self.fn = GenerateFn(settings, flush_rows, flush_seconds)
 
     def expand(self, keyed):
         return keyed | beam.ParDo(self.fn).with_outputs(ERRORS, STATS, main="completions")

@@ -9,14 +9,15 @@
            | RunInference(JetbeamModelHandler(model=None, max_tokens=32), inference_args={"temperature": 0.0})
            | beam.Map(lambda r: print(r.example, "->", r.inference.completion)))
 
-An example is a prompt string, a list of token ids, an `engine.request.Request`, or a row
-dict like the batch job's (prompt / prompt_token_ids / messages plus per-row max_tokens,
-temperature, top_k, top_p, seed, stop). Each yields `PredictionResult(example, Result,
-model_id)`; a bad example yields a Result whose `error` says why (RunInference does not
-drop or fail the batch). RunInference batches with BatchElements (`batch_elements_kwargs`):
-the whole batch goes to the continuous batcher at once, so larger batches than the number
-of decode slots keep the slots full. The batch job itself (pipeline/build.py) uses the
-stateful `transforms.generate` step instead, which buffers far more rows per engine call.
+`JetbeamModelHandler(model, **settings)` takes any setting of engine/config.py by name (engine
+shape, scheduler, sampling defaults), as `LLM` does. An example is a prompt string, a list of
+token ids, an `engine.request.Request`, or a row dict like the batch job's (prompt /
+prompt_token_ids / messages plus per-row sampling columns). Each yields
+`PredictionResult(example, Result, model_id)`; a bad example yields a Result whose `error` says
+why (RunInference does not drop or fail the batch). RunInference batches with BatchElements:
+the whole batch goes to the continuous batcher at once, so batches larger than the number of
+decode slots keep the slots full. The batch job itself (pipeline/build.py) uses the stateful
+`transforms.generate` step instead, which buffers far more rows per engine call.
 """
 
 from __future__ import annotations
@@ -26,32 +27,26 @@ from typing import Any, Iterable, Optional, Sequence
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from transforms.validate import SAMPLING_COLUMNS, to_request_spec
-
-_DEFAULT_SAMPLING = {"max_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None, "stop": []}
+from engine.config import Settings, make_settings
+from engine.rows import SAMPLING_COLUMNS, sampling_for_row, to_request_spec
 
 
 class JetbeamModelHandler(ModelHandler[Any, PredictionResult, Any]):
     """load_model -> engine.llm.LLM; run_inference -> one PredictionResult per example."""
 
-    def __init__(self, model: Optional[str] = None, engine_kwargs: Optional[dict] = None,
+    def __init__(self, model: Optional[str] = None, *, settings: Optional[Settings] = None,
                  prompt_column: str = "prompt", min_batch_size: Optional[int] = None,
-                 max_batch_size: Optional[int] = None, large_model: bool = False, **sampling):
-        unknown = set(sampling) - set(SAMPLING_COLUMNS)
-        if unknown:
-            raise ValueError(f"unknown sampling arguments: {sorted(unknown)}")
-        self.model = model
-        self.engine_kwargs = dict(engine_kwargs or {})
+                 max_batch_size: Optional[int] = None, large_model: bool = False, **flat):
+        self.settings = make_settings(model, settings, **flat)
         self.prompt_column = prompt_column
-        self.sampling = {**_DEFAULT_SAMPLING, **sampling}
-        slots = int(self.engine_kwargs.get("batch_size") or 8)
+        slots = self.settings.engine.batch_size
         super().__init__(min_batch_size=min_batch_size or slots,
                          max_batch_size=max_batch_size or max(slots * 8, min_batch_size or 1),
                          large_model=large_model)
 
     def load_model(self):
         from engine.llm import LLM
-        llm = LLM(model=self.model, **self.engine_kwargs)
+        llm = LLM(settings=self.settings)
         llm._jetbeam_lock = threading.Lock()  # one engine, possibly many DoFn threads
         return llm
 
@@ -64,8 +59,9 @@ class JetbeamModelHandler(ModelHandler[Any, PredictionResult, Any]):
     def get_metrics_namespace(self) -> str:
         return "jetbeam"
 
-    def _request(self, i: int, example, llm, defaults: dict):
-        from engine.request import Request, RequestError, SamplingParams
+    def _request(self, i: int, example, llm, defaults):
+        from engine.request import Request, RequestError
+        from engine.rows import spec_to_request
         if isinstance(example, Request):
             return Request(id=i, prompt=example.prompt, prompt_token_ids=example.prompt_token_ids,
                            sampling=example.sampling, metadata=i)
@@ -78,22 +74,23 @@ class JetbeamModelHandler(ModelHandler[Any, PredictionResult, Any]):
         else:
             raise RequestError(f"unsupported example type {type(example).__name__}")
         spec = to_request_spec({"id": str(i), "row": row}, self.prompt_column, defaults)
-        prompt = spec.get("prompt")
-        if spec.get("messages") is not None:
-            prompt = llm.render_chat(spec["messages"])
-        sp = dict(spec["sampling"])
-        sp["stop"] = tuple(sp["stop"])
-        return Request(id=i, prompt=prompt, prompt_token_ids=spec.get("prompt_token_ids"),
-                       sampling=SamplingParams(**sp), metadata=i)
+        req = spec_to_request(spec, render_chat=llm.render_chat, request_id=i)
+        req.metadata = i
+        return req
 
     def run_inference(self, batch: Sequence[Any], model, inference_args: Optional[dict] = None
                       ) -> Iterable[PredictionResult]:
         from engine.request import RequestError, Result
-        defaults = {**self.sampling, **(inference_args or {})}
         out: list = [None] * len(batch)
+        try:
+            defaults = sampling_for_row(dict(inference_args or {}), self.settings.sampling)
+        except RequestError as e:  # bad inference_args: every example of the batch gets the reason
+            defaults, bad_args = None, str(e)
         requests = []
         for i, example in enumerate(batch):
             try:
+                if defaults is None:
+                    raise RequestError(f"inference_args: {bad_args}")
                 requests.append(self._request(i, example, model, defaults))
             except RequestError as e:
                 out[i] = Result(id=i, error=str(e), metadata=i)

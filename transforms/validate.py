@@ -4,7 +4,7 @@ A row becomes `{"id", "row", "prompt" | "prompt_token_ids" | "messages", "sampli
 The prompt comes from the prompt column (text, or a list of token ids), else a
 `prompt_token_ids` column, else a chat `messages` column (rendered with the model's chat
 template in the generate step, where the tokenizer lives). Per-row columns named like the
-sampling flags (max_tokens, temperature, top_k, top_p, seed, stop) override the defaults;
+sampling settings (engine/request.py's SamplingParams) override the defaults;
 null/NaN means "use the default". Prompt length is checked by the engine (it needs the
 tokenizer): such rows come back from generate as error records.
 """
@@ -14,17 +14,17 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from engine.request import RequestError
-from engine.rows import SAMPLING_COLUMNS, to_request_spec  # noqa: F401  (the row rules live in the engine)
+from engine.request import RequestError, SamplingParams
+from engine.rows import to_request_spec
 from transforms.read import ERRORS, NAMESPACE, error_record
 
 
 class ValidateFn(beam.DoFn):
     """rows -> request specs (main) | error records (ERRORS)."""
 
-    def __init__(self, prompt_column: str, sampling_defaults: dict):
+    def __init__(self, prompt_column: str, sampling_defaults: SamplingParams):
         self.prompt_column = prompt_column
-        self.defaults = dict(sampling_defaults)
+        self.defaults = sampling_defaults
         self.valid = Metrics.counter(NAMESPACE, "rows_valid")
         self.invalid = Metrics.counter(NAMESPACE, "rows_invalid")
 
@@ -46,7 +46,7 @@ class ValidateFn(beam.DoFn):
 
 
 class Validate(beam.PTransform):
-    def __init__(self, prompt_column: str, sampling_defaults: dict):
+    def __init__(self, prompt_column: str, sampling_defaults: SamplingParams):
         super().__init__()
         self.prompt_column = prompt_column
         self.defaults = sampling_defaults

@@ -227,7 +227,7 @@ def compute_metrics(*, files: list, stats: list, ttft_q: list, latency_q: list, 
     return {
         "run_id": run_id,
         "output": output_dir,
-        "model": (first or {}).get("model") or options.get("model"),
+        "model": (first or {}).get("model") or (options.get("settings") or {}).get("model"),
         "rows_in": rows_in,
         "rows_skipped_existing": skipped,
         "rows_served": rows_in - skipped,

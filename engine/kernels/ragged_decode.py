@@ -33,9 +33,9 @@ Two ways to compute the G query rows against a block (`method`):
 "auto" picks "fma" for G=1 and "dot" for G >= 2 (on an H100, "dot" was 1.2x faster at G=2,
 1.8x at G=3 and 2.9x at G=4, each at its best warp count).
 
-Settings can be overridden without code changes by the environment variable
-JETBEAM_RAGGED_DECODE, e.g. "block_t=32,method=dot,num_splits=2,num_warps=8,num_stages=3,mask_loads=1,
-convert=cvt", read when a call is traced (explicit keyword arguments win). `convert` picks how
+Settings (engine/kernels/settings.py) come as keyword arguments; the engine passes its
+`decode_kernel` setting, e.g. "block_t=32,method=dot,num_splits=2,num_warps=8,num_stages=3,
+mask_loads=1,convert=cvt". `convert` picks how
 the "fma" method turns int8 into float32: "prmt" (the default: the float bits of 2**23 + 128 + x
 built by one byte-permute per element in inline PTX), "magic" (the same bits by an integer add)
 or "cvt" (a plain convert, 7% slower on an H100). All three are exact.
@@ -51,13 +51,14 @@ by default, which this kernel is not written for.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from engine.kernels.settings import resolve
 
 try:  # pallas.triton in current jax; pallas.gpu in older releases
     from jax.experimental.pallas import triton as plgpu
@@ -67,34 +68,6 @@ except ImportError:  # pragma: no cover
 NEG_INF = -1e30
 # A squeezed block dimension: pl.squeezed in newer jax, None (its older spelling) otherwise.
 _SQ = getattr(pl, "squeezed", None)
-
-# Tuned on an H100 (benchmarks/decode_attention.py --sweep, BENCHMARKS.md): masked loads win;
-# num_warps 0 picks by shape (_warps).
-DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=0, num_stages=2, mask_loads=1,
-                convert="prmt")
-ENV_VAR = "JETBEAM_RAGGED_DECODE"
-
-
-def parse_setting(key: str, val: str):
-    """One kernel setting from text (the environment variable, benchmark grids): its value as
-    DEFAULTS holds it. Unknown keys raise ValueError."""
-    key = key.strip()
-    if key not in DEFAULTS:
-        raise ValueError(f"unknown ragged decode setting {key!r} (known: {sorted(DEFAULTS)})")
-    return key, val.strip() if isinstance(DEFAULTS[key], str) else int(val)
-
-
-def _settings(**explicit):
-    s = dict(DEFAULTS)
-    for item in filter(None, os.environ.get(ENV_VAR, "").split(",")):
-        try:
-            key, val = parse_setting(*item.partition("=")[::2])
-        except ValueError as e:
-            raise ValueError(f"{ENV_VAR}: {e}") from None
-        s[key] = val
-    s.update({k: v for k, v in explicit.items() if v is not None})
-    return s
-
 
 def _compiler_params(num_warps: int, num_stages: int):
     for name in ("CompilerParams", "TritonCompilerParams"):
@@ -327,7 +300,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     scores); always on when block_t does not divide the chunk length.
     convert: how the "fma" method turns int8 into float32 ("magic" or "cvt"; both exact).
     """
-    cfg = _settings(block_t=block_t, method=method, num_splits=num_splits, num_warps=num_warps,
+    cfg = resolve(block_t=block_t, method=method, num_splits=num_splits, num_warps=num_warps,
                     num_stages=num_stages, mask_loads=mask_loads, convert=convert)
     if cfg["convert"] not in ("cvt", "magic", "prmt"):
         raise ValueError(f"convert must be 'cvt', 'magic' or 'prmt', not {cfg['convert']!r}")

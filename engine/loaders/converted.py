@@ -27,8 +27,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.loaders import Checkpoint, CheckpointError
+from engine.model_config import ModelConfig
+from engine.checkpoint import Checkpoint, CheckpointError, expected_shapes
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "jetbeam_config.json"
@@ -212,7 +212,6 @@ def _weight_files(path: str) -> list[str]:
 
 
 def load_converted(path: str) -> Checkpoint:
-    from engine.weights import expected_shapes  # (imports jax)
 
     path = os.path.abspath(path)
     cfg, meta = read_config(path)

@@ -32,8 +32,8 @@ from typing import Optional
 
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.loaders import Checkpoint, CheckpointError
+from engine.model_config import ModelConfig
+from engine.checkpoint import Checkpoint, CheckpointError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 

@@ -18,8 +18,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.loaders import Checkpoint, CheckpointError, layer_names
+from engine.model_config import ModelConfig
+from engine.checkpoint import Checkpoint, CheckpointError, layer_names
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8}

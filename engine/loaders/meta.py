@@ -17,8 +17,8 @@ import warnings
 
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.loaders import Checkpoint, CheckpointError, layer_names
+from engine.model_config import ModelConfig
+from engine.checkpoint import Checkpoint, CheckpointError, layer_names
 from engine.loaders.torch_zip import LazyTensor, load_torch_zip
 
 # canonical suffix -> (Meta name, axis the shards are split on in Meta's [out, in] layout, or None)

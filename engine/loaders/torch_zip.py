@@ -21,7 +21,7 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
-from engine.loaders import CheckpointError
+from engine.checkpoint import CheckpointError
 
 STORAGE_DTYPES = {
     "FloatStorage": np.dtype(np.float32), "DoubleStorage": np.dtype(np.float64),

@@ -7,15 +7,11 @@ A decode step reads 348 of them (the untied input embedding is only gathered), 4
 
 import dataclasses
 import math
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-
-from engine.config import ModelConfig  # noqa: E402
-from roofline import decode_roofline, prefill_roofline, run_roofline  # noqa: E402
+from benchmarks.roofline import decode_roofline, prefill_roofline, run_roofline
+from engine.model_config import ModelConfig
 
 CFG = ModelConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_layers=2, num_heads=2,
                   num_kv_heads=1, head_dim=2)

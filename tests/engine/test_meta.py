@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_fixtures import build_model, tiny_llama_config
+from tests.hf_fixtures import build_model, tiny_llama_config
 from engine.loaders import CheckpointError, open_checkpoint
 from engine.loaders.meta import load_meta
 from engine.loaders.torch_zip import load_torch_zip

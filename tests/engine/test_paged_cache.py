@@ -3,15 +3,18 @@ slots share a pool of pages decoding exactly what the contiguous cache decodes."
 
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+
 import pytest
 
-from engine.config import EngineConfig
+from engine.batcher import ContinuousBatcher
+from engine.config import EngineConfig, ModelSource, make_settings
 from engine.kv_pages import PagePool
-from engine.llm import LLM
+from engine.llm import LLM, load_engine
 from engine.request import Request, SamplingParams
-from test_engine import KW, _clone, _mixed_requests
-from tiny import byte_tokenizer
+from engine.settings import from_mapping
+from tests.engine.test_engine import KW, _clone, _mixed_requests
+from tests.tiny import byte_tokenizer
 
 # 4 slots of up to 64 tokens, but a pool of 12 pages x 8 = 96 tokens: requests wait for pages.
 PAGED = dict(KW, kv_page_size=8, kv_cache_tokens=96)
@@ -19,7 +22,9 @@ PAGED = dict(KW, kv_page_size=8, kv_cache_tokens=96)
 
 @pytest.fixture(scope="module")
 def paged():
-    return LLM("tiny-llama", batch_size=4, tokenizer=byte_tokenizer(), **PAGED)
+    """A batcher over a paged engine, driven directly so the test can look at its page pool."""
+    loaded = load_engine(make_settings("tiny-llama", batch_size=4, **PAGED))
+    return ContinuousBatcher(loaded.engine, loaded.params, byte_tokenizer())
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +65,7 @@ def _mix(n, seed):
     reqs = _mixed_requests(n, seed=seed)
     for i, r in enumerate(reqs):  # stop tokens on some, so slots free before max_tokens
         if i % 4 == 1:
-            r.sampling.stop_token_ids = [int(t) for t in range(3, 256, 3)]
+            r.sampling = dataclasses.replace(r.sampling, stop_token_ids=tuple(range(3, 256, 3)))
     return reqs
 
 
@@ -70,16 +75,16 @@ def test_paged_matches_contiguous_and_returns_every_page(paged, contiguous):
     every page is back in the pool once the slots are parked."""
     reqs = _mix(14, seed=21)
     want = contiguous.generate_all([_clone(r) for r in reqs])
-    paged.batcher.stats.clear()
-    got = paged.generate_all([_clone(r) for r in reqs])
+    paged.stats.clear()
+    got = sorted(paged.run([_clone(r) for r in reqs]), key=lambda r: r.id)
     assert [(g.completion_token_ids, g.finish_reason) for g in got] == \
         [(w.completion_token_ids, w.finish_reason) for w in want]
     assert any(w.finish_reason == "stop" for w in want)
-    stats, pool = paged.batcher.scheduler_stats(), paged.batcher.pages
+    stats, pool = paged.scheduler_stats(), paged.pages
     assert stats["page_waits"] > 0 and 0 < stats["kv_pages_peak"] <= pool.num_pages == 12
-    assert pool.free_pages + sum(len(p) for p in paged.batcher.slot_pages.values()) == 12
-    paged.generate_all([_clone(reqs[0])])  # the next run parks the last slots first
-    assert pool.used_pages == len(paged.batcher.slot_pages[next(iter(paged.batcher.slot_pages))])
+    assert pool.free_pages + sum(len(p) for p in paged.slot_pages.values()) == 12
+    list(paged.run([_clone(reqs[0])]))  # the next run parks the last slots first
+    assert pool.used_pages == len(paged.slot_pages[next(iter(paged.slot_pages))])
 
 
 def test_request_larger_than_the_pool_is_an_error_row(paged, contiguous):
@@ -91,7 +96,7 @@ def test_request_larger_than_the_pool_is_an_error_row(paged, contiguous):
     out = {r.id: r for r in small.generate([big, ok])}
     assert "needs 8 KV cache pages of 8 tokens; the pool holds 5" in out["big"].error
     assert out["ok"].completion_token_ids == contiguous.generate_all([_clone(ok)])[0].completion_token_ids
-    full = paged.generate_all([_clone(big)])[0]
+    full, = paged.run([_clone(big)])
     assert full.ok and full.completion_tokens == 34
 
 
@@ -103,7 +108,7 @@ def test_paged_int8_cache_and_pallas_kernel(contiguous):
     want = LLM("tiny-llama", batch_size=3, tokenizer=byte_tokenizer(), **kw).generate_all([_clone(r) for r in reqs])
     llm = LLM("tiny-llama", batch_size=3, tokenizer=byte_tokenizer(), attention="pallas",
               **dict(kw, kv_page_size=16, kv_cache_tokens=128))
-    assert llm.engine.attention_impl == "pallas"
+    assert llm.engine_info()["decode_attention"] == "pallas"
     got = llm.generate_all([_clone(r) for r in reqs])
     assert [g.completion_token_ids for g in got] == [w.completion_token_ids for w in want]
 
@@ -116,24 +121,24 @@ def test_auto_pool_sized_from_memory_stats(contiguous):
     the engine then serves a length mix from it with the contiguous cache's tokens. (The CPU
     reports no memory statistics, so the test hands them in, as a GPU's would read.)"""
     from engine import kv_budget
-    from engine.batcher import ContinuousBatcher
     from engine.engine import JaxEngine
     from engine.llm import resolve_model
-    ec, mc, _, _ = resolve_model("tiny-llama", dict(KW, batch_size=4, kv_page_size=8, kv_cache_tokens="auto",
-                                                    warmup=False))
-    eng = JaxEngine(ec, mc)
+    settings = make_settings("tiny-llama", **dict(KW, batch_size=4, kv_page_size=8, kv_cache_tokens="auto"))
+    ec, mc = settings.engine, resolve_model(settings.source)[0]
     with pytest.raises(ValueError, match="sized from device memory"):
-        eng.num_kv_pages
+        ec.num_kv_pages
+    eng = JaxEngine(ec, mc)
     params = eng.load_params()
     ws = eng.workspace_bytes()
     per_token = kv_budget.cache_bytes_per_token(mc, eng.dtype, quantized=False)
-    n, s = eng.prefill_sizes()[-1], eng.buckets[-1]
+    n, s = eng.geometry.prefill_sizes[-1], eng.geometry.prefill_buckets[-1]
     assert ws >= n * s * per_token  # the largest prefill's K/V output waits for its insert
     per_page, in_use = 8 * per_token, 1 << 20
     # Room for 12 pages and half a page: 11 pool pages plus the trash page.
     limit = int((in_use + ws + 12.5 * per_page) / (1 - kv_budget.MARGIN_FRACTION)) + 1
     plan = eng.size_kv_pool({"bytes_limit": limit, "bytes_in_use": in_use})
-    assert (plan.pages, ec.kv_cache_tokens, eng.num_kv_pages, plan.capped) == (11, 88, 11, False)
+    assert (plan.pages, eng.config.kv_cache_tokens, eng.geometry.num_kv_pages, plan.capped) == (11, 88, 11, False)
+    assert ec.kv_cache_tokens == "auto"  # the engine made a new config; the one it was given is unchanged
     assert "11 pages of 8 tokens" in plan.describe()
     batcher = ContinuousBatcher(eng, params)  # init_decode_state: "auto" is already resolved
     assert batcher.state.cache.k[0].shape[0] == 12 and batcher.pages.num_pages == 11
@@ -142,15 +147,16 @@ def test_auto_pool_sized_from_memory_stats(contiguous):
     got = {r.id: r.completion_token_ids for r in batcher.run([_clone(r) for r in reqs])}
     assert got == want and batcher.stats["page_waits"] > 0
     # Far more memory than 4 slots x 64 tokens can use: capped at 4 x 8 pages.
-    eng.config.kv_cache_tokens = "auto"
-    big = eng.size_kv_pool({"bytes_limit": 1 << 34, "bytes_in_use": in_use})
-    assert big.capped and big.pages == 4 * 8 == eng.num_kv_pages
+    other = JaxEngine(ec, mc)
+    other.load_params()
+    big = other.size_kv_pool({"bytes_limit": 1 << 34, "bytes_in_use": in_use})
+    assert big.capped and big.pages == 4 * 8 == other.geometry.num_kv_pages
 
 
 def test_auto_pool_arithmetic_errors_and_cpu_fallback():
     from engine import kv_budget
     from engine.llm import resolve_model
-    _, llama7b, _, _ = resolve_model("llama2-7b", dict(warmup=False))
+    llama7b = resolve_model(ModelSource(model="llama2-7b"))[0]
     # int8 K and V of 32 layers x 32 heads x 128, plus two f32 scales per head: 264 KiB a token.
     assert kv_budget.cache_bytes_per_token(llama7b, "bfloat16", quantized=True) == 32 * 32 * (256 + 8)
     assert kv_budget.cache_bytes_per_token(llama7b, "bfloat16", quantized=False) == 32 * 32 * 512
@@ -163,8 +169,9 @@ def test_auto_pool_arithmetic_errors_and_cpu_fallback():
                                bytes_per_token=2**18, page_size=8, max_pages=100, min_pages=6).pages == 6
     with pytest.raises(ValueError, match="set kv_page_size"):
         EngineConfig(max_cache_length=64, context_size=32, kv_cache_tokens="auto")
-    assert EngineConfig(max_cache_length=64, context_size=32, kv_page_size=8, kv_cache_tokens="Auto").kv_cache_tokens == "auto"
+    assert from_mapping(EngineConfig, dict(max_cache_length=64, context_size=32, kv_page_size=8,
+                                           kv_cache_tokens="Auto")).kv_cache_tokens == "auto"
     # The CPU has no memory statistics: "auto" falls back to batch_size x max_cache_length.
     llm = LLM("tiny-llama", batch_size=2, **dict(KW, kv_page_size=8, kv_cache_tokens="auto"))
-    assert llm.engine.config.kv_cache_tokens == 2 * 64 and llm.batcher.pages.num_pages == 16
+    assert llm.engine_config.kv_cache_tokens == 2 * 64 and llm.stats()["kv_pages"] == 16
     assert llm.generate_all([Request(id=0, prompt_token_ids=[5, 6, 7], sampling=SamplingParams(max_tokens=3))])[0].ok

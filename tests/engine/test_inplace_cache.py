@@ -11,7 +11,8 @@ import pytest
 
 from benchmarks.decode_step import cache_copies, cache_program_copies
 from engine.kv_cache import _set_rows
-from engine.llm import LLM
+from engine.config import make_settings
+from engine.llm import load_engine
 
 
 def test_the_check_sees_an_undone_bitcast_and_passes_a_plain_scatter():
@@ -28,7 +29,7 @@ def test_the_check_sees_an_undone_bitcast_and_passes_a_plain_scatter():
 @pytest.mark.parametrize("paged", [False, True])
 def test_decode_step_and_insert_write_the_cache_in_place(paged):
     kw = dict(kv_page_size=8, kv_cache_tokens=256) if paged else {}
-    llm = LLM("tiny-llama", batch_size=4, max_cache_length=64, context_size=32, decode_steps=2,
-              prefill_batch=2, quantize_kv_cache=True, warmup=False, **kw)
-    eng = llm.engine
-    assert cache_program_copies(eng, llm.params, llm.batcher.state, eng.decode_windows()[-1]) == []
+    loaded = load_engine(make_settings("tiny-llama", batch_size=4, max_cache_length=64, context_size=32,
+                                       decode_steps=2, prefill_batch=2, quantize_kv_cache=True, **kw))
+    eng = loaded.engine
+    assert cache_program_copies(eng, loaded.params, eng.init_decode_state()) == []

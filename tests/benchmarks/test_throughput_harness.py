@@ -4,12 +4,8 @@ makes the calls a real run makes."""
 
 import json
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-import throughput  # noqa: E402
+from benchmarks import throughput
 
 
 SCHED_KEYS = ("decode_calls", "prefill_calls", "refills", "page_waits", "live_slots", "kv_pages_peak")
@@ -20,11 +16,10 @@ def test_length_mix_profile_variant_and_dry_run(tmp_path):
     admissions wait for pages, longest first) runs the timed pass, a --variant with other
     scheduling then the first setting again, the --profile split and a --trace rerun. Every
     request and token is accounted for, the profile's parts add up, and --dry_run (the real
-    batcher over a schedule-only engine) makes exactly the calls each timed pass made."""
+    batcher over the fake engine) makes exactly the calls each timed pass made."""
     args = ["--model", "tiny-llama", "--dataset", "sharegpt", "--num_requests", "12", "--batch_size", "6",
             "--prefill_batch", "2", "--min_prefill_bucket", "64", "--max_cache_length", "2048",
-            "--quantize_kv_cache", "--engine", "kv_page_size=64", "--engine", "kv_cache_tokens=2048",
-            "--engine", "min_refill=2"]
+            "--quantize_kv_cache", "--kv_page_size", "64", "--kv_cache_tokens", "2048", "--min_refill", "2"]
     out = tmp_path / "mix.json"
     throughput.main(args + ["--variant", "min_refill=1,schedule=arrival", "--profile",
                             "--trace", str(tmp_path / "trace"), "--json", str(out)])
@@ -46,7 +41,7 @@ def test_length_mix_profile_variant_and_dry_run(tmp_path):
     assert 0 < parts <= prof["wall_s"] and abs(prof["host_s"] - (prof["wall_s"] - parts)) < 2e-3
 
     throughput.main(args + ["--dry_run", "--json", str(tmp_path / "dry.json")])
-    throughput.main(args + ["--dry_run", "--engine", "min_refill=1", "--engine", "schedule=arrival",
+    throughput.main(args + ["--dry_run", "--min_refill", "1", "--schedule", "arrival",
                             "--json", str(tmp_path / "dry_v.json")])
     dry = json.loads((tmp_path / "dry.json").read_text())
     dry_v = json.loads((tmp_path / "dry_v.json").read_text())
@@ -74,16 +69,15 @@ def test_peer_runs_first_in_its_own_process(tmp_path):
 
 def test_dry_run_reproduces_the_h100_schedule(tmp_path):
     """The ShareGPT-like mix at Llama-2-7B shapes, dry: the decode/prefill calls, refills and
-    page waits measured on the H100 (BENCHMARKS.md, session 5, calls 5 and 6; again in session 6's
-    call 2)."""
+    page waits that a real run on an H100 made (docs/benchmark-history.md, the length-mix runs of
+    2026-11-27)."""
     base = ["--model", "llama2-7b", "--dataset", "sharegpt", "--prefill_batch", "8", "--min_prefill_bucket", "64",
-            "--quantize_kv_cache", "--batch_size", "256", "--engine", "kv_page_size=64",
-            "--engine", "kv_cache_tokens=196608", "--dry_run"]
+            "--quantize_kv_cache", "--batch_size", "256", "--kv_page_size", "64",
+            "--kv_cache_tokens", "196608", "--dry_run"]
     h100 = {"longest_first": (128, 243, 35, 54, 3072), "arrival": (197, 266, 39, 0, 2830)}
     for schedule, want in h100.items():
         out = tmp_path / f"{schedule}.json"
-        throughput.main(base + ["--engine", f"schedule={schedule}", "--engine", "min_refill=16",
-                                "--json", str(out)])
+        throughput.main(base + ["--schedule", schedule, "--min_refill", "16", "--json", str(out)])
         r = json.loads(out.read_text())
         got = tuple(r[k] for k in ("decode_calls", "prefill_calls", "refills", "page_waits", "kv_pages_peak"))
         assert got == want, schedule

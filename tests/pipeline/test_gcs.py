@@ -17,7 +17,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 
-from test_pipeline import (assert_each_id_once, engine_args, read_outputs, run_job,  # noqa: E402,F401
+from tests.pipeline.test_pipeline import (assert_each_id_once, engine_args, read_outputs, run_job,  # noqa: E402,F401
                            tokenizer_dir)
 
 BUCKET = "test-bucket"

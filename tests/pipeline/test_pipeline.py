@@ -18,13 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import REPO
+
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    from tiny import byte_tokenizer
+    from tests.tiny import byte_tokenizer
     tok = byte_tokenizer()
     d = tmp_path_factory.mktemp("byte_tokenizer")
     tok.tok.save(str(d / "tokenizer.json"))
@@ -303,7 +304,7 @@ def test_dataflow_dry_run(tmp_path):
     # The DoFn (model, engine config, sampling) unpickles from the graph Dataflow would run.
     from apache_beam.internal import pickler
     fn = pickler.loads(payload.do_fn.payload)[0]
-    assert type(fn).__name__ == "GenerateFn" and fn.model == "tiny-llama"
+    assert type(fn).__name__ == "GenerateFn" and fn.settings.source.model == "tiny-llama"
     env = proto.components.environments[stateful[0].environment_id]
     assert b"jetbeam/worker:latest" in env.payload
     assert result.job.proto_pipeline.SerializeToString()
@@ -324,9 +325,8 @@ def test_run_inference_model_handler(tokenizer_dir):
     from apache_beam.testing.util import assert_that
     from transforms.model_handler import JetbeamModelHandler
     handler = JetbeamModelHandler(
-        model="tiny-llama", max_tokens=3,
-        engine_kwargs={"batch_size": 4, "max_cache_length": 32, "context_size": 16,
-                       "tokenizer_path": os.path.join(tokenizer_dir, "tokenizer.json")})
+        model="tiny-llama", max_tokens=3, batch_size=4, max_cache_length=32, context_size=16,
+        tokenizer_path=os.path.join(tokenizer_dir, "tokenizer.json"))
     examples = ["Hello", [1, 5, 6], {"messages": [{"role": "user", "content": "Hi"}]},
                 {"prompt": "x", "max_tokens": 1}, ""]
 

@@ -11,6 +11,7 @@ loaded back through `open_checkpoint` + `load_params` + `prefill`:
 * errors: one `error: ...` line, exit status 2, nothing left at OUT or next to it.
 """
 
+from tests import REPO
 import json
 import os
 import shutil
@@ -23,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_fixtures import safetensors_header, save_tiny_model, tiny_llama_config
-from test_meta import bf16_model, logits_of, tiny_sentencepiece, tokens_for_test, write_meta_checkpoint
+from tests.hf_fixtures import safetensors_header, save_tiny_model, tiny_llama_config
+from tests.engine.test_meta import bf16_model, logits_of, tiny_sentencepiece, tokens_for_test, write_meta_checkpoint
 from engine.convert import convert, main
 from engine.loaders import CheckpointError, open_checkpoint
 from engine.loaders.converted import load_converted
@@ -43,7 +44,7 @@ SCALE_RTOL = 2.5e-7
 Q_MISMATCH = 1e-3
 LOGIT_TOL = 1e-3
 
-HAS_GGUF_LOADER = os.path.exists(os.path.join(os.path.dirname(__file__), "..", "engine", "loaders", "gguf.py"))
+HAS_GGUF_LOADER = os.path.exists(os.path.join(REPO, "engine", "loaders", "gguf.py"))
 
 
 def assert_close(ours, ref, rel):
@@ -177,7 +178,7 @@ def test_gguf_to_jetbeam(tmp_path):
     pytest.importorskip("gguf")
     src_path = tmp_path / "tiny.gguf"
     model = bf16_model(seed=9)  # any float32 model; F32 GGUF stores it exactly
-    from gguf_fixtures import byte_vocab_fields, write_gguf
+    from tests.gguf_fixtures import byte_vocab_fields, write_gguf
     write_gguf(src_path, model, byte_vocab_fields(model.config.vocab_size))
     out = tmp_path / "from-gguf"
     assert run_cli("--input_checkpoint_dir", src_path, "--output_checkpoint_dir", out) == 0

@@ -14,10 +14,14 @@ import textwrap
 
 import pytest
 
+from tests import REPO
+
 CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from engine.llm import LLM
+    from engine.batcher import ContinuousBatcher
+    from engine.config import make_settings
+    from engine.llm import load_engine
     from engine.request import Request, SamplingParams
     out = {}
     rng = np.random.default_rng(0)
@@ -26,25 +30,27 @@ CHILD = textwrap.dedent("""
     runs += [("tiny-gemma", p, False, 0) for p in ("cpu", "cpu=8")]
     runs += [("tiny-llama", "cpu=4", True, 8)]  # a paged int8 cache, split by KV head
     for model, platform, q, page in runs:
-        llm = LLM(model, platform=platform, batch_size=2, max_cache_length=40, context_size=16,
-                  decode_steps=4, prefill_batch=2, quantize_weights=q, quantize_kv_cache=q,
-                  kv_page_size=page)
-        layer = llm.params["layers"][0]
+        loaded = load_engine(make_settings(
+            model, platform=platform, batch_size=2, max_cache_length=40, context_size=16, decode_steps=4,
+            prefill_batch=2, quantize_weights=q, quantize_kv_cache=q, kv_page_size=page))
+        eng = loaded.engine
+        layer = loaded.params["layers"][0]
         wq = layer.get("wq", layer.get("wqkv"))  # one device: q|k|v fused (engine/weights.py)
         wq = getattr(wq, "q", wq)
-        res = llm.generate_all([Request(id=i, prompt_token_ids=p,
-                                        sampling=SamplingParams(max_tokens=12, ignore_eos=True))
-                                for i, p in enumerate(prompts)])
-        cache = llm.batcher.state.cache.k[0]  # the live (not donated) cache
+        batcher = ContinuousBatcher(eng, loaded.params)
+        res = sorted(batcher.run([Request(id=i, prompt_token_ids=p,
+                                          sampling=SamplingParams(max_tokens=12, ignore_eos=True))
+                                  for i, p in enumerate(prompts)]), key=lambda r: r.id)
+        cache = batcher.state.cache.k[0]  # the live (not donated) cache
         out[f"{model}|{platform}" + ("|paged" if page else "") + f"|{q}"] = {
             "tokens": [r.completion_token_ids for r in res],
-            "devices": int(llm.engine.mesh.devices.size),
+            "devices": int(eng.mesh.devices.size),
             "wq_shards": len({str(s.index) for s in wq.addressable_shards}),
             "cache_shards": len({str(s.index) for s in cache.addressable_shards}),
         }
         if page:  # what kv_cache_tokens=auto counts per device, against the real sharded pool
             from engine import kv_budget
-            eng, c = llm.engine, llm.batcher.state.cache
+            c = batcher.state.cache
             shard = sum(x.addressable_shards[0].data.nbytes for part in (c.k, c.v, c.k_scale, c.v_scale)
                         for x in part)
             out["auto"] = {"pool_bytes_per_token": shard / ((eng.num_kv_pages + 1) * page),
@@ -59,7 +65,7 @@ CHILD = textwrap.dedent("""
 def runs():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+                          cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 

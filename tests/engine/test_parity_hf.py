@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_fixtures import (safetensors_header, save_tiny_model, tiny_gemma2_config, tiny_gemma_config,
+from tests.hf_fixtures import (safetensors_header, save_tiny_model, tiny_gemma2_config, tiny_gemma_config,
                          tiny_llama_config)
 from engine.loaders import CheckpointError, open_checkpoint
 from engine.loaders.hf import load_hf

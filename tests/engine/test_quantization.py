@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import configs
-from engine.config import ModelConfig
+from engine.model_config import ModelConfig
 from engine.kv_cache import init_cache, insert_prefix, pack_prefix
 from engine.model import decode_step, prefill
 from engine.quantize import QuantizedWeight, dequantize_weight, quantize_weight

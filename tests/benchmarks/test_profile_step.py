@@ -1,5 +1,5 @@
-"""benchmarks/profile_step.py's reading of a profiler trace, on a trace shaped like the ones an
-H100 wrote (session 3): device process "/device:GPU:0" with a stream line holding one event
+"""benchmarks/trace.py's reading of a profiler trace, on a trace shaped like the ones an
+H100 writes: device process "/device:GPU:0" with a stream line holding one event
 per kernel, plus host lines that must not count. On CPU the profiler records no device kernels,
 so the parser is checked on this file instead."""
 
@@ -9,7 +9,7 @@ import gzip
 import json
 import os
 
-from benchmarks.profile_step import category, device_events, device_kernels, idle_gaps, summarize
+from benchmarks.trace import category, device_events, device_kernels, idle_gaps, summarize
 
 
 def _write_trace(folder, events):

@@ -31,7 +31,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from engine.loaders import CheckpointError, open_checkpoint
-from gguf_fixtures import write_gguf
+from tests.gguf_fixtures import write_gguf
 from engine.loaders.gguf import load_gguf
 from engine.model import prefill, rope_inv_freq
 from engine.sharding import make_mesh
@@ -197,7 +197,7 @@ def test_unpermute_is_needed(tmp_path, tok_fields):
 
 def test_llama3_rope_scaling_recovered():
     """rope_freqs -> rope_scaling reproduces the divisors for Llama 3.1's real settings."""
-    from engine.config import ModelConfig
+    from engine.model_config import ModelConfig
     from engine.loaders.gguf import _llama3_scaling
     rs = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8192}

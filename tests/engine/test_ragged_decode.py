@@ -126,20 +126,27 @@ def test_conversion_methods_agree():
         ragged_decode_attention(*args, convert="fast", interpret=True)
 
 
-def test_env_settings(monkeypatch):
-    monkeypatch.setenv(rd.ENV_VAR, "block_t=32, method=dot,num_splits=2")
-    s = rd._settings(num_warps=8, block_t=None)
-    assert (s["block_t"], s["method"], s["num_splits"], s["num_warps"]) == (32, "dot", 2, 8)
-    monkeypatch.setenv(rd.ENV_VAR, "blok_t=32")
-    with pytest.raises(ValueError):
-        rd._settings()
+def test_kernel_settings_come_from_the_engine_config():
+    """EngineConfig.decode_kernel is parsed and checked against the kernel's settings at once;
+    explicit keyword arguments of the kernel take them over the defaults."""
+    from engine.config import EngineConfig, kernel_settings
+    from engine.kernels.settings import resolve
+    from engine.settings import ConfigError
+    assert kernel_settings("block_t=32, method=dot,num_splits=2") == (
+        ("block_t", 32), ("method", "dot"), ("num_splits", 2))
+    s = resolve(**dict(kernel_settings("block_t=32,method=dot")), num_warps=8)
+    assert (s["block_t"], s["method"], s["num_splits"], s["num_warps"]) == (32, "dot", 1, 8)
+    for bad, match in (("blok_t=32", "unknown ragged decode setting 'blok_t'"), ("method=fast", "method must be"),
+                       ("block_t", "not KEY=VALUE"), ("num_warps=x", "must be an integer")):
+        with pytest.raises(ConfigError, match=match):
+            EngineConfig(decode_kernel=bad)
 
 
 def test_engine_pallas_decode_matches_xla():
     """LLM(attention="pallas") with an int8 cache decodes the same greedy tokens as "xla"."""
     from engine.llm import LLM
     from engine.request import Request, SamplingParams
-    from tiny import byte_tokenizer
+    from tests.tiny import byte_tokenizer
 
     # One prefill bucket and small shapes: most of the time here is compiling two engines.
     kw = dict(max_cache_length=32, context_size=16, min_prefill_bucket=16, decode_steps=4,
@@ -149,7 +156,7 @@ def test_engine_pallas_decode_matches_xla():
 
     def run(attn):
         llm = LLM("tiny-llama", attention=attn, **kw)
-        assert llm.engine.attention_impl == attn
+        assert llm.engine_info()["decode_attention"] == attn
         reqs = [Request(id=i, prompt_token_ids=p, sampling=SamplingParams(max_tokens=14, ignore_eos=True))
                 for i, p in enumerate(prompts)]
         return [r.completion_token_ids for r in llm.generate_all(reqs)]

@@ -1,0 +1,138 @@
+"""A fake engine: the Engine API in plain numpy, with tokens a test can compute by hand.
+
+Like JetStream's mock engine, it lets the batcher run without a model or a device: tests check
+slot refill, serving order and page-pool admission against it, and benchmarks/dry_run.py counts
+the calls a real run would make for a length mix.
+
+The "model": a sequence's first token is (last prompt token + 1) mod vocab, and each next token
+is the one before plus 1, mod vocab. So a prompt ending in token t generates t+1, t+2, ...; a
+test picks where EOS falls by picking t. Every call is recorded in `calls`.
+
+It also checks the batcher's side of the contract, and raises `ContractError` when broken:
+a prompt longer than its bucket or not in one, a call size the geometry does not offer, and,
+with a paged cache, a page given to a slot while
+another live slot's row still names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from engine.engine_api import Engine, EngineGeometry, ResultTokens, geometry_of
+
+
+class ContractError(AssertionError):
+    """The batcher asked the engine for something the Engine API does not allow."""
+
+
+@dataclass
+class FakeState:
+    """Per-slot host arrays: last token, position, tokens generated (0: parked), page-table row."""
+
+    tokens: np.ndarray
+    pos: np.ndarray
+    step: np.ndarray
+    page_table: Optional[np.ndarray] = None
+
+
+@dataclass
+class FakePrefix:
+    first_token: np.ndarray  # [N]
+    true_length: np.ndarray  # [N]
+
+
+@dataclass
+class FakeEngine(Engine):
+    """An engine of the given geometry whose tokens count up from each prompt's last token."""
+
+    geo: EngineGeometry
+    calls: list = field(default_factory=list)  # ("prefill", n, bucket) | ("insert", slots) | ("generate", live)
+
+    @property
+    def geometry(self) -> EngineGeometry:
+        return self.geo
+
+    def load_params(self):
+        return None
+
+    def init_decode_state(self) -> FakeState:
+        b, g = self.geo.slots, self.geo
+        table = np.full((b, g.pages_per_slot), g.num_kv_pages, np.int32) if g.paged else None
+        return FakeState(np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32), table)
+
+    def prefill(self, *, params, padded_tokens, true_length, existing_prefix=None, sampling=None):
+        tokens = np.asarray(padded_tokens, np.int32)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        lengths = np.atleast_1d(np.asarray(true_length, np.int32))
+        n, bucket = tokens.shape
+        if bucket not in self.geo.prefill_buckets:
+            raise ContractError(f"padded length {bucket} is not a prefill bucket {self.geo.prefill_buckets}")
+        if n not in self.geo.prefill_sizes:
+            raise ContractError(f"{n} prompts in one call; the engine takes {self.geo.prefill_sizes}")
+        if (lengths < 1).any() or (lengths > min(bucket, self.geo.context_size)).any():
+            raise ContractError(f"true_length {lengths.tolist()} out of range for bucket {bucket}")
+        first = (tokens[np.arange(n), lengths - 1] + 1) % self.geo.vocab_size
+        self.calls.append(("prefill", n, bucket))
+        return FakePrefix(first.astype(np.int32), lengths), ResultTokens(first[:, None], np.ones((n, 1), bool),
+                                                                        lengths[:, None])
+
+    def insert(self, prefix: FakePrefix, decode_state: FakeState, slot, page_rows=None) -> FakeState:
+        slots = np.atleast_1d(np.asarray(slot, np.int32))
+        g, st = self.geo, decode_state
+        if g.paged and page_rows is None:
+            raise ContractError("a paged engine's insert needs page rows")
+        for row, s in enumerate(slots):
+            if s < 0:
+                continue
+            if g.paged:
+                pages = {int(p) for p in np.asarray(page_rows)[row] if p != g.num_kv_pages}
+                for other in np.flatnonzero(st.step > 0):
+                    if other == s:  # the insert replaces the slot's own row
+                        continue
+                    shared = pages & {int(p) for p in st.page_table[other]}
+                    if shared:
+                        raise ContractError(f"pages {sorted(shared)} given to slot {s} while live slot "
+                                            f"{other} holds them")
+                st.page_table[s] = np.asarray(page_rows)[row]
+            st.tokens[s] = prefix.first_token[row]
+            st.pos[s] = prefix.true_length[row]
+            st.step[s] = 1
+        self.calls.append(("insert", [int(s) for s in slots if s >= 0]))
+        return st
+
+    def release_slots(self, decode_state: FakeState, slots) -> FakeState:
+        mask = np.asarray(slots, bool)
+        decode_state.step[mask] = 0
+        decode_state.pos[mask] = 0
+        if decode_state.page_table is not None:
+            decode_state.page_table[mask] = self.geo.num_kv_pages
+        return decode_state
+
+    def generate(self, params, decode_state: FakeState, max_length=None):
+        st, g = decode_state, self.geo
+        steps = g.decode_steps
+        live = st.step > 0
+        toks = np.zeros((g.slots, steps), np.int32)
+        lengths = np.zeros((g.slots, steps), np.int32)
+        for i in range(steps):
+            st.tokens = np.where(live, (st.tokens + 1) % g.vocab_size, st.tokens).astype(np.int32)
+            st.pos = np.where(live, np.minimum(st.pos + 1, g.max_cache_length - 1), st.pos).astype(np.int32)
+            st.step = st.step + live
+            toks[:, i], lengths[:, i] = st.tokens, st.pos
+        self.calls.append(("generate", int(live.sum())))
+        return st, ResultTokens(toks, np.repeat(live[:, None], steps, 1), lengths)
+
+
+def fake_geometry(slots: int = 4, max_cache_length: int = 64, context_size: int = 32, decode_steps: int = 2,
+                  prefill_batch: int = 4, min_prefill_bucket: int = 8, vocab_size: int = 256,
+                  eos_token_ids: tuple = (2,), kv_page_size: int = 0, kv_cache_tokens: int = 0) -> EngineGeometry:
+    """The geometry a JaxEngine of these EngineConfig settings would have."""
+    from engine.config import EngineConfig
+    ec = EngineConfig(batch_size=slots, max_cache_length=max_cache_length, context_size=context_size,
+                      decode_steps=decode_steps, prefill_batch=prefill_batch, min_prefill_bucket=min_prefill_bucket,
+                      kv_page_size=kv_page_size, kv_cache_tokens=kv_cache_tokens)
+    return geometry_of(ec, vocab_size, eos_token_ids)

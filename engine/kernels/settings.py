@@ -1,0 +1,38 @@
+"""The ragged decode kernel's tunable settings and their defaults, importable without JAX.
+
+`EngineConfig.decode_kernel` ("block_t=32,method=dot", say) and benchmarks/decode_attention.py's
+grids are parsed here; engine/kernels/ragged_decode.py reads the defaults. The defaults are the
+fastest settings of the sweeps in BENCHMARKS.md; num_warps 0 picks the warp count by shape.
+"""
+
+from __future__ import annotations
+
+DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=0, num_stages=2, mask_loads=1,
+                convert="prmt")
+CHOICES = {"method": ("auto", "fma", "dot"), "convert": ("prmt", "magic", "cvt")}
+
+
+def parse_setting(key: str, val) -> tuple[str, object]:
+    """One kernel setting from text: (key, value typed as DEFAULTS holds it); ValueError if bad."""
+    key = key.strip()
+    if key not in DEFAULTS:
+        raise ValueError(f"unknown ragged decode setting {key!r} (known: {', '.join(sorted(DEFAULTS))})")
+    if isinstance(DEFAULTS[key], str):
+        val = str(val).strip()
+        if val not in CHOICES[key]:
+            raise ValueError(f"{key} must be one of {', '.join(CHOICES[key])}, got {val!r}")
+        return key, val
+    try:
+        out = int(val)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be an integer, got {val!r}") from None
+    if out < 0:
+        raise ValueError(f"{key} must be >= 0, got {out}")
+    return key, out
+
+
+def resolve(**explicit) -> dict:
+    """DEFAULTS with the explicit (not None) settings over them."""
+    out = dict(DEFAULTS)
+    out.update({k: v for k, v in explicit.items() if v is not None})
+    return out

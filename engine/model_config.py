@@ -1,0 +1,170 @@
+"""The architecture of a decoder-only transformer: one `ModelConfig` for every supported family.
+
+Llama 2/3, SmolLM2, Mistral (no sliding window), Gemma and Gemma 2 differ only in the switches
+below, never in code copies (MaxText style). Shipped configs live in configs/models/*.json;
+checkpoints bring their own (`from_hf`, and the GGUF and Meta loaders).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from engine.settings import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters of a decoder-only transformer."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    # Llama-3.1 style rope scaling: {"factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}; None for plain RoPE.
+    rope_scaling: Optional[dict] = None
+    rms_norm_eps: float = 1e-5
+    # Family switches.
+    activation: str = "silu"  # "silu" (SwiGLU, Llama) | "gelu_tanh" (GeGLU, Gemma)
+    norm_weight_offset: float = 0.0  # Gemma stores RMSNorm weights as w, applies (1 + w)
+    embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
+    tie_embeddings: bool = False  # lm_head shares the embedding matrix
+    # Gemma 2 switches (all off for other families).
+    post_norms: bool = False  # extra RMSNorm after attention and after the MLP (post_attn_norm, post_mlp_norm)
+    query_scale: Optional[float] = None  # scores use query_scale**-0.5 instead of head_dim**-0.5
+    attn_logit_softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap)
+    final_logit_softcap: Optional[float] = None  # logits -> cap * tanh(logits / cap)
+    sliding_window: Optional[int] = None  # local attention span of the layers in sliding_layers
+    sliding_layers: tuple = ()
+    bos_token_id: Optional[int] = 1
+    eos_token_ids: tuple = (2,)
+    family: str = "llama"  # informational: "llama" | "gemma"
+    name: str = "custom"
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def validate(self) -> "ModelConfig":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"unsupported activation {self.activation!r}")
+        return self
+
+    def param_count(self) -> int:
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = d * self.num_heads * self.head_dim * 2 + d * self.num_kv_heads * self.head_dim * 2
+        per_layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else v * d
+        return v * d + self.num_layers * per_layer + d + head
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        _check_fields(cls, d, "model")
+        d = dict(d)
+        if "sliding_layers" in d:
+            d["sliding_layers"] = tuple(d["sliding_layers"])
+        if "eos_token_ids" in d:
+            eos = d["eos_token_ids"]
+            d["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        return cls(**d).validate()
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["eos_token_ids"] = list(self.eos_token_ids)
+        out["sliding_layers"] = list(self.sliding_layers)
+        return out
+
+    @classmethod
+    def from_hf(cls, hf: dict, name: str = "custom") -> "ModelConfig":
+        """Map a Hugging Face `config.json` onto our switches."""
+        archs = hf.get("architectures") or []
+        model_type = hf.get("model_type", "")
+        if model_type not in ("llama", "gemma", "gemma2", "mistral") and not any(
+                a in ("LlamaForCausalLM", "GemmaForCausalLM", "MistralForCausalLM") for a in archs):
+            raise ValueError(
+                f"unsupported architecture: model_type={model_type!r}, architectures={archs}; "
+                "supported: llama, gemma, gemma2, mistral (no sliding window)")
+        if model_type == "mistral" and hf.get("sliding_window") not in (None, 0):
+            if hf["sliding_window"] < hf.get("max_position_embeddings", 0):
+                raise ValueError("mistral with a sliding window is not supported")
+        heads = hf["num_attention_heads"]
+        hidden = hf["hidden_size"]
+        gemma2 = model_type == "gemma2"
+        gemma = model_type == "gemma" or gemma2
+        eos = hf.get("eos_token_id", 2)
+        act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+        if gemma:
+            act = "gelu_tanh"  # Gemma uses the tanh approximation in practice (HF does too)
+        elif act not in ("silu", "swish"):
+            raise ValueError(f"unsupported activation {act!r}")
+        else:
+            act = "silu"
+        # Newer transformers (5.x) write `rope_parameters` (rope_theta + scaling in one dict)
+        # instead of the older top-level `rope_theta` / `rope_scaling`; accept both.
+        rope_params = hf.get("rope_parameters") or {}
+        rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        rope_scaling = hf.get("rope_scaling") or rope_params or None
+        if rope_scaling is not None:
+            kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+            if kind in (None, "default"):
+                rope_scaling = None
+            elif kind != "llama3":
+                raise ValueError(f"unsupported rope_scaling type {kind!r}")
+            else:
+                rope_scaling = {k: rope_scaling[k] for k in (
+                    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ValueError("attention/MLP biases are not supported")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hidden // heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5)),
+            activation=act,
+            norm_weight_offset=1.0 if gemma else 0.0,
+            embed_scale=gemma,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
+            family="gemma2" if gemma2 else ("gemma" if gemma else "llama"),
+            name=name,
+            **(_gemma2_fields(hf) if gemma2 else {}),
+        ).validate()
+
+
+def _gemma2_fields(hf: dict) -> dict:
+    """Gemma 2: post-norms, soft-capped scores and logits, sliding-window layers alternating with global."""
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    window = hf.get("sliding_window")
+    return dict(
+        post_norms=True,
+        query_scale=float(hf.get("query_pre_attn_scalar") or hf.get("head_dim") or 256),
+        attn_logit_softcap=hf.get("attn_logit_softcapping"),
+        final_logit_softcap=hf.get("final_logit_softcapping"),
+        sliding_window=window,
+        sliding_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention") if window else (),
+    )
+
+
+def _check_fields(cls, d: dict, what: str) -> None:
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown {what} config fields: {sorted(unknown)}")
