@@ -188,8 +188,8 @@ def main(argv=None):
         del paged8, pagedb, c8, cb
 
     if a.sweep:
-        # The --grid of settings, with masked loads (which beat unmasked loads on the H100 and
-        # H200, BENCHMARKS.md) and the "fma" method unless the grid names one.
+        # The --grid of settings, with masked loads (faster than unmasked ones in the sweeps of
+        # BENCHMARKS.md) and the "fma" method unless the grid names one.
         grid = sweep_grid("block_t=16,32 num_warps=2,4" if a.small else a.grid)
         paged_sweep = None
         if a.page:

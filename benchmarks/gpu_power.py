@@ -1,8 +1,7 @@
 """The GPU's SM clock, power draw and throttle reasons, sampled while a benchmark runs.
 
-Why: through a sustained run an H100 sits at its 700 W power cap with its SM clock well under
-its maximum, and the compute-bound prefill slows down with it (BENCHMARKS.md, session 8). A
-short benchmark runs at full clock; a whole run does not. Recording the clock beside each timed
+Why: through a sustained run a GPU can sit at its power cap with its SM clock well under its
+maximum, and the compute-bound prefill slows down with it. A short benchmark runs at full clock; a whole run does not. Recording the clock beside each timed
 run says which of the two a number is, and explains part of the noise between calls.
 
     with PowerSampler() as power:

@@ -124,8 +124,8 @@ def run(args) -> dict:
         assert out.shape == (batch, args.input_len + new_tokens), out.shape
         return time.perf_counter() - t0
 
-    # A full-length warm-up: on the H100 a short one left the first timed batch 2.3x slower
-    # (kernel selection and cache growth happen at every new length).
+    # A full-length warm-up: after a short one the first timed batch runs slow (kernel
+    # selection and cache growth happen at every new length).
     # The warm-up also finds the batch that fits: on out-of-memory it halves the batch and
     # retries (a bf16 cache at 128 x 1152 tokens does not fit next to 7B weights on 80 GB),
     # so the peer runs at the largest power-of-two fraction of the asked batch that fits.

@@ -7,7 +7,7 @@ every byte that must cross HBM at `bandwidth`, every FLOP at `flops`, whichever 
 
     python benchmarks/roofline.py --model llama2-7b --slots 256 --input_len 256 --output_len 256 [--quantized]
     python benchmarks/roofline.py --model tiny-llama --small     # tiny shapes, e.g. on CPU
-    # skip measuring and use known ceilings (H100, see shared/notes/h100-measured.md):
+    # skip measuring and use a card's known ceilings (copy bandwidth in B/s, matmul FLOP/s):
     python benchmarks/roofline.py --model llama2-7b --bandwidth 2.94e12 --flops 895e12
 """
 

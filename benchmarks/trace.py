@@ -68,7 +68,7 @@ def idle_gaps(events: list[tuple[str, float, float]], min_gap_us: float = 1000.0
     """How much of a traced span the device sat idle, and where: the union of kernel intervals
     against first start to last end, and the longest gaps with the kernels on either side.
     The profiler slows the host that launches the kernels, so a traced run shows gaps an
-    untraced one does not have (on an H100, 5 s of them in a run whose wall time doubled)."""
+    untraced one does not have."""
     if not events:
         return {"gap_ms_by_size": {}, "gap_pairs": [], "span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0,
                 "gaps_over_min": 0, "gaps_over_min_ms": 0.0, "top": []}

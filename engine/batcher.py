@@ -41,10 +41,11 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from engine.admission import cache_tokens, max_tokens, prompt_ids, serving_order
 from engine.config import SchedulerConfig
 from engine.engine_api import Engine
 from engine.kv_pages import PagePool
-from engine.request import Request, RequestError, Result, SamplingParams
+from engine.request import Request, Result
 from engine.sampling import SlotSampling
 from engine.sched_stats import SCHEDULER_STATS
 
@@ -120,67 +121,22 @@ class ContinuousBatcher:
             self.stats[key] += time.perf_counter() - t0
         return out
 
-    # ---- request preparation ----
+    # ---- admission (engine/admission.py) ----
     def prepare(self, req: Request) -> list:
         """Token ids of a request's prompt; RequestError with the reason if it cannot be served."""
-        geo = self.geo
-        if not isinstance(req.sampling, SamplingParams):
-            raise RequestError(f"sampling must be a SamplingParams, got {type(req.sampling).__name__}")
-        if req.prompt_token_ids is not None:
-            ids = [int(t) for t in req.prompt_token_ids]
-            vocab = geo.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise RequestError(f"prompt_token_ids contains ids outside [0, {vocab}): {bad[:5]}")
-        elif req.prompt is None or not isinstance(req.prompt, str) or not req.prompt.strip():
-            raise RequestError("missing or empty prompt")
-        elif self.tokenizer is None:
-            raise RequestError("this model has no tokenizer: send prompt_token_ids instead of text")
-        else:
-            ids = self.tokenizer.encode(req.prompt)
-        if not ids:
-            raise RequestError("missing or empty prompt")
-        if len(ids) > geo.context_size:
-            raise RequestError(f"prompt has {len(ids)} tokens, longer than context_size {geo.context_size}")
-        if self.pages is not None:
-            need = self.pages.pages_for(self._cache_tokens(ids, req))
-            if need > self.pages.num_pages:
-                raise RequestError(
-                    f"prompt ({len(ids)} tokens) plus max_tokens needs {need} KV cache pages of "
-                    f"{geo.kv_page_size} tokens; the pool holds {self.pages.num_pages} (kv_cache_tokens)")
-        return ids
+        return prompt_ids(req, self.geo, self.tokenizer, self.pages)
 
     def _prepared(self, requests: Iterable[Request]):
-        """(request, prompt ids) pairs in serving order, and an error Result for each request
-        that cannot be served. With schedule "longest_first", requests are read a window at a
-        time and each window is served longest first: in a length mix the longest requests
-        decide when a job ends, and started last they decode alone while the other slots idle
-        (offline batches know each request's max_tokens up front)."""
-        sched = self.scheduler
-        window = sched.schedule_window if sched.schedule == "longest_first" else 1
-        source = iter(requests)
-        while True:
-            chunk = []
-            for req in source:
-                try:
-                    chunk.append((req, self.prepare(req)))
-                except RequestError as e:
-                    self.stats["errors"] += 1
-                    yield Result(id=req.id, error=str(e), metadata=req.metadata)
-                if len(chunk) >= window:
-                    break
-            if not chunk:
-                return
-            if window > 1:  # stable: requests equal in both keys keep arrival order
-                chunk.sort(key=lambda item: (-self._max_tokens(item[1], item[0]), -len(item[1])))
-            yield from chunk
+        for item in serving_order(requests, self.scheduler, self.geo, self.prepare):
+            if isinstance(item, Result):
+                self.stats["errors"] += 1
+            yield item
 
     def _max_tokens(self, ids, req) -> int:
-        return min(req.sampling.max_tokens, self.geo.max_cache_length - len(ids))
+        return max_tokens(self.geo, ids, req)
 
     def _cache_tokens(self, ids, req) -> int:
-        """Cache positions a request can write: its prompt and every token but the last."""
-        return len(ids) + self._max_tokens(ids, req) - 1
+        return cache_tokens(self.geo, ids, req)
 
     def _fitting(self, waiting, limit: int) -> int:
         """How many requests at the head of `waiting` (at most `limit`) the free pages hold."""
@@ -297,9 +253,8 @@ class ContinuousBatcher:
         """Split admitted (request, ids) pairs into prefill calls: (bucket, chunk) pairs.
 
         Longest prompts first. A call takes prompts of its own bucket, and shorter ones too
-        while its padded size stays within MERGE_TOKENS: on an H100 a 7B prefill call of a
-        few hundred tokens costs about as much as one of a thousand (too few GEMM tiles to fill
-        the GPU), and a length mix frees slots a few at a time across several buckets.
+        while its padded size stays within MERGE_TOKENS: on a GPU a 7B prefill call of a few
+        hundred tokens costs about as much as one of a thousand (too few GEMM tiles to fill it), and a length mix frees slots a few at a time across several buckets.
         Call sizes come from geometry.prefill_sizes (powers of two), so no row is padding.
         """
         geo = self.geo

@@ -23,6 +23,7 @@ from engine.engine_api import Engine, EngineGeometry, ResultTokens, geometry_of
 from engine.kv_cache import KVCache, init_cache, insert_prefix, insert_prefix_paged, pack_prefix
 from engine.model import decode_step, prefill as model_prefill
 from engine.model_config import ModelConfig
+
 from engine.sampling import SlotSampling, sample
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,8 @@ class JaxEngine(Engine):
 
         On NVIDIA GPUs in 16-bit, "auto" takes cuDNN's fused attention: flash attention for
         prefill and, for a 16-bit cache, its decode kernel with per-slot kv lengths (reads only
-        the filled cache at ~3 TB/s on an H100). An int8 cache goes to our ragged Pallas kernel
-        (engine/kernels), which beat XLA's masked einsum there (BENCHMARKS.md), provided Triton
+        the filled cache). An int8 cache goes to our ragged Pallas kernel (engine/kernels),
+        which is faster than XLA's masked einsum (BENCHMARKS.md), provided Triton
         compiles it for this model's head shapes; otherwise, and on CPU/TPU, XLA. A paged
         16-bit cache goes to the Pallas kernel too: cuDNN's decode reads no page table.
         """
@@ -104,7 +105,7 @@ class JaxEngine(Engine):
         prefill = "cudnn" if cudnn_ok and attn in ("auto", "cudnn", "pallas") else "xla"
 
         def pallas_or_xla():
-            ok = backend == "gpu" and _pallas_compiles(self.model_config, self.dtype, self.config.kv_page_size)
+            ok = backend == "gpu" and kernel_compiles(self.model_config, self.dtype, self.config.kv_page_size)
             return "pallas" if ok else "xla"
 
         if attn == "auto":
@@ -384,24 +385,10 @@ class JaxEngine(Engine):
         return decode_state
 
 
-def _pallas_compiles(cfg: ModelConfig, dtype, page: int = 0) -> bool:
-    """Compile and run the ragged kernel once on tiny inputs of this model's head shapes
-    (as 2 slots of 128 tokens, or, paged, 2 x 128 / page pages of `page` tokens)."""
-    try:
-        from engine.kernels.ragged_decode import ragged_decode_attention
-        hkv, g, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-        q = jnp.zeros((2, hkv * g, d), dtype)
-        rows, t, table = 2, 128, None
-        if page:  # the same 256 tokens as pages, through a page table
-            rows, t = max(1, 256 // page), page
-            table = jnp.arange(rows, dtype=jnp.int32).reshape(2, -1) if rows > 1 else jnp.zeros((2, 1), jnp.int32)
-        k = jnp.zeros((rows, t, hkv, d), jnp.int8)
-        s = jnp.ones((rows, hkv, t), jnp.float32)  # scales [B or pages, Hkv, T or page]
-        out = ragged_decode_attention(q, k, k, s, s, jnp.array([1, 100], jnp.int32), d ** -0.5,
-                                      page_table=table)
-        jax.block_until_ready(out)
-        return True
-    except Exception as e:  # a Triton or Pallas version that rejects the kernel: use XLA
-        log.warning("ragged Pallas decode kernel unavailable (%s: %s); int8 cache read by XLA",
-                    type(e).__name__, str(e)[:200])
-        return False
+def kernel_compiles(cfg: ModelConfig, dtype, page: int = 0) -> bool:
+    """Whether the ragged Pallas decode kernel compiles for this model's head shapes here."""
+    from engine.kernels.ragged_decode import compiles_for
+    ok, why = compiles_for(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, dtype, page)
+    if not ok:
+        log.warning("ragged Pallas decode kernel unavailable (%s); int8 cache read by XLA", why)
+    return ok

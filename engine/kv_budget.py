@@ -1,8 +1,8 @@
 """Sizing a paged KV cache from device memory: `kv_cache_tokens="auto"`.
 
 A paged pool should hold as many tokens as the device has room for: each extra page is a
-request admitted sooner (with a length mix the pool, not the slot count, bounded the job:
-BENCHMARKS.md, session 5). By hand that needs the weights' size, the compiled programs'
+request admitted sooner (with a length mix the pool, not the slot count, bounds the job). By
+hand that needs the weights' size, the compiled programs'
 workspace and the allocator's limit. "auto" takes them from the device instead, as vLLM's
 gpu_memory_utilization does: once the weights are loaded, the pool gets the allocator's free
 bytes less

@@ -11,8 +11,8 @@ layout cuDNN's attention reads directly), in the compute dtype or int8 with one 
 scale per (slot, kv_head, token). The scales are stored [slots, kv_heads, T], not
 [slots, T, kv_heads]: a decode kernel walking one head's tokens then reads them contiguously
 instead of one 4-byte value per 32-byte memory sector. Layers are separate arrays (a Python list), not one
-stacked array: on an H100 a scan over stacked layers copied each layer's slice and ran
-~3x slower than unrolled layers (../shared/notes/h100-measured.md).
+stacked array: a scan over stacked layers copies each layer's slice, several times slower on a
+GPU than unrolled layers.
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def _set_rows(dst, where, src, words: Optional[bool] = None, **kw):
     """dst.at[where].set(src) over whole last-axis rows.
 
     With `words` (default: on GPUs) the rows are scattered as 32-bit words. XLA's GPU scatter
-    stores one element per thread, and for int8 K/V, one byte per thread, the insert ran at
-    ~0.2 TB/s (BENCHMARKS.md, session 8). There the view is a free bitcast and the donated
+    stores one element per thread, and for int8 K/V one byte per thread is a small fraction of
+    the memory bandwidth. There the view is a free bitcast and the donated
     cache is still updated in place; XLA's CPU backend instead copies the whole cache to undo
     the view, so elsewhere the plain scatter stays."""
     if words is None:

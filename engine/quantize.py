@@ -54,9 +54,9 @@ def dequantize_weight(w: QuantizedWeight, dtype=jnp.float32):
 
 
 # Rows at or above which a quantized matmul converts its weight in a separate op first.
-# XLA fuses the int8->bf16 convert into its own GEMM kernel, which on an H100 beats cuBLAS
-# only for few rows (../shared/notes/h100-measured.md); prefill's thousands of rows run the
-# plain bf16 GEMM much faster, and one layer's bf16 copy is a small, short-lived temporary.
+# XLA fuses the int8->bf16 convert into its own GEMM kernel, which beats cuBLAS only at
+# decode's few rows; prefill's thousands of rows run the plain bf16 GEMM much faster, and one
+# layer's bf16 copy is a small, short-lived temporary.
 DEQUANT_ROWS = 1024
 
 

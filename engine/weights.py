@@ -117,10 +117,9 @@ FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
 def fuse_projections(params: dict) -> dict:
     """Concatenate each layer's q|k|v and gate|up matrices along their output columns.
 
-    Why: a decode step at a few hundred rows runs each projection as its own small GEMM; on an
-    H100 the seven per layer took ~200 us against ~140 us of weight traffic. Fused, the GEMMs
-    of a Llama-2-7B step at 256 slots took 5.60 ms instead of 6.36, and a 256/256 run gained
-    3.8% (BENCHMARKS.md, session 3). `engine.model` splits the outputs again. Works for plain
+    Why: a decode step at a few hundred rows runs each projection as its own small GEMM, and
+    seven small GEMMs a layer take longer than their weight traffic; two larger ones come
+    closer to it. `engine.model` splits the outputs again. Works for plain
     and int8 weights (their per-column scales concatenate too). Only for unsharded weights: a
     column-split mesh would need per-shard interleaving. Changes `params` in place; each
     layer's parts are freed as its fused matrix is built.

@@ -20,8 +20,8 @@ Paged caches (page_table given): K/V are a pool of pages [P, page, Hkv, D] (scal
 [P, Hkv, page]) shared by all slots, and page_table [B, W] names slot b's page for positions
 [j*page, (j+1)*page). The kernel takes the whole pool as one block and loads each block's rows
 from page page_table[b, j] (block_t divides page, so a block never straddles pages). The next
-block's page index is loaded one loop iteration ahead. On an H100 the paged kernel ran 5-7%
-slower than the contiguous one over the same int8 cache, bit-identical (BENCHMARKS.md).
+block's page index is loaded one loop iteration ahead. Paged and contiguous caches give
+bit-identical outputs.
 
 Two ways to compute the G query rows against a block (`method`):
 - "fma": each query row separately, scores = sum(k * q_g, axis=1) and out += sum(p[:, None] * v,
@@ -29,19 +29,16 @@ Two ways to compute the G query rows against a block (`method`):
   in Python; "auto" uses it for G=1 (MHA: Llama-2-7B, Gemma-7B).
 - "dot": tensor-core dots, q padded with zero rows to Gp = max(16, next power of 2 >= G)
   (Triton's dot needs M >= 16), int8 converted to q's dtype (exact for bf16), probabilities
-  cast to q's dtype for p @ v like the XLA path. Faster for every G >= 2 that was measured.
-"auto" picks "fma" for G=1 and "dot" for G >= 2 (on an H100, "dot" was 1.2x faster at G=2,
-1.8x at G=3 and 2.9x at G=4, each at its best warp count).
+  cast to q's dtype for p @ v like the XLA path.
+"auto" picks "fma" for G=1 and "dot" for G >= 2, where the tensor cores win (BENCHMARKS.md).
 
 Settings (engine/kernels/settings.py) come as keyword arguments; the engine passes its
 `decode_kernel` setting, e.g. "block_t=32,method=dot,num_splits=2,num_warps=8,num_stages=3,
-mask_loads=1,convert=cvt". `convert` picks how
-the "fma" method turns int8 into float32: "prmt" (the default: the float bits of 2**23 + 128 + x
-built by one byte-permute per element in inline PTX), "magic" (the same bits by an integer add)
-or "cvt" (a plain convert, 7% slower on an H100). All three are exact.
-
-64-token blocks; warps by shape (`_warps`), both measured on an H100 (BENCHMARKS.md). Integer
-dot products for the scores (DP4A on an int8 query, commit 5df884a) gained under 3%: not kept.
+mask_loads=1,convert=cvt". `convert` picks how the "fma" method turns int8 into float32:
+"prmt" (the default: the float bits of 2**23 + 128 + x built by one byte-permute per element in
+inline PTX), "magic" (the same bits by an integer add) or "cvt" (a plain convert, the slowest).
+All three are exact. Block size and warps by shape (`_warps`) are the fastest of the sweeps
+in BENCHMARKS.md.
 
 Works with jax 0.10 (CPU: interpret=True only) and 0.11 (GPU: Triton). The Triton backend is
 chosen explicitly via triton CompilerParams: newer jax lowers pallas_call on GPU to Mosaic GPU
@@ -58,6 +55,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from engine.kernels.int8_convert import int8_to_f32
 from engine.kernels.settings import resolve
 
 try:  # pallas.triton in current jax; pallas.gpu in older releases
@@ -68,6 +66,7 @@ except ImportError:  # pragma: no cover
 NEG_INF = -1e30
 # A squeezed block dimension: pl.squeezed in newer jax, None (its older spelling) otherwise.
 _SQ = getattr(pl, "squeezed", None)
+
 
 def _compiler_params(num_warps: int, num_stages: int):
     for name in ("CompilerParams", "TritonCompilerParams"):
@@ -86,46 +85,6 @@ def _load(ref, mask, other):
     """A masked load: plgpu.load in new jax, pl.load in old."""
     fn = getattr(plgpu, "load", None) or getattr(pl, "load")
     return fn(ref, mask=mask, other=other)
-
-
-_MAGIC = 0x4B000080  # float32 bits of 2**23 + 128
-_MAGIC_F = float(2 ** 23 + 128)
-
-
-def _int8_to_f32(x, convert: str, interpret: bool = False):
-    """int8 -> float32, exactly. "cvt" is the plain conversion (I2F, which an H100 SM issues at
-    a quarter of its integer-add rate: it bounded the kernel). "magic" sign-extends, adds the
-    bits of 2**23 + 128 so that x + 128 lands in the float's low mantissa bits, bitcasts, and
-    subtracts 2**23 + 128: integer and float adds only. "prmt" builds the same float bits with
-    one byte-permute instruction per element straight from the packed bytes, skipping the
-    sign extension and the integer add (inline PTX; interpreted runs use "magic")."""
-    if convert == "cvt" or x.dtype != jnp.int8:
-        return x.astype(jnp.float32)
-    if convert == "prmt" and not interpret:
-        bits = _prmt_magic_bits(x)
-    else:
-        bits = x.astype(jnp.int32) + jnp.int32(_MAGIC)
-    return lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(_MAGIC_F)
-
-
-# Four int8 in one 32-bit register -> four words 0x4B0000uu, uu = byte + 128 (flip its sign bit):
-# as float32 each is 2**23 + 128 + x. PRMT's selector 0x765i takes byte i of t for the low byte
-# and bytes 1..3 of the constant 0x4B000000 above it.
-_PRMT_ASM = """{
-.reg .b32 t;
-xor.b32 t, $4, 0x80808080;
-prmt.b32 $0, t, 0x4B000000, 0x7650;
-prmt.b32 $1, t, 0x4B000000, 0x7651;
-prmt.b32 $2, t, 0x4B000000, 0x7652;
-prmt.b32 $3, t, 0x4B000000, 0x7653;
-}"""
-
-
-def _prmt_magic_bits(x):
-    (bits,) = plgpu.elementwise_inline_asm(
-        _PRMT_ASM, args=[x], constraints="=r,=r,=r,=r,r", pack=4,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.int32)])
-    return bits
 
 
 def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quantized: bool,
@@ -200,8 +159,8 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         def body(i, carry, pg):
             ms, ls, accs = carry
             valid, k, v, ks, vs = block(i, pg)
-            k = _int8_to_f32(k, convert, interpret)
-            v = _int8_to_f32(v, convert, interpret)
+            k = int8_to_f32(k, convert, interpret)
+            v = int8_to_f32(v, convert, interpret)
             new_m, new_l, new_acc = [], [], []
             for j in range(g):
                 s = jnp.sum(k * qs[j][None, :], axis=1)  # [block_t]
@@ -266,11 +225,9 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
 
 
 def _warps(method: str, g: int, d: int) -> int:
-    """Warps per program when not set. H100, one layer at 256 slots, T 512 (BENCHMARKS.md,
-    session 7), 2 warps against the earlier default of 4:
-    - "fma", G=1, D=128 (Llama-2-7B): 0.323 against 0.349 ms; G=2 and 3: also faster;
-      G=4: 1.7x slower; D=256 (Gemma-7B): 0.346 against 0.318, slower.
-    - "dot" (q padded to 16 rows for every G <= 16): G=2, 3, 4 each 8-11% faster."""
+    """Warps per program when not set: the fastest count of the sweep per shape (BENCHMARKS.md,
+    decode attention). 2 warps for "dot" up to G=16 and for "fma" with G <= 3 and D <= 128;
+    4 otherwise (more query rows or wider heads need the registers)."""
     if method == "dot":
         return 2 if g <= 16 else 4
     return 2 if g <= 3 and d <= 128 else 4
@@ -316,7 +273,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     g = h // hkv
     quantized = k_scale is not None
     method = cfg["method"]
-    if method == "auto":  # H100 (session 7): dot beat fma by 1.2x at G=2, 1.8x at 3, 2.9x at 4
+    if method == "auto":  # tensor cores pay once a kv head serves two or more query heads
         method = "dot" if g >= 2 else "fma"
     if method not in ("fma", "dot"):
         raise ValueError(f"method must be 'auto', 'fma' or 'dot', not {method!r}")
@@ -392,3 +349,25 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     else:
         o = outs[0]
     return o[:, :, :g].reshape(b, h, d)
+
+
+def compiles_for(kv_heads: int, group: int, head_dim: int, dtype, page: int = 0) -> tuple[bool, str]:
+    """(True, "") if the kernel compiles and runs here for these head shapes, else (False, why).
+
+    Runs it once on tiny inputs: 2 slots of 128 tokens, or, paged, the same 256 tokens as pages
+    of `page` tokens. A Triton or Pallas version that rejects the kernel is not an error: the
+    engine reads the cache with XLA instead."""
+    try:
+        q = jnp.zeros((2, kv_heads * group, head_dim), dtype)
+        rows, t, table = 2, 128, None
+        if page:
+            rows, t = max(1, 256 // page), page
+            table = jnp.arange(rows, dtype=jnp.int32).reshape(2, -1) if rows > 1 else jnp.zeros((2, 1), jnp.int32)
+        k = jnp.zeros((rows, t, kv_heads, head_dim), jnp.int8)
+        s = jnp.ones((rows, kv_heads, t), jnp.float32)  # scales [B or pages, Hkv, T or page]
+        out = ragged_decode_attention(q, k, k, s, s, jnp.array([1, 100], jnp.int32), head_dim ** -0.5,
+                                      page_table=table)
+        jax.block_until_ready(out)
+        return True, ""
+    except Exception as e:  # noqa: BLE001  (any rejection means: not here)
+        return False, f"{type(e).__name__}: {str(e)[:200]}"

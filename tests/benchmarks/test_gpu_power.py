@@ -1,7 +1,7 @@
 """benchmarks/gpu_power.py: nvidia-smi's samples parsed and summarized, the sampler's process
 and file plumbing, and its answer where there is no nvidia-smi (this machine). No GPU here, so
 a stand-in `nvidia-smi` script prints lines in the real format; the H100 lines are from
-session 8's call 7 (BENCHMARKS.md), rewritten without units as `nounits` prints them."""
+a sustained run at the power cap, rewritten without units as `nounits` prints them."""
 
 from __future__ import annotations
 

@@ -264,7 +264,8 @@ def test_byte_level_tokenizer_matches_source(tmp_path, tok_fields):
 def test_every_pre_tokenizer_builds_and_round_trips(tok_fields):
     """Each tokenizer.ggml.pre split compiles in `tokenizers` and loses no text; "smollm"
     (llama.cpp: digits one by one, then GPT-2's split) keeps digits apart."""
-    from engine.loaders.gguf import _PRE_SPLITS, _Meta, _byte_level_tokenizer
+    from engine.loaders.gguf import _Meta
+    from engine.loaders.gguf_tokenizer import _PRE_SPLITS, _byte_level_tokenizer
     tokens, merges, types = tok_fields
 
     class Meta(_Meta):

@@ -8,7 +8,7 @@ import pytest
 
 import jax.numpy as jnp
 
-from engine.kernels import ragged_decode as rd
+from engine.kernels import int8_convert as ic
 from engine.kernels.ragged_decode import ragged_decode_attention
 from engine.kv_cache import KVCache, decode_attention
 
@@ -91,18 +91,18 @@ def test_unfilled_cache_is_never_read():
 
 def test_int8_conversions_are_exact():
     x = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8)
-    np.testing.assert_array_equal(np.asarray(rd._int8_to_f32(x, "magic")), np.arange(-128, 128, dtype=np.float32))
+    np.testing.assert_array_equal(np.asarray(ic.int8_to_f32(x, "magic")), np.arange(-128, 128, dtype=np.float32))
 
 
 def test_prmt_conversion_asm_is_exact():
-    """Run the PTX of convert="prmt" (rd._PRMT_ASM) through a small emulator of xor.b32 and
+    """Run the PTX of convert="prmt" (ic._PRMT_ASM) through a small emulator of xor.b32 and
     prmt.b32 on all 256 int8 values: the words it builds, as float32 minus 2**23 + 128, must be
     the values themselves, each in its own lane. (The GPU runs the real instructions; CPU
     tests interpret the kernel with "magic", which builds the same words.)"""
     import re
     x = np.arange(-128, 128, dtype=np.int8)
     regs = {"$4": x.view(np.uint32)}  # four values per 32-bit register, element 0 in byte 0
-    for op, dst, a, b, *sel in re.findall(r"(xor|prmt)\.b32 (\S+), (\S+), (\w+)(?:, (\w+))?;", rd._PRMT_ASM):
+    for op, dst, a, b, *sel in re.findall(r"(xor|prmt)\.b32 (\S+), (\S+), (\w+)(?:, (\w+))?;", ic._PRMT_ASM):
         if op == "xor":
             regs[dst] = regs[a] ^ np.uint32(int(b, 16))
             continue
@@ -111,7 +111,7 @@ def test_prmt_conversion_asm_is_exact():
         c = int(sel[0], 16)
         regs[dst] = sum(pool[(c >> (4 * j)) & 7] << np.uint32(8 * j) for j in range(4)).astype(np.uint32)
     lanes = np.stack([regs[f"${i}"] for i in range(4)], axis=-1).reshape(-1)
-    got = lanes.view(np.float32) - np.float32(rd._MAGIC_F)
+    got = lanes.view(np.float32) - np.float32(ic._MAGIC_F)
     np.testing.assert_array_equal(got, x.astype(np.float32))
 
 

@@ -1,4 +1,4 @@
-"""End-to-end tests of the Beam pipeline (issue 4), on real Beam with the tiny-llama config.
+"""End-to-end tests of the Beam pipeline, on real Beam with the tiny-llama config.
 
 tiny-llama has random weights and a 256-token vocabulary; a byte-level tokenizer (tests/tiny.py)
 saved as tokenizer.json lets text prompts and chat messages go through the real code paths.
