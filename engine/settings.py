@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import typing
 from typing import Any, Mapping, Optional
@@ -42,8 +43,25 @@ def fields_of(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
 def _hint(cls, name: str):
-    return typing.get_type_hints(cls)[name]
+    return _hints(cls)[name]
+
+
+@functools.lru_cache(maxsize=None)
+def _rules(cls) -> tuple:
+    """(name, kinds, optional, choices, minimum, maximum) per setting of `cls`, worked out once:
+    check_fields runs at every construction (a request's SamplingParams included)."""
+    out = []
+    for f in fields_of(cls):
+        kinds, optional = _kinds(_hint(cls, f.name))
+        out.append((f.name, frozenset(kinds), optional, f.metadata["choices"], f.metadata["minimum"],
+                    f.metadata["maximum"]))
+    return tuple(out)
 
 
 def _kinds(hint) -> tuple[set, bool]:
@@ -148,28 +166,24 @@ def parse_value(cls, name: str, value: Any) -> Any:
 
 def check_fields(obj) -> None:
     """Hold every setting of a dataclass instance to its type, choices and bounds."""
-    cls = type(obj)
-    for f in fields_of(cls):
-        value = getattr(obj, f.name)
-        kinds, optional = _kinds(_hint(cls, f.name))
+    for name, kinds, optional, choices, lo, hi in _rules(type(obj)):
+        value = getattr(obj, name)
         if value is None:
             if optional:
                 continue
-            raise ConfigError(f"{f.name}: must be set, got None")
-        choices = f.metadata["choices"]
+            raise ConfigError(f"{name}: must be set, got None")
         if choices and "str" in kinds and isinstance(value, str):
             if value not in choices:
-                raise ConfigError(f"{f.name}: must be one of {', '.join(map(str, choices))}; got {value!r}")
+                raise ConfigError(f"{name}: must be one of {', '.join(map(str, choices))}; got {value!r}")
             continue
         if not any(_is(k, value) for k in kinds):
-            raise ConfigError(f"{f.name}: must be {' or '.join(_KIND_WORDS[k] for k in sorted(kinds))}, "
+            raise ConfigError(f"{name}: must be {' or '.join(_KIND_WORDS[k] for k in sorted(kinds))}, "
                               f"got {value!r}")
-        lo, hi = f.metadata["minimum"], f.metadata["maximum"]
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if lo is not None and value < lo:
-                raise ConfigError(f"{f.name}: must be >= {lo}, got {value!r}")
+                raise ConfigError(f"{name}: must be >= {lo}, got {value!r}")
             if hi is not None and value > hi:
-                raise ConfigError(f"{f.name}: must be <= {hi}, got {value!r}")
+                raise ConfigError(f"{name}: must be <= {hi}, got {value!r}")
 
 
 def from_mapping(cls, d: Mapping, where: str = "", base=None):
