@@ -26,7 +26,7 @@ from typing import Mapping, Optional, Union
 
 from engine.request import SamplingParams
 from engine.settings import (ConfigError, add_arguments, check_fields, fields_of, from_mapping, set_flags,
-                             setting, to_mapping)
+                             setting, to_mapping, unknown_key)
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 PLATFORMS = ("tpu", "gpu", "cpu", "cuda", "rocm")
@@ -246,7 +246,7 @@ class Settings:
         owner = cls.keys()
         unknown = sorted(k for k in flat if k not in owner)
         if unknown:
-            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(owner))})")
+            raise unknown_key(where, unknown[0], owner)
         base = base or cls()
         parts = {}
         for part, kind in SETTING_CLASSES.items():

@@ -186,6 +186,14 @@ def check_fields(obj) -> None:
                 raise ConfigError(f"{name}: must be <= {hi}, got {value!r}")
 
 
+def unknown_key(where: str, key: str, known) -> ConfigError:
+    """The error for a key no setting has: the closest known key, or the list of them."""
+    import difflib
+    close = difflib.get_close_matches(str(key), sorted(known), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
+    return ConfigError(f"{where + ': ' if where else ''}unknown key {key!r} ({hint})")
+
+
 def from_mapping(cls, d: Mapping, where: str = "", base=None):
     """`cls` built from `d` (JSON or flag text) over `base` (default: the defaults).
 
@@ -196,7 +204,7 @@ def from_mapping(cls, d: Mapping, where: str = "", base=None):
     unknown = sorted(set(d) - known)
     prefix = f"{where}: " if where else ""
     if unknown:
-        raise ConfigError(f"{prefix}unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        raise unknown_key(where, unknown[0], known)
     try:
         values = {k: parse_value(cls, k, v) for k, v in d.items()}
         return dataclasses.replace(base, **values) if base is not None else cls(**values)

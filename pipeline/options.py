@@ -19,7 +19,8 @@ from typing import Optional
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from engine.config import Settings, add_settings_arguments, read_settings_file, settings_flags
-from engine.settings import ConfigError, add_arguments, check_fields, fields_of, from_mapping, set_flags, setting
+from engine.settings import (ConfigError, add_arguments, check_fields, fields_of, from_mapping, set_flags, setting,
+                             unknown_key)
 
 # The shipped sample prompts: what a run with no flags serves.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +99,9 @@ def job_settings(options: PipelineOptions) -> tuple[JobOptions, Settings]:
         owner = Settings.keys()
         job_keys = {f.name for f in fields_of(JobOptions)} - {"config"}
         for k, v in read_settings_file(path).items():
-            (file_job if k in job_keys and k not in owner else file_settings)[k] = v
+            if k not in job_keys and k not in owner:
+                raise unknown_key(path, k, job_keys | set(owner))
+            (file_job if k in job_keys else file_settings)[k] = v
     settings = Settings.from_flat(file_settings, where=path or "settings")
     settings = Settings.from_flat(flags, where="flags", base=settings)
     job = from_mapping(JobOptions, file_job, where=path or "settings")

@@ -22,7 +22,6 @@ decode slots keep the slots full. The batch job itself (pipeline/build.py) uses 
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Iterable, Optional, Sequence
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
@@ -32,7 +31,8 @@ from engine.rows import SAMPLING_COLUMNS, sampling_for_row, to_request_spec
 
 
 class JetbeamModelHandler(ModelHandler[Any, PredictionResult, Any]):
-    """load_model -> engine.llm.LLM; run_inference -> one PredictionResult per example."""
+    """load_model -> the engine and its lock (transforms/generate.EngineHolder, as the batch job
+    loads it); run_inference -> one PredictionResult per example."""
 
     def __init__(self, model: Optional[str] = None, *, settings: Optional[Settings] = None,
                  prompt_column: str = "prompt", min_batch_size: Optional[int] = None,
@@ -45,10 +45,8 @@ class JetbeamModelHandler(ModelHandler[Any, PredictionResult, Any]):
                          large_model=large_model)
 
     def load_model(self):
-        from engine.llm import LLM
-        llm = LLM(settings=self.settings)
-        llm._jetbeam_lock = threading.Lock()  # one engine, possibly many DoFn threads
-        return llm
+        from transforms.generate import EngineHolder
+        return EngineHolder(self.settings)
 
     def validate_inference_args(self, inference_args: Optional[dict]):
         unknown = set(inference_args or {}) - set(SAMPLING_COLUMNS)
@@ -81,6 +79,7 @@ class JetbeamModelHandler(ModelHandler[Any, PredictionResult, Any]):
     def run_inference(self, batch: Sequence[Any], model, inference_args: Optional[dict] = None
                       ) -> Iterable[PredictionResult]:
         from engine.request import RequestError, Result
+        holder, model = model, model.llm
         out: list = [None] * len(batch)
         try:
             defaults = sampling_for_row(dict(inference_args or {}), self.settings.sampling)
@@ -96,11 +95,10 @@ class JetbeamModelHandler(ModelHandler[Any, PredictionResult, Any]):
                 out[i] = Result(id=i, error=str(e), metadata=i)
             except Exception as e:
                 out[i] = Result(id=i, error=f"invalid example: {type(e).__name__}: {e}", metadata=i)
-        lock = getattr(model, "_jetbeam_lock", None) or threading.Lock()
-        with lock:
+        with holder.lock:  # one engine, possibly many DoFn threads
             for res in model.generate(requests):
                 out[res.metadata] = res
-        name = getattr(model, "model_name", None)
+        name = model.model_name
         for i, res in enumerate(out):
             if res is None:
                 res = Result(id=i, error="engine returned no result for this example", metadata=i)

@@ -49,6 +49,7 @@ def test_jetstream_model_json(tmp_path):
     ({"seed": 2**64}, "invalid sampling parameter: seed: must be <= 18446744073709551615"),
     ({"stop": [""]}, "invalid sampling parameter: stop: strings must not be empty"),
     ({"nonsense": 1}, "settings: unknown key 'nonsense' (known: "),
+    ({"min_refil": 2}, "settings: unknown key 'min_refil' (did you mean 'min_refill'?)"),
 ])
 def test_bad_settings_are_one_line_errors_naming_the_key(bad, message):
     with pytest.raises(ConfigError) as e:
