@@ -18,7 +18,6 @@ This module imports neither JAX nor Beam: a launcher checks flags before either 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Mapping, Optional, Union
 
 from engine.request import SamplingParams
 from engine.settings import (ConfigError, add_arguments, check_fields, fields_of, from_mapping, set_flags,
-                             setting, to_mapping, unknown_key)
+                             read_json_object, setting, to_mapping, unknown_key)
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 PLATFORMS = ("tpu", "gpu", "cpu", "cuda", "rocm")
@@ -273,15 +272,7 @@ class Settings:
 
 def read_settings_file(path: str) -> dict:
     """The JSON object of a settings file, with relative paths resolved; ConfigError if unreadable."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
-    except ValueError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: must hold a JSON object, got {type(d).__name__}")
+    d = read_json_object(path)
     base = os.path.dirname(os.path.abspath(path))
     for key in ("checkpoint_path", "tokenizer_path"):
         v = d.get(key)

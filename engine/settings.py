@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import math
 import typing
 from typing import Any, Mapping, Optional
@@ -184,6 +185,20 @@ def check_fields(obj) -> None:
                 raise ConfigError(f"{name}: must be >= {lo}, got {value!r}")
             if hi is not None and value > hi:
                 raise ConfigError(f"{name}: must be <= {hi}, got {value!r}")
+
+
+def read_json_object(path: str, error: type = ConfigError) -> dict:
+    """The JSON object in `path`; `error(<path>: <what is wrong>)` if unreadable, not JSON or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: must hold a JSON object, got {type(d).__name__}")
+    return d
 
 
 def unknown_key(where: str, key: str, known) -> ConfigError:

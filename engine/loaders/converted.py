@@ -29,6 +29,7 @@ import numpy as np
 
 from engine.model_config import ModelConfig
 from engine.checkpoint import Checkpoint, CheckpointError, expected_shapes
+from engine.settings import read_json_object
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "jetbeam_config.json"
@@ -171,15 +172,7 @@ class ShardedWriter:
 
 def read_config(path: str) -> tuple[ModelConfig, dict]:
     cfg_path = os.path.join(path, CONFIG_FILE)
-    try:
-        with open(cfg_path) as f:
-            d = json.load(f)
-    except OSError as e:
-        raise CheckpointError(f"{cfg_path}: cannot read ({e.strerror or e})") from None
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{cfg_path}: not a JSON object")
+    d = read_json_object(cfg_path, CheckpointError)
     version = d.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{cfg_path}: format_version {version!r} is not supported "

@@ -20,6 +20,7 @@ import numpy as np
 
 from engine.model_config import ModelConfig
 from engine.checkpoint import Checkpoint, CheckpointError, layer_names
+from engine.settings import read_json_object
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8}
@@ -118,11 +119,10 @@ def load_hf(path: str) -> Checkpoint:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{config_path}: missing (a Hugging Face model directory needs config.json)")
+    hf = read_json_object(config_path, CheckpointError)
     try:
-        with open(config_path) as f:
-            hf = json.load(f)
         cfg = ModelConfig.from_hf(hf, name=os.path.basename(path))
-    except (OSError, ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{config_path}: {type(e).__name__}: {e}") from None
 
     # canonical name -> (file, header entry, data offset), built from the headers alone.

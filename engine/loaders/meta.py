@@ -10,7 +10,6 @@ layout exactly as transformers' convert_llama_weights_to_hf.py does.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -19,6 +18,7 @@ import numpy as np
 
 from engine.model_config import ModelConfig
 from engine.checkpoint import Checkpoint, CheckpointError, layer_names
+from engine.settings import read_json_object
 from engine.loaders.torch_zip import LazyTensor, load_torch_zip
 
 # canonical suffix -> (Meta name, axis the shards are split on in Meta's [out, in] layout, or None)
@@ -82,11 +82,7 @@ def _find_tokenizer(path: str):
 def load_meta(path: str) -> Checkpoint:
     path = os.path.abspath(path)
     params_path = os.path.join(path, "params.json")
-    try:
-        with open(params_path) as f:
-            params = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{params_path}: cannot read ({e})") from None
+    params = read_json_object(params_path, CheckpointError)
     shard_files = sorted((int(m.group(1)), f) for f in os.listdir(path) if (m := _SHARD_RE.fullmatch(f)))
     if not shard_files:
         raise CheckpointError(f"{path}: no consolidated.NN.pth shards")
