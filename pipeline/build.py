@@ -104,7 +104,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: Optional[PipelineOptions] =
         skipped = kept.skipped | "CountSkipped" >> beam.combiners.Count.Globally()
     else:
         skipped = pipeline | "NoneSkipped" >> beam.Create([0])
-    valid = rows | "Validate" >> Validate(jo.prompt_column, settings.sampling)
+    valid = rows | "Validate" >> Validate(jo.prompt_column, settings)
     keyed = valid.valid | "Key" >> KeyByEngine(num_engines)
     gen = keyed | "Generate" >> Generate(settings, jo.rows_per_flush(settings), jo.flush_seconds)
     errors = (read[ERRORS], valid[ERRORS], gen[ERRORS]) | "AllErrors" >> beam.Flatten()

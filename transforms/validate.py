@@ -46,10 +46,10 @@ class ValidateFn(beam.DoFn):
 
 
 class Validate(beam.PTransform):
-    def __init__(self, prompt_column: str, sampling_defaults: SamplingParams):
+    def __init__(self, prompt_column: str, settings):
         super().__init__()
         self.prompt_column = prompt_column
-        self.defaults = sampling_defaults
+        self.defaults = settings.sampling
 
     def expand(self, rows):
         return rows | beam.ParDo(ValidateFn(self.prompt_column, self.defaults)).with_outputs(
