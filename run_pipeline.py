@@ -42,9 +42,11 @@ def _summary(metrics: dict) -> str:
 
     lines = [
         f"jetbeam: {metrics['rows_in']} rows in -> {metrics['completed']} completed, {metrics['errored']} errors"
-        + (f", {metrics['rows_skipped_existing']} skipped (already done)" if metrics.get("rows_skipped_existing") else ""),
-        f"  model {metrics.get('model')} on {metrics.get('engines')} engine(s), {metrics.get('device_kind')} "
-        f"x{metrics.get('device_count')}",
+        + (f", {metrics['rows_skipped_existing']} skipped (committed by earlier runs)"
+           if metrics.get("rows_skipped_existing") else ""),
+        (f"  model {metrics.get('model')} on {metrics.get('engines')} engine(s), {metrics.get('device_kind')} "
+         f"x{metrics.get('device_count')}" if metrics.get("engines") else
+         "  no engine was needed: no row was left to generate"),
         f"  tokens: {metrics['prompt_tokens']} prompt + {metrics['generated_tokens']} generated in "
         f"{f(metrics['wall_time_s'])} s of generation ({f(metrics['job_wall_time_s'])} s job)",
         f"  throughput: {f(metrics['output_tok_per_s'])} output tok/s, {f(metrics['total_tok_per_s'])} total tok/s, "
@@ -63,7 +65,8 @@ def _summary(metrics: dict) -> str:
             line += (f"; KV pages: peak {sched['kv_pages_peak']} of {sched['kv_pages']}, "
                      f"{sched['page_waits']} refills waited for pages")
         lines.append(line)
-    lines.append(f"  outputs: {metrics['output']}/completions-*.parquet, errors-*.jsonl, metrics.json, metrics.csv")
+    lines.append(f"  outputs: {metrics['output']}/completions-*.parquet, errors-*.jsonl, "
+                 f"metrics-{metrics['run_id']}.json (this run), metrics.json (every run)")
     return "\n".join(lines)
 
 
@@ -73,26 +76,22 @@ def main(argv=None) -> int:
         _print_help()
         return 0
     if "--help_beam" in argv:  # every flag of every PipelineOptions view, as Beam collects them
-        from apache_beam.options import pipeline_options as po
-        import pipeline.options  # noqa: F401  (registers JetbeamOptions)
-        parser = po._BeamArgumentParser(prog="run_pipeline.py", allow_abbrev=False)
-        for cls in {str(c): c for c in po.PipelineOptions.__subclasses__()}.values():
-            cls._add_argparse_args(parser)
-        parser.print_help()
+        from pipeline.options import beam_parser
+        beam_parser().print_help()
         return 0
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("apache_beam", "absl", "jax._src", "urllib3", "google", "gcsfs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from pipeline.build import check_options, make_options, run
+    from engine.settings import ConfigError
+    from pipeline.build import make_options, run
+    from pipeline.preflight import PreflightError
     try:
-        options = make_options(argv)
-        files = check_options(options)
-    except ValueError as e:  # bad flags / inputs: one clear line, no traceback
+        result, metrics, info = run(options=make_options(argv))
+    except (PreflightError, ConfigError) as e:  # found before any work: one clear line, no traceback
         print(f"jetbeam: error: {e}", file=sys.stderr)
         return 2
-    result, metrics, info = run(options=options, files=files)
     if metrics is None:
         state = getattr(result, "state", None)
         print(f"jetbeam: job submitted/finished with state {state}; outputs will be in {info['output']}")

@@ -1,19 +1,20 @@
 """Assemble the jetbeam pipeline: read -> validate -> key -> generate -> write.
 
+    plan                = preflight(options)                      pipeline/preflight.py
     rows, read errors   = ReadInputs(files)                       transforms/read.py
-    (rows               = SkipExisting(output)   with --skip_existing)
-    specs, bad rows     = Validate(prompt column, sampling flags)  transforms/validate.py
+    rows, errors        = SkipCommitted(output)                   transforms/resume.py
+    requests, bad rows  = Validate(prompt column, settings)       transforms/validate.py
     keyed               = KeyByEngine(num_engines)                transforms/key.py
-    done, errors, stats = Generate(model, engine config)          transforms/generate.py
+    done, errors, stats = Generate(settings)                      transforms/generate.py
     metrics             = WriteOutputs(output)                    transforms/write.py
+
+Rows are committed while the job runs; a run resumes its output directory (serving only ids
+with no committed record) unless --overwrite; one run at a time holds the directory's lock.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
-import uuid
 from typing import Optional
 
 import apache_beam as beam
@@ -21,11 +22,13 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from engine.config import Settings
 from engine.settings import to_mapping
-from pipeline.options import DEFAULT_RUNNER, JobOptions, job_settings
+from pipeline.options import DEFAULT_RUNNER, JobOptions, check_known_flags
+from pipeline.preflight import RunPlan, preflight
 from transforms import fs
 from transforms.generate import STATS, Generate
 from transforms.key import KeyByEngine
-from transforms.read import ERRORS, ReadInputs, SkipExisting
+from transforms.read import ERRORS, ReadInputs
+from transforms.resume import SKIPPED, SkipCommitted
 from transforms.validate import Validate
 from transforms.write import WriteOutputs
 
@@ -74,7 +77,7 @@ def default_num_engines(options: PipelineOptions, job: JobOptions) -> int:
 
 
 def options_summary(job: JobOptions, settings: Settings, num_engines: int) -> dict:
-    """The job's settings as metrics.json records them."""
+    """The job's settings as metrics-<run>.json records them."""
     out = to_mapping(job)
     out["num_engines"] = num_engines
     out["settings"] = settings.to_flat()
@@ -82,79 +85,73 @@ def options_summary(job: JobOptions, settings: Settings, num_engines: int) -> di
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: Optional[PipelineOptions] = None,
-                   files: Optional[list] = None, run_id: Optional[str] = None,
-                   launch_time: Optional[float] = None):
+                   plan: Optional[RunPlan] = None) -> dict:
     """Add the job to `pipeline`; returns a dict of its main PCollections (metrics included)."""
     options = options or pipeline.options
-    jo, settings = job_settings(options)
-    if files is None:
-        files = fs.expand_inputs(jo.input)
-    run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    launch_time = launch_time or time.time()
+    plan = plan or preflight(options, check_model_files=False, lock=False)
+    jo, settings, output = plan.job, plan.settings, plan.output
     num_engines = default_num_engines(options, jo)
-    output = jo.output.rstrip("/") if fs.is_remote(jo.output) else os.path.abspath(jo.output)
 
-    read = pipeline | "Read" >> ReadInputs(files, id_column=jo.id_column, prompt_column=jo.prompt_column)
+    read = pipeline | "Read" >> ReadInputs(plan.files, id_column=jo.id_column, prompt_column=jo.prompt_column)
     rows_in = ((read.rows, read[ERRORS]) | "AllInputRows" >> beam.Flatten()
                | "CountRowsIn" >> beam.combiners.Count.Globally())
-    rows = read.rows
-    if jo.skip_existing:
-        kept = rows | "SkipExisting" >> SkipExisting(output)
-        rows = kept.rows
-        skipped = kept.skipped | "CountSkipped" >> beam.combiners.Count.Globally()
-    else:
-        skipped = pipeline | "NoneSkipped" >> beam.Create([0])
-    valid = rows | "Validate" >> Validate(jo.prompt_column, settings)
+    admitted = {"rows": read.rows, "read_errors": read[ERRORS]} | "SkipCommitted" >> SkipCommitted(
+        output, retry_errors=jo.retry_errors)
+    skipped = admitted[SKIPPED] | "CountSkipped" >> beam.combiners.Count.Globally()
+    valid = admitted.rows | "Validate" >> Validate(jo.prompt_column, settings)
     keyed = valid.valid | "Key" >> KeyByEngine(num_engines)
-    gen = keyed | "Generate" >> Generate(settings, jo.rows_per_flush(settings), jo.flush_seconds)
-    errors = (read[ERRORS], valid[ERRORS], gen[ERRORS]) | "AllErrors" >> beam.Flatten()
+    rows_per_flush = jo.rows_per_flush(settings)
+    gen = keyed | "Generate" >> Generate(settings, rows_per_flush, jo.flush_seconds)
+    errors = (admitted[ERRORS], valid[ERRORS], gen[ERRORS]) | "AllErrors" >> beam.Flatten()
     metrics = {"completions": gen.completions, "errors": errors, "stats": gen[STATS],
                "rows_in": rows_in, "skipped": skipped} | "Write" >> WriteOutputs(
-        output, run_id, jo.skip_existing, launch_time, options_summary(jo, settings, num_engines),
-        id_column=jo.id_column, prompt_column=jo.prompt_column)
-    log.info("jetbeam: %d input file(s), %d engine shard(s), output %s, run %s", len(files), num_engines,
-             output, run_id)
-    return {"completions": gen.completions, "errors": errors, "metrics": metrics, "run_id": run_id,
-            "output": output, "num_engines": num_engines, "files": files}
+        output, plan.run_id, plan.launch_time, options_summary(jo, settings, num_engines),
+        commit_rows=rows_per_flush, commit_seconds=jo.commit_seconds, id_column=jo.id_column,
+        prompt_column=jo.prompt_column)
+    log.info("jetbeam: %d input file(s), %d engine shard(s), output %s, run %s", len(plan.files), num_engines,
+             output, plan.run_id)
+    return {"completions": gen.completions, "errors": errors, "metrics": metrics, "run_id": plan.run_id,
+            "output": output, "num_engines": num_engines, "files": plan.files}
 
 
 def make_options(argv=None, **overrides) -> PipelineOptions:
+    """Beam's PipelineOptions of `argv`; ConfigError for a flag no options view knows."""
+    if argv is not None:
+        check_known_flags(argv)
     options = PipelineOptions(argv, **overrides)
     apply_default_runner(options)
     return options
 
 
-def check_options(options: PipelineOptions) -> list:
-    """Fail fast, in the launcher, on settings the workers would reject (ConfigError, one line);
-    returns the input files."""
-    jo, _ = job_settings(options)
-    return fs.expand_inputs(jo.input)
+def run(argv=None, wait: bool = True, options: Optional[PipelineOptions] = None):
+    """Check, build and run the job; returns (PipelineResult, this run's metrics or None, build info).
 
-
-def run(argv=None, wait: bool = True, options: Optional[PipelineOptions] = None,
-        files: Optional[list] = None):
-    """Build and run the job; returns (PipelineResult, metrics dict or None, build info)."""
+    Raises PreflightError (one line) for mistakes found before any work. The output directory's
+    lock is held until the job ends (`wait`), or left to go stale after a submission that does
+    not wait."""
     options = options or make_options(argv)
-    launch_time = time.time()
-    if files is None:
-        files = check_options(options)
-    p = beam.Pipeline(options=options)
-    info = build_pipeline(p, options, files=files, launch_time=launch_time)
-    result = p.run()
-    metrics = None
-    if wait:
-        result.wait_until_finish()
-        metrics = read_metrics(info["output"], info["run_id"])
+    dry_run = bool(options.get_all_options().get("dry_run"))
+    plan = preflight(options, check_model_files=is_local_runner(options), lock=not dry_run)
+    status = "failed"
+    try:
+        p = beam.Pipeline(options=options)
+        info = build_pipeline(p, options, plan)
+        result = p.run()
+        metrics = None
+        if wait:
+            result.wait_until_finish()
+            metrics = read_metrics(info["output"], info["run_id"])
+        status = None
+    finally:
+        if wait or status:
+            plan.end(status)
     return result, metrics, info
 
 
-def read_metrics(output: str, run_id: Optional[str] = None) -> Optional[dict]:
+def read_metrics(output: str, run_id: str) -> Optional[dict]:
+    """A run's metrics-<run>.json, or None if it was not written."""
     import json
-    path = fs.join(output, "metrics.json")
     try:
-        m = json.loads(fs.read_bytes(path))
+        return json.loads(fs.read_bytes(fs.join(output, f"metrics-{run_id}.json")))
     except (FileNotFoundError, OSError, ValueError):
         return None
-    if run_id and m.get("run_id") != run_id:
-        return None
-    return m

@@ -40,8 +40,8 @@ class JobOptions:
         DEFAULT_INPUT, "Glob (or comma-separated globs) of Parquet (*.parquet) or JSONL (*.jsonl, *.json, "
                        "OpenAI batch files) inputs, local or gs://; the default is the sample prompts in data/")
     output: str = setting(
-        "output", "Output directory, local or gs://: completions-*.parquet, errors-*.jsonl, metrics.json, "
-                  "metrics.csv")
+        "output", "Output directory, local or gs://: completions-*.parquet, errors-*.jsonl, "
+                  "metrics-<run>.json/.csv per run, metrics.json/.csv over every run")
     config: Optional[str] = setting(
         None, "A JSON settings file (JetStream model.json, configs/jobs/*.json); flags override it")
     prompt_column: str = setting(
@@ -49,9 +49,13 @@ class JobOptions:
                   "'messages' (chat) or 'prompt_token_ids'")
     id_column: str = setting(
         "id", "Column holding a stable row id; rows without one get '<file basename>:<row number>'")
-    skip_existing: bool = setting(
-        False, "Serve only ids not yet in the output directory's completions (resume a partial run); "
-               "without it a run replaces earlier outputs")
+    overwrite: bool = setting(
+        False, "Replace what --output holds: its earlier pieces, metrics and run records are removed "
+               "before this run writes. Without it a run resumes the directory: it serves only the ids "
+               "that have no committed completion or error row yet")
+    retry_errors: bool = setting(
+        False, "When resuming, serve again the ids whose committed record is an error row (their "
+               "error rows are replaced by the new outcome)")
     num_engines: Optional[int] = setting(
         None, "Engine shards: rows are keyed onto this many shards, each served by one resident engine "
               "(one per worker process); none: 1 on local runners, else max(--num_workers, "
@@ -59,6 +63,9 @@ class JobOptions:
     flush_rows: Optional[int] = setting(
         None, "Rows buffered per engine shard before they go to the engine in one continuous-batching "
               "run; none: max(256, 8 x batch_size)", minimum=1)
+    commit_seconds: float = setting(
+        30.0, "Finished rows are committed to --output at least this often (and every flush_rows "
+              "rows): a killed job loses at most the rows in flight", minimum=0)
     flush_seconds: float = setting(
         30.0, "A shard's buffer is also flushed this many seconds after its first row arrived; < 0 "
               "disables (Beam's local runner flushes when the bundle is done)")
@@ -107,3 +114,32 @@ def job_settings(options: PipelineOptions) -> tuple[JobOptions, Settings]:
     job = from_mapping(JobOptions, file_job, where=path or "settings")
     job = from_mapping(JobOptions, job_flags, where="flags", base=job)
     return job, settings
+
+
+RENAMED_FLAGS = {"skip_existing": "runs resume their --output by default now (--overwrite replaces it instead), "
+                                  "so --skip_existing is not needed"}
+
+
+def beam_parser():
+    """One parser holding every registered PipelineOptions view's flags, as Beam collects them."""
+    from apache_beam.options import pipeline_options as po
+    parser = po._BeamArgumentParser(prog="run_pipeline.py", allow_abbrev=False)
+    for cls in {str(c): c for c in po.PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)
+    return parser
+
+
+def check_known_flags(argv: list) -> None:
+    """ConfigError naming the first flag no view knows (Beam would drop it with a warning)."""
+    import difflib
+    parser = beam_parser()
+    _, unknown = parser.parse_known_args(list(argv))
+    known = [o[2:] for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    for arg in unknown:
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if name is None:
+            raise ConfigError(f"unexpected argument {arg!r} (flags look like --name=value)")
+        if name in RENAMED_FLAGS:
+            raise ConfigError(f"--{name}: {RENAMED_FLAGS[name]}")
+        near = difflib.get_close_matches(name, known, n=1)
+        raise ConfigError(f"unknown flag --{name}" + (f" (did you mean --{near[0]}?)" if near else ""))

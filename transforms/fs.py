@@ -89,8 +89,11 @@ def expand_inputs(spec: str) -> list[str]:
 
 
 def makedirs(directory: str) -> None:
-    fs, stripped = get_fs(directory)
-    fs.makedirs(stripped, exist_ok=True)
+    """Create a local directory; a no-op on object stores, which have none (and where gcsfs
+    would create a missing bucket instead of reporting it)."""
+    if is_remote(directory):
+        return
+    os.makedirs(directory, exist_ok=True)
 
 
 def open_file(path: str, mode: str = "rb"):
@@ -136,3 +139,50 @@ def write_bytes(path: str, data: bytes) -> None:
 def read_bytes(path: str) -> bytes:
     with open_file(path, "rb") as f:
         return f.read()
+
+
+def exists(path: str) -> bool:
+    fs, stripped = get_fs(path)
+    fs.invalidate_cache(stripped)
+    return fs.exists(stripped)
+
+
+def create_exclusive(path: str, data: bytes) -> bool:
+    """Write `path` only if it does not exist yet; False if it does.
+
+    Local files use O_EXCL; gs:// uses gcsfs's create mode (ifGenerationMatch=0), so of two
+    writers racing for one name exactly one wins on either."""
+    if not is_remote(path):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    if exists(path):
+        return False
+    try:
+        with open_file(path, "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        return False
+    return True
+
+
+def publish(path: str, data: bytes, tmp_dir: str) -> None:
+    """Make `path` appear whole or not at all: a local file is written and fsynced under
+    `tmp_dir` then renamed into place; an object store publishes an object only once its
+    upload completes."""
+    if is_remote(path):
+        write_bytes(path, data)
+        return
+    os.makedirs(tmp_dir, exist_ok=True)
+    tmp = os.path.join(tmp_dir, os.path.basename(path) + ".inprogress")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

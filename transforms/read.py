@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Iterable
-
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
@@ -31,8 +29,9 @@ PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 _OPENAI_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 
 
-def error_record(id_, reason: str, stage: str, row=None) -> dict:
-    return {"id": str(id_), "reason": reason, "stage": stage, "row": row}
+def error_record(id_, reason: str, stage: str, row=None, source=None) -> dict:
+    """An errors-output record; `source` (<file>:<row>) names the input row where it is known."""
+    return {"id": str(id_), "reason": reason, "stage": stage, "row": row, "source": source}
 
 
 def _missing(v) -> bool:
@@ -82,7 +81,8 @@ class ReadFileFn(beam.DoFn):
         self.read_errors = Metrics.counter(NAMESPACE, "read_errors")
         self.files_read = Metrics.counter(NAMESPACE, "files_read")
 
-    def process(self, path: str):
+    def process(self, numbered):
+        file_no, path = numbered
         source = fs.basename(path)
         kind = "parquet" if path.lower().endswith(PARQUET_SUFFIXES) else "jsonl"
         index = -1
@@ -92,10 +92,12 @@ class ReadFileFn(beam.DoFn):
                 if isinstance(row, dict) and "__error__" in row:
                     self.read_errors.inc()
                     yield beam.pvalue.TaggedOutput(ERRORS, error_record(
-                        f"{source}:{index}", row["__error__"], "read", {"file": path, "line": row.get("__line__")}))
+                        f"{source}:{index}", row["__error__"], "read", {"file": path, "line": row.get("__line__")},
+                        f"{path}:{index}"))
                     continue
                 self.rows_read.inc()
-                yield {"id": row_id(row, self.id_column, source, index), "row": row}
+                yield {"id": row_id(row, self.id_column, source, index), "row": row,
+                       "source": f"{path}:{index}", "order": (file_no, index)}
             self.files_read.inc()
         except Exception as e:  # unreadable file: one error record, the job goes on
             self.read_errors.inc()
@@ -103,7 +105,7 @@ class ReadFileFn(beam.DoFn):
             log.error("jetbeam: cannot read %s: %s", path, e)
             yield beam.pvalue.TaggedOutput(ERRORS, error_record(
                 f"{source}:{where}", f"unreadable {kind} input file {path}: {type(e).__name__}: {e}",
-                "read", {"file": path}))
+                "read", {"file": path}, path))
 
     def _parquet(self, path: str):
         import pyarrow.parquet as pq
@@ -168,65 +170,7 @@ class ReadInputs(beam.PTransform):
 
     def expand(self, pbegin):
         return (pbegin
-                | "Files" >> beam.Create(self.files)
+                | "Files" >> beam.Create(list(enumerate(self.files)))
                 | "SpreadFiles" >> beam.Reshuffle()
                 | "ReadFile" >> beam.ParDo(ReadFileFn(self.id_column, self.prompt_column))
                 .with_outputs(ERRORS, main="rows"))
-
-
-# ---- --skip_existing ----
-
-COMPLETIONS_PREFIX = "completions-"
-ERRORS_PREFIX = "errors-"
-
-
-def existing_ids(output_dir: str) -> Iterable[str]:
-    """Ids in the completions-*.parquet files already in `output_dir` (only the id column is read)."""
-    import pyarrow.parquet as pq
-    for path in fs.list_files(output_dir, COMPLETIONS_PREFIX, ".parquet"):
-        try:
-            with fs.open_file(path, "rb") as f:
-                table = pq.read_table(f, columns=["id"])
-        except Exception as e:
-            # An unreadable completions file is a damaged output: do not silently re-serve
-            # (and duplicate) its rows; stop with the file's name.
-            raise RuntimeError(f"--skip_existing: cannot read existing output {path}: {e}") from e
-        for v in table.column("id").to_pylist():
-            if v is not None:
-                yield str(v)
-
-
-class _DropExisting(beam.DoFn):
-    def __init__(self):
-        self.skipped = Metrics.counter(NAMESPACE, "rows_skipped_existing")
-
-    def process(self, kv):
-        _, grouped = kv
-        if list(grouped["existing"]):
-            for _ in grouped["rows"]:
-                self.skipped.inc()
-                yield beam.pvalue.TaggedOutput("skipped", 1)
-            return
-        yield from grouped["rows"]
-
-
-class SkipExisting(beam.PTransform):
-    """Rows whose id is not yet among the output directory's completions.
-
-    The existing ids are read by the job itself (not the launcher), and joined by id with a
-    CoGroupByKey, so it scales to outputs of any size. Output: tagged `rows` and `skipped`.
-    """
-
-    def __init__(self, output_dir: str):
-        super().__init__()
-        self.output_dir = output_dir
-
-    def expand(self, rows):
-        existing = (rows.pipeline
-                    | "OutputDir" >> beam.Create([self.output_dir])
-                    | "ExistingIds" >> beam.FlatMap(existing_ids)
-                    | "KeyExisting" >> beam.Map(lambda i: (i, True)))
-        keyed = rows | "KeyById" >> beam.Map(lambda r: (r["id"], r))
-        return ({"rows": keyed, "existing": existing}
-                | "JoinExisting" >> beam.CoGroupByKey()
-                | "DropExisting" >> beam.ParDo(_DropExisting()).with_outputs("skipped", main="rows"))

@@ -74,12 +74,50 @@ def test_gcs_input_and_output(gcs, tokenizer_dir):
     assert_each_id_once(comps, errs, {"j0", "j1", "j2", "q0", "q1"})
     assert sorted(c["id"] for c in comps) == ["j0", "j1", "q0", "q1"]
     assert {c["id"]: c.get("tag") for c in comps if c["id"].startswith("q")} == {"q0": "t", "q1": "u"}
-    metrics = json.loads(gcs.cat(f"{BUCKET}/out/metrics.json"))
+    metrics = json.loads(gcs.cat(f"{BUCKET}/out/metrics-{m['run_id']}.json"))
     assert metrics == m and (m["rows_in"], m["completed"], m["errored"]) == (5, 4, 1)
-    assert gcs.cat(f"{BUCKET}/out/metrics.csv").decode().startswith("run_id,")
+    assert gcs.cat(f"{BUCKET}/out/metrics-{m['run_id']}.csv").decode().startswith("run_id,")
+    assert not gcs.exists(f"{BUCKET}/out/_jetbeam/lock.json")  # released at the end
 
-    # Resume over the whole prefix (now including the unreadable file): only new/failed rows run.
-    m2, _ = run_job([f"--input=gs://{BUCKET}/in/*", "--skip_existing"] + base)
-    assert m2["rows_skipped_existing"] == 4 and m2["completed"] == 0 and m2["errored"] == 2
+    # A re-run over the whole prefix (now with the unreadable file) resumes: only the new file's
+    # read error is written; every committed id is skipped.
+    m2, _ = run_job([f"--input=gs://{BUCKET}/in/*"] + base)
+    assert m2["rows_skipped_existing"] == 5 and m2["completed"] == 0 and m2["errored"] == 1
     comps, errs = read_outputs(out, gcs)
     assert_each_id_once(comps, errs, {"j0", "j1", "j2", "q0", "q1", "part-2.parquet:file"})
+
+
+def test_gcs_kill_resume_and_lock(gcs, tokenizer_dir, tmp_path, capsys):
+    """On gs://: a SIGKILLed run keeps its committed pieces and the resume serves the rest; a live
+    lock refuses a second run; a missing bucket is refused before any work."""
+    import signal
+    import time
+
+    from run_pipeline import main
+    from tests.pipeline.test_durable import N_ROWS, launch, token_rows, wait_for
+    from tests.pipeline.test_pipeline import write_jsonl
+    inp = write_jsonl(tmp_path / "in.jsonl", token_rows())
+    out = f"gs://{BUCKET}/killed"
+    args = [f"--input={inp}", f"--output={out}", "--flush_rows=5"] + engine_args(tokenizer_dir)
+
+    assert main([f"--input={inp}", "--output=gs://no-such-bucket/x"] + engine_args(tokenizer_dir)) == 2
+    assert "bucket gs://no-such-bucket does not exist" in capsys.readouterr().err
+
+    def n_pieces():
+        gcs.invalidate_cache()
+        return len(gcs.glob(f"{BUCKET}/killed/completions-*.parquet"))
+
+    proc = launch(args)
+    wait_for(lambda: n_pieces() >= 2, proc)
+    assert main(args) == 2  # the live run holds the lock
+    assert "is in use by run" in capsys.readouterr().err
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    before = read_outputs(out, gcs)[0]
+    assert len(before) >= 10
+    # The killed run's lock names a dead process of this host: the resume takes it over.
+    m, _ = run_job(args)
+    assert m["rows_skipped_existing"] == len(before) and m["completed"] == N_ROWS - len(before)
+    comps, errs = read_outputs(out, gcs)
+    assert_each_id_once(comps, errs, {f"r{i}" for i in range(N_ROWS)})

@@ -138,8 +138,11 @@ def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
     assert by_id["b.jsonl:1"]["prompt"] is None and by_id["b.jsonl:1"]["prompt_tokens"] == 4
     assert by_id["openai-2"]["url"] == "/v1/completions"
 
-    m = json.loads((out / "metrics.json").read_text())
+    m = json.loads((out / f"metrics-{metrics['run_id']}.json").read_text())
     assert m == metrics
+    summary = json.loads((out / "metrics.json").read_text())  # every run that wrote here
+    assert [r["run_id"] for r in summary["runs"]] == [m["run_id"]] and summary["runs"][0]["status"] == "finished"
+    assert (summary["completions"], summary["errors"], summary["runs"][0]["committed_completions"]) == (10, 0, 10)
     assert (m["rows_in"], m["completed"], m["errored"]) == (10, 10, 0)
     assert m["generated_tokens"] == sum(c["completion_tokens"] for c in comps)
     assert m["prompt_tokens"] == sum(c["prompt_tokens"] for c in comps)
@@ -161,7 +164,7 @@ def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
     assert counters["generated_tokens"] == m["generated_tokens"]
     assert counters["decode_calls"] == sched["decode_calls"]
     assert {d.key.metric.name for d in q["distributions"]} >= {"ttft_ms", "latency_ms", "flush_rows"}
-    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    header = (out / f"metrics-{m['run_id']}.csv").read_text().splitlines()[0].split(",")
     assert {"rows_in", "completed", "errored", "output_tok_per_s", "ttft_p99_s", "device_kind"} <= set(header)
 
 
@@ -236,7 +239,7 @@ def test_bad_rows_accounting(tmp_path, tokenizer_dir):
     assert metrics["errors_by_stage"]["read"] == 3
 
 
-def test_skip_existing_after_partial_run(tmp_path, tokenizer_dir):
+def test_resume_after_partial_run(tmp_path, tokenizer_dir):
     a = write_jsonl(tmp_path / "a.jsonl", [{"id": f"a{i}", "prompt": f"row a{i}"} for i in range(4)]
                     + [{"id": "a-bad", "prompt": ""}])
     b = write_jsonl(tmp_path / "b.jsonl", [{"id": f"b{i}", "prompt": f"row b{i}"} for i in range(3)])
@@ -249,25 +252,29 @@ def test_skip_existing_after_partial_run(tmp_path, tokenizer_dir):
     first_files = set(glob.glob(str(out / "completions-*.parquet")))
     first_rows = {r["id"]: r for r in read_outputs(str(out))[0]}
 
-    # Resume over everything: only b* and the failed a-bad are served again.
-    m2, _ = run_job([f"--input={a},{b}", "--skip_existing"] + base)
-    assert m2["rows_in"] == 8 and m2["rows_skipped_existing"] == 4
-    assert (m2["completed"], m2["errored"]) == (3, 1)
+    # A run resumes its output: only b* is served; a-bad's error row is committed, so it stays.
+    m2, _ = run_job([f"--input={a},{b}"] + base)
+    assert (m2["rows_in"], m2["rows_skipped_existing"], m2["completed"], m2["errored"]) == (8, 5, 3, 0)
     comps, errs = read_outputs(str(out))
     assert_each_id_once(comps, errs, {f"a{i}" for i in range(4)} | {"a-bad", "b0", "b1", "b2"})
     assert first_files <= set(glob.glob(str(out / "completions-*.parquet")))  # earlier completions kept
     assert {r["id"]: r for r in comps if r["id"].startswith("a")} == first_rows
-    assert len(glob.glob(str(out / "errors-*.jsonl"))) == 1  # the first run's errors file was superseded
 
-    # Nothing left to do: a third resume serves nothing and loses nothing.
-    m3, _ = run_job([f"--input={a},{b}", "--skip_existing"] + base)
-    assert m3["rows_skipped_existing"] == 7 and m3["completed"] == 0 and m3["errored"] == 1
+    # --retry_errors serves the failed row again; its new error row replaces the old one.
+    m3, _ = run_job([f"--input={a},{b}", "--retry_errors"] + base)
+    assert (m3["rows_skipped_existing"], m3["completed"], m3["errored"]) == (7, 0, 1)
     assert_each_id_once(*read_outputs(str(out)))
 
-    # Without --skip_existing a rerun replaces the earlier outputs.
-    run_job([f"--input={b}"] + base)
+    summary = json.loads((out / "metrics.json").read_text())  # each run keeps its numbers
+    assert [r["run_id"] for r in summary["runs"]] == [m1["run_id"], m2["run_id"], m3["run_id"]]
+    assert [r["completed"] for r in summary["runs"]] == [4, 3, 0]
+    assert all((out / f"metrics-{m['run_id']}.json").exists() for m in (m1, m2, m3))
+
+    # --overwrite replaces what the directory held.
+    m4, _ = run_job([f"--input={b}", "--overwrite"] + base)
     comps, errs = read_outputs(str(out))
     assert_each_id_once(comps, errs, {"b0", "b1", "b2"})
+    assert [r["run_id"] for r in json.loads((out / "metrics.json").read_text())["runs"]] == [m4["run_id"]]
 
 
 def test_dataflow_dry_run(tmp_path):
@@ -360,6 +367,6 @@ def test_help_lists_flags():
     assert res.returncode == 0, res.stderr
     for flag in ("--input", "--output", "--model", "--prompt_column", "--id_column", "--max_tokens",
                  "--temperature", "--top_k", "--top_p", "--seed", "--stop", "--batch_size", "--num_engines",
-                 "--quantize_weights", "--quantize_kv_cache", "--skip_existing", "--max_cache_length",
+                 "--quantize_weights", "--quantize_kv_cache", "--overwrite", "--max_cache_length",
                  "--context_size", "--dtype"):
         assert flag in res.stdout, flag
