@@ -85,10 +85,12 @@ def main(argv=None):
     out = os.path.join(work, "out")
     # (Run this script once per configuration: the pipeline's engine stays resident afterwards.)
     rc = run_pipeline.main([f"--input={src}", f"--output={out}", f"--flush_rows={args.flush_rows or n}",
-                            *engine_flags])
+                            "--overwrite", *engine_flags])
     if rc:
         raise SystemExit(f"pipeline failed with exit code {rc}")
-    with open(os.path.join(out, "metrics.json")) as f:
+    with open(os.path.join(out, "metrics.json")) as f:  # the directory summary names the run
+        run_id = json.load(f)["latest_run"]
+    with open(os.path.join(out, f"metrics-{run_id}.json")) as f:
         pipe = json.load(f)
 
     with open(eng_json) as f:

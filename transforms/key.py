@@ -12,7 +12,7 @@ one engine generates; reading, validation and writing still use every worker.
 
 Keyed rows are re-stamped with the minimum timestamp. Batch rows carry no event time, and
 the FnApiRunner schedules a processing-time timer by its *output* timestamp (the input
-element's) rather than its firing time: rows that passed a GroupByKey (--skip_existing)
+element's) rather than its firing time: rows that passed a GroupByKey (resume.py)
 carry the end-of-window timestamp, and a flush timer set from one would never come due
 ("time-pending bundles did not execute"). With the minimum timestamp the local runner fires
 the flush as soon as the bundle is done; Dataflow fires it at its processing time.
