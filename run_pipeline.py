@@ -40,13 +40,17 @@ def _summary(metrics: dict) -> str:
     def f(v, fmt="{:.1f}"):
         return "n/a" if v is None else fmt.format(v)
 
+    head = (f"jetbeam: {metrics['rows_in']} rows in -> {metrics['completed']} completed, {metrics['errored']} errors"
+            + (f", {metrics['rows_skipped_existing']} skipped (committed by earlier runs)"
+               if metrics.get("rows_skipped_existing") else ""))
+    outputs = (f"  outputs: {metrics['output']}/completions-*.parquet, errors-*.jsonl, "
+               f"metrics-{metrics['run_id']}.json (this run), metrics.json (every run)")
+    if not metrics.get("engines"):
+        return "\n".join([head, "  nothing was left to generate (--overwrite serves every row again)", outputs])
     lines = [
-        f"jetbeam: {metrics['rows_in']} rows in -> {metrics['completed']} completed, {metrics['errored']} errors"
-        + (f", {metrics['rows_skipped_existing']} skipped (committed by earlier runs)"
-           if metrics.get("rows_skipped_existing") else ""),
-        (f"  model {metrics.get('model')} on {metrics.get('engines')} engine(s), {metrics.get('device_kind')} "
-         f"x{metrics.get('device_count')}" if metrics.get("engines") else
-         "  no engine was needed: no row was left to generate"),
+        head,
+        f"  model {metrics.get('model')} on {metrics.get('engines')} engine(s), {metrics.get('device_kind')} "
+        f"x{metrics.get('device_count')}",
         f"  tokens: {metrics['prompt_tokens']} prompt + {metrics['generated_tokens']} generated in "
         f"{f(metrics['wall_time_s'])} s of generation ({f(metrics['job_wall_time_s'])} s job)",
         f"  throughput: {f(metrics['output_tok_per_s'])} output tok/s, {f(metrics['total_tok_per_s'])} total tok/s, "
@@ -65,8 +69,7 @@ def _summary(metrics: dict) -> str:
             line += (f"; KV pages: peak {sched['kv_pages_peak']} of {sched['kv_pages']}, "
                      f"{sched['page_waits']} refills waited for pages")
         lines.append(line)
-    lines.append(f"  outputs: {metrics['output']}/completions-*.parquet, errors-*.jsonl, "
-                 f"metrics-{metrics['run_id']}.json (this run), metrics.json (every run)")
+    lines.append(outputs)
     return "\n".join(lines)
 
 
