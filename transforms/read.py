@@ -30,8 +30,9 @@ _OPENAI_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop
 
 
 def error_record(id_, reason: str, stage: str, row=None, source=None) -> dict:
-    """An errors-output record; `source` (<file>:<row>) names the input row where it is known."""
-    return {"id": str(id_), "reason": reason, "stage": stage, "row": row, "source": source}
+    """An errors-output record; `source` (<file>:<row>) names the input row where it is known.
+    The reason is kept to one line."""
+    return {"id": str(id_), "reason": " ".join(str(reason).split()), "stage": stage, "row": row, "source": source}
 
 
 def _missing(v) -> bool:
@@ -92,8 +93,8 @@ class ReadFileFn(beam.DoFn):
                 if isinstance(row, dict) and "__error__" in row:
                     self.read_errors.inc()
                     yield beam.pvalue.TaggedOutput(ERRORS, error_record(
-                        f"{source}:{index}", row["__error__"], "read", {"file": path, "line": row.get("__line__")},
-                        f"{path}:{index}"))
+                        row.get("__id__") or f"{source}:{index}", row["__error__"], "read",
+                        {"file": path, "line": row.get("__line__")}, f"{path}:{index}"))
                     continue
                 self.rows_read.inc()
                 yield {"id": row_id(row, self.id_column, source, index), "row": row,
@@ -108,14 +109,25 @@ class ReadFileFn(beam.DoFn):
                 "read", {"file": path}, path))
 
     def _parquet(self, path: str):
+        """Rows of each row group; a row group that cannot be decoded becomes one error record
+        (its rows keep their numbers, from the footer, so later row groups' ids do not shift)."""
         import pyarrow.parquet as pq
         with fs.open_file(path, "rb") as f:
             pf = pq.ParquetFile(f)
-            index = 0
-            for batch in pf.iter_batches(batch_size=self.batch_rows):
-                for row in batch.to_pylist():
-                    yield index, row
-                    index += 1
+            start = 0
+            for group in range(pf.num_row_groups):
+                n = pf.metadata.row_group(group).num_rows
+                index = start
+                try:
+                    for batch in pf.iter_batches(batch_size=self.batch_rows, row_groups=[group]):
+                        for row in batch.to_pylist():
+                            yield index, row
+                            index += 1
+                except Exception as e:
+                    yield index, {"__error__": f"row group {group} of {path} (rows {start}..{start + n - 1}) is "
+                                               f"unreadable from row {index}: {type(e).__name__}: {e}",
+                                  "__id__": f"{fs.basename(path)}:row-group-{group}"}
+                start += n
 
     def _jsonl(self, path: str, source: str):
         with fs.open_file(path, "rb") as f:
