@@ -34,3 +34,18 @@ def test_parquet_bad_row_group_serves_the_rest(tmp_path, tokenizer_dir):
     assert str(path) in reason and "row group 1" in reason and "rows 10..19" in reason and "\n" not in reason
     assert (m["completed"], m["errored"]) == (20, 1)
     assert_each_id_once(comps, errs)
+
+
+def test_bad_fields_name_the_field(tmp_path, tokenizer_dir):
+    """Each per-row field is type- and range-checked; the error row names the field."""
+    from tests.pipeline.test_pipeline import write_jsonl
+    rows = {"stop": {"stop": 5}, "seed": {"seed": 2**64}, "negseed": {"seed": -1},
+            "temperature": {"temperature": "hot"}, "top_k": {"top_k": 1.5}, "max_tokens": {"max_tokens": 0},
+            "stop_token_ids": {"stop_token_ids": "a"}, "ok": {"seed": 2**64 - 1}}
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": k, "prompt": "hi", **v} for k, v in rows.items()])
+    run_job([f"--input={path}", f"--output={tmp_path / 'out'}"] + engine_args(tokenizer_dir))
+    comps, errs = read_outputs(str(tmp_path / "out"))
+    assert [c["id"] for c in comps] == ["ok"]
+    for e in errs:
+        field = "seed" if e["id"] == "negseed" else e["id"]
+        assert e["stage"] == "validate" and f"{field}:" in e["reason"], e
