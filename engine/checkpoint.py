@@ -33,7 +33,20 @@ from engine.model_config import ModelConfig
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read; the message names the file and the tensor."""
+    """A checkpoint that cannot be read: one line, `<path>: <what is wrong>`.
+
+    Line breaks in the message (a crafted tensor name, a parser's multi-line error) are escaped
+    so that a log or a CLI shows one line per refusal."""
+
+    def __init__(self, message: str):
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
+
+def shown(value, limit: int = 80) -> str:
+    """repr(value) cut to about `limit` characters: names and values from a crafted file can be
+    megabytes long, and an error message quotes them."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
 
 
 @dataclass

@@ -65,7 +65,9 @@ def main(argv=None) -> int:
         from engine.llm import LLM
         llm = LLM(settings=settings)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from engine.checkpoint import CheckpointError
+        kind = "CheckpointError: " if isinstance(e, CheckpointError) else ""
+        print(f"error: {kind}{e}", file=sys.stderr)
         return 2
     from engine.rows import spec_to_request, to_request_spec
     defaults = settings.sampling

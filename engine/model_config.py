@@ -8,10 +8,29 @@ checkpoints bring their own (`from_hf`, and the GGUF and Meta loaders).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
 from engine.settings import ConfigError
+
+# Ceilings on a declared architecture, checked before anything is sized from it (layer name
+# lists, cache shardings, tokenizer tables). Each is several times today's largest open model
+# (Llama 3.1 405B: 126 layers, 128 heads, hidden 16384, FFN 53248; Gemma: 256k vocabulary;
+# head_dim 256) so no real checkpoint meets one, while a crafted 10**9 is refused at once.
+LIMITS = {
+    "num_layers": 1024,
+    "num_heads": 1024,
+    "num_kv_heads": 1024,
+    "head_dim": 2048,
+    "hidden_size": 65536,
+    "intermediate_size": 1 << 20,
+    "vocab_size": 1 << 21,
+    "max_position_embeddings": 1 << 24,
+}
+MAX_PARAMS = 1 << 42  # ~4.4T parameters, ten times Llama 3.1 405B
+MAX_SPECIAL_IDS = 64  # eos ids a config may list
 
 
 @dataclass(frozen=True)
@@ -53,6 +72,8 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     def validate(self) -> "ModelConfig":
+        """Self (for chaining) if consistent and within `LIMITS`; ValueError naming the field otherwise."""
+        check_limits(self)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
@@ -86,8 +107,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, name: str = "custom") -> "ModelConfig":
-        """Map a Hugging Face `config.json` onto our switches."""
+        """Map a Hugging Face `config.json` onto our switches.
+
+        The sizes are bounded (`bounded_int`) before anything is built from them: a layer count
+        of 10**9 is refused here, not after a 10**9-entry list exists."""
+        for key, field, required in _HF_SIZES:
+            if required or hf.get(key) is not None:
+                bounded_int(field, hf[key], key)
         archs = hf.get("architectures") or []
+        if not isinstance(archs, list):
+            raise ValueError(f"architectures must be a list, got {type(archs).__name__}")
         model_type = hf.get("model_type", "")
         if model_type not in ("llama", "gemma", "gemma2", "mistral") and not any(
                 a in ("LlamaForCausalLM", "GemmaForCausalLM", "MistralForCausalLM") for a in archs):
@@ -115,6 +144,8 @@ class ModelConfig:
         rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
         rope_scaling = hf.get("rope_scaling") or rope_params or None
         if rope_scaling is not None:
+            if not isinstance(rope_scaling, dict):
+                raise ValueError(f"rope_scaling must be an object, got {type(rope_scaling).__name__}")
             kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
             if kind in (None, "default"):
                 rope_scaling = None
@@ -151,8 +182,10 @@ class ModelConfig:
 
 def _gemma2_fields(hf: dict) -> dict:
     """Gemma 2: post-norms, soft-capped scores and logits, sliding-window layers alternating with global."""
-    n = hf["num_hidden_layers"]
+    n = hf["num_hidden_layers"]  # bounded by from_hf
     types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if not isinstance(types, list) or len(types) != n:
+        raise ValueError(f"layer_types must be a list of {n} entries (num_hidden_layers)")
     window = hf.get("sliding_window")
     return dict(
         post_norms=True,
@@ -162,6 +195,71 @@ def _gemma2_fields(hf: dict) -> dict:
         sliding_window=window,
         sliding_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention") if window else (),
     )
+
+
+# (config.json key, ModelConfig field, required) of the sizes from_hf bounds first.
+_HF_SIZES = (("num_hidden_layers", "num_layers", True), ("num_attention_heads", "num_heads", True),
+             ("num_key_value_heads", "num_kv_heads", False), ("hidden_size", "hidden_size", True),
+             ("intermediate_size", "intermediate_size", True), ("vocab_size", "vocab_size", True),
+             ("head_dim", "head_dim", False), ("max_position_embeddings", "max_position_embeddings", False))
+
+
+def bounded_int(field: str, value, key: Optional[str] = None) -> int:
+    """`value` as an int in 1..LIMITS[field]; ValueError naming `key` (default: the field) otherwise."""
+    key = key or field
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ValueError(f"{key} must be an integer, got {_short(value)}")
+    if not 1 <= value <= LIMITS[field]:
+        raise ValueError(f"{key} = {value} is outside 1..{LIMITS[field]} (the engine's ceiling for {field})")
+    return int(value)
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _positive_float(name: str, value, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value)
+            or value <= 0):
+        raise ValueError(f"{name} must be a positive finite number, got {_short(value)}")
+
+
+def check_limits(cfg: "ModelConfig") -> None:
+    """ValueError naming the first field of `cfg` that is not a sane size, id or constant.
+
+    Every loader's config passes here (`validate`), so the engine never sizes a table, a cache
+    or a name list from an unchecked number."""
+    for field in LIMITS:
+        bounded_int(field, getattr(cfg, field))
+    if cfg.num_kv_heads > cfg.num_heads:
+        raise ValueError(f"num_kv_heads ({cfg.num_kv_heads}) exceeds num_heads ({cfg.num_heads})")
+    if cfg.param_count() > MAX_PARAMS:
+        raise ValueError(f"{cfg.param_count():.3g} parameters exceed the engine's ceiling of {MAX_PARAMS:.3g}")
+    for name in ("rope_theta", "rms_norm_eps"):
+        _positive_float(name, getattr(cfg, name))
+    for name in ("query_scale", "attn_logit_softcap", "final_logit_softcap"):
+        _positive_float(name, getattr(cfg, name), optional=True)
+    if cfg.rope_scaling is not None:
+        if not isinstance(cfg.rope_scaling, dict):
+            raise ValueError(f"rope_scaling must be an object, got {_short(cfg.rope_scaling)}")
+        for k, v in cfg.rope_scaling.items():
+            _positive_float(f"rope_scaling.{k}", v)
+    if cfg.sliding_window is not None:
+        bounded_int("max_position_embeddings", cfg.sliding_window, "sliding_window")
+    if not isinstance(cfg.sliding_layers, tuple) or len(cfg.sliding_layers) > cfg.num_layers or any(
+            not isinstance(i, numbers.Integral) or not 0 <= i < cfg.num_layers for i in cfg.sliding_layers):
+        raise ValueError(f"sliding_layers must be layer indices below {cfg.num_layers}, "
+                         f"got {_short(cfg.sliding_layers)}")
+    if not isinstance(cfg.eos_token_ids, tuple):
+        raise ValueError(f"eos_token_ids must be a tuple, got {_short(cfg.eos_token_ids)}")
+    ids = cfg.eos_token_ids + (() if cfg.bos_token_id is None else (cfg.bos_token_id,))
+    if len(cfg.eos_token_ids) > MAX_SPECIAL_IDS or any(
+            not isinstance(i, numbers.Integral) or isinstance(i, bool) or i < 0 for i in ids):
+        raise ValueError(f"bos/eos token ids must be at most {MAX_SPECIAL_IDS} non-negative integers, "
+                         f"got bos {_short(cfg.bos_token_id)}, eos {_short(cfg.eos_token_ids)}")
 
 
 def _check_fields(cls, d: dict, what: str) -> None:

@@ -21,8 +21,12 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import typing
 from typing import Any, Mapping, Optional
+
+
+MAX_JSON_BYTES = 64 << 20  # a settings file or a checkpoint's config.json is kilobytes
 
 
 class ConfigError(ValueError):
@@ -187,13 +191,20 @@ def check_fields(obj) -> None:
                 raise ConfigError(f"{name}: must be <= {hi}, got {value!r}")
 
 
-def read_json_object(path: str, error: type = ConfigError) -> dict:
-    """The JSON object in `path`; `error(<path>: <what is wrong>)` if unreadable, not JSON or not an object."""
+def read_json_object(path: str, error: type = ConfigError, max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """The JSON object in `path`; `error(<path>: <what is wrong>)` if unreadable, larger than
+    `max_bytes` (checked before reading: the file may come from anyone), not JSON or not an object."""
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(max_bytes + 1) if size <= max_bytes else b""
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    if size > max_bytes or len(raw) > max_bytes:
+        raise error(f"{path}: {max(size, len(raw))} bytes, more than the {max_bytes} a JSON settings or "
+                    "config file may hold")
+    try:
+        d = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:
         raise error(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):

@@ -13,8 +13,8 @@ A directory holding:
 
 Loading memory-maps each file once and yields views into it: nothing is read from disk
 before the engine places the tensor, and no host copy is made beyond what device_put needs.
-Every header is checked against the config and the file sizes at open time, so a missing,
-truncated or mis-shaped tensor fails before any tensor is placed.
+Every header is checked against the file sizes (engine/loaders/st_header.py) and the config
+at open time, so a missing, truncated or mis-shaped tensor fails before any tensor is placed.
 """
 
 from __future__ import annotations
@@ -24,69 +24,25 @@ import json
 import os
 import struct
 
-import ml_dtypes
 import numpy as np
 
 from engine.model_config import ModelConfig
-from engine.checkpoint import Checkpoint, CheckpointError, expected_shapes
+from engine.checkpoint import Checkpoint, CheckpointError, expected_shapes, shown
+from engine.loaders.st_header import ST_DTYPES, read_header
 from engine.settings import read_json_object
 
 FORMAT_VERSION = 1
+MAX_CONFIG_BYTES = 16 << 20  # jetbeam_config.json and the index: a real one is a few kB
 CONFIG_FILE = "jetbeam_config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")
 
-ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-             "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-             "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
-             "BOOL": np.dtype(np.bool_)}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
 def is_matrix(name: str) -> bool:
     return name.split(".")[-1] in MATRICES
-
-
-# --- safetensors, read --------------------------------------------------------------------
-
-def read_header(path: str) -> tuple[dict, int, dict]:
-    """(name -> {"dtype", "shape", "data_offsets"}, byte offset of the data region, __metadata__).
-
-    Checks every entry's dtype, shape and byte range against the file size.
-    """
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            n = struct.unpack("<Q", head)[0]
-            if 8 + n > size:
-                raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file of {size})")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
-    data_size = size - 8 - n
-    for name, info in header.items():
-        try:
-            dtype = ST_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r}: bad header entry {info!r}") from None
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
-            raise CheckpointError(f"{path}: tensor {name!r}: byte range {begin}..{end} does not match "
-                                  f"shape {shape} x {info['dtype']}")
-        if end > data_size:
-            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at data byte {end} but the "
-                                  f"file holds only {data_size} data bytes")
-    return header, 8 + n, meta
 
 
 # --- safetensors, write -------------------------------------------------------------------
@@ -172,7 +128,7 @@ class ShardedWriter:
 
 def read_config(path: str) -> tuple[ModelConfig, dict]:
     cfg_path = os.path.join(path, CONFIG_FILE)
-    d = read_json_object(cfg_path, CheckpointError)
+    d = read_json_object(cfg_path, CheckpointError, MAX_CONFIG_BYTES)
     version = d.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{cfg_path}: format_version {version!r} is not supported "
@@ -181,7 +137,7 @@ def read_config(path: str) -> tuple[ModelConfig, dict]:
     meta = {k: v for k, v in d.items() if k not in fields}
     try:
         cfg = ModelConfig.from_dict({k: v for k, v in d.items() if k in fields})
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:
         raise CheckpointError(f"{cfg_path}: bad model config ({e})") from None
     return cfg, meta
 
@@ -189,13 +145,14 @@ def read_config(path: str) -> tuple[ModelConfig, dict]:
 def _weight_files(path: str) -> list[str]:
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
-        try:
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: unreadable index ({type(e).__name__}: {e})") from None
+        weight_map = read_json_object(index, CheckpointError, MAX_CONFIG_BYTES).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: unreadable index (no weight_map of tensor -> file name)")
+        files = sorted(set(weight_map.values()))
         for name in files:
-            if os.path.basename(name) != name or not os.path.isfile(os.path.join(path, name)):
+            if os.path.basename(name) != name or name in ("", ".", ".."):
+                raise CheckpointError(f"{index}: weight file name {shown(name)} is not a plain file name")
+            if not os.path.isfile(os.path.join(path, name)):
                 raise CheckpointError(f"{os.path.join(path, name)}: weight file listed in {index} is missing")
         return [os.path.join(path, name) for name in files]
     single = os.path.join(path, SINGLE_FILE)
@@ -204,8 +161,10 @@ def _weight_files(path: str) -> list[str]:
     return [single]
 
 
-def load_converted(path: str) -> Checkpoint:
+def load_converted(path: str, tokenizer: bool = True) -> Checkpoint:
+    """The converted checkpoint in `path`: every header and shape checked, no tensor read.
 
+    `tokenizer=False` skips loading the tokenizer (a preflight check reads headers only)."""
     path = os.path.abspath(path)
     cfg, meta = read_config(path)
     where = {}  # stored name -> (file, entry, data offset)
@@ -213,7 +172,7 @@ def load_converted(path: str) -> Checkpoint:
         header, base, _ = read_header(file)
         for name, info in header.items():
             if name in where:
-                raise CheckpointError(f"{file}: tensor {name!r} is also in {where[name][0]}")
+                raise CheckpointError(f"{file}: tensor {shown(name)} is also in {where[name][0]}")
             where[name] = (file, info, base)
 
     def check(file, stored, dtype_ok, shape):
@@ -240,7 +199,7 @@ def load_converted(path: str) -> Checkpoint:
     used = {s for _, stored in plan for s in stored}
     extra = sorted(set(where) - used)
     if extra:
-        raise CheckpointError(f"{where[extra[0]][0]}: unexpected tensor {extra[0]!r} for this config")
+        raise CheckpointError(f"{where[extra[0]][0]}: unexpected tensor {shown(extra[0])} for this config")
 
     def tensors():
         from engine.quantize import QuantizedWeight
@@ -260,10 +219,12 @@ def load_converted(path: str) -> Checkpoint:
             else:
                 yield name, view(stored[0])
 
-    from engine.tokenizer import load_tokenizer
-    try:
-        tokenizer = load_tokenizer(path)
-    except Exception as e:
-        raise CheckpointError(f"{path}: tokenizer files present but unreadable ({type(e).__name__}: {e})") from None
-    return Checkpoint(config=cfg, tensors=tensors, tokenizer=tokenizer, source=path, format="jetbeam",
+    tok = None
+    if tokenizer:
+        from engine.tokenizer import load_tokenizer
+        try:
+            tok = load_tokenizer(path)
+        except Exception as e:
+            raise CheckpointError(f"{path}: tokenizer files present but unreadable ({type(e).__name__}: {e})") from None
+    return Checkpoint(config=cfg, tensors=tensors, tokenizer=tok, source=path, format="jetbeam",
                       extra={"quantized": bool(meta.get("quantized")), "source": meta.get("source")})

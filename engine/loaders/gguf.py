@@ -1,6 +1,8 @@
 """GGUF checkpoints (llama.cpp's single-file format), Llama architecture.
 
-`load_gguf(path)` reads the hyper-parameters and the tokenizer from the file's metadata and
+`load_gguf(path)` reads the header with engine/loaders/gguf_file.py (every declared count,
+length and offset bounded before anything is allocated), the hyper-parameters (bounded by
+ModelConfig's LIMITS) and the tokenizer from the metadata, checks every tensor's shape, and
 returns a `Checkpoint` whose `tensors()` dequantizes one tensor at a time to float32
 (any type `gguf.quants.dequantize` knows: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
 the K-quants Q2_K..Q6_K, the IQ types ...).
@@ -8,7 +10,7 @@ the K-quants Q2_K..Q6_K, the IQ types ...).
 Three things differ from a Hugging Face checkpoint and are undone here:
 
 * GGUF lists dimensions fastest-first (ggml's `ne`), so a `[out, in]` torch matrix shows up
-  in `GGUFReader` with `shape == [in, out]` while its numpy data is `[out, in]`. We read the
+  in the tensor header with `shape == [in, out]` while its numpy data is `[out, in]`. We read the
   numpy layout and transpose to our `[in, out]`.
 * llama.cpp's converter (`convert_hf_to_gguf.py`, `LlamaModel.permute`) reorders the rows of
   the Q and K projections from Hugging Face's rotate-half rotary layout into Meta's
@@ -28,9 +30,9 @@ from typing import Optional
 
 import numpy as np
 
-from engine.checkpoint import Checkpoint, CheckpointError
+from engine.checkpoint import Checkpoint, CheckpointError, expected_shapes, shown
 from engine.loaders.gguf_tokenizer import build_tokenizer
-from engine.model_config import ModelConfig
+from engine.model_config import ModelConfig, bounded_int
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -58,21 +60,20 @@ _IGNORED_BLOCK = {"attn_rot_embd"}
 # --------------------------------------------------------------------------- metadata
 
 class _Meta:
-    """Typed access to a GGUFReader's key/value fields."""
+    """Typed access to a GGUF file's key/value fields (`GGUFFile.fields`): arrays come back as lists."""
 
-    def __init__(self, reader, path: str):
-        self.reader = reader
+    def __init__(self, fields: dict, path: str):
+        self.fields = fields
         self.path = path
 
     def __contains__(self, key):
-        return key in self.reader.fields
+        return key in self.fields
 
     def get(self, key, default=None):
-        field = self.reader.fields.get(key)
-        if field is None:
+        value = self.fields.get(key)
+        if value is None:
             return default
-        value = _contents(field)
-        return default if value is None else value
+        return value.tolist() if isinstance(value, np.ndarray) else value
 
     def require(self, key):
         if key not in self:
@@ -80,31 +81,13 @@ class _Meta:
         return self.get(key)
 
 
-def _contents(field):
-    """A field's Python value (`ReaderField.contents()`, spelled out for gguf versions without it)."""
-    if hasattr(field, "contents"):
-        return field.contents()
-    from gguf import GGUFValueType
-    if not field.types:
-        return None
-    kind = field.types[-1]
-
-    def one(i):
-        part = field.parts[i]
-        return bytes(part).decode("utf-8") if kind == GGUFValueType.STRING else part.tolist()[0]
-
-    if field.types[0] == GGUFValueType.ARRAY:
-        return [one(i) for i in field.data]
-    return one(field.data[0])
-
-
-def _scalar(value, what: str, path: str) -> int:
+def _scalar(value, what: str, path: str):
     """Per-layer arrays (some archs) are accepted when uniform."""
     if isinstance(value, (list, tuple)):
         if not value or len(set(value)) != 1:
-            raise CheckpointError(f"{path}: per-layer {what} {value!r} is not supported")
+            raise CheckpointError(f"{path}: per-layer {what} {shown(value)} is not supported")
         value = value[0]
-    return int(value)
+    return value
 
 
 # --------------------------------------------------------------------------- tensors
@@ -209,86 +192,151 @@ def _llama3_scaling(factors: np.ndarray, cfg_kwargs: dict, path: str) -> Optiona
     return scaling
 
 
-# --------------------------------------------------------------------------- tokenizer
+# --------------------------------------------------------------------------- the loader
 
-def load_gguf(path: str) -> Checkpoint:
-    try:
-        import gguf
-    except ImportError:
-        raise CheckpointError(f"{path}: reading GGUF files needs the `gguf` package (pip install gguf)") from None
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
-    meta = _Meta(reader, path)
-    arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(f"{path}: unsupported GGUF architecture {arch!r} "
-                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    by_name = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in by_name:
-        raise CheckpointError(f"{path}: missing tensor 'token_embd.weight'")
-    for name in by_name:
-        if _canonical(name) is None and not _ignored(name):
-            raise CheckpointError(f"{path}: unsupported tensor {name!r} (biases and extra tensors of "
-                                  "non-Llama variants are not supported)")
+def _config_kwargs(meta: _Meta, arch: str, by_name: dict, path: str) -> dict:
+    """ModelConfig fields from the metadata, every size bounded (ModelConfig's LIMITS) as it is read."""
 
     def key(k):
         return f"{arch}.{k}"
 
-    hidden = int(meta.require(key("embedding_length")))
-    heads = _scalar(meta.require(key("attention.head_count")), "head_count", path)
-    kv_heads = _scalar(meta.get(key("attention.head_count_kv"), heads), "head_count_kv", path)
-    head_dim = int(meta.get(key("attention.key_length"), hidden // heads))
-    if int(meta.get(key("attention.value_length"), head_dim)) != head_dim:
+    def size(k, field, default=None):
+        value = meta.require(key(k)) if default is None else meta.get(key(k), default)
+        return bounded_int(field, _scalar(value, k, path), key(k))
+
+    def number(k, default):
+        value = _scalar(meta.get(key(k), default), k, path)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"{key(k)} must be a number, got {shown(value)}")
+        return float(value)
+
+    hidden = size("embedding_length", "hidden_size")
+    heads = size("attention.head_count", "num_heads")
+    head_dim = size("attention.key_length", "head_dim", max(1, hidden // heads))
+    if size("attention.value_length", "head_dim", head_dim) != head_dim:
         raise CheckpointError(f"{path}: key_length != value_length is not supported")
-    rope_dim = int(meta.get(key("rope.dimension_count"), head_dim))
+    rope_dim = size("rope.dimension_count", "head_dim", head_dim)
     if rope_dim != head_dim:
         raise CheckpointError(f"{path}: partial rotary (rope.dimension_count={rope_dim}, "
                               f"head_dim={head_dim}) is not supported")
     scaling_type = meta.get(key("rope.scaling.type"), "none")
     if scaling_type not in ("none", None, ""):
-        raise CheckpointError(f"{path}: rope scaling type {scaling_type!r} is not supported")
-    embed_shape = [int(d) for d in reversed(list(by_name["token_embd.weight"].shape))]
-    vocab = embed_shape[0]
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if tokens is not None and len(tokens) != vocab:
-        raise CheckpointError(f"{path}: {len(tokens)} tokens in the vocabulary but token_embd.weight "
-                              f"has {vocab} rows")
+        raise CheckpointError(f"{path}: rope scaling type {shown(scaling_type)} is not supported")
+    embed_shape = [int(d) for d in reversed(by_name["token_embd.weight"].shape.tolist())]
+    if len(embed_shape) != 2:
+        raise CheckpointError(f"{path}: token_embd.weight has shape {embed_shape}, not a matrix")
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos = []
     for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
         v = meta.get(k)
-        if v is not None and int(v) not in eos:
-            eos.append(int(v))
-    kwargs = dict(
-        vocab_size=vocab,
+        if v is not None and v not in eos:
+            eos.append(v)
+    return dict(
+        vocab_size=bounded_int("vocab_size", embed_shape[0], "token_embd.weight rows"),
         hidden_size=hidden,
-        intermediate_size=_scalar(meta.require(key("feed_forward_length")), "feed_forward_length", path),
-        num_layers=int(meta.require(key("block_count"))),
+        intermediate_size=size("feed_forward_length", "intermediate_size"),
+        num_layers=size("block_count", "num_layers"),
         num_heads=heads,
-        num_kv_heads=kv_heads,
+        num_kv_heads=size("attention.head_count_kv", "num_kv_heads", heads),
         head_dim=head_dim,
-        max_position_embeddings=int(meta.get(key("context_length"), 4096)),
-        rope_theta=float(meta.get(key("rope.freq_base"), 10000.0)),
-        rms_norm_eps=float(meta.get(key("attention.layer_norm_rms_epsilon"), 1e-5)),
+        max_position_embeddings=size("context_length", "max_position_embeddings", 4096),
+        rope_theta=number("rope.freq_base", 10000.0),
+        rms_norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5),
         tie_embeddings="output.weight" not in by_name,
-        bos_token_id=None if bos is None else int(bos),
+        bos_token_id=bos,
         eos_token_ids=tuple(eos),
         family="llama",
         name=str(meta.get("general.name") or os.path.splitext(os.path.basename(path))[0]),
     )
+
+
+def _check_tensors(cfg: ModelConfig, by_name: dict, path: str) -> None:
+    """Every tensor `cfg` needs is present with the shape it implies (ggml ne reversed = numpy order)."""
+    shapes = expected_shapes(cfg)
+    found = set()
+    for gname, t in by_name.items():
+        name = _canonical(gname)
+        if name is None:
+            continue
+        if name not in shapes:
+            raise CheckpointError(f"{path}: tensor {shown(gname)} is beyond this config ({cfg.num_layers} blocks)")
+        want = shapes[name] if name == "embed" or len(shapes[name]) == 1 else shapes[name][::-1]
+        got = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if got != want:
+            raise CheckpointError(f"{path}: tensor {shown(gname)} has shape {got} (numpy order), expected "
+                                  f"{want} for the metadata")
+        found.add(name)
+    missing = [n for n in shapes if n not in found]
+    if missing:
+        raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+
+
+MAX_TOKEN_CHARS = 1024  # real tokens are under ~256; rebuilding merges is quadratic in a token's length
+
+
+def _check_vocab(meta: _Meta, vocab: int, path: str) -> None:
+    """The tokenizer arrays, if present, are lists of the right kind and length, tokens of sane length."""
+    for k, kind in (("tokens", str), ("token_type", int), ("scores", float), ("merges", str)):
+        value = meta.fields.get(f"tokenizer.ggml.{k}")
+        if value is None:
+            continue
+        ok = (isinstance(value, list) and all(isinstance(v, str) for v in value) if kind is str else
+              isinstance(value, np.ndarray) and value.dtype.kind in ("iu" if kind is int else "iuf"))
+        if not ok:
+            raise CheckpointError(f"{path}: tokenizer.ggml.{k} is not an array of {kind.__name__}")
+        if k != "merges" and len(value) != vocab:
+            raise CheckpointError(f"{path}: {len(value)} entries in tokenizer.ggml.{k} but token_embd.weight "
+                                  f"has {vocab} rows")
+        if k == "tokens":
+            longest = max(range(len(value)), key=lambda i: len(value[i]), default=None)
+            if longest is not None and len(value[longest]) > MAX_TOKEN_CHARS:
+                raise CheckpointError(f"{path}: token {longest} is {len(value[longest])} characters long "
+                                      f"(at most {MAX_TOKEN_CHARS})")
+
+
+def load_gguf(path: str, tokenizer: bool = True) -> Checkpoint:
+    """The GGUF checkpoint at `path`: header read with every size bounded (gguf_file.GGUFFile), the
+    config and every tensor shape checked, no weight read. `tokenizer=False` skips building the
+    tokenizer (a preflight check)."""
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError(f"{path}: reading GGUF files needs the `gguf` package (pip install gguf)") from None
+    from engine.loaders.gguf_file import GGUFFile
+    file = GGUFFile(path)
+    meta = _Meta(file.fields, path)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(f"{path}: unsupported GGUF architecture {shown(arch)} "
+                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    by_name = {t.name: t for t in file.tensors}
+    if "token_embd.weight" not in by_name:
+        raise CheckpointError(f"{path}: missing tensor 'token_embd.weight'")
+    for name in by_name:
+        if _canonical(name) is None and not _ignored(name):
+            raise CheckpointError(f"{path}: unsupported tensor {shown(name)} (biases and extra tensors of "
+                                  "non-Llama variants are not supported)")
+    try:
+        kwargs = _config_kwargs(meta, arch, by_name, path)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    _check_vocab(meta, kwargs["vocab_size"], path)
     if "rope_freqs.weight" in by_name:
-        kwargs["rope_scaling"] = _llama3_scaling(_dequantize(by_name["rope_freqs.weight"], path), kwargs, path)
+        freqs = by_name["rope_freqs.weight"]
+        if freqs.n_elements != kwargs["head_dim"] // 2:
+            raise CheckpointError(f"{path}: rope_freqs.weight has {freqs.n_elements} entries, "
+                                  f"expected {kwargs['head_dim'] // 2}")
+        kwargs["rope_scaling"] = _llama3_scaling(_dequantize(freqs, path), kwargs, path)
     try:
         cfg = ModelConfig(**kwargs).validate()
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
+    _check_tensors(cfg, by_name, path)
 
-    tokenizer = build_tokenizer(meta, cfg.bos_token_id, cfg.eos_token_ids)
+    tok = build_tokenizer(meta, cfg.bos_token_id, cfg.eos_token_ids) if tokenizer else None
 
     def tensors():
-        for t in reader.tensors:
+        for t in file.tensors:
             name = _canonical(t.name)
             if name is None:
                 continue
@@ -306,9 +354,9 @@ def load_gguf(path: str) -> Checkpoint:
             yield name, w
 
     types = {}
-    for t in reader.tensors:
+    for t in file.tensors:
         n = gguf.GGMLQuantizationType(int(t.tensor_type)).name
         types[n] = types.get(n, 0) + 1
-    return Checkpoint(config=cfg, tensors=tensors, tokenizer=tokenizer, source=path, format="gguf",
+    return Checkpoint(config=cfg, tensors=tensors, tokenizer=tok, source=path, format="gguf",
                       extra={"tensor_types": types, "architecture": arch,
                              "pre_tokenizer": meta.get("tokenizer.ggml.pre")})

@@ -1,29 +1,28 @@
 """Hugging Face model directories: `config.json` + `*.safetensors` (one file or sharded with an index).
 
-We parse the safetensors header ourselves and `np.memmap` each tensor's bytes instead of
-using `safe_open(framework="numpy")`, because numpy has no bfloat16 and most checkpoints are
+We parse the safetensors header ourselves (engine/loaders/st_header.py, every declared size
+checked against the file) and `np.memmap` each tensor's bytes instead of using
+`safe_open(framework="numpy")`, because numpy has no bfloat16 and most checkpoints are
 stored in bf16; ml_dtypes (shipped with jax) gives the dtype, so bf16 arrives bit-exact.
-All headers are read (and checked against the file sizes) before any tensor is yielded,
-so a truncated or incomplete checkpoint fails at open time with the file and tensor named,
-not halfway through placing a 70B model on device.
+All headers are read, and every tensor's shape checked against config.json, before any
+tensor is yielded, so a truncated, incomplete or mis-shaped checkpoint fails at open time
+with the file and tensor named, not halfway through placing a 70B model on device.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 
-import ml_dtypes
 import numpy as np
 
 from engine.model_config import ModelConfig
-from engine.checkpoint import Checkpoint, CheckpointError, layer_names
+from engine.checkpoint import Checkpoint, CheckpointError, expected_shapes, layer_names, shown
+from engine.loaders.st_header import ST_DTYPES, read_header
 from engine.settings import read_json_object
 
-DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8}
+DTYPES = {k: v for k, v in ST_DTYPES.items() if k != "BOOL"}
+MAX_CONFIG_BYTES = 16 << 20  # config.json and the shard index: a real one is a few kB
 
 _LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
           "self_attn.q_proj": "wq", "self_attn.k_proj": "wk", "self_attn.v_proj": "wv",
@@ -54,37 +53,9 @@ def canonical_name(hf_name: str, post_norms: bool = False):
     return None
 
 
-def read_header(path: str) -> tuple[dict, int]:
-    """(tensor name -> {dtype, shape, data_offsets}, offset of the data region) of one file.
-
-    Checks that every tensor's bytes lie inside the file, so truncation is caught here.
-    """
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-            raw = f.read(n) if n is not None and 8 + n <= size else None
-        header = json.loads(raw) if raw is not None else None
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    if header is None:
-        raise CheckpointError(f"{path}: truncated safetensors file (file is {size} bytes, "
-                              f"shorter than its header{'' if n is None else f' of {n} bytes'})")
-    header.pop("__metadata__", None)
-    for name, info in header.items():
-        if info.get("dtype") not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        end = info["data_offsets"][1]
-        if 8 + n + end > size:
-            raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
-                                  f"{8 + n + end} but the file has {size} bytes")
-    return header, 8 + n
-
-
 def _read_tensor(path: str, info: dict, base: int) -> np.ndarray:
     """One tensor, copied out of the memory map (so nothing keeps the file mapped afterwards)."""
-    dtype = np.dtype(DTYPES[info["dtype"]])
+    dtype = DTYPES[info["dtype"]]
     begin, end = info["data_offsets"]
     shape = tuple(info["shape"])
     if end == begin:
@@ -99,12 +70,13 @@ def _shard_files(path: str) -> list[str]:
     """The safetensors files that make up the checkpoint (those the index lists, else all)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        try:
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{index}: unreadable index ({e})") from None
+        weight_map = read_json_object(index, CheckpointError, MAX_CONFIG_BYTES).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: unreadable index (no weight_map of tensor -> file name)")
+        files = sorted(set(weight_map.values()))
         for name in files:
+            if os.path.basename(name) != name or name in ("", ".", ".."):
+                raise CheckpointError(f"{index}: shard file name {shown(name)} is not a plain file name")
             if not os.path.isfile(os.path.join(path, name)):
                 raise CheckpointError(f"{os.path.join(path, name)}: shard file listed in {index} is missing")
         return [os.path.join(path, name) for name in files]
@@ -114,30 +86,46 @@ def _shard_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in files]
 
 
-def load_hf(path: str) -> Checkpoint:
+def read_config(config_path: str, name: str) -> ModelConfig:
+    """The ModelConfig of a config.json, its sizes bounded (ModelConfig.from_hf); CheckpointError naming it."""
+    hf = read_json_object(config_path, CheckpointError, MAX_CONFIG_BYTES)
+    try:
+        return ModelConfig.from_hf(hf, name=name)
+    except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError) as e:
+        raise CheckpointError(f"{config_path}: {type(e).__name__}: {e}") from None
+
+
+def load_hf(path: str, tokenizer: bool = True) -> Checkpoint:
+    """The checkpoint in Hugging Face directory `path`: every header and shape checked, no tensor read.
+
+    `tokenizer=False` skips loading the tokenizer (a preflight check reads headers only)."""
     path = os.path.abspath(path)
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{config_path}: missing (a Hugging Face model directory needs config.json)")
-    hf = read_json_object(config_path, CheckpointError)
-    try:
-        cfg = ModelConfig.from_hf(hf, name=os.path.basename(path))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{config_path}: {type(e).__name__}: {e}") from None
+    cfg = read_config(config_path, os.path.basename(path))
+    shapes = expected_shapes(cfg)
 
     # canonical name -> (file, header entry, data offset), built from the headers alone.
     where = {}
     for file in _shard_files(path):
-        header, base = read_header(file)
+        header, base, _ = read_header(file, DTYPES)
         for hf_name, info in header.items():
             name = canonical_name(hf_name, cfg.post_norms)
             if name is None:
                 if _IGNORED.fullmatch(hf_name):
                     continue
-                raise CheckpointError(f"{file}: unrecognised tensor {hf_name!r} (not a "
+                raise CheckpointError(f"{file}: unrecognised tensor {shown(hf_name)} (not a "
                                       f"{cfg.family} weight this engine knows)")
             if name == "lm_head" and cfg.tie_embeddings:
                 continue  # some exports store the tied head too; the engine uses embed
+            if name not in shapes:
+                raise CheckpointError(f"{file}: tensor {shown(hf_name)} is beyond this config "
+                                      f"({cfg.num_layers} layers)")
+            want = shapes[name][::-1] if name.split(".")[-1] in _TRANSPOSED else shapes[name]
+            if tuple(info["shape"]) != want:
+                raise CheckpointError(f"{file}: tensor {shown(hf_name)} has shape {tuple(info['shape'])}, "
+                                      f"expected {want} for config.json")
             where[name] = (file, info, base)
     wanted = layer_names(cfg.num_layers, cfg.post_norms) + ([] if cfg.tie_embeddings else ["lm_head"])
     missing = [n for n in wanted if n not in where]
@@ -156,9 +144,11 @@ def load_hf(path: str) -> Checkpoint:
                 arr = np.ascontiguousarray(arr.T)
             yield name, arr
 
-    from engine.tokenizer import load_tokenizer
-    try:
-        tokenizer = load_tokenizer(path)
-    except Exception as e:  # one error type for callers, naming the directory
-        raise CheckpointError(f"{path}: tokenizer files present but unreadable ({e})") from None
-    return Checkpoint(config=cfg, tensors=tensors, tokenizer=tokenizer, source=path, format="hf")
+    tok = None
+    if tokenizer:
+        from engine.tokenizer import load_tokenizer
+        try:
+            tok = load_tokenizer(path)
+        except Exception as e:  # one error type for callers, naming the directory
+            raise CheckpointError(f"{path}: tokenizer files present but unreadable ({e})") from None
+    return Checkpoint(config=cfg, tensors=tensors, tokenizer=tok, source=path, format="hf")

@@ -6,18 +6,22 @@ Meta's model-parallel layers split it on (ColumnParallelLinear splits the output
 RowParallelLinear the input columns, ParallelEmbedding the hidden dim; norms are replicated).
 Q/K rows are permuted from Meta's interleaved rotary pairs to Hugging Face's rotate-half
 layout exactly as transformers' convert_llama_weights_to_hf.py does.
+
+params.json is bounded (`read_params`, ModelConfig's LIMITS) before a shard is opened, and every
+piece's shape is checked against the config before a tensor is read.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
 
 import numpy as np
 
-from engine.model_config import ModelConfig
-from engine.checkpoint import Checkpoint, CheckpointError, layer_names
+from engine.model_config import ModelConfig, bounded_int
+from engine.checkpoint import Checkpoint, CheckpointError, expected_shapes, layer_names, shown
 from engine.settings import read_json_object
 from engine.loaders.torch_zip import LazyTensor, load_torch_zip
 
@@ -34,6 +38,8 @@ _GLOBAL = {"embed": ("tok_embeddings.weight", 1), "final_norm": ("norm.weight", 
            "lm_head": ("output.weight", 0)}
 _IGNORED = {"rope.freqs"}  # a buffer older exports saved; the model recomputes it
 _SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth")
+MAX_SHARDS = 64
+MAX_PARAMS_BYTES = 1 << 20  # params.json is a few hundred bytes
 
 
 def meta_name(name: str) -> tuple[str, object]:
@@ -79,13 +85,81 @@ def _find_tokenizer(path: str):
         return None, None
 
 
-def load_meta(path: str) -> Checkpoint:
+def _number(params: dict, key: str, default, params_path: str) -> float:
+    value = params.get(key, default)
+    if value is None:
+        value = default
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or value <= 0):
+        raise CheckpointError(f"{params_path}: {key} must be a positive number, got {shown(value)}")
+    return value
+
+
+def read_params(params_path: str) -> dict:
+    """params.json's sizes as ints, each bounded (ModelConfig's LIMITS) and consistent; CheckpointError naming the file."""
+    params = read_json_object(params_path, CheckpointError, MAX_PARAMS_BYTES)
+    try:
+        dim = bounded_int("hidden_size", params.get("dim"), "dim")
+        n_layers = bounded_int("num_layers", params.get("n_layers"), "n_layers")
+        n_heads = bounded_int("num_heads", params.get("n_heads"), "n_heads")
+        n_kv = bounded_int("num_kv_heads", params.get("n_kv_heads") or n_heads, "n_kv_heads")
+        vocab = params.get("vocab_size", -1)  # Llama 2 writes -1: the embedding's rows
+        if not (type(vocab) is int and vocab <= 0):
+            vocab = bounded_int("vocab_size", vocab, "vocab_size")
+        max_seq = params.get("max_seq_len")
+        if max_seq is not None:
+            bounded_int("max_position_embeddings", max_seq, "max_seq_len")
+    except ValueError as e:
+        raise CheckpointError(f"{params_path}: {e}") from None
+    if dim % n_heads or n_heads % n_kv:
+        raise CheckpointError(f"{params_path}: dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv} are inconsistent")
+    multiple_of = _number(params, "multiple_of", 256, params_path)
+    mult = params.get("ffn_dim_multiplier")
+    if mult is not None:
+        _number(params, "ffn_dim_multiplier", None, params_path)
+    if type(multiple_of) is not int or multiple_of > 1 << 16 or (mult is not None and mult > 64):
+        raise CheckpointError(f"{params_path}: multiple_of {shown(multiple_of)} / ffn_dim_multiplier "
+                              f"{shown(mult)} are not a sane FFN width rule")
+    ffn = intermediate_size(dim, multiple_of, mult)
+    try:
+        bounded_int("intermediate_size", ffn, "the FFN width from multiple_of/ffn_dim_multiplier")
+    except ValueError as e:
+        raise CheckpointError(f"{params_path}: {e}") from None
+    return dict(params, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
+                ffn=ffn, max_seq_len=max_seq)
+
+
+def _check_shapes(cfg: ModelConfig, names: list, piece, files: list) -> None:
+    """Each tensor's pieces, merged along Meta's split axis, have the shape `cfg` implies."""
+    shapes = expected_shapes(cfg)
+    for name in names:
+        mname, axis = meta_name(name)
+        want = shapes[name] if name in ("embed", "final_norm") or name.endswith("_norm") else shapes[name][::-1]
+        parts = [piece(i, mname) for i in (range(len(files)) if axis is not None else [0])]
+        got = list(parts[0].shape)
+        if axis is not None and len(got) == 2:
+            for p in parts[1:]:
+                if len(p.shape) != 2 or p.shape[1 - axis] != got[1 - axis]:
+                    got = None
+                    break
+                got[axis] += p.shape[axis]
+        if got is None or tuple(got) != want:
+            raise CheckpointError(f"{files[0]}: tensor {mname!r} has shape "
+                                  f"{' + '.join(str(p.shape) for p in parts)}, expected {want} for params.json")
+
+
+def load_meta(path: str, tokenizer: bool = True) -> Checkpoint:
+    """The Meta checkpoint in `path`: params.json bounded, every shard's pickle read (no code run,
+    no tensor read) and every shape checked. `tokenizer=False` skips the tokenizer (preflight);
+    bos/eos then follow the vocabulary size."""
     path = os.path.abspath(path)
     params_path = os.path.join(path, "params.json")
-    params = read_json_object(params_path, CheckpointError)
+    params = read_params(params_path)
     shard_files = sorted((int(m.group(1)), f) for f in os.listdir(path) if (m := _SHARD_RE.fullmatch(f)))
     if not shard_files:
         raise CheckpointError(f"{path}: no consolidated.NN.pth shards")
+    if len(shard_files) > MAX_SHARDS:
+        raise CheckpointError(f"{path}: {len(shard_files)} shards, more than {MAX_SHARDS}")
     if [i for i, _ in shard_files] != list(range(len(shard_files))):
         raise CheckpointError(f"{path}: shard numbers {[i for i, _ in shard_files]} are not 00..{len(shard_files) - 1:02d}")
     files = [os.path.join(path, f) for _, f in shard_files]
@@ -102,29 +176,27 @@ def load_meta(path: str) -> Checkpoint:
         except KeyError:
             raise CheckpointError(f"{files[shard_i]}: tensor {name!r} missing") from None
 
-    try:
-        dim, n_layers, n_heads = int(params["dim"]), int(params["n_layers"]), int(params["n_heads"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{params_path}: missing or bad field {e}") from None
-    n_kv = int(params.get("n_kv_heads") or n_heads)
-    if dim % n_heads or n_heads % n_kv:
-        raise CheckpointError(f"{params_path}: dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv} are inconsistent")
-    vocab = int(params.get("vocab_size", -1))
+    dim, n_layers, n_heads, n_kv = params["dim"], params["n_layers"], params["n_heads"], params["n_kv_heads"]
+    vocab, ffn = params["vocab_size"], params["ffn"]
     emb = piece(0, "tok_embeddings.weight")
     if vocab <= 0:
-        vocab = emb.shape[0]
-    ffn = intermediate_size(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier"))
-    ffn_stored = sum(piece(i, "layers.0.feed_forward.w1.weight").shape[0] for i in range(len(files)))
+        vocab = emb.shape[0] if len(emb.shape) == 2 else 0
+    w1 = [piece(i, "layers.0.feed_forward.w1.weight") for i in range(len(files))]
+    for file, p in zip(files, w1):
+        if len(p.shape) != 2:
+            raise CheckpointError(f"{file}: layers.0.feed_forward.w1.weight has shape {p.shape}, not a matrix")
+    ffn_stored = sum(p.shape[0] for p in w1)
     if ffn != ffn_stored:
         raise CheckpointError(f"{params_path}: multiple_of/ffn_dim_multiplier give an FFN width of {ffn}, "
                               f"but layers.0.feed_forward.w1.weight has {ffn_stored} rows")
-    rope_theta = float(params.get("rope_theta", 10000.0))
+    rope_theta = float(_number(params, "rope_theta", 10000.0, params_path))
     scaled = bool(params.get("use_scaled_rope"))
-    rope_scaling = ({"factor": float(params.get("rope_scale_factor", 8.0)), "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192} if scaled else None)
-    max_pos = int(params.get("max_seq_len") or (131072 if scaled else 8192 if rope_theta >= 500000 else 4096))
+    rope_scaling = ({"factor": float(_number(params, "rope_scale_factor", 8.0, params_path)),
+                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192} if scaled else None)
+    max_pos = params["max_seq_len"] or (131072 if scaled else 8192 if rope_theta >= 500000 else 4096)
 
-    tokenizer, tok_dir = _find_tokenizer(path)
+    tokenizer, tok_dir = _find_tokenizer(path) if tokenizer else (None, None)
     if tokenizer is not None:
         bos, eos = tokenizer.bos_id, tuple(tokenizer.eos_ids)
     elif vocab >= 128000:  # Llama 3 ids (base eos and instruct end-of-turn)
@@ -136,7 +208,7 @@ def load_meta(path: str) -> Checkpoint:
             vocab_size=vocab, hidden_size=dim, intermediate_size=ffn, num_layers=n_layers,
             num_heads=n_heads, num_kv_heads=n_kv, head_dim=dim // n_heads,
             max_position_embeddings=max_pos, rope_theta=rope_theta, rope_scaling=rope_scaling,
-            rms_norm_eps=float(params.get("norm_eps", 1e-5)), bos_token_id=bos, eos_token_ids=eos,
+            rms_norm_eps=float(_number(params, "norm_eps", 1e-5, params_path)), bos_token_id=bos, eos_token_ids=eos,
             family="llama", name=os.path.basename(path)).validate()
     except ValueError as e:
         raise CheckpointError(f"{params_path}: {e}") from None
@@ -144,9 +216,10 @@ def load_meta(path: str) -> Checkpoint:
     names = layer_names(n_layers) + ["lm_head"]
     known = {meta_name(n)[0] for n in names} | _IGNORED
     for file, sd in zip(files, shards):
-        extra = sorted(set(sd) - known)
+        extra = sorted(set(sd) - known, key=str)
         if extra:
-            raise CheckpointError(f"{file}: unrecognised tensor {extra[0]!r}")
+            raise CheckpointError(f"{file}: unrecognised tensor {shown(extra[0])}")
+    _check_shapes(cfg, names, piece, files)
 
     def merged(name: str) -> np.ndarray:
         mname, axis = meta_name(name)

@@ -304,7 +304,7 @@ def test_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
                      else 4 if tokens[-1] == "<tool>" else 1)
     path = tmp_path / "spm.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
-    for k, v in (("context_length", 64), ("embedding_length", 8), ("block_count", 0),
+    for k, v in (("context_length", 64), ("embedding_length", 8), ("block_count", 1),
                  ("feed_forward_length", 8), ("attention.head_count", 1)):
         w.add_uint32(f"llama.{k}", v)
     w.add_tokenizer_model("llama")
@@ -315,6 +315,11 @@ def test_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
     w.add_eos_token_id(sp.eos_id())
     w.add_unk_token_id(sp.unk_id())
     w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    w.add_tensor("output_norm.weight", np.ones(8, np.float32))  # a complete (if useless) 1-block model
+    for n in ("attn_norm", "ffn_norm"):
+        w.add_tensor(f"blk.0.{n}.weight", np.ones(8, np.float32))
+    for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+        w.add_tensor(f"blk.0.{n}.weight", np.zeros((8, 8), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
