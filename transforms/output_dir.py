@@ -31,7 +31,7 @@ EXT = {COMPLETIONS: "parquet", ERRORS: "jsonl"}
 STATE_DIR = "_jetbeam"
 DUPLICATE = "duplicate"  # the stage of an error row reporting a repeated input id
 
-_RUN = r"\d{8}-\d{6}-[0-9a-f]{6}"
+_RUN = r"\d{8}-\d{6}(?:\d{3})?-[0-9a-f]{6}"  # date-time(ms)-random: sorts by start time
 _PIECE_RE = re.compile(rf"^(completions|errors)-({_RUN})-([0-9a-z]+)\.(parquet|jsonl)$")
 
 
@@ -51,9 +51,11 @@ class Piece:
 
 
 def new_run_id() -> str:
+    """`<yyyymmdd>-<hhmmss><ms>-<random>`: run ids sort in the order the runs started."""
     import time
     import uuid
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    now = time.time()
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"{int(now * 1000) % 1000:03d}-{uuid.uuid4().hex[:6]}"
 
 
 def piece_name(kind: str, run_id: str) -> str:
