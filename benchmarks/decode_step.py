@@ -109,12 +109,12 @@ def main(argv=None):
     step = min(times) / ec.decode_steps
     cfg = eng.model_config
     bw = rl.measure_bandwidth()
-    qw, qk = ec.quantize_weights, ec.quantize_kv_cache
+    qw, qk = ec.quantize_weights != "none", ec.quantize_kv_cache
     wb, kvb, kvs, ws = (1 if qw else 2), (1 if qk else 2), (4 if qk else 0), (4 if qw else 0)
     head_b = 2 if (qw and cfg.tie_embeddings) else wb
     roof = rl.decode_roofline(cfg, ec.batch_size, args.context + ec.decode_steps / 2, wb, kvb, kvs, bw,
                               rl.measure_matmul_flops(), ws, head_b)
-    print(f"{loaded.model_name} slots={ec.batch_size} ctx={args.context} qw={qw} qkv={qk} "
+    print(f"{loaded.model_name} slots={ec.batch_size} ctx={args.context} qw={ec.quantize_weights} qkv={qk} "
           f"attention={eng.describe()['decode_attention']} window={window}: "
           f"{step * 1e3:.2f} ms/step ({ec.batch_size / step:.0f} tok/s); roofline {roof['step_time_s'] * 1e3:.2f} ms "
           f"({roof['bytes'] / 1e9:.1f} GB/step at {bw / 1e12:.2f} TB/s) -> {roof['step_time_s'] / step:.0%}; "

@@ -278,7 +278,8 @@ def main(argv=None):
         from benchmarks import roofline as rl
         bw, fl = rl.measure_bandwidth(), rl.measure_matmul_flops()
         rf = rl.run_roofline(llm.model_config, args.num_requests, float(ins.mean()), float(outs.mean()),
-                             ec.batch_size, ec.quantize_weights, bw, fl, quantized_kv=ec.quantize_kv_cache)
+                             ec.batch_size, ec.quantize_weights != "none", bw, fl,
+                             quantized_kv=ec.quantize_kv_cache)
         rf["output_tok_per_s"] = rf["gen_tok_s"]  # whole generation phase (prefill + decode)
         report.update({"bandwidth_Bps": bw, "matmul_flops": fl, "roofline": rf,
                        "achieved_over_roofline": round(report["output_tok_per_s"] / rf["gen_tok_s"], 3)})
@@ -297,8 +298,8 @@ def main(argv=None):
 
 
 def markdown_row(r, card, command):
-    q = "int8 w + int8 KV" if r["quantize_weights"] and r["quantize_kv_cache"] else (
-        "int8 w" if r["quantize_weights"] else ("int8 KV" if r["quantize_kv_cache"] else r["dtype"]))
+    w = {True: "int8", False: "none"}.get(r["quantize_weights"], r["quantize_weights"])  # older reports: bool
+    q = " + ".join(([f"{w} w"] if w != "none" else []) + (["int8 KV"] if r["quantize_kv_cache"] else [])) or r["dtype"]
     shape = f"{r['input_len']}/{r['output_len']}" if r["dataset"] == "fixed" else "sharegpt-mix"
     peer = r.get("peer", {}).get("output_tok_s", "")
     roof = r.get("roofline", {}).get("output_tok_per_s", "")

@@ -28,6 +28,9 @@ from engine.settings import (ConfigError, add_arguments, check_fields, fields_of
                              read_json_object, setting, to_mapping, unknown_key)
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+WEIGHT_MODES = ("none", "int8", "w8a8", "w8a8_int8", "w8a8_fp8")
+_WEIGHT_MODE_ALIASES = {True: "int8", False: "none", "true": "int8", "false": "none", "1": "int8", "0": "none",
+                        "yes": "int8", "no": "none", "on": "int8", "off": "none"}
 PLATFORMS = ("tpu", "gpu", "cpu", "cuda", "rocm")
 
 
@@ -83,7 +86,12 @@ class EngineConfig:
     dtype: Optional[str] = setting(None, "Compute dtype; none: bfloat16 on accelerators, float32 on CPU",
                                    choices=DTYPE_NAMES)
     platform: str = setting("auto", "Devices one engine uses: auto, cpu, gpu=N or tpu=N")
-    quantize_weights: bool = setting(False, "int8 weight matrices with per-output-channel scales")
+    quantize_weights: str = setting(
+        "none", "Weight matrices in 8 bits with per-output-channel scales: int8 = int8 weights, bf16 "
+                "math; w8a8 = 8-bit weights and per-token 8-bit activations on 8-bit tensor cores (fp8 "
+                "e4m3 on NVIDIA GPUs of compute capability 8.9+, int8 elsewhere); w8a8_int8 / w8a8_fp8 "
+                "pick the 8-bit type; the bare flag (or true) means int8",
+        choices=WEIGHT_MODES, aliases=_WEIGHT_MODE_ALIASES, flag_const="int8")
     quantize_kv_cache: bool = setting(False, "int8 KV cache with per-token, per-head scales")
     min_prefill_bucket: int = setting(16, "Shortest prompt-length bucket compiled for prefill", minimum=1)
     prefill_batch: int = setting(8, "Most prompts prefilled together in one call", minimum=1)

@@ -213,7 +213,8 @@ def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     try:
-        quantize = parse_value(EngineConfig, "quantize_weights", args.quantize_weights or False)
+        # Every 8-bit mode stores int8 + per-column scales: the W8A8 forms are derived from them at load.
+        quantize = parse_value(EngineConfig, "quantize_weights", args.quantize_weights or False) != "none"
     except ValueError as e:
         p.error(str(e))
     if not args.output_safetensors:

@@ -34,10 +34,14 @@ class ConfigError(ValueError):
 
 
 def setting(default: Any, help: str, *, choices: Optional[tuple] = None, minimum: Optional[float] = None,
-            maximum: Optional[float] = None) -> Any:
-    """A dataclass field with its one-line help, allowed values and numeric bounds."""
+            maximum: Optional[float] = None, aliases: Optional[Mapping] = None,
+            flag_const: Optional[str] = None) -> Any:
+    """A dataclass field with its one-line help, allowed values and numeric bounds.
+
+    `aliases` map other spellings of a choice to it (lower-case text, or True/False for a field
+    that used to be a boolean); `flag_const` is the value of the bare `--flag`."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum,
-            "maximum": maximum}
+            "maximum": maximum, "aliases": dict(aliases or {}), "flag_const": flag_const}
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not settings: use a tuple")
     return dataclasses.field(default=default, metadata=meta)
@@ -59,13 +63,13 @@ def _hint(cls, name: str):
 
 @functools.lru_cache(maxsize=None)
 def _rules(cls) -> tuple:
-    """(name, kinds, optional, choices, minimum, maximum) per setting of `cls`, worked out once:
+    """(name, kinds, optional, choices, minimum, maximum, aliases) per setting of `cls`, worked out once:
     check_fields runs at every construction (a request's SamplingParams included)."""
     out = []
     for f in fields_of(cls):
         kinds, optional = _kinds(_hint(cls, f.name))
         out.append((f.name, frozenset(kinds), optional, f.metadata["choices"], f.metadata["minimum"],
-                    f.metadata["maximum"]))
+                    f.metadata["maximum"], f.metadata.get("aliases") or {}))
     return tuple(out)
 
 
@@ -158,21 +162,44 @@ def parse_value(cls, name: str, value: Any) -> Any:
             return None
         raise ConfigError(f"{name}: must be set, got null")
     choices = f.metadata["choices"] or ()
+    alias = _alias(f.metadata.get("aliases"), value)
+    if alias is not None:
+        return alias
     if "str" in kinds and isinstance(value, str) and value.strip().lower() in [str(c) for c in choices]:
         return value.strip().lower()  # a named choice of a mixed field ("auto" for int | str)
     errors = []
     for kind in sorted(kinds, key=lambda k: k == "str"):  # numbers before text for int | str
         try:
-            return _convert(kind, value)
+            out = _convert(kind, value)
         except ValueError as e:
             errors.append(str(e))
+            continue
+        if choices and isinstance(out, str) and out not in choices:
+            raise ConfigError(f"{name}: must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return out
     raise ConfigError(f"{name}: {errors[0]}")
 
 
+def _alias(aliases: Optional[Mapping], value: Any) -> Any:
+    """The choice `value` is another spelling of, or None."""
+    if not aliases:
+        return None
+    if isinstance(value, bool):
+        return aliases.get(value)
+    if isinstance(value, str):
+        return aliases.get(value.strip().lower())
+    return None
+
+
 def check_fields(obj) -> None:
-    """Hold every setting of a dataclass instance to its type, choices and bounds."""
-    for name, kinds, optional, choices, lo, hi in _rules(type(obj)):
+    """Hold every setting of a dataclass instance to its type, choices and bounds (an alias is
+    replaced by the choice it spells)."""
+    for name, kinds, optional, choices, lo, hi, aliases in _rules(type(obj)):
         value = getattr(obj, name)
+        alias = _alias(aliases, value)
+        if alias is not None:
+            object.__setattr__(obj, name, alias)
+            value = alias
         if value is None:
             if optional:
                 continue
@@ -285,6 +312,8 @@ def add_arguments(parser, cls, *, defaults: Optional[Mapping] = None, skip: tupl
                 "|N" if "int" in kinds else "")
         if kinds == {"bool"}:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif f.metadata.get("flag_const") is not None:
+            kwargs.update(nargs="?", const=f.metadata["flag_const"])
         elif kinds & {"strs", "ints"}:
             kwargs.update(action="append")
         group.add_argument(f"--{f.name}", **kwargs)

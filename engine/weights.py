@@ -1,7 +1,8 @@
 """Placing weights on the mesh: from a checkpoint, tensor by tensor, or random (by shape only).
 
-Each tensor is cast, optionally int8-quantized on device, and laid out with its
-PartitionSpec as it arrives, so host memory holds at most one tensor at a time.
+Each tensor is cast, optionally 8-bit quantized on device (engine/quantize.py: weight-only int8
+or W8A8), and laid out with its PartitionSpec as it arrives, so host memory holds at most one
+tensor at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from jax.sharding import NamedSharding
 from engine import sharding as shd
 from engine.model_config import ModelConfig
 from engine.checkpoint import LAYER_KEYS, POST_NORMS, Checkpoint, CheckpointError, expected_shapes
-from engine.quantize import QuantizedWeight, quantize_weight
+from engine.quantize import QuantizedWeight, W8A8Weight, quantize_w8a8, quantize_weight, w8a8_dtype
 
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")
 
@@ -26,11 +27,35 @@ def _is_matrix(name: str) -> bool:
     return name.split(".")[-1] in MATRICES
 
 
-def _place(name, value, cfg, mesh, dtype, quantize: bool):
-    """Put one tensor on the mesh in its final form (dtype, or int8 + scales)."""
+def weight_form(quantize, mesh):
+    """(mode, 8-bit dtype) of a quantize_weights value on this mesh: ("none" | "int8", None) or
+    ("w8a8", int8 | fp8), the 8-bit type chosen for the mesh's devices."""
+    mode = {True: "int8", False: "none", None: "none"}.get(quantize, quantize)
+    if str(mode).startswith("w8a8"):
+        dev = mesh.devices.flat[0]
+        return "w8a8", w8a8_dtype(mode, dev.platform, getattr(dev, "compute_capability", None))
+    return mode, None
+
+
+def _w8a8_shardings(mesh, spec):
+    """A W8A8Weight's shardings: the [in, out] spec transposed, scales split like the output."""
+    t = shd.P(*reversed(tuple(spec))) if len(spec) == 2 else spec
+    return W8A8Weight(NamedSharding(mesh, t), NamedSharding(mesh, shd.scale_spec(spec)))
+
+
+def _place(name, value, cfg, mesh, dtype, quantize):
+    """Put one tensor on the mesh in its final form (dtype, or 8-bit values + scales)."""
     spec = shd.param_spec(name, tuple(value.shape), cfg, mesh)
     wsh = NamedSharding(mesh, spec)
     ssh = NamedSharding(mesh, shd.scale_spec(spec))
+    mode, q8 = weight_form(quantize, mesh)
+    if mode == "w8a8" and _is_matrix(name):
+        f = jax.jit(lambda w: quantize_w8a8(w, q8), out_shardings=_w8a8_shardings(mesh, spec))
+        if isinstance(value, QuantizedWeight):
+            return f(QuantizedWeight(jax.device_put(np.asarray(value.q, np.int8), wsh),
+                                     jax.device_put(np.asarray(value.scale, np.float32), ssh)))
+        return f(jax.device_put(np.asarray(value), wsh))
+    quantize = mode == "int8"
     if isinstance(value, QuantizedWeight):
         if quantize:
             return QuantizedWeight(jax.device_put(np.asarray(value.q, np.int8), wsh),
@@ -55,8 +80,9 @@ def _assemble(cfg: ModelConfig, flat: dict) -> dict:
     return params
 
 
-def load_params(cfg: ModelConfig, checkpoint: Optional[Checkpoint], mesh, dtype, quantize: bool,
+def load_params(cfg: ModelConfig, checkpoint: Optional[Checkpoint], mesh, dtype, quantize,
                 seed: int = 0) -> dict:
+    """The model's params on `mesh`; `quantize` is a quantize_weights mode (or a bool: int8)."""
     if checkpoint is None:
         return random_params(cfg, mesh, dtype, quantize, seed)
     shapes = expected_shapes(cfg)
@@ -77,27 +103,28 @@ def load_params(cfg: ModelConfig, checkpoint: Optional[Checkpoint], mesh, dtype,
     return _assemble(cfg, flat)
 
 
-def random_params(cfg: ModelConfig, mesh, dtype, quantize: bool, seed: int = 0) -> dict:
+def random_params(cfg: ModelConfig, mesh, dtype, quantize, seed: int = 0) -> dict:
     """Random weights of the right shapes, made on device (speed depends on shapes, not values).
 
     One compiled generator per distinct (shape, layout), reused across layers.
     """
     base = jax.random.PRNGKey(seed)
+    mode, q8 = weight_form(quantize, mesh)
     makers = {}
     flat = {}
     for name, shape in expected_shapes(cfg).items():
         spec = shd.param_spec(name, shape, cfg, mesh)
-        kind = "norm" if name.endswith("norm") else ("q" if quantize and _is_matrix(name) else "w")
+        kind = "norm" if name.endswith("norm") else (mode if mode != "none" and _is_matrix(name) else "w")
         std = 0.02 if name == "embed" else shape[0] ** -0.5
         sig = (shape, spec, kind, std)
         if sig not in makers:
             makers[sig] = _random_maker(shape, spec, kind, std, mesh, dtype,
-                                        1.0 - cfg.norm_weight_offset)
+                                        1.0 - cfg.norm_weight_offset, q8)
         flat[name] = makers[sig](jax.random.fold_in(base, zlib.crc32(name.encode())))
     return _assemble(cfg, flat)
 
 
-def _random_maker(shape, spec, kind, std, mesh, dtype, norm_fill):
+def _random_maker(shape, spec, kind, std, mesh, dtype, norm_fill, q8=None):
     wsh = NamedSharding(mesh, spec)
     if kind == "norm":
         return jax.jit(lambda key: jnp.full(shape, norm_fill, dtype), out_shardings=wsh)
@@ -105,9 +132,11 @@ def _random_maker(shape, spec, kind, std, mesh, dtype, norm_fill):
     def make(key):
         return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
 
-    if kind == "q":
+    if kind == "int8":
         ssh = NamedSharding(mesh, shd.scale_spec(spec))
         return jax.jit(lambda key: quantize_weight(make(key)), out_shardings=QuantizedWeight(wsh, ssh))
+    if kind == "w8a8":
+        return jax.jit(lambda key: quantize_w8a8(make(key), q8), out_shardings=_w8a8_shardings(mesh, spec))
     return jax.jit(make, out_shardings=wsh)
 
 
@@ -119,12 +148,15 @@ def fuse_projections(params: dict) -> dict:
 
     Why: a decode step at a few hundred rows runs each projection as its own small GEMM, and
     seven small GEMMs a layer take longer than their weight traffic; two larger ones come
-    closer to it. `engine.model` splits the outputs again. Works for plain
-    and int8 weights (their per-column scales concatenate too). Only for unsharded weights: a
+    closer to it. `engine.model` splits the outputs again. Works for plain and 8-bit weights
+    (their per-output scales concatenate too; a W8A8Weight is stored [out, in]). Only for unsharded weights: a
     column-split mesh would need per-shard interleaving. Changes `params` in place; each
     layer's parts are freed as its fused matrix is built.
     """
     def cat(parts):
+        if isinstance(parts[0], W8A8Weight):
+            return W8A8Weight(jnp.concatenate([p.q for p in parts], axis=0),
+                              jnp.concatenate([p.scale for p in parts]))
         if isinstance(parts[0], QuantizedWeight):
             return QuantizedWeight(jnp.concatenate([p.q for p in parts], axis=1),
                                    jnp.concatenate([p.scale for p in parts]))

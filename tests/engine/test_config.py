@@ -27,7 +27,7 @@ def test_jetstream_model_json(tmp_path):
     path.write_text(json.dumps(doc))
     s = Settings.from_file(str(path))
     ec = s.engine
-    assert ec.quantize_weights is True and ec.quantize_kv_cache is False
+    assert ec.quantize_weights == "int8" and ec.quantize_kv_cache is False  # JetStream's "True": int8
     assert ec.batch_size == 40 and ec.max_cache_length == 2408 and ec.context_size == 1024
     assert s.source.checkpoint_path == str(tmp_path / "jet-llama2-7b/model.safetensors")
     assert s.source.tokenizer_path == "/data/tokenizer.model" and s.source.param_size == "7b"
@@ -39,7 +39,8 @@ def test_jetstream_model_json(tmp_path):
     ({"batch_size": 0}, "settings: batch_size: must be >= 1, got 0"),
     ({"batch_size": "eight"}, "settings: batch_size: must be an integer, got 'eight'"),
     ({"context_size": 512, "max_cache_length": 512}, "settings: context_size: 512 must be smaller than max_cache_length"),
-    ({"quantize_weights": "maybe"}, "settings: quantize_weights: must be true or false, got 'maybe'"),
+    ({"quantize_weights": "maybe"}, "settings: quantize_weights: must be one of none, int8, w8a8, w8a8_int8, "
+                                    "w8a8_fp8; got 'maybe'"),
     ({"dtype": "int4"}, "settings: dtype: must be one of float32, bfloat16, float16; got 'int4'"),
     ({"schedule": "random"}, "settings: schedule: must be one of longest_first, arrival"),
     ({"kv_cache_tokens": "lots"}, "settings: kv_cache_tokens: must be one of auto"),

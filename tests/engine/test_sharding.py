@@ -29,10 +29,11 @@ CHILD = textwrap.dedent("""
     runs = [("tiny-llama", p, q, 0) for p in ("cpu", "cpu=4", "cpu=8") for q in (False, True)]
     runs += [("tiny-gemma", p, False, 0) for p in ("cpu", "cpu=8")]
     runs += [("tiny-llama", "cpu=4", True, 8)]  # a paged int8 cache, split by KV head
+    runs += [("tiny-llama", p, "w8a8_int8", 0) for p in ("cpu", "cpu=4")]  # [out, in] 8-bit weights
     for model, platform, q, page in runs:
         loaded = load_engine(make_settings(
             model, platform=platform, batch_size=2, max_cache_length=40, context_size=16, decode_steps=4,
-            prefill_batch=2, quantize_weights=q, quantize_kv_cache=q, kv_page_size=page))
+            prefill_batch=2, quantize_weights=q, quantize_kv_cache=bool(q), kv_page_size=page))
         eng = loaded.engine
         layer = loaded.params["layers"][0]
         wq = layer.get("wq", layer.get("wqkv"))  # one device: q|k|v fused (engine/weights.py)
@@ -75,6 +76,7 @@ def runs():
     ("tiny-llama", True, ("cpu=4", "cpu=8")),
     ("tiny-gemma", False, ("cpu=8",)),
     ("tiny-llama", True, ("cpu=4|paged",)),
+    ("tiny-llama", "w8a8_int8", ("cpu=4",)),
 ])
 def test_sharded_greedy_equals_single_device(runs, model, quantized, platforms):
     one = runs[f"{model}|cpu|{quantized}"]
@@ -94,6 +96,7 @@ def test_weights_and_cache_are_actually_split(runs):
     assert runs["tiny-llama|cpu=4|True"]["wq_shards"] == 4
     assert runs["tiny-llama|cpu=4|True"]["cache_shards"] == 4
     assert runs["tiny-llama|cpu=4|paged|True"]["cache_shards"] == 4  # the page pool, by KV head
+    assert runs["tiny-llama|cpu=4|w8a8_int8"]["wq_shards"] == 4  # [out, in]: split by output rows
     # tiny-gemma: 4 heads, 1 KV head (multi-query): cache replicated everywhere.
     assert runs["tiny-gemma|cpu=8|False"]["wq_shards"] == 1  # 4 heads do not split 8 ways
     assert runs["tiny-gemma|cpu=8|False"]["cache_shards"] == 1

@@ -34,7 +34,9 @@ def test_file_then_flags(tmp_path):
     (["--config", "{bad}"], "unknown key 'flush_row' (did you mean 'flush_rows'?)"),
     (["--stop", ""], "invalid sampling parameter: stop: strings must not be empty"),
     (["--num_engines", "0"], "flags: num_engines: must be >= 1, got 0"),
-    (["--skip_existing", "perhaps"], "flags: skip_existing: must be true or false"),
+    (["--overwrite", "perhaps"], "flags: overwrite: must be true or false"),
+    (["--quantize_weights", "w4"], "flags: quantize_weights: must be one of none, int8, w8a8"),
+    (["--skip_existing"], "--skip_existing: runs resume their --output by default"),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, argv, message):
     path, bad = tmp_path / "a.json", tmp_path / "bad.json"

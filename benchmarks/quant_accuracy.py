@@ -1,0 +1,76 @@
+"""How far each weight mode moves the embedded SmolLM2 from transformers' float32 model (CPU).
+
+    python benchmarks/quant_accuracy.py [--modes none,int8,w8a8_int8,w8a8_fp8] [--limit N]
+
+For every sample prompt of data/prompts.jsonl (chat rows rendered with the model's template)
+it compares our first greedy token and last-position logits, per `--quantize_weights` mode,
+with transformers (float32, the same dequantized GGUF weights): first-token agreement, and the
+largest logit error relative to the logits' spread. Needs the test extra (torch, transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def sample_prompts(tok, limit=None) -> list[str]:
+    texts = []
+    with open(os.path.join(ROOT, "data", "prompts.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            texts.append(row["prompt"] if "prompt" in row else tok.render_chat(row["messages"]))
+    return texts[:limit]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--modes", default="none,int8,w8a8_int8,w8a8_fp8")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.default_model import default_model_path
+    from engine.loaders.gguf import load_gguf
+    from engine.model import prefill
+    from engine.sharding import make_mesh
+    from engine.weights import load_params
+
+    path = default_model_path()
+    directory, name = os.path.split(path)
+    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    ckpt = load_gguf(path)
+    cfg, tok = ckpt.config, ckpt.tokenizer
+    prompts = [tok.encode(t) for t in sample_prompts(tok, args.limit)]
+    with torch.no_grad():
+        ref = [hf(torch.tensor([ids])).logits[0, -1].float().numpy() for ids in prompts]
+    width = 32 * -(-max(map(len, prompts)) // 32)
+    fwd = jax.jit(lambda prm, t, last: prefill(prm, cfg, t, jnp.float32, last_index=last)[0])
+    print(f"{len(prompts)} prompts of data/prompts.jsonl, SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), CPU")
+    print("| quantize_weights | first-token agreement | worst max logit error / std | median |")
+    print("|---|---|---|---|")
+    for mode in args.modes.split(","):
+        params = load_params(cfg, ckpt, make_mesh("cpu"), jnp.float32, mode)
+        agree, errs = 0, []
+        for ids, r in zip(prompts, ref):
+            buf = np.zeros((1, width), np.int32)
+            buf[0, :len(ids)] = ids
+            got = np.asarray(fwd(params, jnp.asarray(buf), jnp.asarray([len(ids) - 1])))[0]
+            agree += int(np.argmax(got) == np.argmax(r))
+            errs.append(float(np.abs(got - r).max() / r.std()))
+        print(f"| {mode} | {agree}/{len(prompts)} | {max(errs):.3f} | {float(np.median(errs)):.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
