@@ -27,6 +27,25 @@ def cache_tokens(geo: EngineGeometry, ids: list, req: Request) -> int:
     return len(ids) + max_tokens(geo, ids, req) - 1
 
 
+def encode_prompt(prompt, tokenizer) -> list:
+    """Token ids of a text prompt, BOS added as the tokenizer adds it; RequestError if it cannot be."""
+    if prompt is None or not isinstance(prompt, str) or not prompt.strip():
+        raise RequestError("missing or empty prompt")
+    if tokenizer is None:
+        raise RequestError("this model has no tokenizer: send prompt_token_ids instead of text")
+    return tokenizer.encode(prompt)
+
+
+def check_prompt_length(ids, context_size: int) -> None:
+    """The length rule of every prompt: at least one token and at most `context_size`
+    (EngineConfig.context_size); RequestError with the reason otherwise. The Beam validate step
+    applies this same rule before a row reaches an engine."""
+    if not ids:
+        raise RequestError("missing or empty prompt")
+    if len(ids) > context_size:
+        raise RequestError(f"prompt has {len(ids)} tokens, longer than context_size {context_size}")
+
+
 def prompt_ids(req: Request, geo: EngineGeometry, tokenizer=None, pages: Optional[PagePool] = None) -> list:
     """Token ids of a request's prompt; RequestError with the reason if it cannot be served."""
     if not isinstance(req.sampling, SamplingParams):
@@ -36,16 +55,9 @@ def prompt_ids(req: Request, geo: EngineGeometry, tokenizer=None, pages: Optiona
         bad = [t for t in ids if not 0 <= t < geo.vocab_size]
         if bad:
             raise RequestError(f"prompt_token_ids contains ids outside [0, {geo.vocab_size}): {bad[:5]}")
-    elif req.prompt is None or not isinstance(req.prompt, str) or not req.prompt.strip():
-        raise RequestError("missing or empty prompt")
-    elif tokenizer is None:
-        raise RequestError("this model has no tokenizer: send prompt_token_ids instead of text")
     else:
-        ids = tokenizer.encode(req.prompt)
-    if not ids:
-        raise RequestError("missing or empty prompt")
-    if len(ids) > geo.context_size:
-        raise RequestError(f"prompt has {len(ids)} tokens, longer than context_size {geo.context_size}")
+        ids = encode_prompt(req.prompt, tokenizer)
+    check_prompt_length(ids, geo.context_size)
     if pages is not None:
         need = pages.pages_for(cache_tokens(geo, ids, req))
         if need > pages.num_pages:

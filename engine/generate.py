@@ -69,8 +69,8 @@ def main(argv=None) -> int:
         kind = "CheckpointError: " if isinstance(e, CheckpointError) else ""
         print(f"error: {kind}{e}", file=sys.stderr)
         return 2
-    from engine.rows import spec_to_request, to_request_spec
-    defaults = settings.sampling
+    from engine.rows import RowValidator
+    validate = RowValidator(llm.tokenizer, settings.engine.context_size, settings.sampling)
     errors: list[Result] = []
 
     def requests():
@@ -79,10 +79,7 @@ def main(argv=None) -> int:
             try:
                 if isinstance(row, Exception):
                     raise row
-                spec = to_request_spec({"id": rid, "row": row}, "prompt", defaults)
-                req = spec_to_request(spec, render_chat=llm.render_chat)
-                req.metadata = None
-                yield req
+                yield validate({"id": rid, "row": row}).to_request(request_id=rid)
             except RequestError as e:
                 errors.append(Result(id=rid, error=str(e)))
 

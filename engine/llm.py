@@ -8,7 +8,8 @@
         print(r.id, r.completion)
 
 `load_engine` is the same start-up without the batcher, for code that drives the Engine API
-itself (benchmarks of one decode step, tests of the cache layout).
+itself (benchmarks of one decode step, tests of the cache layout). `resolve_model` (what a
+ModelSource names, no weight read) lives in engine/model_files.py and is importable from here.
 """
 
 from __future__ import annotations
@@ -20,51 +21,14 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from engine.batcher import ContinuousBatcher
-from engine.config import EngineConfig, ModelSource, SchedulerConfig, Settings, make_settings
+from engine.config import EngineConfig, SchedulerConfig, Settings, make_settings
 from engine.engine import JaxEngine
 from engine.model_config import ModelConfig
-from engine.request import Request, RequestError, Result, SamplingParams
-from engine.settings import ConfigError, from_mapping
+from engine.model_files import resolve_model
+from engine.request import Request, Result, SamplingParams
+from engine.settings import from_mapping
 
 log = logging.getLogger(__name__)
-
-
-def resolve_model(source: ModelSource):
-    """(ModelConfig, Checkpoint | None, Tokenizer | None, display name) of a ModelSource.
-
-    A checkpoint path (or a `model` that is a path or a .gguf file) is opened; a config name from
-    configs/models (or `param_size`) gives random weights, for benchmarks and tests; nothing set
-    gives the embedded SmolLM2 default.
-    """
-    import configs
-    from engine.loaders import open_checkpoint
-    from engine.tokenizer import load_tokenizer
-
-    path, name = source.checkpoint_path, None
-    model = source.model
-    if path is None and model is not None:
-        if os.path.exists(model) or "/" in model or model.endswith(".gguf"):
-            path = model
-        else:
-            name = model
-    if path is None and name is None:
-        if source.param_size:
-            name = f"llama2-{source.param_size.lower()}"
-        else:
-            from engine.default_model import default_model_path
-            path = default_model_path()
-    if path is not None:
-        ckpt = open_checkpoint(path)
-        tokenizer = load_tokenizer(source.tokenizer_path) if source.tokenizer_path else ckpt.tokenizer
-        shown = os.path.basename(os.path.normpath(ckpt.source or path))
-        return ckpt.config, ckpt, tokenizer, shown
-    try:
-        mc = ModelConfig.from_dict(configs.load_model_config_dict(name))
-    except KeyError as e:
-        raise ConfigError(f"model: {name!r} is neither a file, a checkpoint directory nor a known "
-                          f"config name: {e.args[0]}") from None
-    log.warning("model %s: config only, RANDOM weights (use a checkpoint for real output)", name)
-    return mc, None, load_tokenizer(source.tokenizer_path), name
 
 
 @dataclass
@@ -161,14 +125,9 @@ class LLM:
         return out
 
     def render_chat(self, messages: list[dict]) -> str:
-        if self.tokenizer is None:
-            raise RequestError("this model has no tokenizer, so it cannot render chat messages")
-        try:
-            return self.tokenizer.render_chat(messages)
-        except RequestError:
-            raise
-        except Exception as e:  # template errors are a bad row, not a crash
-            raise RequestError(f"cannot render messages with the chat template: {e}") from None
+        """Messages rendered with the tokenizer's chat template; RequestError(reason) if they cannot be."""
+        from engine.rows import render_messages
+        return render_messages(self.tokenizer, messages)
 
     # ---- scheduling, statistics, profiling ----
     def set_scheduler(self, **changes) -> SchedulerConfig:

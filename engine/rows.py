@@ -1,19 +1,25 @@
-"""Rows (dicts from JSONL, Parquet or an OpenAI batch file) -> validated request specs.
+"""Rows (dicts from JSONL, Parquet or an OpenAI batch file) -> validated requests, or the reason not.
 
-Shared by the engine CLI and the Beam validate step, so both accept the same rows and give
-the same reasons. A spec is `{"id", "row", "prompt" | "prompt_token_ids" | "messages",
-"sampling"}`. The prompt comes from the prompt column (text, or a list of token ids), else a
-`prompt_token_ids` column, else a chat `messages` column (rendered later with the model's
-chat template, where the tokenizer lives). Per-row columns named like the SamplingParams
-settings (max_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids, ignore_eos) override
-the defaults; null/NaN means "use the default". Prompt length is checked by the engine, which has the tokenizer.
+Shared by the engine CLI, the Beam validate step and the RunInference handler, so all accept the
+same rows and give the same reasons. `RowValidator` checks everything up front: the prompt comes
+from the prompt column (text, or a list of token ids), else a `prompt_token_ids` column, else a
+chat `messages` column rendered with the tokenizer's chat template; text is tokenized (BOS as the
+tokenizer adds it) and its length checked against context_size by the engine's own rule
+(engine/admission.py). Per-row columns named like the SamplingParams settings (max_tokens,
+temperature, top_k, top_p, seed, stop, stop_token_ids, ignore_eos) override the defaults;
+null/NaN means "use the default". The result is a frozen `ValidRequest`; what only a loaded
+engine knows (token ids beyond the model's vocabulary, a page pool too small) is still refused
+by the engine.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
+from typing import Any, Optional
 
+from engine.admission import check_prompt_length, encode_prompt
 from engine.request import InvalidSampling, Request, RequestError, SamplingParams
 from engine.settings import ConfigError, fields_of, from_mapping
 
@@ -92,7 +98,8 @@ def check_messages(msgs):
 
 
 def to_request_spec(element: dict, prompt_column: str, defaults: SamplingParams) -> dict:
-    """The validated request spec of a row; raises RequestError(reason)."""
+    """A row's parts, checked: `{"id", "row", "prompt" | "prompt_token_ids" | "messages", "sampling"}`;
+    raises RequestError(reason). RowValidator goes on to render, tokenize and check the length."""
     row = element["row"]
     if not isinstance(row, dict):
         raise RequestError("row is not a record")
@@ -125,13 +132,68 @@ def to_request_spec(element: dict, prompt_column: str, defaults: SamplingParams)
     return spec
 
 
-def spec_to_request(spec: dict, render_chat=None, request_id=None) -> Request:
-    """A Request from a validated spec; `render_chat(messages) -> str` renders chat rows."""
-    prompt = spec.get("prompt")
-    if spec.get("messages") is not None:
-        if render_chat is None:
-            raise RequestError("chat messages need a model with a chat template")
-        prompt = render_chat(spec["messages"])
-    return Request(id=spec["id"] if request_id is None else request_id, prompt=prompt,
-                   prompt_token_ids=spec.get("prompt_token_ids"), sampling=spec["sampling"],
-                   metadata=spec.get("row"))
+def render_messages(tokenizer, messages: list[dict]) -> str:
+    """Messages rendered with the tokenizer's chat template; RequestError(reason) if they cannot be."""
+    if tokenizer is None:
+        raise RequestError("this model has no tokenizer, so it cannot render chat messages")
+    try:
+        return tokenizer.render_chat(messages)
+    except RequestError:
+        raise
+    except Exception as e:  # no template, or a template error: a bad row, not a crash
+        raise RequestError(f"cannot render messages with the chat template: {e}") from None
+
+
+PROMPT_KINDS = ("text", "chat", "tokens")
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    """A row that passed every check: what an engine serves, and the row it came from.
+
+    `prompt` is the text as rendered (None for a token-id prompt); `prompt_token_ids` are the ids
+    the engine prefills; `kind` says how the prompt was made ("text", "chat" or "tokens")."""
+
+    id: str
+    row: Any
+    prompt: Optional[str]
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    kind: str
+    source: Optional[str] = None  # <file>:<row> of the input row, where known
+
+    def __post_init__(self):
+        if self.kind not in PROMPT_KINDS:
+            raise ValueError(f"ValidRequest.kind must be one of {PROMPT_KINDS}, got {self.kind!r}")
+
+    def to_request(self, request_id: Any = None, metadata: Any = None) -> Request:
+        """The engine Request: its prompt ids as validated, never tokenized again."""
+        return Request(id=self.id if request_id is None else request_id, prompt=self.prompt,
+                       prompt_token_ids=self.prompt_token_ids, sampling=self.sampling, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class RowValidator:
+    """Rows -> ValidRequest, with a model's tokenizer (None: token-id prompts only), the engine's
+    context_size and the sampling defaults; raises RequestError(reason) for a row that is refused."""
+
+    tokenizer: Any
+    context_size: int
+    defaults: SamplingParams
+    prompt_column: str = "prompt"
+
+    def __call__(self, element: dict) -> ValidRequest:
+        """`element` is `{"id", "row"[, "source"]}`, as the read step makes it."""
+        spec = to_request_spec(element, self.prompt_column, self.defaults)
+        if "prompt_token_ids" in spec:
+            kind, prompt, ids = "tokens", None, spec["prompt_token_ids"]
+        else:
+            if "messages" in spec:
+                kind, prompt = "chat", render_messages(self.tokenizer, spec["messages"])
+            else:
+                kind, prompt = "text", spec["prompt"]
+            ids = encode_prompt(prompt, self.tokenizer)
+        check_prompt_length(ids, self.context_size)
+        return ValidRequest(id=str(element["id"]), row=spec["row"], prompt=prompt,
+                            prompt_token_ids=tuple(int(t) for t in ids), sampling=spec["sampling"],
+                            kind=kind, source=element.get("source"))

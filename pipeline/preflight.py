@@ -77,7 +77,7 @@ def output_path(job: JobOptions) -> str:
 def check_model(settings: Settings) -> None:
     """Open the checkpoint's headers and the tokenizer (no weights); PreflightError if they fail."""
     from engine.checkpoint import CheckpointError
-    from engine.llm import resolve_model
+    from engine.model_files import resolve_model
     try:
         resolve_model(settings.source)
     except (CheckpointError, ConfigError, OSError, ValueError) as e:

@@ -1,4 +1,4 @@
-"""key: request specs -> (engine shard, spec), spreading rows over `num_engines` shards.
+"""key: ValidRequests -> (engine shard, ValidRequest), spreading rows over `num_engines` shards.
 
 The generate step is a stateful DoFn keyed by shard, so each shard is served by one
 engine at a time and `num_engines` shards let that many engines (worker processes, e.g.
@@ -26,6 +26,8 @@ import apache_beam as beam
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
+from transforms.requests import ValidRequest  # importing it registers its coder
+
 
 def shard_of(row_id: str, num_engines: int) -> int:
     return zlib.crc32(str(row_id).encode("utf-8")) % max(1, int(num_engines))
@@ -36,8 +38,8 @@ class KeyByEngine(beam.PTransform):
         super().__init__()
         self.num_engines = max(1, int(num_engines))
 
-    def expand(self, specs):
+    def expand(self, requests):
         n = self.num_engines
-        return specs | "AssignShard" >> beam.Map(
-            lambda s: TimestampedValue((shard_of(s["id"], n), s), MIN_TIMESTAMP)).with_output_types(
-            beam.typehints.Tuple[int, beam.typehints.Any])
+        return requests | "AssignShard" >> beam.Map(
+            lambda r: TimestampedValue((shard_of(r.id, n), r), MIN_TIMESTAMP)).with_input_types(
+            ValidRequest).with_output_types(beam.typehints.Tuple[int, ValidRequest])

@@ -1,56 +1,47 @@
-"""validate: rows -> requests ready for the engine, or error records with a reason.
+"""validate: rows -> ValidRequests, or error records with a reason; every check happens here.
 
-A row becomes `{"id", "row", "prompt" | "prompt_token_ids" | "messages", "sampling"}`.
-The prompt comes from the prompt column (text, or a list of token ids), else a
-`prompt_token_ids` column, else a chat `messages` column (rendered with the model's chat
-template in the generate step, where the tokenizer lives). Per-row columns named like the
-sampling settings (engine/request.py's SamplingParams) override the defaults;
-null/NaN means "use the default". Prompt length is checked by the engine (it needs the
-tokenizer): such rows come back from generate as error records.
+A row's prompt comes from the prompt column (text, or a list of token ids), else a
+`prompt_token_ids` column, else a chat `messages` column rendered with the model's chat template;
+text is tokenized and its length checked against context_size, and per-row sampling columns are
+checked over the settings' defaults (the rules: engine/rows.py). Each worker process loads the
+model's tokenizer once (transforms/requests.py), never its weights. A refused row becomes an
+error record of stage "validate"; generate receives only ValidRequests.
 """
 
 from __future__ import annotations
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
-from engine.request import RequestError, SamplingParams
-from engine.rows import to_request_spec
-from transforms.read import ERRORS, NAMESPACE, error_record
+from engine.config import Settings
+from engine.rows import ValidRequest
+from transforms.read import ERRORS
+from transforms.requests import row_validator, validate
 
 
 class ValidateFn(beam.DoFn):
-    """rows -> request specs (main) | error records (ERRORS)."""
+    """rows -> ValidRequests (main) | error records (ERRORS)."""
 
-    def __init__(self, prompt_column: str, sampling_defaults: SamplingParams):
+    def __init__(self, prompt_column: str, settings: Settings):
         self.prompt_column = prompt_column
-        self.defaults = sampling_defaults
-        self.valid = Metrics.counter(NAMESPACE, "rows_valid")
-        self.invalid = Metrics.counter(NAMESPACE, "rows_invalid")
+        self.settings = settings
+        self.validator = None
+
+    def setup(self):
+        self.validator = row_validator(self.settings, self.prompt_column)
 
     def process(self, element):
-        try:
-            spec = to_request_spec(element, self.prompt_column, self.defaults)
-        except RequestError as e:
-            self.invalid.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, error_record(element.get("id"), str(e), "validate",
-                                                                element.get("row")))
-            return
-        except Exception as e:  # anything unexpected about a row is that row's problem
-            self.invalid.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, error_record(
-                element.get("id"), f"invalid row: {type(e).__name__}: {e}", "validate", element.get("row")))
-            return
-        self.valid.inc()
-        yield spec
+        out = validate(self.validator, element)
+        yield out if isinstance(out, ValidRequest) else beam.pvalue.TaggedOutput(ERRORS, out)
 
 
 class Validate(beam.PTransform):
-    def __init__(self, prompt_column: str, settings):
+    """rows -> `valid` (ValidRequests) | ERRORS."""
+
+    def __init__(self, prompt_column: str, settings: Settings):
         super().__init__()
         self.prompt_column = prompt_column
-        self.defaults = settings.sampling
+        self.settings = settings
 
     def expand(self, rows):
-        return rows | beam.ParDo(ValidateFn(self.prompt_column, self.defaults)).with_outputs(
-            ERRORS, main="valid")
+        return rows | beam.ParDo(ValidateFn(self.prompt_column, self.settings)).with_output_types(
+            ValidRequest).with_outputs(ERRORS, main="valid")

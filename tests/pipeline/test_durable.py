@@ -172,7 +172,7 @@ def test_preflight_mistakes(tmp_path, tokenizer_dir, capsys, caplog):
     """Each mistake: one line, exit 2, in seconds, and no engine loaded."""
     import logging
     from run_pipeline import main
-    caplog.set_level(logging.INFO, logger="transforms.generate")
+    caplog.set_level(logging.INFO, logger="transforms")
     inp = write_jsonl(tmp_path / "in.jsonl", token_rows(3))
     base = [f"--input={inp}"] + engine_args(tokenizer_dir)
     out = tmp_path / "out"

@@ -3,7 +3,7 @@
 tiny-llama has random weights and a 256-token vocabulary; a byte-level tokenizer (tests/tiny.py)
 saved as tokenizer.json lets text prompts and chat messages go through the real code paths.
 Every in-process test uses the same engine settings, so the worker-process engine cache
-(transforms/generate.py) loads and compiles the model once per pytest process.
+(transforms/serving.py) loads and compiles the model once per pytest process.
 """
 
 from __future__ import annotations
@@ -196,49 +196,6 @@ def test_multi_processing_workers(tmp_path, tokenizer_dir):
     assert "apache_beam.runners.portability.prism_runner" not in sys.modules
 
 
-def test_bad_rows_accounting(tmp_path, tokenizer_dir):
-    rows = [
-        {"id": "ok", "prompt": "fine"},
-        {"id": "null", "prompt": None},
-        {"id": "empty", "prompt": "   "},
-        {"id": "number", "prompt": 42},
-        {"id": "noprompt", "other": 1},
-        {"id": "neg-max", "prompt": "x", "max_tokens": -1},
-        {"id": "float-max", "prompt": "x", "max_tokens": 2.5},
-        {"id": "hot", "prompt": "x", "temperature": -0.5},
-        {"id": "top-p", "prompt": "x", "top_p": 0},
-        {"id": "top-k", "prompt": "x", "top_k": "many"},
-        {"id": "seed", "prompt": "x", "seed": -3},
-        {"id": "stop", "prompt": "x", "stop": [1, 2]},
-        {"id": "msgs-empty", "messages": []},
-        {"id": "msgs-bad", "messages": [{"content": "no role"}]},
-        {"id": "msgs-type", "messages": "not json"},
-        {"id": "too-long", "prompt": "this prompt is far longer than sixteen bytes"},
-        {"id": "bad-token", "prompt_token_ids": [1, 999]},
-        {"id": "tokens-type", "prompt_token_ids": ["a"]},
-    ]
-    bad = write_jsonl(tmp_path / "bad.jsonl", rows, raw_lines=["{not json", "[1, 2]"])
-    corrupt = tmp_path / "corrupt.parquet"
-    corrupt.write_bytes(b"this is not a parquet file")
-    out = tmp_path / "out"
-    metrics, _ = run_job([f"--input={bad},{corrupt}", f"--output={out}"] + engine_args(tokenizer_dir))
-    comps, errs = read_outputs(str(out))
-    assert [c["id"] for c in comps] == ["ok"]
-    expected = {r["id"] for r in rows} | {"bad.jsonl:18", "bad.jsonl:19", "corrupt.parquet:file"}
-    assert_each_id_once(comps, errs, expected)
-    assert metrics["rows_in"] == len(rows) + 3 == metrics["completed"] + metrics["errored"]
-    reasons = {e["id"]: (e["stage"], e["reason"]) for e in errs}
-    assert reasons["too-long"][0] == "generate" and "context_size" in reasons["too-long"][1]
-    assert reasons["bad-token"][0] == "generate"
-    assert reasons["neg-max"] == ("validate", reasons["neg-max"][1]) and "max_tokens" in reasons["neg-max"][1]
-    assert reasons["corrupt.parquet:file"][0] == "read" and "unreadable" in reasons["corrupt.parquet:file"][1]
-    assert reasons["bad.jsonl:18"][0] == "read"
-    assert all(e["reason"] for e in errs)
-    row_of = {e["id"]: e["row"] for e in errs}
-    assert row_of["hot"] == {"id": "hot", "prompt": "x", "temperature": -0.5}  # the row, as JSON
-    assert metrics["errors_by_stage"]["read"] == 3
-
-
 def test_resume_after_partial_run(tmp_path, tokenizer_dir):
     a = write_jsonl(tmp_path / "a.jsonl", [{"id": f"a{i}", "prompt": f"row a{i}"} for i in range(4)]
                     + [{"id": "a-bad", "prompt": ""}])
@@ -324,32 +281,6 @@ def test_dataflow_dry_run(tmp_path):
     again = PipelineOptions.from_dictionary(json.loads(json.dumps(result.job.options.get_all_options())))
     assert "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver" in again.get_all_options()[
         "dataflow_service_options"]
-
-
-def test_run_inference_model_handler(tokenizer_dir):
-    import apache_beam as beam
-    from apache_beam.ml.inference.base import RunInference
-    from apache_beam.testing.util import assert_that
-    from transforms.model_handler import JetbeamModelHandler
-    handler = JetbeamModelHandler(
-        model="tiny-llama", max_tokens=3, batch_size=4, max_cache_length=32, context_size=16,
-        tokenizer_path=os.path.join(tokenizer_dir, "tokenizer.json"))
-    examples = ["Hello", [1, 5, 6], {"messages": [{"role": "user", "content": "Hi"}]},
-                {"prompt": "x", "max_tokens": 1}, ""]
-
-    def check(results):
-        by_example = {json.dumps(r.example): r.inference for r in results}
-        assert len(by_example) == 5
-        assert all(r.error is None and 0 < r.completion_tokens <= 3 for k, r in by_example.items()
-                   if k != '""'), by_example
-        assert by_example[json.dumps({"prompt": "x", "max_tokens": 1})].completion_tokens == 1
-        assert "empty" in by_example['""'].error
-        assert all(r.model_id == "tiny-llama" for r in results)
-
-    from pipeline.build import make_options
-    with beam.Pipeline(options=make_options([])) as p:
-        out = (p | beam.Create(examples, reshuffle=False) | RunInference(handler))
-        assert_that(out, check)
 
 
 def test_runner_defaults():
