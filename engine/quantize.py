@@ -23,12 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@dataclass
-class QuantizedWeight:
-    """An int8 [in, out] matrix with one float scale per output column."""
+class _EightBit:
+    """8-bit values `q` with float scales: shape and dtype are those of `q`."""
 
-    q: Any  # int8 [in, out]
-    scale: Any  # float32 [out]
+    q: Any
+    scale: Any
 
     @property
     def shape(self):
@@ -37,6 +36,14 @@ class QuantizedWeight:
     @property
     def dtype(self):
         return self.q.dtype
+
+
+@dataclass
+class QuantizedWeight(_EightBit):
+    """An int8 [in, out] matrix with one float scale per output column."""
+
+    q: Any  # int8 [in, out]
+    scale: Any  # float32 [out]
 
 
 jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["q", "scale"], meta_fields=[])
@@ -60,19 +67,11 @@ def dequantize_weight(w: QuantizedWeight, dtype=jnp.float32):
 
 
 @dataclass
-class W8A8Weight:
+class W8A8Weight(_EightBit):
     """An 8-bit [out, in] matrix (int8 or float8_e4m3fn) with one float scale per output row."""
 
     q: Any  # int8 | float8_e4m3fn [out, in]
     scale: Any  # float32 [out]
-
-    @property
-    def shape(self):
-        return self.q.shape
-
-    @property
-    def dtype(self):
-        return self.q.dtype
 
 
 jax.tree_util.register_dataclass(W8A8Weight, data_fields=["q", "scale"], meta_fields=[])
