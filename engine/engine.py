@@ -4,6 +4,7 @@ Everything that runs per token is one jit-compiled function with static shapes:
 prefill per (prompt-count, length bucket), insert per the same, and `generate`, which
 runs `decode_steps` decode steps in one `lax.fori_loop` with sampling on device, so the
 host syncs once per several tokens. Decode state and cache are donated: updated in place.
+(A little over 400 lines: the whole Engine API of one engine, with its lowering hooks, in one place.)
 """
 
 from __future__ import annotations
@@ -346,16 +347,26 @@ class JaxEngine(Engine):
         return state, ResultTokens(toks, valid, pos)
 
     # ---- profiling hooks: the compiled programs, and a state with every slot filled ----
-    def lower_generate(self, params, decode_state: DecodeState, max_length: Optional[int] = None):
-        """The `generate` program for this state, lowered (`.compile().as_text()` gives its HLO)."""
-        return self._generate_jit.lower(params, decode_state, self.window_for(max_length))
+    def lower_generate(self, params, decode_state: DecodeState, max_length: Optional[int] = None,
+                       platforms: Optional[tuple] = None):
+        """The `generate` program for this state, lowered (`.compile().as_text()` gives its HLO),
+        or with `platforms` exported for them (`jax.export`: e.g. ("tpu",) from a CPU host)."""
+        return _lower(self._generate_jit, platforms, params, decode_state, self.window_for(max_length))
 
-    def lower_insert(self, decode_state: DecodeState, prefix: Prefix, slots, page_rows=None):
-        """The `insert` program for this prefix, lowered; arguments as `insert` takes them."""
+    def lower_insert(self, decode_state: DecodeState, prefix: Prefix, slots, page_rows=None,
+                     platforms: Optional[tuple] = None):
+        """The `insert` program for this prefix, lowered (or exported); arguments as `insert` takes them."""
         slots = np.atleast_1d(np.asarray(slots, np.int32))
         if self.paged and page_rows is None:
             page_rows = np.full((len(slots), self.pages_per_slot), self.num_kv_pages, np.int32)
-        return self._insert_jit.lower(decode_state, prefix, slots, page_rows)
+        return _lower(self._insert_jit, platforms, decode_state, prefix, slots, page_rows)
+
+    def lower_prefill(self, params, n: int, length: int, platforms: Optional[tuple] = None):
+        """The prefill program for `n` prompts of bucket `length`, lowered (or exported)."""
+        tokens, lengths = jax.ShapeDtypeStruct((n, length), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32)
+        samp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                            SlotSampling.greedy(n))
+        return _lower(self._prefill_jit, platforms, params, tokens, lengths, samp)
 
     def filled_state(self, decode_state: DecodeState, length: int) -> DecodeState:
         """Every slot live at position `length` (cache contents as they are): the state a decode
@@ -383,6 +394,13 @@ class JaxEngine(Engine):
             jax.block_until_ready(res.tokens)
         decode_state = self.release_slots(decode_state, np.zeros(self.config.batch_size, bool))
         return decode_state
+
+
+def _lower(jitted, platforms, *args):
+    if platforms is None:
+        return jitted.lower(*args)
+    from jax import export
+    return export.export(jitted, platforms=tuple(platforms))(*args)
 
 
 def kernel_compiles(cfg: ModelConfig, dtype, page: int = 0) -> bool:

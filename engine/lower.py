@@ -1,0 +1,77 @@
+"""Lower the engine's programs for a platform this host does not have (a TPU, from a CPU host).
+
+    python -m engine.lower --platform tpu [--model llama2-7b] [--quantize_weights w8a8] [settings ...]
+
+The engine is built as the settings say, but on this host's CPU devices (`--platform tpu=N`
+uses N of them: simulate them with XLA_FLAGS=--xla_force_host_platform_device_count=N), from
+parameter and cache shapes only, so no weights are read or held. Its prefill (largest bucket and
+call size), insert and generate (longest decode window) programs are then exported for the
+target with `jax.export`, which lowers each to StableHLO for that platform. A program that does
+not lower is reported in one line (exit 2). Model configs and checkpoints give the same shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import numpy as np
+
+from engine.config import add_settings_arguments, parse_platform, settings_flags, Settings
+from engine.settings import ConfigError
+
+
+def export_programs(settings: Settings, target: str) -> dict:
+    """{program: bytes of its StableHLO} of the engine's programs exported for `target`."""
+    from engine.engine import JaxEngine
+    from engine.model_files import resolve_model
+    kind, count = parse_platform(target)
+    mc = resolve_model(settings.source)[0]
+    here = f"cpu={count}" if count and count > 1 else "cpu"
+    eng = JaxEngine(_on_cpu(settings.engine, here), mc, None)
+    params = jax.eval_shape(eng.load_params)
+    state = jax.eval_shape(eng.init_decode_state)
+    n, s = eng.geometry.prefill_sizes[-1], eng.geometry.prefill_buckets[-1]
+    out = {}
+    prefill = eng.lower_prefill(params, n, s, platforms=(kind,))
+    out[f"prefill[{n}x{s}]"] = len(prefill.mlir_module_serialized)
+    prefix = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), prefill.out_tree.unflatten(
+        prefill.out_avals))
+    out["insert"] = len(eng.lower_insert(state, prefix, np.zeros(n, np.int32),
+                                         platforms=(kind,)).mlir_module_serialized)
+    out["generate"] = len(eng.lower_generate(params, state, platforms=(kind,)).mlir_module_serialized)
+    return out
+
+
+def _on_cpu(engine_config, platform: str):
+    """The engine config on this host's CPUs (an "auto" page pool has no device memory to be
+    sized from here: it is lowered as kv_cache_tokens=0 sizes it; the programs are the same)."""
+    import dataclasses
+    tokens = 0 if engine_config.kv_cache_tokens == "auto" else engine_config.kv_cache_tokens
+    return dataclasses.replace(engine_config, platform=platform, kv_cache_tokens=tokens)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m engine.lower", description=__doc__.split("\n\n")[0])
+    add_settings_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        settings = Settings.from_flat(settings_flags(args), where="flags")
+        target = settings.engine.platform
+        if parse_platform(target)[0] in (None, "cpu"):
+            raise ConfigError("--platform: name the target to lower for (tpu, tpu=N, gpu, ...)")
+        programs = export_programs(settings, target)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a program that does not lower: one line naming it
+        print(f"error: lowering for {target} failed: {type(e).__name__}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    for name, size in programs.items():
+        print(f"{target}: {name} lowered ({size:,} bytes of StableHLO)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
