@@ -34,6 +34,11 @@ class SamplingParams:
     stop: tuple[str, ...] = setting((), "Stop strings (repeatable), excluded from the completion")
     stop_token_ids: tuple[int, ...] = setting((), "Token ids that end a request, beside the model's EOS")
     ignore_eos: bool = setting(False, "Keep generating past EOS, to max_tokens (benchmarks)")
+    prompt_format: str = setting(
+        "auto", "How a text prompt reaches the model: auto = as one user message through the model's chat "
+                "template when it has one, else as is; chat = always through the template; raw = as is "
+                "(rows and engine.generate; LLM.generate sends strings as given)",
+        choices=("auto", "chat", "raw"))
 
     def __post_init__(self):
         if isinstance(self.stop, (str, list)):  # one stop string, or a JSON list

@@ -144,7 +144,7 @@ def render_messages(tokenizer, messages: list[dict]) -> str:
         raise RequestError(f"cannot render messages with the chat template: {e}") from None
 
 
-PROMPT_KINDS = ("text", "chat", "tokens")
+PROMPT_KINDS = ("raw", "chat", "tokens")
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,8 @@ class ValidRequest:
     """A row that passed every check: what an engine serves, and the row it came from.
 
     `prompt` is the text as rendered (None for a token-id prompt); `prompt_token_ids` are the ids
-    the engine prefills; `kind` says how the prompt was made ("text", "chat" or "tokens")."""
+    the engine prefills; `kind` says how the prompt was made: "raw" (text as given), "chat" (messages, or a
+    text prompt rendered as one user message: prompt_format) or "tokens"."""
 
     id: str
     row: Any
@@ -170,6 +171,13 @@ class ValidRequest:
         """The engine Request: its prompt ids as validated, never tokenized again."""
         return Request(id=self.id if request_id is None else request_id, prompt=self.prompt,
                        prompt_token_ids=self.prompt_token_ids, sampling=self.sampling, metadata=metadata)
+
+
+def _as_chat(prompt_format: str, tokenizer) -> bool:
+    """Whether a text prompt goes through the chat template (prompt_format "auto": if there is one)."""
+    if prompt_format == "chat":
+        return True
+    return prompt_format == "auto" and getattr(tokenizer, "chat_template", None) is not None
 
 
 @dataclass(frozen=True)
@@ -190,8 +198,10 @@ class RowValidator:
         else:
             if "messages" in spec:
                 kind, prompt = "chat", render_messages(self.tokenizer, spec["messages"])
+            elif _as_chat(spec["sampling"].prompt_format, self.tokenizer):
+                kind, prompt = "chat", render_messages(self.tokenizer, [{"role": "user", "content": spec["prompt"]}])
             else:
-                kind, prompt = "text", spec["prompt"]
+                kind, prompt = "raw", spec["prompt"]
             ids = encode_prompt(prompt, self.tokenizer)
         check_prompt_length(ids, self.context_size)
         return ValidRequest(id=str(element["id"]), row=spec["row"], prompt=prompt,

@@ -86,6 +86,7 @@ def completion_record(request: ValidRequest, result, model_name: str) -> dict:
         "ttft_s": result.ttft_s,
         "latency_s": result.latency_s,
         "model": model_name,
+        "prompt_format": request.kind,
         "row": request.row,
     }
 

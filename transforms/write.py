@@ -15,7 +15,8 @@ Finalize runs once after every piece is written:
     metrics.json / .csv.
 
 Completions columns: id, prompt, completion, completion_token_ids, finish_reason,
-prompt_tokens, completion_tokens, ttft_s, latency_s, model, then the input row's other
+prompt_tokens, completion_tokens, ttft_s, latency_s, model, prompt_format (raw, chat or tokens: how
+the prompt reached the model), then the input row's other
 columns (an input column whose name clashes with one of these is written as input_<name>).
 """
 
@@ -40,7 +41,7 @@ from transforms.read import NAMESPACE
 log = logging.getLogger(__name__)
 
 FIXED_COLUMNS = ("id", "prompt", "completion", "completion_token_ids", "finish_reason", "prompt_tokens",
-                 "completion_tokens", "ttft_s", "latency_s", "model")
+                 "completion_tokens", "ttft_s", "latency_s", "model", "prompt_format")
 
 
 def _fixed_schema():
@@ -50,6 +51,7 @@ def _fixed_schema():
         ("completion_token_ids", pa.list_(pa.int32())), ("finish_reason", pa.string()),
         ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
         ("ttft_s", pa.float64()), ("latency_s", pa.float64()), ("model", pa.string()),
+        ("prompt_format", pa.string()),
     ])
 
 

@@ -44,7 +44,7 @@ def test_coder_round_trips_odd_row_values():
            "text": "ünï\ncode", "none": None}
     sampling = SamplingParams(max_tokens=7, temperature=0.5, top_k=3, top_p=0.9, seed=2**64 - 1,
                               stop=("###", "END"), stop_token_ids=(2, 9), ignore_eos=True)
-    values = [ValidRequest("a", row, "The sky is", (1, 84, 104), sampling, "text", "in.parquet:3"),
+    values = [ValidRequest("a", row, "The sky is", (1, 84, 104), sampling, "raw", "in.parquet:3"),
               ValidRequest("b", {}, None, (1, 5), SamplingParams(), "tokens"),
               ValidRequest("c", {"messages": [{"role": "user", "content": "Hi"}]}, "Hi", (1, 72, 105),
                            SamplingParams(temperature=0.1 + 2**-40), "chat")]
@@ -67,7 +67,10 @@ def test_coder_round_trips_odd_row_values():
 
 def test_valid_rows_are_rendered_and_tokenized_once(byte_validator):
     v = byte_validator({"id": 7, "row": {"prompt": "Hi", "max_tokens": 2}, "source": "a.jsonl:0"})
-    assert (v.id, v.kind, v.prompt, v.prompt_token_ids[0], len(v.prompt_token_ids)) == ("7", "text", "Hi", 1, 3)
+    # prompt_format auto: a plain prompt goes through the chat template (this one renders content only)
+    assert (v.id, v.kind, v.prompt, v.prompt_token_ids[0], len(v.prompt_token_ids)) == ("7", "chat", "Hi", 1, 3)
+    raw = byte_validator({"id": "r", "row": {"prompt": "Hi", "prompt_format": "raw"}})
+    assert (raw.kind, raw.prompt, raw.prompt_token_ids) == ("raw", "Hi", v.prompt_token_ids)
     assert v.sampling.max_tokens == 2 and v.source == "a.jsonl:0"
     chat = byte_validator({"id": "c", "row": {"messages": [{"role": "user", "content": "Yo"}]}})
     assert (chat.kind, chat.prompt) == ("chat", "Yo")
@@ -157,7 +160,7 @@ def test_validate_step_types_its_output(tokenizer_dir):
         out = p | beam.Create(rows) | Validate("prompt", tiny_settings(tokenizer_dir))
         assert out.valid.element_type is ValidRequest
         assert_that(out.valid | beam.Map(lambda v: (v.id, v.kind, len(v.prompt_token_ids))),
-                    equal_to([("ok", "text", 6)]))
+                    equal_to([("ok", "chat", 6)]))
         assert_that(out["errors"] | beam.Map(lambda e: (e["id"], e["stage"])), equal_to([("bad", "validate")]),
                     label="errors")
 
@@ -191,7 +194,7 @@ def test_engine_call_serves_prompt_ids_as_validated():
     from transforms.serving import EngineCall, EngineMetrics
     holder = type("Holder", (), {"llm": _FakeLLM(), "lock": threading.Lock(), "name": "h", "rows_done": 0,
                                  "tokens_done": 0, "engine_config": {}, "device_info": {}, "load_time_s": 0.0})()
-    reqs = [ValidRequest("a", {"k": 1}, "Hi", (1, 72, 105), SamplingParams(), "text"),
+    reqs = [ValidRequest("a", {"k": 1}, "Hi", (1, 72, 105), SamplingParams(), "raw"),
             ValidRequest("b", {}, None, (0, 5), SamplingParams(), "tokens", "in.jsonl:1"),
             ValidRequest("c", {}, None, (9,), SamplingParams(), "tokens")]
     call = EngineCall(holder, reqs, EngineMetrics())
