@@ -151,8 +151,5 @@ def linear(x, w):
 
 def quantize_kv(x):
     """Quantize K or V [..., head_dim] per (token, head): returns int8 values and f32 scales [...]."""
-    xf = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=-1)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    q = jnp.clip(jnp.round(xf / scale[..., None]), -127, 127).astype(jnp.int8)
-    return q, scale.astype(jnp.float32)
+    q, scale = _quantize_last(x, jnp.int8)
+    return q, scale[..., 0]

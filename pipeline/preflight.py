@@ -20,8 +20,9 @@ from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from engine.config import Settings
-from engine.settings import ConfigError, to_mapping
+from engine.config import ModelSource, Settings
+from engine.request import SamplingParams
+from engine.settings import ConfigError, fields_of, to_mapping
 from pipeline.options import JobOptions, job_settings
 from pipeline.run_lock import RunLock
 from transforms import fs
@@ -30,10 +31,10 @@ from transforms.output_dir import (COMPLETIONS, ERRORS, OutputError, Scan, heal,
 
 log = logging.getLogger(__name__)
 
-# Settings that change what a row's output is: a resume must not mix two of them in one directory.
-OUTPUT_SETTINGS = ("model", "checkpoint_path", "tokenizer_path", "param_size", "dtype", "quantize_weights",
-                   "quantize_kv_cache", "context_size", "random_seed", "max_tokens", "temperature", "top_k",
-                   "top_p", "seed", "stop", "stop_token_ids", "ignore_eos")
+# Settings that change what a row's output is: a resume must not mix two of them in one directory
+# (which model, how it computes, and every request default).
+OUTPUT_SETTINGS = (*(f.name for f in fields_of(ModelSource)), "dtype", "quantize_weights", "quantize_kv_cache",
+                   "context_size", "random_seed", *(f.name for f in fields_of(SamplingParams)))
 OUTPUT_JOB_OPTIONS = ("prompt_column", "id_column")
 
 

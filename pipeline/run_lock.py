@@ -21,7 +21,7 @@ import uuid
 from typing import Optional
 
 from transforms import fs
-from transforms.output_dir import OutputError, state_path
+from transforms.output_dir import OutputError, state_path, tmp_dir
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class RunLock:
                           (held or {}).get("run_id"))
                 return
             try:
-                fs.publish(self.path, self._payload(), state_path(self.output_dir, "tmp"))
+                fs.publish(self.path, self._payload(), tmp_dir(self.output_dir))
             except OSError as e:
                 log.warning("jetbeam: lock heartbeat failed: %s", e)
 

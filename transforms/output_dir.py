@@ -110,12 +110,12 @@ def _unreadable(piece: Piece, e: Exception) -> OutputError:
 def read_records(piece: Piece, columns: Optional[list] = None) -> list[dict]:
     """A piece's rows as dicts (completions: only `columns` if given); OutputError if unreadable."""
     try:
-        data = fs.read_bytes(piece.path)
-        if piece.kind == COMPLETIONS:
+        if piece.kind == COMPLETIONS:  # only the columns asked for are fetched from the file
             import pyarrow.parquet as pq
-            return pq.read_table(io.BytesIO(data), columns=columns).to_pylist()
+            with fs.open_file(piece.path, "rb") as f:
+                return pq.read_table(f, columns=columns).to_pylist()
         out = []
-        for line in data.decode("utf-8").splitlines():
+        for line in fs.read_bytes(piece.path).decode("utf-8").splitlines():
             if line.strip():
                 rec = json.loads(line)
                 if not isinstance(rec, dict):
