@@ -4,9 +4,10 @@
 
 Ours: `python run_pipeline.py` on the 41 sample prompts with the embedded SmolLM2-135M (its
 metrics: generated tokens over the job's wall time). Peer: transformers `generate` on the same
-GGUF weights (float32, greedy, the same 64-token limit, stopping at EOS like ours), the same
-prompt texts (chat rows rendered with the model's template), `--peer_batch` prompts per call,
-left-padded. Both report output tokens per second of wall time, model loading excluded.
+GGUF weights (float32, greedy, the same 64-token limit, stopping at EOS like ours), the exact
+prompt token ids the job sends (its own validation step: chat template under prompt_format
+auto), `--peer_batch` prompts per call, left-padded. Both report output tokens per second of
+wall time, model loading excluded; EOS is not counted as a generated token on either side.
 Needs the test extra (torch, transformers).
 """
 
@@ -37,31 +38,42 @@ def ours(work: str) -> dict:
             "output_tok_per_s": round(m["generated_tokens"] / wall, 1)}
 
 
-def peer(batch: int) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from benchmarks.quant_accuracy import sample_prompts
+def job_prompt_ids() -> list:
+    """The token ids the default job sends for each sample row (its own validation step)."""
+    from engine.config import SamplingParams
     from engine.default_model import default_model_path
     from engine.loaders.gguf import load_gguf
+    from engine.rows import RowValidator
+    tok = load_gguf(default_model_path()).tokenizer
+    check = RowValidator(tok, 2048, SamplingParams())
+    with open(os.path.join(ROOT, "data", "prompts.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [list(check({"id": r.get("id", i), "row": r}).prompt_token_ids) for i, r in enumerate(rows)]
+
+
+def peer(batch: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.default_model import default_model_path
     path = default_model_path()
     directory, name = os.path.split(path)
-    tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
-    texts = sample_prompts(load_gguf(path).tokenizer)
+    prompts = job_prompt_ids()
+    eos, pad = 2, 2  # SmolLM2: <|im_end|>; left padding is masked out
     t0, generated = time.perf_counter(), 0
     with torch.no_grad():
-        for i in range(0, len(texts), batch):
-            enc = tok(texts[i:i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**enc, max_new_tokens=64, do_sample=False, pad_token_id=tok.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
-            for row in new.tolist():  # tokens up to and including the first EOS
-                generated += next((j + 1 for j, t in enumerate(row) if t == tok.eos_token_id), len(row))
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i:i + batch]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=eos)
+            for row in out[:, width:].tolist():  # tokens before the first EOS, as our counts
+                generated += next((j for j, t in enumerate(row) if t == eos), len(row))
     wall = time.perf_counter() - t0
-    return {"rows": len(texts), "generated_tokens": generated, "wall_s": round(wall, 2),
+    return {"rows": len(prompts), "generated_tokens": generated, "wall_s": round(wall, 2),
             "output_tok_per_s": round(generated / wall, 1), "batch": batch, "torch_threads": torch.get_num_threads()}
 
 

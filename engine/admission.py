@@ -58,6 +58,9 @@ def prompt_ids(req: Request, geo: EngineGeometry, tokenizer=None, pages: Optiona
     else:
         ids = encode_prompt(req.prompt, tokenizer)
     check_prompt_length(ids, geo.context_size)
+    if req.sampling.constrained:
+        from engine.constraints import check
+        check(req.sampling, tokenizer, geo.vocab_size)
     if pages is not None:
         need = pages.pages_for(cache_tokens(geo, ids, req))
         if need > pages.num_pages:

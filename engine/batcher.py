@@ -28,6 +28,11 @@ has the pages for its prompt plus max_tokens (first come, first served), and a s
 go back to the pool when the device drops its page-table row: at its next insert, or when
 the slot is parked. Device work runs in dispatch order, so a page handed to a new request
 is written only after every decode call that the old owner's row was in.
+
+Structured-output requests (engine/constraints.py) get each decode call's token mask from
+their grammar; while one decodes, calls run one step and are read before the next dispatch.
+(A little over 400 lines: the one scheduling loop with its admission, refill and result
+bookkeeping, which read best together.)
 """
 
 from __future__ import annotations
@@ -43,9 +48,11 @@ import numpy as np
 
 from engine.admission import cache_tokens, max_tokens, prompt_ids, serving_order
 from engine.config import SchedulerConfig
+from engine.constraints import Matcher, open_mask
 from engine.engine_api import Engine
 from engine.kv_pages import PagePool
-from engine.request import Request, Result
+from engine.logprobs import logprob_at, logprob_entries
+from engine.request import Request, RequestError, Result
 from engine.sampling import SlotSampling
 from engine.sched_stats import SCHEDULER_STATS
 
@@ -63,11 +70,15 @@ class _Active:
     prompt_ids: list
     max_tokens: int
     start_call: int  # first generate call whose tokens belong to this request
+    start_step: int  # decode steps dispatched before that call
     slot: int
     t_admit: float
     end_call: Optional[int] = None  # set on early refill: the last call that runs this request
-    first: object = None  # (device array, row) of the prefill's first token, until read
+    first: object = None  # (ResultTokens on device, row) of the prefill's first token, until read
     tokens: list = field(default_factory=list)
+    logprobs: Optional[list] = None  # per token (logprob, top ids, top logprobs), when asked for
+    matcher: object = None  # engine.constraints.Matcher of a structured-output request
+    error: Optional[str] = None
     t_first: Optional[float] = None
     text: str = ""
     finish: Optional[str] = None
@@ -94,6 +105,7 @@ class ContinuousBatcher:
             eos |= set(tokenizer.eos_ids)
         self.eos_ids = frozenset(eos)
         self.stats = defaultdict(float)
+        self.steps = 0  # decode steps dispatched (a structured-output call runs one)
         self.pages = PagePool(geo.num_kv_pages, geo.kv_page_size, geo.pages_per_slot) if geo.paged else None
         self.slot_pages: dict[int, list] = {}  # pages named by each slot's row on the device
 
@@ -193,14 +205,31 @@ class ContinuousBatcher:
                     raise RuntimeError("page pool stuck: nothing decodes and the next request does not fit")
                 continue
             # 2. Dispatch the next decode call, then read the previous one while it runs.
-            current = None
+            #    A structured-output request needs its last token read first: its next mask
+            #    depends on it, so those calls run one step each, without the overlap.
+            current, mask = None, None
+            if any(a.matcher is not None for a in active.values()):
+                if pending is not None or any(a.first is not None for a in active.values()):
+                    yield from self._consume(pending or (calls, None), active, retiring, free)
+                    pending = None
+                    continue
+                mask = open_mask(self.geo.slots, self.geo.vocab_size)
+                for a in active.values():
+                    if a.matcher is not None:
+                        a.matcher.fill_mask(mask, a.slot)
             if active:
                 self._park(free, parked)
                 # Every live slot's position stays below this through the call just dispatched,
                 # the one in flight and this one (3 calls of decode_steps), plus the first token.
                 bound = max(len(a.prompt_ids) + len(a.tokens) for a in active.values()) + 3 * steps + 2
                 t0 = time.perf_counter()
-                self.state, res = engine.generate(self.params, self.state, max_length=bound)
+                kw = {}
+                if any(a.request.sampling.logprobs is not None for a in active.values()):
+                    kw["logprobs"] = True
+                if mask is not None:
+                    kw["token_mask"] = mask
+                self.state, res = engine.generate(self.params, self.state, max_length=bound, **kw)
+                self.steps += 1 if mask is not None else steps
                 self._timed("decode_s", t0, res.tokens)
                 self.stats["decode_calls"] += 1
                 self.stats["live_slots"] += len(active)  # per call
@@ -238,12 +267,11 @@ class ContinuousBatcher:
 
     def _retire(self, active, retiring, free, calls):
         """Early refill: free the slots of requests that the `calls` decode calls dispatched so
-        far carry to max_tokens (the prefill's token plus decode_steps per call from start_call)."""
+        far carry to max_tokens (the prefill's token plus the steps dispatched since start_call)."""
         if not self.scheduler.early_refill:
             return
-        steps = self.geo.decode_steps
         for slot, a in list(active.items()):
-            if 1 + (calls - a.start_call) * steps >= a.max_tokens:
+            if 1 + (self.steps - a.start_step) >= a.max_tokens:
                 a.end_call = calls - 1
                 del active[slot]
                 retiring.append(a)
@@ -296,9 +324,17 @@ class ContinuousBatcher:
                 if sp.seed is None:  # the request keeps its own settings; the slot gets a seed
                     sp = dataclasses.replace(sp, seed=int(self.rng.integers(0, 2**31 - 1)))
                 params.append(sp)
+            matchers = [Matcher(req.sampling, self.tokenizer, self.geo.vocab_size) if req.sampling.constrained
+                        else None for req, _ in chunk]
+            kw = {}
+            if any(m is not None for m in matchers):
+                kw["token_mask"] = open_mask(n, self.geo.vocab_size)
+                for row, m in enumerate(matchers):
+                    if m is not None:
+                        m.fill_mask(kw["token_mask"], row)
             t0 = time.perf_counter()
             prefix, first = engine.prefill(params=self.params, padded_tokens=tokens, true_length=lengths,
-                                           sampling=SlotSampling.from_params(params))
+                                           sampling=SlotSampling.from_params(params), **kw)
             self._timed("prefill_s", t0, prefix)
             t0 = time.perf_counter()
             if self.pages is not None:
@@ -309,7 +345,8 @@ class ContinuousBatcher:
             for row, (req, ids) in enumerate(chunk):
                 active[int(slots[row])] = _Active(
                     request=req, prompt_ids=ids, max_tokens=self._max_tokens(ids, req),
-                    start_call=calls, slot=int(slots[row]), t_admit=now, first=(first.tokens, row))
+                    start_call=calls, start_step=self.steps, slot=int(slots[row]), t_admit=now, first=(first, row),
+                    logprobs=None if req.sampling.logprobs is None else [], matcher=matchers[row])
             self.stats["prefill_calls"] += 1
             self.stats["prefill_rows"] += n
             self.stats["prompt_tokens"] += int(lengths.sum())
@@ -335,22 +372,35 @@ class ContinuousBatcher:
     def _take(self, a: _Active, call: int, host, now: float) -> None:
         """Push a request's first token (once) and its tokens from decode call `call`."""
         if a.first is not None:
-            arr, row = a.first
+            first, row = a.first
             a.first = None
             a.t_first = now
-            self._push(a, int(np.asarray(arr)[row, 0]))
+            lp = logprob_at(first, row, 0) if a.logprobs is not None else None
+            self._push(a, int(np.asarray(first.tokens)[row, 0]), lp)
         if a.finish is None and host is not None and call >= a.start_call:
-            for tok in host.tokens[a.slot]:
-                if self._push(a, int(tok)):
+            for j, tok in enumerate(host.tokens[a.slot]):
+                lp = logprob_at(host, a.slot, j) if a.logprobs is not None else None
+                if self._push(a, int(tok), lp):
                     break
 
-    def _push(self, a: _Active, tok: int) -> bool:
-        """Append one generated token; return True when the request is finished."""
+    def _push(self, a: _Active, tok: int, logprob=None) -> bool:
+        """Append one generated token (and its logprobs); return True when the request is finished."""
         sp = a.request.sampling
         if (tok in self.eos_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
             a.finish = "stop"
             return True
         a.tokens.append(tok)
+        if a.logprobs is not None:
+            a.logprobs.append(logprob)
+        if a.matcher is not None:
+            try:
+                a.matcher.consume(tok)
+            except RequestError as e:
+                a.error, a.finish = str(e), "error"
+                return True
+            if a.matcher.done:  # the grammar is complete: nothing but EOS may follow
+                a.finish = "stop"
+                return True
         if sp.stop and self.tokenizer is not None:
             text = self.tokenizer.decode(a.tokens)
             hits = [i for i in (text.find(s) for s in sp.stop) if i >= 0]
@@ -366,10 +416,15 @@ class ContinuousBatcher:
     def _result(self, a: _Active, now: float) -> Result:
         if not a.text and self.tokenizer is not None and a.tokens:
             a.text = self.tokenizer.decode(a.tokens)
+        if a.error is not None:
+            self.stats["errors"] += 1
+            return Result(id=a.request.id, error=a.error, metadata=a.request.metadata)
         self.stats["completed"] += 1
         self.stats["generated_tokens"] += len(a.tokens)
         return Result(
             id=a.request.id, completion=a.text, completion_token_ids=list(a.tokens),
             finish_reason=a.finish, prompt_tokens=len(a.prompt_ids), completion_tokens=len(a.tokens),
             ttft_s=(a.t_first - a.t_admit) if a.t_first else None, latency_s=now - a.t_admit,
-            metadata=a.request.metadata)
+            metadata=a.request.metadata,
+            logprobs=None if a.logprobs is None else logprob_entries(
+                a.tokens, a.logprobs, a.request.sampling.logprobs, self.tokenizer, a.request.id))

@@ -25,7 +25,7 @@ from engine.kv_cache import KVCache, init_cache, insert_prefix, insert_prefix_pa
 from engine.model import decode_step, prefill as model_prefill
 from engine.model_config import ModelConfig
 
-from engine.sampling import SlotSampling, sample
+from engine.sampling import MAX_LOGPROBS, SlotSampling, apply_token_mask, sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ class JaxEngine(Engine):
         self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=())
         self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))
         self._release_jit = jax.jit(self._release_impl, donate_argnums=(0,))
-        self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2,))
+        self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2, 3))
+        self._generate_masked_jit = jax.jit(self._generate_masked_impl, donate_argnums=(1,), static_argnums=(3, 4))
         self._cache_sharding = shd.cache_shardings(self._mesh, model_config, config.quantize_kv_cache)
         self._param_avals = None  # shapes of the loaded params, for sizing an "auto" page pool
         self.pool_plan = None  # kv_budget.PoolPlan once an "auto" pool is sized
@@ -210,20 +211,22 @@ class JaxEngine(Engine):
         tokens, lengths = jax.ShapeDtypeStruct((n, s), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32)
         prefill = self._prefill_jit.lower(self._param_avals, tokens, lengths, samp).compile()
         state = jax.eval_shape(lambda: self._build_state(1))
-        decode = self._generate_jit.lower(self._param_avals, state, self._windows[-1]).compile()
+        decode = self._generate_jit.lower(self._param_avals, state, self._windows[-1], False).compile()
         return compiled_workspace(prefill) + compiled_workspace(decode)
 
     # ---- prefill ----
-    def _prefill_impl(self, params, tokens, true_length, sampling: SlotSampling):
+    def _prefill_impl(self, params, tokens, true_length, sampling: SlotSampling, token_mask=None):
         logits, ks, vs = model_prefill(params, self.model_config, tokens, self.dtype,
                                        last_index=true_length - 1, attn_impl=self.prefill_attention)
-        first = sample(logits, sampling, jnp.zeros_like(true_length))
+        masked = logits if token_mask is None else apply_token_mask(logits, token_mask)
+        first = sample(masked, sampling, jnp.zeros_like(true_length))
         prefix_cache = pack_prefix(ks, vs, self.config.quantize_kv_cache)
-        return Prefix(prefix_cache, true_length, first, sampling)
+        return Prefix(prefix_cache, true_length, first, sampling), token_logprobs(logits, first)
 
     def prefill(self, *, params, padded_tokens, true_length, existing_prefix=None,
-                sampling: Optional[SlotSampling] = None):
-        """Prefill one prompt (padded_tokens [S]) or a batch ([N, S] with true_length [N])."""
+                sampling: Optional[SlotSampling] = None, token_mask=None):
+        """Prefill one prompt (padded_tokens [S]) or a batch ([N, S] with true_length [N]).
+        `token_mask` [N, ceil(V / 32)] int32: the tokens each first token may be (its own program)."""
         if existing_prefix is not None:
             raise NotImplementedError("prefix caching (existing_prefix) is not supported")
         tokens = np.asarray(padded_tokens, np.int32)
@@ -238,8 +241,11 @@ class JaxEngine(Engine):
             raise ValueError(f"true_length {lengths} out of range for bucket {s}")
         if sampling is None:
             sampling = SlotSampling.greedy(n)
-        prefix = self._prefill_jit(params, tokens, lengths, sampling)
-        first = ResultTokens(prefix.first_token[:, None], jnp.ones((n, 1), bool), lengths[:, None])
+        if token_mask is not None:
+            token_mask = np.asarray(token_mask, np.int32).reshape(n, -1)
+        prefix, (lp, top_ids, top_lp) = self._prefill_jit(params, tokens, lengths, sampling, token_mask)
+        first = ResultTokens(prefix.first_token[:, None], jnp.ones((n, 1), bool), lengths[:, None],
+                             lp[:, None], top_ids[:, None], top_lp[:, None])
         return prefix, first
 
     # ---- insert ----
@@ -318,40 +324,63 @@ class JaxEngine(Engine):
             return wins[-1]
         return next((w for w in wins if w >= max_length), wins[-1])
 
-    def _generate_impl(self, params, state: DecodeState, window: int):
+    def _generate_impl(self, params, state: DecodeState, window: int, logprobs: bool = False):
         cfg = self.model_config
         limit = self.config.max_cache_length - 1
         steps = self.config.decode_steps
+        b = self.config.batch_size
 
         def body(i, carry):
-            state, out_tokens, out_pos = carry
+            state, outs = carry
             logits, cache = decode_step(params, cfg, state.tokens, state.pos, state.cache, self.dtype,
                                         self.attention_impl, window, state.page_table, self._kernel)
             nxt = sample(logits, state.sampling, state.step)
             live = state.step > 0  # parked slots (released, or never filled) stay where they are
             pos = jnp.where(live, jnp.minimum(state.pos + 1, limit), state.pos)
-            out_tokens = out_tokens.at[:, i].set(nxt)
-            out_pos = out_pos.at[:, i].set(pos)
-            return (DecodeState(cache, nxt, pos, state.step + live, state.sampling, state.page_table),
-                    out_tokens, out_pos)
+            step_outs = (nxt, pos) + (token_logprobs(logits, nxt) if logprobs else ())
+            outs = tuple(o.at[:, i].set(x) for o, x in zip(outs, step_outs))
+            return DecodeState(cache, nxt, pos, state.step + live, state.sampling, state.page_table), outs
 
-        b = self.config.batch_size
-        init = (state, jnp.zeros((b, steps), jnp.int32), jnp.zeros((b, steps), jnp.int32))
-        state, toks, pos = jax.lax.fori_loop(0, steps, body, init)
-        return state, toks, pos > 0, pos
+        outs = (jnp.zeros((b, steps), jnp.int32), jnp.zeros((b, steps), jnp.int32))
+        if logprobs:
+            k = MAX_LOGPROBS
+            outs += (jnp.zeros((b, steps), jnp.float32), jnp.zeros((b, steps, k), jnp.int32),
+                     jnp.zeros((b, steps, k), jnp.float32))
+        state, outs = jax.lax.fori_loop(0, steps, body, (state, outs))
+        toks, pos = outs[:2]
+        return (state, toks, pos > 0, pos) + outs[2:]
 
-    def generate(self, params, decode_state: DecodeState, max_length: Optional[int] = None):
+    def _generate_masked_impl(self, params, state: DecodeState, token_mask, window: int, logprobs: bool):
+        """One decode step whose sampling obeys token_mask [B, ceil(V / 32)] (structured output)."""
+        logits, cache = decode_step(params, self.model_config, state.tokens, state.pos, state.cache, self.dtype,
+                                    self.attention_impl, window, state.page_table, self._kernel)
+        nxt = sample(apply_token_mask(logits, token_mask), state.sampling, state.step)
+        live = state.step > 0
+        pos = jnp.where(live, jnp.minimum(state.pos + 1, self.config.max_cache_length - 1), state.pos)
+        extra = tuple(x[:, None] for x in token_logprobs(logits, nxt)) if logprobs else ()
+        state = DecodeState(cache, nxt, pos, state.step + live, state.sampling, state.page_table)
+        return (state, nxt[:, None], (pos > 0)[:, None], pos[:, None]) + extra
+
+    def generate(self, params, decode_state: DecodeState, max_length: Optional[int] = None,
+                 logprobs: bool = False, token_mask=None):
         """Run `decode_steps` steps. `max_length`, if given, bounds every live slot's position
-        (before + during this call) so attention may read a shorter cache window."""
-        state, toks, valid, pos = self._generate_jit(params, decode_state, self.window_for(max_length))
-        return state, ResultTokens(toks, valid, pos)
+        (before + during this call) so attention may read a shorter cache window. With
+        `logprobs` (its own compiled program) each token's logprobs come along. With `token_mask`
+        [slots, ceil(V / 32)] int32 (structured output) it runs one step whose tokens obey the mask."""
+        if token_mask is not None:
+            state, *out = self._generate_masked_jit(params, decode_state, np.asarray(token_mask, np.int32),
+                                                    self.window_for(max_length), bool(logprobs))
+            return state, ResultTokens(*out)
+        state, *out = self._generate_jit(params, decode_state, self.window_for(max_length), bool(logprobs))
+        return state, ResultTokens(*out)
 
     # ---- profiling hooks: the compiled programs, and a state with every slot filled ----
     def lower_generate(self, params, decode_state: DecodeState, max_length: Optional[int] = None,
-                       platforms: Optional[tuple] = None):
+                       platforms: Optional[tuple] = None, logprobs: bool = False):
         """The `generate` program for this state, lowered (`.compile().as_text()` gives its HLO),
         or with `platforms` exported for them (`jax.export`: e.g. ("tpu",) from a CPU host)."""
-        return _lower(self._generate_jit, platforms, params, decode_state, self.window_for(max_length))
+        return _lower(self._generate_jit, platforms, params, decode_state, self.window_for(max_length),
+                      bool(logprobs))
 
     def lower_insert(self, decode_state: DecodeState, prefix: Prefix, slots, page_rows=None,
                      platforms: Optional[tuple] = None):

@@ -88,6 +88,9 @@ class SlotData:
     tokens: np.ndarray  # [steps]
     valid: np.ndarray  # [steps] bool: False for an empty slot
     lengths: np.ndarray  # [steps]: tokens in the slot's sequence after each step
+    logprobs: Optional[np.ndarray] = None  # [steps] float32, when asked for
+    top_ids: Optional[np.ndarray] = None  # [steps, MAX_LOGPROBS] int32
+    top_logprobs: Optional[np.ndarray] = None  # [steps, MAX_LOGPROBS] float32
 
 
 @dataclass
@@ -96,18 +99,26 @@ class ResultTokens:
 
     Arrays are [slots, steps]; `generate` may run several decode steps per call.
     They may live on device until read: call `to_host()` once per call, not per slot.
+    With logprobs asked for, each token's log-probability and the engine's top alternatives
+    (engine.sampling.token_logprobs) come along: [slots, steps] and [slots, steps, k].
     """
 
     tokens: Any
     valid: Any
     lengths: Any
+    logprobs: Any = None
+    top_ids: Any = None
+    top_logprobs: Any = None
 
     def to_host(self) -> "ResultTokens":
-        return ResultTokens(np.asarray(self.tokens), np.asarray(self.valid), np.asarray(self.lengths))
+        host = lambda x: None if x is None else np.asarray(x)
+        return ResultTokens(*(host(x) for x in (self.tokens, self.valid, self.lengths, self.logprobs,
+                                                 self.top_ids, self.top_logprobs)))
 
     def get_result_at_slot(self, slot: int) -> SlotData:
-        return SlotData(np.asarray(self.tokens[slot]), np.asarray(self.valid[slot]),
-                        np.asarray(self.lengths[slot]))
+        row = lambda x: None if x is None else np.asarray(x[slot])
+        return SlotData(*(row(x) for x in (self.tokens, self.valid, self.lengths, self.logprobs,
+                                           self.top_ids, self.top_logprobs)))
 
 
 class Engine(abc.ABC):
@@ -125,10 +136,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def prefill(self, *, params: Params, padded_tokens: Any, true_length: Any,
                 existing_prefix: Optional[Prefix] = None,
-                sampling: Optional[Any] = None) -> tuple[Prefix, ResultTokens]:
+                sampling: Optional[Any] = None, token_mask: Any = None) -> tuple[Prefix, ResultTokens]:
         """Run N prompts (padded_tokens [N, bucket], true_length [N]; or one prompt [bucket]);
-        return their KV prefix and first sampled tokens ([N, 1]). `sampling` is an
-        engine.sampling.SlotSampling of N rows (seeds set); None: greedy."""
+        return their KV prefix and first sampled tokens ([N, 1]), with their logprobs. `sampling` is an
+        engine.sampling.SlotSampling of N rows (seeds set); None: greedy. `token_mask`
+        [N, ceil(vocab / 32)] int32 bits: the tokens each first token may be (structured output)."""
 
     @abc.abstractmethod
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: Any,
@@ -137,10 +149,12 @@ class Engine(abc.ABC):
         engine also takes each row's page-table row, page_rows [N, pages_per_slot]."""
 
     @abc.abstractmethod
-    def generate(self, params: Params, decode_state: DecodeState,
-                 max_length: Optional[int] = None) -> tuple[DecodeState, ResultTokens]:
+    def generate(self, params: Params, decode_state: DecodeState, max_length: Optional[int] = None,
+                 logprobs: bool = False, token_mask: Any = None) -> tuple[DecodeState, ResultTokens]:
         """Advance every live slot by `geometry.decode_steps` tokens (the old state is donated).
-        `max_length`, if given, bounds every live slot's position through this call."""
+        `max_length`, if given, bounds every live slot's position through this call; with
+        `logprobs` the result carries each token's logprobs and top alternatives. With `token_mask`
+        [slots, ceil(vocab / 32)] int32 bits it advances one step, each slot's token allowed by its row."""
 
     @abc.abstractmethod
     def release_slots(self, decode_state: DecodeState, slots: Any) -> DecodeState:

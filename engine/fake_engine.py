@@ -5,7 +5,8 @@ slot refill, serving order and page-pool admission against it, and benchmarks/dr
 the calls a real run would make for a length mix.
 
 The "model": a sequence's first token is (last prompt token + 1) mod vocab, and each next token
-is the one before plus 1, mod vocab. So a prompt ending in token t generates t+1, t+2, ...; a
+is the one before plus 1, mod vocab (under a token mask: the next allowed one). Its "logprobs": the chosen token 0, the j-th alternative
+(token + j) mod vocab at -j. So a prompt ending in token t generates t+1, t+2, ...; a
 test picks where EOS falls by picking t. Every call is recorded in `calls`.
 
 It also checks the batcher's side of the contract, and raises `ContractError` when broken:
@@ -63,7 +64,20 @@ class FakeEngine(Engine):
         table = np.full((b, g.pages_per_slot), g.num_kv_pages, np.int32) if g.paged else None
         return FakeState(np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32), table)
 
-    def prefill(self, *, params, padded_tokens, true_length, existing_prefix=None, sampling=None):
+    def _allowed(self, want, mask):
+        """`want` [N], each moved to the first token at or after it (cyclically) that mask row allows."""
+        if mask is None:
+            return want
+        v = self.geo.vocab_size
+        out = want.copy()
+        for i, t in enumerate(want):
+            bits = (np.asarray(mask)[i, np.arange(v) // 32] >> (np.arange(v) % 32)) & 1
+            order = (int(t) + np.arange(v)) % v
+            allowed = order[bits[order] == 1]
+            out[i] = allowed[0] if len(allowed) else t
+        return out.astype(np.int32)
+
+    def prefill(self, *, params, padded_tokens, true_length, existing_prefix=None, sampling=None, token_mask=None):
         tokens = np.asarray(padded_tokens, np.int32)
         if tokens.ndim == 1:
             tokens = tokens[None]
@@ -75,10 +89,17 @@ class FakeEngine(Engine):
             raise ContractError(f"{n} prompts in one call; the engine takes {self.geo.prefill_sizes}")
         if (lengths < 1).any() or (lengths > min(bucket, self.geo.context_size)).any():
             raise ContractError(f"true_length {lengths.tolist()} out of range for bucket {bucket}")
-        first = (tokens[np.arange(n), lengths - 1] + 1) % self.geo.vocab_size
+        first = self._allowed((tokens[np.arange(n), lengths - 1] + 1) % self.geo.vocab_size, token_mask)
         self.calls.append(("prefill", n, bucket))
-        return FakePrefix(first.astype(np.int32), lengths), ResultTokens(first[:, None], np.ones((n, 1), bool),
-                                                                        lengths[:, None])
+        return FakePrefix(first.astype(np.int32), lengths), ResultTokens(
+            first[:, None], np.ones((n, 1), bool), lengths[:, None], *self._logprobs(first[:, None]))
+
+    def _logprobs(self, toks):
+        """(logprobs, top_ids, top_logprobs) of tokens [N, S] under the fake model."""
+        from engine.sampling import MAX_LOGPROBS
+        j = np.arange(MAX_LOGPROBS)
+        return (np.zeros(toks.shape, np.float32), ((toks[..., None] + j) % self.geo.vocab_size).astype(np.int32),
+                np.broadcast_to(-j.astype(np.float32), toks.shape + (MAX_LOGPROBS,)))
 
     def insert(self, prefix: FakePrefix, decode_state: FakeState, slot, page_rows=None) -> FakeState:
         slots = np.atleast_1d(np.asarray(slot, np.int32))
@@ -112,19 +133,21 @@ class FakeEngine(Engine):
             decode_state.page_table[mask] = self.geo.num_kv_pages
         return decode_state
 
-    def generate(self, params, decode_state: FakeState, max_length=None):
+    def generate(self, params, decode_state: FakeState, max_length=None, logprobs: bool = False, token_mask=None):
         st, g = decode_state, self.geo
-        steps = g.decode_steps
+        steps = g.decode_steps if token_mask is None else 1
         live = st.step > 0
         toks = np.zeros((g.slots, steps), np.int32)
         lengths = np.zeros((g.slots, steps), np.int32)
         for i in range(steps):
-            st.tokens = np.where(live, (st.tokens + 1) % g.vocab_size, st.tokens).astype(np.int32)
+            st.tokens = np.where(live, self._allowed((st.tokens + 1) % g.vocab_size, token_mask), st.tokens
+                                 ).astype(np.int32)
             st.pos = np.where(live, np.minimum(st.pos + 1, g.max_cache_length - 1), st.pos).astype(np.int32)
             st.step = st.step + live
             toks[:, i], lengths[:, i] = st.tokens, st.pos
         self.calls.append(("generate", int(live.sum())))
-        return st, ResultTokens(toks, np.repeat(live[:, None], steps, 1), lengths)
+        extra = self._logprobs(toks) if logprobs else ()
+        return st, ResultTokens(toks, np.repeat(live[:, None], steps, 1), lengths, *extra)
 
 
 def fake_geometry(slots: int = 4, max_cache_length: int = 64, context_size: int = 32, decode_steps: int = 2,

@@ -5,6 +5,7 @@ These are the only types the Beam transforms need from the engine.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -34,6 +35,15 @@ class SamplingParams:
     stop: tuple[str, ...] = setting((), "Stop strings (repeatable), excluded from the completion")
     stop_token_ids: tuple[int, ...] = setting((), "Token ids that end a request, beside the model's EOS")
     ignore_eos: bool = setting(False, "Keep generating past EOS, to max_tokens (benchmarks)")
+    logprobs: Optional[int] = setting(
+        None, "Per generated token, its log-probability and this many most likely alternatives "
+              "(0-20; the model's float32 distribution before temperature, top-k/top-p and constraints); "
+              "none: no logprobs", minimum=0, maximum=20)
+    json_schema: Optional[str] = setting(
+        None, "Constrain the completion to JSON valid under this JSON Schema (its JSON text; a row may "
+              "give the object)")
+    regex: Optional[str] = setting(None, "Constrain the completion to match this regular expression")
+    choice: tuple[str, ...] = setting((), "Constrain the completion to one of these strings (repeatable)")
     prompt_format: str = setting(
         "auto", "How a text prompt reaches the model: auto = as one user message through the model's chat "
                 "template when it has one, else as is; chat = always through the template; raw = as is "
@@ -45,6 +55,10 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         if isinstance(self.stop_token_ids, list):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.choice, (str, list)):
+            object.__setattr__(self, "choice", (self.choice,) if isinstance(self.choice, str) else tuple(self.choice))
+        if isinstance(self.json_schema, dict):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema, sort_keys=True))
         try:
             check_fields(self)
         except ConfigError as e:
@@ -53,9 +67,32 @@ class SamplingParams:
             raise InvalidSampling(f"invalid sampling parameter: top_p: must be in (0, 1], got {self.top_p!r}")
         if not all(self.stop):
             raise InvalidSampling(f"invalid sampling parameter: stop: strings must not be empty, got {self.stop!r}")
+        self._check_constraint()
         if any(t < 0 for t in self.stop_token_ids):
             raise InvalidSampling(f"invalid sampling parameter: stop_token_ids: must be >= 0, "
                                   f"got {self.stop_token_ids!r}")
+
+    def _check_constraint(self):
+        given = [n for n, v in (("json_schema", self.json_schema), ("regex", self.regex), ("choice", self.choice))
+                 if v not in (None, ())]
+        if len(given) > 1:
+            raise InvalidSampling(f"invalid sampling parameter: {' and '.join(given)}: give one constraint, not several")
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema)
+            except ValueError as e:
+                raise InvalidSampling(f"invalid sampling parameter: json_schema: not JSON ({e})") from None
+            if not isinstance(schema, dict):
+                raise InvalidSampling("invalid sampling parameter: json_schema: must be a JSON object")
+        if self.regex is not None and not self.regex:
+            raise InvalidSampling("invalid sampling parameter: regex: must not be empty")
+        if not all(isinstance(c, str) and c for c in self.choice):
+            raise InvalidSampling(f"invalid sampling parameter: choice: strings must not be empty, got {self.choice!r}")
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the completion must follow a json_schema, regex or choice."""
+        return self.json_schema is not None or self.regex is not None or bool(self.choice)
 
 
 @dataclass
@@ -83,6 +120,9 @@ class Result:
     latency_s: Optional[float] = None
     error: Optional[str] = None
     metadata: Any = None
+    # with SamplingParams.logprobs: one entry per completion token, OpenAI's shape plus ids:
+    # {"token_id", "token", "logprob", "top_logprobs": [{"token_id", "token", "logprob"}, ...]}
+    logprobs: Optional[list] = None
 
     @property
     def ok(self) -> bool:
@@ -100,4 +140,5 @@ class Result:
             "completion_tokens": self.completion_tokens,
             "ttft_s": self.ttft_s,
             "latency_s": self.latency_s,
+            **({} if self.logprobs is None else {"logprobs": self.logprobs}),
         }

@@ -33,7 +33,9 @@ def _missing(v) -> bool:
 
 def _coerce(name, v):
     """Row spellings beyond a flag's: a stop list written as JSON text (CSV/Parquet string columns)."""
-    if name == "stop" and isinstance(v, str) and v.strip().startswith("["):
+    if name == "json_schema" and isinstance(v, dict):  # the schema object itself (JSONL, Parquet struct)
+        return json.dumps(v, sort_keys=True)
+    if name in ("stop", "choice") and isinstance(v, str) and v.strip().startswith("["):
         try:
             return json.loads(v)
         except ValueError:
@@ -204,6 +206,9 @@ class RowValidator:
                 kind, prompt = "raw", spec["prompt"]
             ids = encode_prompt(prompt, self.tokenizer)
         check_prompt_length(ids, self.context_size)
+        if spec["sampling"].constrained:  # a constraint that cannot compile is this row's error
+            from engine.constraints import check
+            check(spec["sampling"], self.tokenizer, self.tokenizer.vocab_size if self.tokenizer is not None else 0)
         return ValidRequest(id=str(element["id"]), row=spec["row"], prompt=prompt,
                             prompt_token_ids=tuple(int(t) for t in ids), sampling=spec["sampling"],
                             kind=kind, source=element.get("source"))

@@ -102,3 +102,26 @@ def sample(logits, s: SlotSampling, step):
         return jnp.where(sampling, drawn, greedy)
 
     return jax.lax.cond(jnp.any(sampling), stochastic, lambda: greedy)
+
+
+MAX_LOGPROBS = 20  # top alternatives computed per token when any request asks for logprobs
+
+
+def token_logprobs(logits, tokens, k: int = MAX_LOGPROBS):
+    """The model's log-probabilities (float32 log-softmax of the raw logits: temperature 1,
+    before top-k/top-p and any constraint) of `tokens` [B], and the `k` most likely tokens.
+
+    Returns (logprob [B], top_ids [B, k] int32, top_logprobs [B, k])."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_lp, top_ids = jax.lax.top_k(lp, k)
+    chosen = jnp.take_along_axis(lp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return chosen, top_ids.astype(jnp.int32), top_lp
+
+
+def apply_token_mask(logits, mask):
+    """Logits [B, V] with the tokens a bitmask [B, ceil(V / 32)] int32 forbids (bit t % 32 of word
+    t // 32 clear) pushed to -1e30, so no sampling setting can pick them."""
+    b, v = logits.shape
+    bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    allowed = bits.reshape(b, -1)[:, :v].astype(bool)
+    return jnp.where(allowed, logits, -1e30)

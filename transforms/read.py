@@ -63,6 +63,17 @@ def normalize_openai(row: dict, id_column: str, prompt_column: str) -> dict:
             out[k] = body[k]
     if "max_completion_tokens" in body and "max_tokens" not in body:
         out["max_tokens"] = body["max_completion_tokens"]
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema")
+        out["json_schema"] = spec.get("schema") if isinstance(spec, dict) else spec
+    elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        out["json_schema"] = {"type": "object"}
+    lp = body.get("logprobs")
+    if "messages" in body and lp is True:  # chat: logprobs true, top_logprobs 0-20
+        out["logprobs"] = body.get("top_logprobs") or 0
+    elif "messages" not in body and lp is not None and lp is not False:  # completions: logprobs 0-5
+        out["logprobs"] = lp
     return out
 
 

@@ -87,6 +87,7 @@ def completion_record(request: ValidRequest, result, model_name: str) -> dict:
         "latency_s": result.latency_s,
         "model": model_name,
         "prompt_format": request.kind,
+        "logprobs": result.logprobs,
         "row": request.row,
     }
 

@@ -41,17 +41,19 @@ from transforms.read import NAMESPACE
 log = logging.getLogger(__name__)
 
 FIXED_COLUMNS = ("id", "prompt", "completion", "completion_token_ids", "finish_reason", "prompt_tokens",
-                 "completion_tokens", "ttft_s", "latency_s", "model", "prompt_format")
+                 "completion_tokens", "ttft_s", "latency_s", "model", "prompt_format", "logprobs")
 
 
 def _fixed_schema():
     import pyarrow as pa
+    alt = [("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())]
+    logprobs = pa.list_(pa.struct(alt + [("top_logprobs", pa.list_(pa.struct(alt)))]))
     return pa.schema([
         ("id", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
         ("completion_token_ids", pa.list_(pa.int32())), ("finish_reason", pa.string()),
         ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
         ("ttft_s", pa.float64()), ("latency_s", pa.float64()), ("model", pa.string()),
-        ("prompt_format", pa.string()),
+        ("prompt_format", pa.string()), ("logprobs", logprobs),  # null unless the row asked for them
     ])
 
 

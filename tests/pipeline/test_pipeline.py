@@ -68,9 +68,11 @@ def sample_jsonl(path):
         {"prompt_token_ids": [1, 40, 41, 42], "seed": 3, "temperature": 1.0},  # -> "b.jsonl:1"
         {"id": 7, "messages": [{"role": "user", "content": "Hi!"}]},
         {"custom_id": "openai-1", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "x", "messages": [{"role": "user", "content": "Yo"}], "max_tokens": 2}},
+         "body": {"model": "x", "messages": [{"role": "user", "content": "Yo"}], "max_tokens": 2,
+                  "logprobs": True, "top_logprobs": 2}},
         {"custom_id": "openai-2", "method": "POST", "url": "/v1/completions",
          "body": {"model": "x", "prompt": "Say hi", "temperature": 0}},
+        {"id": "ch", "prompt": "Pick one", "choice": ["yes", "no"]},  # structured output
     ]
     return write_jsonl(path, rows)
 
@@ -122,7 +124,7 @@ def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
     assert "apache_beam.runners.portability.prism_runner" not in sys.modules
 
     comps, errs = read_outputs(str(out))
-    expected = {"p0", "p1", "p2", "p3", "p4", "b.jsonl:0", "b.jsonl:1", "7", "openai-1", "openai-2"}
+    expected = {"p0", "p1", "p2", "p3", "p4", "b.jsonl:0", "b.jsonl:1", "7", "openai-1", "openai-2", "ch"}
     assert errs == []
     assert_each_id_once(comps, errs, expected)
     by_id = {c["id"]: c for c in comps}
@@ -137,18 +139,23 @@ def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
     assert by_id["7"]["prompt"] == "Hi!"  # messages rendered with the chat template
     assert by_id["b.jsonl:1"]["prompt"] is None and by_id["b.jsonl:1"]["prompt_tokens"] == 4
     assert by_id["openai-2"]["url"] == "/v1/completions"
+    lps = by_id["openai-1"]["logprobs"]  # body.logprobs + top_logprobs -> a logprobs column
+    assert [e["token_id"] for e in lps] == by_id["openai-1"]["completion_token_ids"]
+    assert lps and all(len(e["top_logprobs"]) == 2 and e["logprob"] <= 0 for e in lps)
+    assert by_id["openai-2"]["logprobs"] is None
+    assert by_id["ch"]["completion"] in ("yes", "no") and by_id["ch"]["finish_reason"] == "stop"
 
     m = json.loads((out / f"metrics-{metrics['run_id']}.json").read_text())
     assert m == metrics
     summary = json.loads((out / "metrics.json").read_text())  # every run that wrote here
     assert [r["run_id"] for r in summary["runs"]] == [m["run_id"]] and summary["runs"][0]["status"] == "finished"
-    assert (summary["completions"], summary["errors"], summary["runs"][0]["committed_completions"]) == (10, 0, 10)
-    assert (m["rows_in"], m["completed"], m["errored"]) == (10, 10, 0)
+    assert (summary["completions"], summary["errors"], summary["runs"][0]["committed_completions"]) == (11, 0, 11)
+    assert (m["rows_in"], m["completed"], m["errored"]) == (11, 11, 0)
     assert m["generated_tokens"] == sum(c["completion_tokens"] for c in comps)
     assert m["prompt_tokens"] == sum(c["prompt_tokens"] for c in comps)
     assert m["device_kind"] and m["device_count"] >= 1 and m["engines"] == 1
     assert m["engine_config"]["batch_size"] == 4 and m["engine_config"]["context_size"] == 16
-    sched = m["scheduler"]  # 10 rows through 4 slots: every decode call has 1..4 slots live
+    sched = m["scheduler"]  # 11 rows through 4 slots: every decode call has 1..4 slots live
     assert sched["decode_calls"] > 0 and sched["prefill_calls"] >= 3 and sched["page_waits"] == 0
     assert 1 <= sched["mean_live_slots"] <= 4
     assert abs(sched["slot_occupancy"] - sched["live_slots"] / sched["decode_calls"] / 4) < 1e-3
@@ -160,7 +167,7 @@ def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
     from apache_beam.metrics.metric import MetricsFilter
     q = info["result"].metrics().query(MetricsFilter().with_namespace("jetbeam"))
     counters = {c.key.metric.name: c.committed for c in q["counters"]}
-    assert counters["rows_read"] == 10 and counters["completions"] == 10
+    assert counters["rows_read"] == 11 and counters["completions"] == 11
     assert counters["generated_tokens"] == m["generated_tokens"]
     assert counters["decode_calls"] == sched["decode_calls"]
     assert {d.key.metric.name for d in q["distributions"]} >= {"ttft_ms", "latency_ms", "flush_rows"}
@@ -185,8 +192,8 @@ def test_multi_processing_workers(tmp_path, tokenizer_dir):
     comps, errs = read_outputs(str(out))
     assert errs == []
     assert_each_id_once(comps, errs)
-    assert len(comps) == metrics["completed"] == metrics["rows_in"] == 10
-    # 10 rows, flushed every 3 rows (BagState threshold) + the rest on a timer. Each flush's
+    assert len(comps) == metrics["completed"] == metrics["rows_in"] == 11
+    # 11 rows, flushed every 3 rows (BagState threshold) + the rest on a timer. Each flush's
     # stats count once in metrics.json (Beam's AsList saw those of flushes in process() twice).
     from apache_beam.metrics.metric import MetricsFilter
     q = info["result"].metrics().query(MetricsFilter().with_namespace("jetbeam"))

