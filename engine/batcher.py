@@ -31,6 +31,11 @@ is written only after every decode call that the old owner's row was in.
 
 Structured-output requests (engine/constraints.py) get each decode call's token mask from
 their grammar; while one decodes, calls run one step and are read before the next dispatch.
+
+A request with `n` samples is n work items (`_Item`), each taking a slot; the samples admitted
+together share one prefill row (`sample_rows`), and the request's Result comes out once all n
+are done (sample 0 with every sample in `Result.samples`; any sample's error makes the whole
+request an error, so each request still gives exactly one Result).
 (A little over 400 lines: the one scheduling loop with its admission, refill and result
 bookkeeping, which read best together.)
 """
@@ -62,9 +67,25 @@ log = logging.getLogger(__name__)
 MERGE_TOKENS = 1024
 
 
+@dataclass(frozen=True)
+class _Item:
+    """One sample of a request, waiting for a slot."""
+
+    request: Request
+    ids: list  # prompt token ids
+    sample: int = 0
+
+
+def sample_seed(seed: int, k: int) -> int:
+    """Sample k's seed: the row's own for sample 0, a hash of (seed, k) for the others."""
+    if k == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, k]).generate_state(1, np.uint64)[0] >> 1)
+
+
 @dataclass
 class _Active:
-    """A request that holds a slot."""
+    """A request (one of its samples) that holds a slot."""
 
     request: Request
     prompt_ids: list
@@ -82,6 +103,7 @@ class _Active:
     t_first: Optional[float] = None
     text: str = ""
     finish: Optional[str] = None
+    sample: int = 0
 
 
 class ContinuousBatcher:
@@ -108,6 +130,7 @@ class ContinuousBatcher:
         self.steps = 0  # decode steps dispatched (a structured-output call runs one)
         self.pages = PagePool(geo.num_kv_pages, geo.kv_page_size, geo.pages_per_slot) if geo.paged else None
         self.slot_pages: dict[int, list] = {}  # pages named by each slot's row on the device
+        self._samples: dict[int, list] = {}  # id(request) -> its finished sample Results (n > 1)
 
     def set_scheduler(self, scheduler: SchedulerConfig) -> None:
         """Serve the next runs under another SchedulerConfig (no recompilation: the engine's
@@ -139,10 +162,15 @@ class ContinuousBatcher:
         return prompt_ids(req, self.geo, self.tokenizer, self.pages)
 
     def _prepared(self, requests: Iterable[Request]):
+        """_Items in serving order (n per request), and error Results of refused requests."""
         for item in serving_order(requests, self.scheduler, self.geo, self.prepare):
             if isinstance(item, Result):
                 self.stats["errors"] += 1
-            yield item
+                yield item
+            else:
+                req, ids = item
+                for k in range(req.sampling.n):
+                    yield _Item(req, ids, k)
 
     def _max_tokens(self, ids, req) -> int:
         return max_tokens(self.geo, ids, req)
@@ -154,7 +182,7 @@ class ContinuousBatcher:
         """How many requests at the head of `waiting` (at most `limit`) the free pages hold."""
         if self.pages is None:
             return limit
-        return self.pages.count_fitting((self._cache_tokens(ids, req) for req, ids in waiting), limit)
+        return self.pages.count_fitting((self._cache_tokens(it.ids, it.request) for it in waiting), limit)
 
     # ---- the loop ----
     def run(self, requests: Iterable[Request]) -> Iterator[Result]:
@@ -278,7 +306,7 @@ class ContinuousBatcher:
                 free.append(slot)
 
     def _prefill_groups(self, admitted):
-        """Split admitted (request, ids) pairs into prefill calls: (bucket, chunk) pairs.
+        """Split admitted _Items into prefill calls: (bucket, chunk) pairs.
 
         Longest prompts first. A call takes prompts of its own bucket, and shorter ones too
         while its padded size stays within MERGE_TOKENS: on a GPU a 7B prefill call of a few
@@ -287,8 +315,8 @@ class ContinuousBatcher:
         """
         geo = self.geo
         sizes = geo.prefill_sizes
-        todo = sorted(((geo.bucket_for(len(ids)), req, ids) for req, ids in admitted),
-                      key=lambda item: -len(item[2]))
+        todo = sorted(((geo.bucket_for(len(it.ids)), it) for it in admitted),
+                      key=lambda item: -len(item[1].ids))
         while todo:
             bucket = todo[0][0]
             take = []
@@ -300,35 +328,50 @@ class ContinuousBatcher:
             n = max(s for s in sizes if s <= len(take))  # sizes hold 1: never padded
             picked = {id(item) for item in take[:n]}
             todo = [item for item in todo if id(item) not in picked]
-            yield bucket, [(req, ids) for _, req, ids in take[:n]]
+            yield bucket, [it for _, it in take[:n]]
 
     def _admit(self, admitted, free, active, calls, parked):
         engine = self.engine
         now = time.perf_counter()
         for bucket, chunk in self._prefill_groups(admitted):
-            n = len(chunk)
+            r = len(chunk)
+            prompts: dict[int, int] = {}  # id(request) -> its prompt row: samples share it
+            for it in chunk:
+                prompts.setdefault(id(it.request), len(prompts))
+            sample_rows = None
+            n = r
+            if len(prompts) < r:
+                n = min(s for s in self.geo.prefill_sizes if s >= len(prompts))
+                sample_rows = np.asarray([prompts[id(it.request)] for it in chunk], np.int32)
             tokens = np.zeros((n, bucket), np.int32)
             lengths = np.ones(n, np.int32)
-            slots = np.full(n, -1, np.int32)
+            for it in chunk:
+                row = prompts[id(it.request)]
+                tokens[row, :len(it.ids)] = it.ids
+                lengths[row] = len(it.ids)
+            slots = np.full(r, -1, np.int32)
             params, page_lists = [], []
-            for row, (req, ids) in enumerate(chunk):
-                tokens[row, :len(ids)] = ids
-                lengths[row] = len(ids)
+            for row, it in enumerate(chunk):
+                req = it.request
                 slots[row] = slot = free.pop()
                 parked.discard(slot)
                 if self.pages is not None:  # the slot's old pages go with its old row
                     self._return_pages(slot)
-                    self.slot_pages[slot] = self.pages.take(self._cache_tokens(ids, req))
+                    self.slot_pages[slot] = self.pages.take(self._cache_tokens(it.ids, req))
                     page_lists.append(self.slot_pages[slot])
                 sp = req.sampling
                 if sp.seed is None:  # the request keeps its own settings; the slot gets a seed
                     sp = dataclasses.replace(sp, seed=int(self.rng.integers(0, 2**31 - 1)))
+                elif it.sample:
+                    sp = dataclasses.replace(sp, seed=sample_seed(sp.seed, it.sample))
                 params.append(sp)
-            matchers = [Matcher(req.sampling, self.tokenizer, self.geo.vocab_size) if req.sampling.constrained
-                        else None for req, _ in chunk]
+            matchers = [Matcher(it.request.sampling, self.tokenizer, self.geo.vocab_size)
+                        if it.request.sampling.constrained else None for it in chunk]
             kw = {}
+            if sample_rows is not None:
+                kw["sample_rows"] = sample_rows
             if any(m is not None for m in matchers):
-                kw["token_mask"] = open_mask(n, self.geo.vocab_size)
+                kw["token_mask"] = open_mask(r, self.geo.vocab_size)
                 for row, m in enumerate(matchers):
                     if m is not None:
                         m.fill_mask(kw["token_mask"], row)
@@ -342,14 +385,16 @@ class ContinuousBatcher:
             else:
                 self.state = engine.insert(prefix, self.state, slots)
             self._timed("insert_s", t0, self.state)
-            for row, (req, ids) in enumerate(chunk):
+            for row, it in enumerate(chunk):
+                req = it.request
                 active[int(slots[row])] = _Active(
-                    request=req, prompt_ids=ids, max_tokens=self._max_tokens(ids, req),
+                    request=req, prompt_ids=it.ids, max_tokens=self._max_tokens(it.ids, req),
                     start_call=calls, start_step=self.steps, slot=int(slots[row]), t_admit=now, first=(first, row),
-                    logprobs=None if req.sampling.logprobs is None else [], matcher=matchers[row])
+                    logprobs=None if req.sampling.logprobs is None else [], matcher=matchers[row],
+                    sample=it.sample)
             self.stats["prefill_calls"] += 1
-            self.stats["prefill_rows"] += n
-            self.stats["prompt_tokens"] += int(lengths.sum())
+            self.stats["prefill_rows"] += r
+            self.stats["prompt_tokens"] += sum(len(it.ids) for it in chunk if it.sample == 0)
 
     def _consume(self, pending, active, retiring, free):
         call, res = pending
@@ -361,13 +406,13 @@ class ContinuousBatcher:
                 raise RuntimeError(f"request {a.request.id!r} retired at call {a.end_call} is unfinished")
             if a.finish is not None:
                 retiring.remove(a)
-                yield self._result(a, now)
+                yield from self._emit(self._result(a, now), a)
         for slot, a in list(active.items()):
             self._take(a, call, host, now)
             if a.finish is not None:
                 del active[slot]
                 free.append(slot)
-                yield self._result(a, now)
+                yield from self._emit(self._result(a, now), a)
 
     def _take(self, a: _Active, call: int, host, now: float) -> None:
         """Push a request's first token (once) and its tokens from decode call `call`."""
@@ -413,18 +458,37 @@ class ContinuousBatcher:
             return True
         return False
 
+    def _emit(self, result: Result, a: _Active) -> Iterator[Result]:
+        """A request's Result once all its samples are done (at once when n is 1)."""
+        n = a.request.sampling.n
+        if n == 1:
+            yield result
+            return
+        done = self._samples.setdefault(id(a.request), [])
+        done.append(result)
+        if len(done) < n:
+            return
+        del self._samples[id(a.request)]
+        done.sort(key=lambda r: r.sample_index)
+        bad = next((r for r in done if r.error is not None), None)
+        if bad is not None:
+            yield Result(id=a.request.id, error=f"sample {bad.sample_index}: {bad.error}",
+                         metadata=a.request.metadata)
+        else:
+            yield dataclasses.replace(done[0], samples=done)
+
     def _result(self, a: _Active, now: float) -> Result:
         if not a.text and self.tokenizer is not None and a.tokens:
             a.text = self.tokenizer.decode(a.tokens)
         if a.error is not None:
             self.stats["errors"] += 1
-            return Result(id=a.request.id, error=a.error, metadata=a.request.metadata)
+            return Result(id=a.request.id, error=a.error, metadata=a.request.metadata, sample_index=a.sample)
         self.stats["completed"] += 1
         self.stats["generated_tokens"] += len(a.tokens)
         return Result(
             id=a.request.id, completion=a.text, completion_token_ids=list(a.tokens),
             finish_reason=a.finish, prompt_tokens=len(a.prompt_ids), completion_tokens=len(a.tokens),
             ttft_s=(a.t_first - a.t_admit) if a.t_first else None, latency_s=now - a.t_admit,
-            metadata=a.request.metadata,
+            metadata=a.request.metadata, sample_index=a.sample,
             logprobs=None if a.logprobs is None else logprob_entries(
                 a.tokens, a.logprobs, a.request.sampling.logprobs, self.tokenizer, a.request.id))

@@ -51,16 +51,18 @@ class DecodeState:
 
 @dataclass
 class Prefix:
-    """The result of prefilling N prompts: their K/V, lengths, first tokens and sampling."""
+    """The result of prefilling N prompts for R rows (R = N unless several samples share a
+    prompt): the prompts' K/V, and per row its length, first token, sampling and prompt."""
 
     cache: KVCache  # per layer [N, S, Hkv, D]
-    true_length: Any  # int32 [N]
-    first_token: Any  # int32 [N]
-    sampling: SlotSampling
+    true_length: Any  # int32 [R]
+    first_token: Any  # int32 [R]
+    sampling: SlotSampling  # R rows
+    rows: Any = None  # int32 [R]: the prompt (cache row) of each row; None: row i is prompt i
 
 
 for _cls, _fields in ((DecodeState, ["cache", "tokens", "pos", "step", "sampling", "page_table"]),
-                      (Prefix, ["cache", "true_length", "first_token", "sampling"])):
+                      (Prefix, ["cache", "true_length", "first_token", "sampling", "rows"])):
     jax.tree_util.register_dataclass(_cls, data_fields=_fields, meta_fields=[])
 
 
@@ -215,18 +217,23 @@ class JaxEngine(Engine):
         return compiled_workspace(prefill) + compiled_workspace(decode)
 
     # ---- prefill ----
-    def _prefill_impl(self, params, tokens, true_length, sampling: SlotSampling, token_mask=None):
+    def _prefill_impl(self, params, tokens, true_length, sampling: SlotSampling, token_mask=None,
+                      sample_rows=None):
         logits, ks, vs = model_prefill(params, self.model_config, tokens, self.dtype,
                                        last_index=true_length - 1, attn_impl=self.prefill_attention)
+        if sample_rows is not None:  # several rows sample from one prompt's logits
+            logits, true_length = logits[sample_rows], true_length[sample_rows]
         masked = logits if token_mask is None else apply_token_mask(logits, token_mask)
         first = sample(masked, sampling, jnp.zeros_like(true_length))
         prefix_cache = pack_prefix(ks, vs, self.config.quantize_kv_cache)
-        return Prefix(prefix_cache, true_length, first, sampling), token_logprobs(logits, first)
+        return Prefix(prefix_cache, true_length, first, sampling, sample_rows), token_logprobs(logits, first)
 
     def prefill(self, *, params, padded_tokens, true_length, existing_prefix=None,
-                sampling: Optional[SlotSampling] = None, token_mask=None):
+                sampling: Optional[SlotSampling] = None, token_mask=None, sample_rows=None):
         """Prefill one prompt (padded_tokens [S]) or a batch ([N, S] with true_length [N]).
-        `token_mask` [N, ceil(V / 32)] int32: the tokens each first token may be (its own program)."""
+        `token_mask` [R, ceil(V / 32)] int32: the tokens each first token may be (its own program).
+        `sample_rows` [R]: rows that sample their first tokens from prompt sample_rows[r] (n
+        samples share one prefill; `sampling` then has R rows, and insert takes R slots)."""
         if existing_prefix is not None:
             raise NotImplementedError("prefix caching (existing_prefix) is not supported")
         tokens = np.asarray(padded_tokens, np.int32)
@@ -239,12 +246,20 @@ class JaxEngine(Engine):
             raise ValueError(f"padded length {s} is not a prefill bucket {self.buckets}")
         if (lengths < 1).any() or (lengths > min(s, self.config.context_size)).any():
             raise ValueError(f"true_length {lengths} out of range for bucket {s}")
+        r = n
+        if sample_rows is not None:
+            sample_rows = np.asarray(sample_rows, np.int32)
+            r = len(sample_rows)
+            if ((sample_rows < 0) | (sample_rows >= n)).any():
+                raise ValueError(f"sample_rows {sample_rows.tolist()} name prompts outside [0, {n})")
         if sampling is None:
-            sampling = SlotSampling.greedy(n)
+            sampling = SlotSampling.greedy(r)
         if token_mask is not None:
-            token_mask = np.asarray(token_mask, np.int32).reshape(n, -1)
-        prefix, (lp, top_ids, top_lp) = self._prefill_jit(params, tokens, lengths, sampling, token_mask)
-        first = ResultTokens(prefix.first_token[:, None], jnp.ones((n, 1), bool), lengths[:, None],
+            token_mask = np.asarray(token_mask, np.int32).reshape(r, -1)
+        prefix, (lp, top_ids, top_lp) = self._prefill_jit(params, tokens, lengths, sampling, token_mask,
+                                                          sample_rows)
+        rows_len = lengths if sample_rows is None else lengths[sample_rows]
+        first = ResultTokens(prefix.first_token[:, None], jnp.ones((r, 1), bool), rows_len[:, None],
                              lp[:, None], top_ids[:, None], top_lp[:, None])
         return prefix, first
 
@@ -253,10 +268,13 @@ class JaxEngine(Engine):
         def put(dst, src):
             return dst.at[slots].set(src.astype(dst.dtype), mode="drop")
 
+        src = prefix.cache
+        if prefix.rows is not None:  # one prompt's K/V for each of its samples
+            src = jax.tree.map(lambda x: x[prefix.rows], src)
         if page_rows is None:
-            cache, table = insert_prefix(state.cache, prefix.cache, slots), None
+            cache, table = insert_prefix(state.cache, src, slots), None
         else:
-            cache = insert_prefix_paged(state.cache, prefix.cache, page_rows)
+            cache = insert_prefix_paged(state.cache, src, page_rows)
             table = put(state.page_table, page_rows)
 
         samp = SlotSampling(*(put(d, s) for d, s in zip(

@@ -136,17 +136,20 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def prefill(self, *, params: Params, padded_tokens: Any, true_length: Any,
                 existing_prefix: Optional[Prefix] = None,
-                sampling: Optional[Any] = None, token_mask: Any = None) -> tuple[Prefix, ResultTokens]:
+                sampling: Optional[Any] = None, token_mask: Any = None,
+                sample_rows: Any = None) -> tuple[Prefix, ResultTokens]:
         """Run N prompts (padded_tokens [N, bucket], true_length [N]; or one prompt [bucket]);
-        return their KV prefix and first sampled tokens ([N, 1]), with their logprobs. `sampling` is an
-        engine.sampling.SlotSampling of N rows (seeds set); None: greedy. `token_mask`
-        [N, ceil(vocab / 32)] int32 bits: the tokens each first token may be (structured output)."""
+        return their KV prefix and first sampled tokens ([R, 1]), with their logprobs. R = N
+        unless `sample_rows` [R] (a call size) maps rows to prompts: several samples of one
+        prompt share its prefill, each row sampling its own first token. `sampling` is an
+        engine.sampling.SlotSampling of R rows (seeds set); None: greedy. `token_mask`
+        [R, ceil(vocab / 32)] int32 bits: the tokens each first token may be (structured output)."""
 
     @abc.abstractmethod
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: Any,
                page_rows: Any = None) -> DecodeState:
         """Place prefix row i into slot[i] (-1 skips the row); the old state is donated. A paged
-        engine also takes each row's page-table row, page_rows [N, pages_per_slot]."""
+        engine also takes each row's page-table row, page_rows [R, pages_per_slot]."""
 
     @abc.abstractmethod
     def generate(self, params: Params, decode_state: DecodeState, max_length: Optional[int] = None,

@@ -77,7 +77,8 @@ class FakeEngine(Engine):
             out[i] = allowed[0] if len(allowed) else t
         return out.astype(np.int32)
 
-    def prefill(self, *, params, padded_tokens, true_length, existing_prefix=None, sampling=None, token_mask=None):
+    def prefill(self, *, params, padded_tokens, true_length, existing_prefix=None, sampling=None, token_mask=None,
+                sample_rows=None):
         tokens = np.asarray(padded_tokens, np.int32)
         if tokens.ndim == 1:
             tokens = tokens[None]
@@ -89,10 +90,14 @@ class FakeEngine(Engine):
             raise ContractError(f"{n} prompts in one call; the engine takes {self.geo.prefill_sizes}")
         if (lengths < 1).any() or (lengths > min(bucket, self.geo.context_size)).any():
             raise ContractError(f"true_length {lengths.tolist()} out of range for bucket {bucket}")
-        first = self._allowed((tokens[np.arange(n), lengths - 1] + 1) % self.geo.vocab_size, token_mask)
-        self.calls.append(("prefill", n, bucket))
+        rows = np.arange(n) if sample_rows is None else np.asarray(sample_rows, np.int32)
+        if len(rows) not in self.geo.prefill_sizes or ((rows < 0) | (rows >= n)).any():
+            raise ContractError(f"sample_rows {rows.tolist()} of {n} prompts: not a call size or out of range")
+        lengths = lengths[rows]
+        first = self._allowed((tokens[rows, lengths - 1] + 1) % self.geo.vocab_size, token_mask)
+        self.calls.append(("prefill", n, bucket) if sample_rows is None else ("prefill", n, bucket, len(rows)))
         return FakePrefix(first.astype(np.int32), lengths), ResultTokens(
-            first[:, None], np.ones((n, 1), bool), lengths[:, None], *self._logprobs(first[:, None]))
+            first[:, None], np.ones((len(rows), 1), bool), lengths[:, None], *self._logprobs(first[:, None]))
 
     def _logprobs(self, toks):
         """(logprobs, top_ids, top_logprobs) of tokens [N, S] under the fake model."""

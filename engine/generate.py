@@ -92,11 +92,12 @@ def main(argv=None) -> int:
                 out.write(json.dumps(bad.to_json()) + "\n")
                 failed += 1
             errors.clear()
-            out.write(json.dumps(res.to_json()) + "\n")
+            for sample in res.all_samples():  # one line per sample (n)
+                out.write(json.dumps(sample.to_json()) + "\n")
+                gen_tokens += sample.completion_tokens
             out.flush()
             done += res.ok
             failed += not res.ok
-            gen_tokens += res.completion_tokens
         for bad in errors:
             out.write(json.dumps(bad.to_json()) + "\n")
             failed += 1

@@ -35,6 +35,8 @@ class SamplingParams:
     stop: tuple[str, ...] = setting((), "Stop strings (repeatable), excluded from the completion")
     stop_token_ids: tuple[int, ...] = setting((), "Token ids that end a request, beside the model's EOS")
     ignore_eos: bool = setting(False, "Keep generating past EOS, to max_tokens (benchmarks)")
+    n: int = setting(1, "Completions per row, each with its sample_index and its own seed derived from "
+                        "the row's seed; they share the prompt's prefill", minimum=1, maximum=256)
     logprobs: Optional[int] = setting(
         None, "Per generated token, its log-probability and this many most likely alternatives "
               "(0-20; the model's float32 distribution before temperature, top-k/top-p and constraints); "
@@ -123,12 +125,20 @@ class Result:
     # with SamplingParams.logprobs: one entry per completion token, OpenAI's shape plus ids:
     # {"token_id", "token", "logprob", "top_logprobs": [{"token_id", "token", "logprob"}, ...]}
     logprobs: Optional[list] = None
+    sample_index: int = 0
+    # with SamplingParams.n > 1: every sample's Result (sample_index 0..n-1); this one is sample 0
+    samples: Optional[list] = None
+
+    def all_samples(self) -> list:
+        """The request's completions in sample_index order (itself when n is 1)."""
+        return self.samples if self.samples else [self]
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_json(self) -> dict:
+        """One JSON object per sample is `[r.to_json() for r in result.all_samples()]`."""
         if self.error is not None:
             return {"id": self.id, "error": self.error}
         return {
@@ -141,4 +151,5 @@ class Result:
             "ttft_s": self.ttft_s,
             "latency_s": self.latency_s,
             **({} if self.logprobs is None else {"logprobs": self.logprobs}),
+            "sample_index": self.sample_index,
         }

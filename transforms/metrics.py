@@ -29,7 +29,7 @@ def compute_metrics(*, files: list, stats: list, ttft_q: list, latency_q: list, 
                     output_dir: str, options: dict) -> dict:
     comp = [f for f in files if f["kind"] == "completions"]
     errs = [f for f in files if f["kind"] == "errors"]
-    completed = sum(f["rows"] for f in comp)
+    completed = sum(f["rows"] for f in comp)  # input rows; with n samples each has n completion rows
     errored = sum(f["rows"] for f in errs)
     prompt_tokens = sum(f.get("prompt_tokens", 0) for f in comp)
     generated = sum(f.get("completion_tokens", 0) for f in comp)
@@ -62,6 +62,7 @@ def compute_metrics(*, files: list, stats: list, ttft_q: list, latency_q: list, 
         "rows_skipped_existing": skipped,
         "rows_served": rows_in - skipped,
         "completed": completed,
+        "completion_rows": sum(f.get("completion_rows", f["rows"]) for f in comp),
         "errored": errored,
         "errors_by_stage": errors_by_stage,
         "prompt_tokens": prompt_tokens,

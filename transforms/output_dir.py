@@ -9,8 +9,9 @@
     _jetbeam/tmp/                       local pieces being written, renamed into place when whole
 
 A piece appears whole or not at all (`fs.publish`), so a row is committed exactly when its
-piece is listed here. Exactly once means one record per key: the row id, or for an error row
-that reports a repeated input id, that id and the repeated row's source. `heal` restores it
+piece is listed here. Exactly once means one record per key: the row id (with its sample_index
+past sample 0, for rows asking for n samples), or for an error row that reports a repeated input
+id, that id and the repeated row's source. `heal` restores it
 after a killed run or a retried bundle left two records of a key.
 """
 
@@ -83,9 +84,12 @@ def list_pieces(output_dir: str) -> list[Piece]:
 
 
 def record_key(record: dict) -> str:
-    """What exactly-once counts: the id, or id@source for a repeated input id's error row."""
+    """What exactly-once counts: the id, id#k for sample k > 0 of a completion, or id@source for
+    a repeated input id's error row."""
     if record.get("stage") == DUPLICATE:
         return f"{record.get('id')}@{record.get('source')}"
+    if record.get("sample_index"):
+        return f"{record.get('id')}#{record.get('sample_index')}"
     return str(record.get("id"))
 
 
@@ -110,10 +114,13 @@ def _unreadable(piece: Piece, e: Exception) -> OutputError:
 def read_records(piece: Piece, columns: Optional[list] = None) -> list[dict]:
     """A piece's rows as dicts (completions: only `columns` if given); OutputError if unreadable."""
     try:
-        if piece.kind == COMPLETIONS:  # only the columns asked for are fetched from the file
+        if piece.kind == COMPLETIONS:  # only the columns asked for (that it has) are fetched
             import pyarrow.parquet as pq
             with fs.open_file(piece.path, "rb") as f:
-                return pq.read_table(f, columns=columns).to_pylist()
+                pf = pq.ParquetFile(f)
+                if columns is not None:
+                    columns = [c for c in columns if c in pf.schema_arrow.names]
+                return pf.read(columns=columns).to_pylist()
         out = []
         for line in fs.read_bytes(piece.path).decode("utf-8").splitlines():
             if line.strip():
@@ -131,8 +138,8 @@ def read_records(piece: Piece, columns: Optional[list] = None) -> list[dict]:
 def piece_keys(piece: Piece) -> list[tuple[str, dict]]:
     """(key, facts) of each record: facts hold the id, stage and source (errors) for resuming."""
     if piece.kind == COMPLETIONS:
-        return [(str(r["id"]), {"id": str(r["id"]), "kind": COMPLETIONS})
-                for r in read_records(piece, ["id"])]
+        return [(record_key(r), {"id": str(r["id"]), "kind": COMPLETIONS})
+                for r in read_records(piece, ["id", "sample_index"])]
     return [(record_key(r), {"id": str(r.get("id")), "kind": ERRORS, "stage": r.get("stage"),
                              "source": r.get("source")}) for r in read_records(piece)]
 

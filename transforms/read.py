@@ -26,7 +26,7 @@ ERRORS = "errors"
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 
 # OpenAI batch `body` fields we understand (others are ignored, like `model` and `n`).
-_OPENAI_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+_OPENAI_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n")
 
 
 def error_record(id_, reason: str, stage: str, row=None, source=None) -> dict:

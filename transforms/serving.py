@@ -74,7 +74,16 @@ def acquire_engine(settings: Settings) -> EngineHolder:
 
 
 def completion_record(request: ValidRequest, result, model_name: str) -> dict:
-    """The completions-output record of a served request ("prompt": the text as rendered)."""
+    """The completions-output record of a served request ("prompt": the text as rendered). With
+    n samples it is sample 0's record holding every sample's under "samples": the writer puts
+    them in one piece, one row each, so a row's samples are committed together or not at all."""
+    records = [_sample_record(request, s, model_name) for s in result.all_samples()]
+    if len(records) == 1:
+        return records[0]
+    return {**records[0], "samples": records}
+
+
+def _sample_record(request: ValidRequest, result, model_name: str) -> dict:
     return {
         "id": request.id,
         "prompt": request.prompt,
@@ -88,6 +97,7 @@ def completion_record(request: ValidRequest, result, model_name: str) -> dict:
         "model": model_name,
         "prompt_format": request.kind,
         "logprobs": result.logprobs,
+        "sample_index": int(result.sample_index),
         "row": request.row,
     }
 
@@ -112,7 +122,7 @@ class EngineMetrics:
     def served(self, result) -> None:
         self.completed.inc()
         self.prompt_tokens.inc(result.prompt_tokens)
-        self.generated_tokens.inc(result.completion_tokens)
+        self.generated_tokens.inc(sum(s.completion_tokens for s in result.all_samples()))
         if result.ttft_s is not None:
             self.ttft_ms.update(int(result.ttft_s * 1000))
         if result.latency_s is not None:
@@ -152,7 +162,7 @@ class EngineCall:
                 else:
                     m.served(res)
                     ptok += res.prompt_tokens
-                    gtok += res.completion_tokens
+                    gtok += sum(s.completion_tokens for s in res.all_samples())
                     yield i, True, completion_record(reqs[i], res, llm.model_name)
                 now = time.time()
                 if now - last_log >= self.progress_seconds:

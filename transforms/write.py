@@ -16,7 +16,8 @@ Finalize runs once after every piece is written:
 
 Completions columns: id, prompt, completion, completion_token_ids, finish_reason,
 prompt_tokens, completion_tokens, ttft_s, latency_s, model, prompt_format (raw, chat or tokens: how
-the prompt reached the model), then the input row's other
+the prompt reached the model), logprobs, sample_index (0..n-1: a row asking for n samples has n
+rows, committed in one piece), then the input row's other
 columns (an input column whose name clashes with one of these is written as input_<name>).
 """
 
@@ -41,7 +42,8 @@ from transforms.read import NAMESPACE
 log = logging.getLogger(__name__)
 
 FIXED_COLUMNS = ("id", "prompt", "completion", "completion_token_ids", "finish_reason", "prompt_tokens",
-                 "completion_tokens", "ttft_s", "latency_s", "model", "prompt_format", "logprobs")
+                 "completion_tokens", "ttft_s", "latency_s", "model", "prompt_format", "logprobs",
+                 "sample_index")
 
 
 def _fixed_schema():
@@ -54,12 +56,15 @@ def _fixed_schema():
         ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
         ("ttft_s", pa.float64()), ("latency_s", pa.float64()), ("model", pa.string()),
         ("prompt_format", pa.string()), ("logprobs", logprobs),  # null unless the row asked for them
+        ("sample_index", pa.int32()),
     ])
 
 
 def completions_table(records: list, id_column: str = "id", prompt_column: str = "prompt"):
-    """A pyarrow Table of completion records, with the input rows' other columns passed through."""
+    """A pyarrow Table of completion records (one row per sample), with the input rows' other
+    columns passed through."""
     import pyarrow as pa
+    records = [s for r in records for s in (r.get("samples") or [r])]
     schema = _fixed_schema()
     arrays = [pa.array([r.get(f.name) for r in records], type=f.type) for f in schema]
     names = list(schema.names)
@@ -152,8 +157,10 @@ class WriteCompletionsFn(_WriteFilesFn):
         return buf.getvalue()
 
     def _summary(self, records) -> dict:
+        samples = [s for r in records for s in (r.get("samples") or [r])]
         return {"prompt_tokens": sum(int(r.get("prompt_tokens") or 0) for r in records),
-                "completion_tokens": sum(int(r.get("completion_tokens") or 0) for r in records)}
+                "completion_tokens": sum(int(s.get("completion_tokens") or 0) for s in samples),
+                "completion_rows": len(samples)}
 
 
 class WriteErrorsFn(_WriteFilesFn):

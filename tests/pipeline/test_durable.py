@@ -61,7 +61,9 @@ def test_sigkill_then_resume(tmp_path, tokenizer_dir, kill_after_pieces, workers
     args = [f"--input={inp}", f"--output={out}", "--flush_rows=5"] + engine_args(tokenizer_dir)
     proc = launch(args + workers)
     lock = os.path.join(out, "_jetbeam", "lock.json")
-    wait_for(lambda: os.path.exists(lock) and len(pieces(out)) >= kill_after_pieces, proc)
+    runs = os.path.join(out, "_jetbeam", "runs")  # the run's manifest is written right after its lock
+    wait_for(lambda: os.path.exists(lock) and os.path.isdir(runs) and os.listdir(runs)
+             and len(pieces(out)) >= kill_after_pieces, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = committed_ids(out)

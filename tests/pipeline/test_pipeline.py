@@ -73,6 +73,7 @@ def sample_jsonl(path):
         {"custom_id": "openai-2", "method": "POST", "url": "/v1/completions",
          "body": {"model": "x", "prompt": "Say hi", "temperature": 0}},
         {"id": "ch", "prompt": "Pick one", "choice": ["yes", "no"]},  # structured output
+        {"id": "n3", "prompt": "Count", "n": 3, "temperature": 1.0, "seed": 4},  # 3 samples, 3 rows
     ]
     return write_jsonl(path, rows)
 
@@ -107,11 +108,15 @@ def read_outputs(output_dir, fsys=None):
 
 
 def assert_each_id_once(comps, errs, expected_ids=None):
-    ids = [c["id"] for c in comps] + [e["id"] for e in errs]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    """Each id in exactly one of the outputs: once, or once per sample_index (n samples)."""
+    keys = [(c["id"], c.get("sample_index") or 0) for c in comps] + [(e["id"], 0) for e in errs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
     assert not dupes, f"ids written more than once: {dupes}"
+    for c in comps:  # sample k > 0 only beside its sample 0
+        assert not c.get("sample_index") or (c["id"], 0) in keys
     if expected_ids is not None:
-        assert set(ids) == set(expected_ids), (set(expected_ids) ^ set(ids))
+        ids = {k[0] for k in keys}
+        assert ids == set(expected_ids), (set(expected_ids) ^ ids)
 
 
 def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
@@ -124,10 +129,13 @@ def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
     assert "apache_beam.runners.portability.prism_runner" not in sys.modules
 
     comps, errs = read_outputs(str(out))
-    expected = {"p0", "p1", "p2", "p3", "p4", "b.jsonl:0", "b.jsonl:1", "7", "openai-1", "openai-2", "ch"}
+    expected = {"p0", "p1", "p2", "p3", "p4", "b.jsonl:0", "b.jsonl:1", "7", "openai-1", "openai-2", "ch", "n3"}
     assert errs == []
     assert_each_id_once(comps, errs, expected)
-    by_id = {c["id"]: c for c in comps}
+    by_id = {c["id"]: c for c in comps if c["sample_index"] == 0}
+    samples = sorted((c for c in comps if c["id"] == "n3"), key=lambda c: c["sample_index"])
+    assert [c["sample_index"] for c in samples] == [0, 1, 2]  # n = 3: one row per sample
+    assert len({tuple(c["completion_token_ids"]) for c in samples}) > 1  # each with its own seed
     for c in comps:
         assert c["finish_reason"] in ("stop", "length")
         assert 0 <= c["completion_tokens"] <= 4
@@ -149,13 +157,13 @@ def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
     assert m == metrics
     summary = json.loads((out / "metrics.json").read_text())  # every run that wrote here
     assert [r["run_id"] for r in summary["runs"]] == [m["run_id"]] and summary["runs"][0]["status"] == "finished"
-    assert (summary["completions"], summary["errors"], summary["runs"][0]["committed_completions"]) == (11, 0, 11)
-    assert (m["rows_in"], m["completed"], m["errored"]) == (11, 11, 0)
+    assert (summary["completions"], summary["errors"], summary["runs"][0]["committed_completions"]) == (14, 0, 14)
+    assert (m["rows_in"], m["completed"], m["completion_rows"], m["errored"]) == (12, 12, 14, 0)
     assert m["generated_tokens"] == sum(c["completion_tokens"] for c in comps)
-    assert m["prompt_tokens"] == sum(c["prompt_tokens"] for c in comps)
+    assert m["prompt_tokens"] == sum(c["prompt_tokens"] for c in comps if c["sample_index"] == 0)
     assert m["device_kind"] and m["device_count"] >= 1 and m["engines"] == 1
     assert m["engine_config"]["batch_size"] == 4 and m["engine_config"]["context_size"] == 16
-    sched = m["scheduler"]  # 11 rows through 4 slots: every decode call has 1..4 slots live
+    sched = m["scheduler"]  # 14 samples through 4 slots: every decode call has 1..4 slots live
     assert sched["decode_calls"] > 0 and sched["prefill_calls"] >= 3 and sched["page_waits"] == 0
     assert 1 <= sched["mean_live_slots"] <= 4
     assert abs(sched["slot_occupancy"] - sched["live_slots"] / sched["decode_calls"] / 4) < 1e-3
@@ -167,7 +175,7 @@ def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
     from apache_beam.metrics.metric import MetricsFilter
     q = info["result"].metrics().query(MetricsFilter().with_namespace("jetbeam"))
     counters = {c.key.metric.name: c.committed for c in q["counters"]}
-    assert counters["rows_read"] == 11 and counters["completions"] == 11
+    assert counters["rows_read"] == 12 and counters["completions"] == 12
     assert counters["generated_tokens"] == m["generated_tokens"]
     assert counters["decode_calls"] == sched["decode_calls"]
     assert {d.key.metric.name for d in q["distributions"]} >= {"ttft_ms", "latency_ms", "flush_rows"}
@@ -192,8 +200,9 @@ def test_multi_processing_workers(tmp_path, tokenizer_dir):
     comps, errs = read_outputs(str(out))
     assert errs == []
     assert_each_id_once(comps, errs)
-    assert len(comps) == metrics["completed"] == metrics["rows_in"] == 11
-    # 11 rows, flushed every 3 rows (BagState threshold) + the rest on a timer. Each flush's
+    assert len(comps) == metrics["completion_rows"] == 14  # the n = 3 row: 3 samples on paged slots
+    assert metrics["completed"] == metrics["rows_in"] == 12
+    # 12 rows, flushed every 3 rows (BagState threshold) + the rest on a timer. Each flush's
     # stats count once in metrics.json (Beam's AsList saw those of flushes in process() twice).
     from apache_beam.metrics.metric import MetricsFilter
     q = info["result"].metrics().query(MetricsFilter().with_namespace("jetbeam"))
