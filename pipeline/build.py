@@ -107,7 +107,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: Optional[PipelineOptions] =
                "rows_in": rows_in, "skipped": skipped} | "Write" >> WriteOutputs(
         output, plan.run_id, plan.launch_time, options_summary(jo, settings, num_engines),
         commit_rows=rows_per_flush, commit_seconds=jo.commit_seconds, id_column=jo.id_column,
-        prompt_column=jo.prompt_column)
+        prompt_column=jo.prompt_column, output_format=jo.output_format)
     log.info("jetbeam: %d input file(s), %d engine shard(s), output %s, run %s", len(plan.files), num_engines,
              output, plan.run_id)
     return {"completions": gen.completions, "errors": errors, "metrics": metrics, "run_id": plan.run_id,

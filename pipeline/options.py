@@ -42,6 +42,11 @@ class JobOptions:
     output: str = setting(
         "output", "Output directory, local or gs://: completions-*.parquet, errors-*.jsonl, "
                   "metrics-<run>.json/.csv per run, metrics.json/.csv over every run")
+    output_format: str = setting(
+        "parquet", "What --output holds: parquet (completions-*.parquet, errors-*.jsonl, metrics), or openai: "
+                   "those plus openai-batch-output.jsonl, OpenAI's batch output file for the rows of OpenAI "
+                   "batch input (rewritten from every committed row when the job ends)",
+        choices=("parquet", "openai"))
     config: Optional[str] = setting(
         None, "A JSON settings file (JetStream model.json, configs/jobs/*.json); flags override it")
     prompt_column: str = setting(

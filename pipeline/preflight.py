@@ -26,6 +26,7 @@ from engine.settings import ConfigError, fields_of, to_mapping
 from pipeline.options import JobOptions, job_settings
 from pipeline.run_lock import RunLock
 from transforms import fs
+from transforms.openai_output import output_path as openai_output_path
 from transforms.output_dir import (COMPLETIONS, ERRORS, OutputError, Scan, heal, list_pieces, new_run_id,
                                    read_manifests, state_path, write_manifest)
 
@@ -157,6 +158,7 @@ def preflight(options: PipelineOptions, *, check_model_files: bool = True, lock:
     except OutputError as e:
         raise PreflightError(str(e)) from None
     try:
+        fs.remove(openai_output_path(output))  # rewritten when the job ends (transforms/openai_output.py)
         if job.overwrite:
             removed = _clear(output)
             if removed:

@@ -7,6 +7,7 @@ and pandas users already have.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 
@@ -186,3 +187,29 @@ def publish(path: str, data: bytes, tmp_dir: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def publishing(path: str, tmp_dir: str):
+    """A binary file to write piece by piece that, like `publish`, appears at `path` whole or not
+    at all: a local file is renamed into place when the block ends without an error; an object
+    is uploaded when it closes, and removed again if the block failed."""
+    if is_remote(path):
+        try:
+            with open_file(path, "wb") as f:
+                yield f
+        except BaseException:
+            remove(path)
+            raise
+        return
+    os.makedirs(tmp_dir, exist_ok=True)
+    tmp = os.path.join(tmp_dir, os.path.basename(path) + ".inprogress")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        remove(tmp)
+        raise

@@ -11,6 +11,8 @@ Finalize runs once after every piece is written:
   * removes pieces of this run that no committed bundle reported (a retried bundle's first
     attempt on Dataflow), so a retry never leaves a second copy of a row,
   * heals the directory (one record per key; transforms/output_dir.heal),
+  * with output_format "openai", rewrites the OpenAI batch output file from every committed
+    row (transforms/openai_output.py),
   * writes metrics-<run>.json / .csv, updates the run's manifest and the directory summary
     metrics.json / .csv.
 
@@ -35,6 +37,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import fs
 from transforms.metrics import compute_metrics, directory_summary, metrics_csv, summary_csv
+from transforms.openai_output import write_openai_output
 from transforms.output_dir import (COMPLETIONS, ERRORS, encode_errors, heal, list_pieces, piece_name,
                                    read_manifests, tmp_dir, to_json, write_manifest)
 from transforms.read import NAMESPACE
@@ -179,11 +182,14 @@ class WriteErrorsFn(_WriteFilesFn):
 class FinalizeFn(beam.DoFn):
     """Runs once after every piece is committed: drop retry leftovers, heal, write the metrics."""
 
-    def __init__(self, output_dir: str, run_id: str, launch_time: float, options: dict):
+    def __init__(self, output_dir: str, run_id: str, launch_time: float, options: dict,
+                 output_format: str = "parquet", id_column: str = "id"):
         self.output_dir = output_dir
         self.run_id = run_id
         self.launch_time = launch_time
         self.options = options
+        self.output_format = output_format
+        self.id_column = id_column
 
     def process(self, _, files, stats, ttft_q, latency_q, rows_in, skipped):
         reported = {f["name"] for f in files}
@@ -204,6 +210,8 @@ class FinalizeFn(beam.DoFn):
             output_dir=self.output_dir, options=self.options)
         metrics["retry_pieces_removed"] = len(unreported)
         metrics["duplicates_removed"] = scan.removed_records
+        if self.output_format == "openai":
+            metrics["openai_output_lines"] = write_openai_output(self.output_dir, self.id_column)
         fs.write_bytes(fs.join(self.output_dir, f"metrics-{self.run_id}.json"),
                        (json.dumps(metrics, indent=2, default=str) + "\n").encode("utf-8"))
         fs.write_bytes(fs.join(self.output_dir, f"metrics-{self.run_id}.csv"), metrics_csv(metrics).encode("utf-8"))
@@ -237,12 +245,14 @@ class WriteOutputs(beam.PTransform):
 
     def __init__(self, output_dir: str, run_id: str, launch_time: float, options: dict, *,
                  commit_rows: int = 256, commit_seconds: float = 30.0, id_column: str = "id",
-                 prompt_column: str = "prompt"):
+                 prompt_column: str = "prompt", output_format: str = "parquet"):
         super().__init__()
         self.output_dir = output_dir
         self.run_id = run_id
         self.launch_time = launch_time
         self.options = options
+        self.output_format = output_format
+        self.id_column = id_column
         self.kw = dict(output_dir=output_dir, run_id=run_id, commit_rows=commit_rows,
                        commit_seconds=commit_seconds, id_column=id_column, prompt_column=prompt_column)
 
@@ -261,7 +271,8 @@ class WriteOutputs(beam.PTransform):
         return (p
                 | "Once" >> beam.Create([None])
                 | "Finalize" >> beam.ParDo(
-                    FinalizeFn(self.output_dir, self.run_id, self.launch_time, self.options),
+                    FinalizeFn(self.output_dir, self.run_id, self.launch_time, self.options,
+                               self.output_format, self.id_column),
                     files=beam.pvalue.AsList(files),
                     stats=beam.pvalue.AsSingleton(stats, default_value=[]),
                     ttft_q=beam.pvalue.AsSingleton(ttft_q, default_value=[]),
