@@ -107,7 +107,8 @@ def test_file_covers_every_committed_run_once(output_dir):
     write_manifest(output_dir, second, {"run_id": second, "started": 1767312000.0})
     chat = _completion("c1", "/v1/chat/completions", LOGPROBS)
     _commit(WriteCompletionsFn(output_dir, first), [chat, _completion("plain", None)])
-    _commit(WriteCompletionsFn(output_dir, second), [_completion("t1", "/v1/completions"), chat])  # c1 again
+    t1 = [{**_completion("t1", "/v1/completions"), "sample_index": k} for k in range(2)]  # a row's n=2 samples
+    _commit(WriteCompletionsFn(output_dir, second), [{**t1[0], "samples": t1}, chat])  # c1 again
     _commit(WriteErrorsFn(output_dir, second), [
         {"id": "b1", "stage": "validate", "reason": "bad", "source": "x:2", "row": {"custom_id": "b1", "url": "u"}},
         {"id": "x:9", "stage": "read", "reason": "not JSON", "source": "x:9", "row": {"file": "x", "line": 10}}])
@@ -120,6 +121,7 @@ def test_file_covers_every_committed_run_once(output_dir):
     assert lines["c1"]["response"]["body"]["created"] == 1767225600  # committed by the first run
     assert lines["c1"]["response"]["body"]["choices"][0]["logprobs"] == chat_logprobs(LOGPROBS)
     assert lines["t1"]["response"]["body"]["object"] == "text_completion"
+    assert [c["index"] for c in lines["t1"]["response"]["body"]["choices"]] == [0, 1]
     assert lines["b1"]["error"]["message"] == "bad"
     write_openai_output(output_dir)
     assert fs.read_bytes(path) == text  # rewriting gives the same file
@@ -131,7 +133,7 @@ def test_pipeline_writes_one_line_per_openai_row(tmp_path, tokenizer_dir):
     rows = [
         {"custom_id": "chat", "method": "POST", "url": chat,
          "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}},
-        {"custom_id": "text", "method": "POST", "url": text, "body": {"model": "m", "prompt": "Say hi"}},
+        {"custom_id": "text", "method": "POST", "url": text, "body": {"model": "m", "prompt": "Say hi", "n": 2}},
         {"custom_id": "chat-lp", "method": "POST", "url": chat,
          "body": {"model": "m", "messages": [{"role": "user", "content": "Yo"}], "logprobs": True, "top_logprobs": 2}},
         {"custom_id": "text-lp", "method": "POST", "url": text,
@@ -147,7 +149,11 @@ def test_pipeline_writes_one_line_per_openai_row(tmp_path, tokenizer_dir):
     by = {ln["custom_id"]: ln for ln in lines}
     assert sorted(by) == ["bad", "chat", "chat-lp", "text", "text-lp"]  # each OpenAI row once, the plain row not
     assert len({ln["id"] for ln in lines}) == 5 and all(ln["id"].startswith("batch_req_") for ln in lines)
-    comps = {c["id"]: c for c in read_outputs(str(out))[0]}
+    samples: dict = {}
+    for c in read_outputs(str(out))[0]:
+        samples.setdefault(c["id"], []).append(c)
+    assert len(samples["text"]) == 2  # n: 2 -> two completions rows, one line with two choices
+    comps = {i: rows[0] for i, rows in samples.items()}
     for cid in ("chat", "text", "chat-lp", "text-lp"):
         ln = by[cid]
         assert set(ln) == {"id", "custom_id", "response", "error"} and ln["error"] is None
@@ -155,14 +161,17 @@ def test_pipeline_writes_one_line_per_openai_row(tmp_path, tokenizer_dir):
         body, c = ln["response"]["body"], comps[cid]
         assert body["object"] == ("chat.completion" if cid.startswith("chat") else "text_completion")
         assert body["model"] == "tiny-llama" and isinstance(body["created"], int) and body["id"]
-        assert body["usage"] == {"prompt_tokens": c["prompt_tokens"], "completion_tokens": c["completion_tokens"],
-                                 "total_tokens": c["prompt_tokens"] + c["completion_tokens"]}
-        (choice,) = body["choices"]
-        assert choice["index"] == 0 and choice["finish_reason"] == c["finish_reason"]
-        got = choice["message"]["content"] if cid.startswith("chat") else choice["text"]
-        assert got == c["completion"]
-        if cid.startswith("chat"):
-            assert choice["message"]["role"] == "assistant"
+        generated = sum(r["completion_tokens"] for r in samples[cid])
+        assert body["usage"] == {"prompt_tokens": c["prompt_tokens"], "completion_tokens": generated,
+                                 "total_tokens": c["prompt_tokens"] + generated}
+        rows = sorted(samples[cid], key=lambda r: r["sample_index"])
+        assert [ch["index"] for ch in body["choices"]] == [r["sample_index"] for r in rows] == list(range(len(rows)))
+        for choice, r in zip(body["choices"], rows):
+            assert choice["finish_reason"] == r["finish_reason"]
+            got = choice["message"]["content"] if cid.startswith("chat") else choice["text"]
+            assert got == r["completion"]
+            if cid.startswith("chat"):
+                assert choice["message"]["role"] == "assistant"
     assert by["chat"]["response"]["body"]["choices"][0]["logprobs"] is None
     assert by["text"]["response"]["body"]["choices"][0]["logprobs"] is None
     content = by["chat-lp"]["response"]["body"]["choices"][0]["logprobs"]["content"]
