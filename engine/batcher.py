@@ -32,6 +32,11 @@ is written only after every decode call that the old owner's row was in.
 Structured-output requests (engine/constraints.py) get each decode call's token mask from
 their grammar; while one decodes, calls run one step and are read before the next dispatch.
 
+With prefix caching (SchedulerConfig.prefix_caching, paged caches; engine/kv_pages.py) a
+request whose prompt starts with cached pages holds them and prefills only the rest, in a
+prefill call of its own kind (`existing_prefix`); its own whole prompt pages are indexed once
+that call is dispatched.
+
 A request with `n` samples is n work items (`_Item`), each taking a slot; the samples admitted
 together share one prefill row (`sample_rows`), and the request's Result comes out once all n
 are done (sample 0 with every sample in `Result.samples`; any sample's error makes the whole
@@ -55,7 +60,8 @@ from engine.admission import cache_tokens, max_tokens, prompt_ids, serving_order
 from engine.config import SchedulerConfig
 from engine.constraints import Matcher, open_mask
 from engine.engine_api import Engine
-from engine.kv_pages import PagePool
+from engine.engine_api import CachedPrompt
+from engine.kv_pages import PagePool, prefix_hashes
 from engine.logprobs import logprob_at, logprob_entries
 from engine.request import Request, RequestError, Result
 from engine.sampling import SlotSampling
@@ -74,6 +80,7 @@ class _Item:
     request: Request
     ids: list  # prompt token ids
     sample: int = 0
+    hashes: tuple = ()  # prefix hashes of its whole prompt pages (prefix caching)
 
 
 def sample_seed(seed: int, k: int) -> int:
@@ -169,8 +176,16 @@ class ContinuousBatcher:
                 yield item
             else:
                 req, ids = item
+                hashes = prefix_hashes(ids, self.geo.kv_page_size) if self._caching() else ()
                 for k in range(req.sampling.n):
-                    yield _Item(req, ids, k)
+                    yield _Item(req, ids, k, hashes)
+
+    def _caching(self) -> bool:
+        return self.pages is not None and self.scheduler.prefix_caching
+
+    def _hit(self, it: _Item) -> list:
+        """The cached pages the item's prompt can start with (prefix caching)."""
+        return self.pages.match(it.hashes, len(it.ids)) if self._caching() and it.hashes else []
 
     def _max_tokens(self, ids, req) -> int:
         return max_tokens(self.geo, ids, req)
@@ -182,7 +197,8 @@ class ContinuousBatcher:
         """How many requests at the head of `waiting` (at most `limit`) the free pages hold."""
         if self.pages is None:
             return limit
-        return self.pages.count_fitting((self._cache_tokens(it.ids, it.request) for it in waiting), limit)
+        return self.pages.count_fitting(
+            ((self._cache_tokens(it.ids, it.request), self._hit(it)) for it in waiting), limit)
 
     # ---- the loop ----
     def run(self, requests: Iterable[Request]) -> Iterator[Result]:
@@ -305,8 +321,10 @@ class ContinuousBatcher:
                 retiring.append(a)
                 free.append(slot)
 
-    def _prefill_groups(self, admitted):
-        """Split admitted _Items into prefill calls: (bucket, chunk) pairs.
+    def _prefill_groups(self, admitted, cached):
+        """Split admitted _Items into prefill calls: (bucket, context bucket, chunk) triples.
+        `cached[id(item)]`: its prompt tokens already in cached pages; a call takes items of one
+        context bucket (0: none cached), bucketed by the tokens left to prefill.
 
         Longest prompts first. A call takes prompts of its own bucket, and shorter ones too
         while its padded size stays within MERGE_TOKENS: on a GPU a 7B prefill call of a few
@@ -315,25 +333,32 @@ class ContinuousBatcher:
         """
         geo = self.geo
         sizes = geo.prefill_sizes
-        todo = sorted(((geo.bucket_for(len(it.ids)), it) for it in admitted),
-                      key=lambda item: -len(item[1].ids))
+        ctx = lambda it: geo.bucket_for(cached[id(it)]) if cached[id(it)] else 0
+        todo = sorted(((geo.bucket_for(len(it.ids) - cached[id(it)]), it) for it in admitted),
+                      key=lambda item: -(len(item[1].ids) - cached[id(item[1])]))
         while todo:
-            bucket = todo[0][0]
+            bucket, context = todo[0][0], ctx(todo[0][1])
             take = []
             for item in todo:
                 if len(take) == sizes[-1]:
                     break
-                if item[0] == bucket or (len(take) + 1) * bucket <= MERGE_TOKENS:
+                if ctx(item[1]) == context and (item[0] == bucket or (len(take) + 1) * bucket <= MERGE_TOKENS):
                     take.append(item)
             n = max(s for s in sizes if s <= len(take))  # sizes hold 1: never padded
             picked = {id(item) for item in take[:n]}
             todo = [item for item in todo if id(item) not in picked]
-            yield bucket, [it for _, it in take[:n]]
+            yield bucket, context, [it for _, it in take[:n]]
 
     def _admit(self, admitted, free, active, calls, parked):
         engine = self.engine
         now = time.perf_counter()
-        for bucket, chunk in self._prefill_groups(admitted):
+        page = self.geo.kv_page_size
+        hits = {id(it): self._hit(it) for it in admitted}
+        for hit in hits.values():  # held before any new page is taken: none of them is evicted
+            if hit:
+                self.pages.hold(hit)
+        cached = {i: len(hit) * page for i, hit in hits.items()}
+        for bucket, context, chunk in self._prefill_groups(admitted, cached):
             r = len(chunk)
             prompts: dict[int, int] = {}  # id(request) -> its prompt row: samples share it
             for it in chunk:
@@ -345,10 +370,14 @@ class ContinuousBatcher:
                 sample_rows = np.asarray([prompts[id(it.request)] for it in chunk], np.int32)
             tokens = np.zeros((n, bucket), np.int32)
             lengths = np.ones(n, np.int32)
+            ctx_pages = np.full((n, -(-context // page) if context else 0), self.geo.num_kv_pages, np.int32)
+            ctx_len = np.zeros(n, np.int32)
             for it in chunk:
-                row = prompts[id(it.request)]
-                tokens[row, :len(it.ids)] = it.ids
-                lengths[row] = len(it.ids)
+                row, done = prompts[id(it.request)], cached[id(it)]
+                tokens[row, :len(it.ids) - done] = it.ids[done:]
+                lengths[row] = len(it.ids) - done
+                ctx_len[row] = done
+                ctx_pages[row, :len(hits[id(it)])] = hits[id(it)]
             slots = np.full(r, -1, np.int32)
             params, page_lists = [], []
             for row, it in enumerate(chunk):
@@ -357,7 +386,7 @@ class ContinuousBatcher:
                 parked.discard(slot)
                 if self.pages is not None:  # the slot's old pages go with its old row
                     self._return_pages(slot)
-                    self.slot_pages[slot] = self.pages.take(self._cache_tokens(it.ids, req))
+                    self.slot_pages[slot] = self.pages.take(self._cache_tokens(it.ids, req), hits[id(it)])
                     page_lists.append(self.slot_pages[slot])
                 sp = req.sampling
                 if sp.seed is None:  # the request keeps its own settings; the slot gets a seed
@@ -370,6 +399,8 @@ class ContinuousBatcher:
             kw = {}
             if sample_rows is not None:
                 kw["sample_rows"] = sample_rows
+            if context:
+                kw["existing_prefix"] = CachedPrompt(self.state, ctx_pages, ctx_len)
             if any(m is not None for m in matchers):
                 kw["token_mask"] = open_mask(r, self.geo.vocab_size)
                 for row, m in enumerate(matchers):
@@ -385,6 +416,9 @@ class ContinuousBatcher:
             else:
                 self.state = engine.insert(prefix, self.state, slots)
             self._timed("insert_s", t0, self.state)
+            if self._caching():  # later prefill calls read these pages after this insert wrote them
+                for row, it in enumerate(chunk):
+                    self.pages.index(it.hashes, page_lists[row])
             for row, it in enumerate(chunk):
                 req = it.request
                 active[int(slots[row])] = _Active(
@@ -395,6 +429,7 @@ class ContinuousBatcher:
             self.stats["prefill_calls"] += 1
             self.stats["prefill_rows"] += r
             self.stats["prompt_tokens"] += sum(len(it.ids) for it in chunk if it.sample == 0)
+            self.stats["cached_prompt_tokens"] += sum(cached[id(it)] for it in chunk if it.sample == 0)
 
     def _consume(self, pending, active, retiring, free):
         call, res = pending

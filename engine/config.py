@@ -201,6 +201,9 @@ class SchedulerConfig:
                          "each window of schedule_window requests, or as they arrive",
         choices=("longest_first", "arrival"))
     schedule_window: int = setting(4096, "Requests ordered together by schedule=longest_first", minimum=1)
+    prefix_caching: bool = setting(
+        True, "With a paged KV cache (kv_page_size): a prompt that starts with whole pages of an earlier "
+              "prompt reuses their cached K/V and prefills only the rest")
     sync_timing: bool = setting(
         False, "Profiling: wait for the device after every prefill, insert and decode call and add up "
                "their times (gives up the overlap of host and device)")

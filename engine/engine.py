@@ -59,10 +59,11 @@ class Prefix:
     first_token: Any  # int32 [R]
     sampling: SlotSampling  # R rows
     rows: Any = None  # int32 [R]: the prompt (cache row) of each row; None: row i is prompt i
+    offset: Any = None  # int32 [R]: cached positions the K/V follow (prefix caching); None: 0
 
 
 for _cls, _fields in ((DecodeState, ["cache", "tokens", "pos", "step", "sampling", "page_table"]),
-                      (Prefix, ["cache", "true_length", "first_token", "sampling", "rows"])):
+                      (Prefix, ["cache", "true_length", "first_token", "sampling", "rows", "offset"])):
     jax.tree_util.register_dataclass(_cls, data_fields=_fields, meta_fields=[])
 
 
@@ -218,15 +219,22 @@ class JaxEngine(Engine):
 
     # ---- prefill ----
     def _prefill_impl(self, params, tokens, true_length, sampling: SlotSampling, token_mask=None,
-                      sample_rows=None):
+                      sample_rows=None, context=None):
         logits, ks, vs = model_prefill(params, self.model_config, tokens, self.dtype,
-                                       last_index=true_length - 1, attn_impl=self.prefill_attention)
+                                       last_index=true_length - 1, attn_impl=self.prefill_attention,
+                                       context=context)
+        offset = None
+        if context is not None:  # lengths and offsets count the cached positions too
+            offset = context[2]
+            true_length = true_length + offset
         if sample_rows is not None:  # several rows sample from one prompt's logits
             logits, true_length = logits[sample_rows], true_length[sample_rows]
+            offset = None if offset is None else offset[sample_rows]
         masked = logits if token_mask is None else apply_token_mask(logits, token_mask)
         first = sample(masked, sampling, jnp.zeros_like(true_length))
         prefix_cache = pack_prefix(ks, vs, self.config.quantize_kv_cache)
-        return Prefix(prefix_cache, true_length, first, sampling, sample_rows), token_logprobs(logits, first)
+        return (Prefix(prefix_cache, true_length, first, sampling, sample_rows, offset),
+                token_logprobs(logits, first))
 
     def prefill(self, *, params, padded_tokens, true_length, existing_prefix=None,
                 sampling: Optional[SlotSampling] = None, token_mask=None, sample_rows=None):
@@ -234,8 +242,6 @@ class JaxEngine(Engine):
         `token_mask` [R, ceil(V / 32)] int32: the tokens each first token may be (its own program).
         `sample_rows` [R]: rows that sample their first tokens from prompt sample_rows[r] (n
         samples share one prefill; `sampling` then has R rows, and insert takes R slots)."""
-        if existing_prefix is not None:
-            raise NotImplementedError("prefix caching (existing_prefix) is not supported")
         tokens = np.asarray(padded_tokens, np.int32)
         single = tokens.ndim == 1
         if single:
@@ -246,6 +252,18 @@ class JaxEngine(Engine):
             raise ValueError(f"padded length {s} is not a prefill bucket {self.buckets}")
         if (lengths < 1).any() or (lengths > min(s, self.config.context_size)).any():
             raise ValueError(f"true_length {lengths} out of range for bucket {s}")
+        context = None
+        if existing_prefix is not None:
+            if not self.paged:
+                raise ValueError("existing_prefix (prefix caching) needs a paged KV cache")
+            pages = np.asarray(existing_prefix.pages, np.int32).reshape(n, -1)
+            ctx_len = np.asarray(existing_prefix.length, np.int32).reshape(n)
+            if (ctx_len % self.config.kv_page_size).any() or (ctx_len > pages.shape[1] * self.config.kv_page_size).any():
+                raise ValueError(f"cached lengths {ctx_len.tolist()} are not whole pages of the pages given")
+            context = (existing_prefix.decode_state.cache, pages, ctx_len)
+            lengths_total = lengths + ctx_len
+        else:
+            lengths_total = lengths
         r = n
         if sample_rows is not None:
             sample_rows = np.asarray(sample_rows, np.int32)
@@ -257,8 +275,8 @@ class JaxEngine(Engine):
         if token_mask is not None:
             token_mask = np.asarray(token_mask, np.int32).reshape(r, -1)
         prefix, (lp, top_ids, top_lp) = self._prefill_jit(params, tokens, lengths, sampling, token_mask,
-                                                          sample_rows)
-        rows_len = lengths if sample_rows is None else lengths[sample_rows]
+                                                          sample_rows, context)
+        rows_len = lengths_total if sample_rows is None else lengths_total[sample_rows]
         first = ResultTokens(prefix.first_token[:, None], jnp.ones((r, 1), bool), rows_len[:, None],
                              lp[:, None], top_ids[:, None], top_lp[:, None])
         return prefix, first
@@ -274,7 +292,12 @@ class JaxEngine(Engine):
         if page_rows is None:
             cache, table = insert_prefix(state.cache, src, slots), None
         else:
-            cache = insert_prefix_paged(state.cache, src, page_rows)
+            write = page_rows
+            if prefix.offset is not None:  # the K/V follow cached pages: write from the next page
+                idx = prefix.offset[:, None] // state.cache.k[0].shape[1] + jnp.arange(page_rows.shape[1])[None]
+                write = jnp.take_along_axis(page_rows, jnp.minimum(idx, page_rows.shape[1] - 1), axis=1)
+                write = jnp.where(idx < page_rows.shape[1], write, self.num_kv_pages)
+            cache = insert_prefix_paged(state.cache, src, write)
             table = put(state.page_table, page_rows)
 
         samp = SlotSampling(*(put(d, s) for d, s in zip(

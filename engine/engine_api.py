@@ -82,6 +82,18 @@ def geometry_of(config: EngineConfig, vocab_size: int, eos_token_ids, num_kv_pag
 
 
 @dataclass
+class CachedPrompt:
+    """Prompt positions already in a paged KV cache (prefix caching), passed to
+    `prefill(existing_prefix=)`: prompt row n continues its first length[n] positions (whole
+    pages) held in pages[n]; padded_tokens then carry only the rest of each prompt, and `insert`
+    writes that rest from page length[n] / page_size of the row's pages on."""
+
+    decode_state: Any
+    pages: np.ndarray  # int32 [N, context bucket / page_size], trash-padded
+    length: np.ndarray  # int32 [N], multiples of page_size
+
+
+@dataclass
 class SlotData:
     """The tokens one slot produced in one `generate` call."""
 
@@ -139,7 +151,9 @@ class Engine(abc.ABC):
                 sampling: Optional[Any] = None, token_mask: Any = None,
                 sample_rows: Any = None) -> tuple[Prefix, ResultTokens]:
         """Run N prompts (padded_tokens [N, bucket], true_length [N]; or one prompt [bucket]);
-        return their KV prefix and first sampled tokens ([R, 1]), with their logprobs. R = N
+        return their KV prefix and first sampled tokens ([R, 1]), with their logprobs. With
+        `existing_prefix` (a CachedPrompt; paged engines) the prompts continue cached positions
+        and true_length counts only the tokens given. R = N
         unless `sample_rows` [R] (a call size) maps rows to prompts: several samples of one
         prompt share its prefill, each row sampling its own first token. `sampling` is an
         engine.sampling.SlotSampling of R rows (seeds set); None: greedy. `token_mask`

@@ -4,15 +4,16 @@ Like JetStream's mock engine, it lets the batcher run without a model or a devic
 slot refill, serving order and page-pool admission against it, and benchmarks/dry_run.py counts
 the calls a real run would make for a length mix.
 
-The "model": a sequence's first token is (last prompt token + 1) mod vocab, and each next token
-is the one before plus 1, mod vocab (under a token mask: the next allowed one). Its "logprobs": the chosen token 0, the j-th alternative
-(token + j) mod vocab at -j. So a prompt ending in token t generates t+1, t+2, ...; a
-test picks where EOS falls by picking t. Every call is recorded in `calls`.
+The "model": a sequence's first token is (last prompt token + 1) mod vocab, and each next
+token is the one before plus 1, mod vocab (under a token mask: the next allowed one). Its
+"logprobs": the chosen token 0, the j-th alternative (token + j) mod vocab at -j. So a prompt
+ending in token t generates t+1, t+2, ...; a test picks where EOS falls by picking t. Every
+call is recorded in `calls`.
 
 It also checks the batcher's side of the contract, and raises `ContractError` when broken:
 a prompt longer than its bucket or not in one, a call size the geometry does not offer, and,
-with a paged cache, a page given to a slot while
-another live slot's row still names it.
+with a paged cache, a page written for a slot while another live slot's row still names it,
+or a cached page (prefix caching) reused before an insert filled it with prompt tokens.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ class FakeState:
 
 @dataclass
 class FakePrefix:
-    first_token: np.ndarray  # [N]
-    true_length: np.ndarray  # [N]
+    first_token: np.ndarray  # [R]
+    true_length: np.ndarray  # [R]
+    offset: np.ndarray  # [R]: cached positions before the prompt tokens given
+    tokens: list  # [R] the prompt tokens given
 
 
 @dataclass
@@ -51,6 +54,7 @@ class FakeEngine(Engine):
 
     geo: EngineGeometry
     calls: list = field(default_factory=list)  # ("prefill", n, bucket) | ("insert", slots) | ("generate", live)
+    page_tokens: dict = field(default_factory=dict)  # page -> the prompt tokens an insert wrote there
 
     @property
     def geometry(self) -> EngineGeometry:
@@ -93,11 +97,21 @@ class FakeEngine(Engine):
         rows = np.arange(n) if sample_rows is None else np.asarray(sample_rows, np.int32)
         if len(rows) not in self.geo.prefill_sizes or ((rows < 0) | (rows >= n)).any():
             raise ContractError(f"sample_rows {rows.tolist()} of {n} prompts: not a call size or out of range")
-        lengths = lengths[rows]
-        first = self._allowed((tokens[rows, lengths - 1] + 1) % self.geo.vocab_size, token_mask)
-        self.calls.append(("prefill", n, bucket) if sample_rows is None else ("prefill", n, bucket, len(rows)))
-        return FakePrefix(first.astype(np.int32), lengths), ResultTokens(
-            first[:, None], np.ones((len(rows), 1), bool), lengths[:, None], *self._logprobs(first[:, None]))
+        offset = np.zeros(n, np.int32)
+        if existing_prefix is not None:
+            offset = np.asarray(existing_prefix.length, np.int32)
+            for i in range(n):  # cached pages must have been filled by an earlier insert
+                for j in range(offset[i] // self.geo.kv_page_size):
+                    page = int(existing_prefix.pages[i][j])
+                    if len(self.page_tokens.get(page, ())) != self.geo.kv_page_size:
+                        raise ContractError(f"prompt {i} reuses page {page}, not filled with prompt tokens")
+        first = self._allowed((tokens[rows, lengths[rows] - 1] + 1) % self.geo.vocab_size, token_mask)
+        self.calls.append(("prefill", n, bucket) if sample_rows is None and existing_prefix is None
+                          else ("prefill", n, bucket, len(rows), int(offset.max())))
+        total = (lengths + offset)[rows]
+        return (FakePrefix(first.astype(np.int32), total, offset[rows], [list(tokens[i, :lengths[i]]) for i in rows]),
+                ResultTokens(first[:, None], np.ones((len(rows), 1), bool), total[:, None],
+                             *self._logprobs(first[:, None])))
 
     def _logprobs(self, toks):
         """(logprobs, top_ids, top_logprobs) of tokens [N, S] under the fake model."""
@@ -115,14 +129,20 @@ class FakeEngine(Engine):
             if s < 0:
                 continue
             if g.paged:
-                pages = {int(p) for p in np.asarray(page_rows)[row] if p != g.num_kv_pages}
+                row_pages = [int(p) for p in np.asarray(page_rows)[row]]
+                first_written = int(prefix.offset[row]) // g.kv_page_size
+                pages = {p for p in row_pages[first_written:] if p != g.num_kv_pages}
                 for other in np.flatnonzero(st.step > 0):
                     if other == s:  # the insert replaces the slot's own row
                         continue
                     shared = pages & {int(p) for p in st.page_table[other]}
                     if shared:
-                        raise ContractError(f"pages {sorted(shared)} given to slot {s} while live slot "
+                        raise ContractError(f"pages {sorted(shared)} written for slot {s} while live slot "
                                             f"{other} holds them")
+                toks = prefix.tokens[row]
+                for j, p in enumerate(row_pages[first_written:]):
+                    if p != g.num_kv_pages:
+                        self.page_tokens[p] = tuple(toks[j * g.kv_page_size:(j + 1) * g.kv_page_size])
                 st.page_table[s] = np.asarray(page_rows)[row]
             st.tokens[s] = prefix.first_token[row]
             st.pos[s] = prefix.true_length[row]

@@ -188,6 +188,17 @@ def gather_pages(cache: KVCache, layer: int, page_table, window: Optional[int] =
     return KVCache([k], [v], [scales(cache.k_scale[layer])], [scales(cache.v_scale[layer])])
 
 
+def cached_prefix_layer(cache: KVCache, layer: int, pages, dtype):
+    """One layer's cached prompt positions (prefix caching) as dense K/V [N, C, Hkv, D] in
+    `dtype`, read through pages [N, C / page] (dequantized from an int8 cache)."""
+    g = gather_pages(cache, layer, pages)
+    k, v = g.k[0], g.v[0]
+    if g.quantized:  # scales [N, Hkv, C] -> [N, C, Hkv, 1]
+        k = k.astype(jnp.float32) * jnp.swapaxes(g.k_scale[0], 1, 2)[..., None]
+        v = v.astype(jnp.float32) * jnp.swapaxes(g.v_scale[0], 1, 2)[..., None]
+    return k.astype(dtype), v.astype(dtype)
+
+
 def _softcap(s, cap):
     return s if cap is None else cap * jnp.tanh(s / cap)
 
@@ -240,6 +251,28 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
     out = jnp.einsum("bhgt,bthd->bhgd", p.astype(q.dtype), v.astype(q.dtype),
                      preferred_element_type=jnp.float32)
     return out.reshape(b, h, d).astype(q.dtype)
+
+
+def prefill_attention_cached(q, k, v, ck, cv, ctx_len, scale: float, softcap: Optional[float] = None,
+                             sliding_window: Optional[int] = None):
+    """Causal attention of prompt suffixes that follow cached positions (prefix caching):
+    q [N,S,H,D], k/v [N,S,Hkv,D] at positions ctx_len[n] + i, after cached ck/cv [N,C,Hkv,D]
+    whose first ctx_len[n] positions are real."""
+    n, s, h, d = q.shape
+    c, hkv = ck.shape[1], k.shape[2]
+    keys, vals = jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1)
+    qg = q.reshape(n, s, hkv, h // hkv, d)
+    sc = _softcap(jnp.einsum("nshgd,nthd->nhgst", qg, keys, preferred_element_type=jnp.float32) * scale, softcap)
+    qpos = ctx_len[:, None] + jnp.arange(s)[None]  # [N, S]
+    kpos = jnp.concatenate([jnp.broadcast_to(jnp.arange(c), (n, c)), qpos], 1)  # [N, C + S]
+    real = jnp.concatenate([jnp.arange(c)[None] < ctx_len[:, None], jnp.ones((n, s), bool)], 1)
+    mask = real[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])  # [N, S, C + S]
+    if sliding_window is not None:
+        mask &= kpos[:, None, :] > qpos[:, :, None] - sliding_window
+    sc = jnp.where(mask[:, None, None], sc, NEG_INF)
+    p = jax.nn.softmax(sc, axis=-1)
+    out = jnp.einsum("nhgst,nthd->nshgd", p.astype(q.dtype), vals, preferred_element_type=jnp.float32)
+    return out.reshape(n, s, h, d).astype(q.dtype)
 
 
 def prefill_attention(q, k, v, scale: float, impl: str = "xla", softcap: Optional[float] = None,

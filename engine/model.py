@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.model_config import ModelConfig
-from engine.kv_cache import KVCache, decode_attention, prefill_attention, write_token
+from engine.kv_cache import (KVCache, cached_prefix_layer, decode_attention, prefill_attention,
+                             prefill_attention_cached, write_token)
 from engine.quantize import linear
 
 
@@ -122,15 +123,20 @@ def _qkv(layer, h, cfg: ModelConfig):
 
 
 def prefill(params, cfg: ModelConfig, tokens, dtype, all_logits: bool = False, last_index=None,
-            attn_impl: str = "xla"):
+            attn_impl: str = "xla", context=None):
     """Run right-padded prompts tokens [N, S].
 
     Returns (logits, ks, vs): logits [N, S, V] if all_logits else [N, V] at `last_index` [N]
     (each prompt's last real position); ks/vs are per-layer [N, S, Hkv, D] in `dtype`.
+    `context` (prefix caching): (cache, pages [N, C / page], length [N]): each prompt continues
+    length[n] positions already in the paged cache; tokens are the rest, at positions from there.
     """
     n, s = tokens.shape
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     positions = jnp.broadcast_to(jnp.arange(s), (n, s))
+    if context is not None:
+        cache, pages, ctx_len = context
+        positions = positions + ctx_len[:, None]
     x = embed(params, cfg, tokens, dtype)
     ks, vs = [], []
     for i, layer in enumerate(params["layers"]):
@@ -140,7 +146,11 @@ def prefill(params, cfg: ModelConfig, tokens, dtype, all_logits: bool = False, l
         k = apply_rope(k, positions, inv_freq)
         ks.append(k)
         vs.append(v)
-        a = prefill_attention(q, k, v, impl=attn_impl, **attn_options(cfg, i))
+        if context is None:
+            a = prefill_attention(q, k, v, impl=attn_impl, **attn_options(cfg, i))
+        else:
+            ck, cv = cached_prefix_layer(cache, i, pages, k.dtype)
+            a = prefill_attention_cached(q, k, v, ck, cv, ctx_len, **attn_options(cfg, i))
         x = _residual_attn(layer, x, a.reshape(n, s, -1), cfg)
         x = _residual_mlp(layer, x, cfg)
     if not all_logits:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 # Running counters of how the slots were used (`ContinuousBatcher.scheduler_stats`):
 # live_slots summed over decode calls / decode_calls is the mean number of slots decoding a
-# request per call; page_waits counts refills held back by a full page pool.
-SCHEDULER_STATS = ("decode_calls", "live_slots", "prefill_calls", "refills", "page_waits")
+# request per call; page_waits counts refills held back by a full page pool; cached_prompt_tokens
+# counts prompt tokens read from cached pages instead of prefilled (prefix caching).
+SCHEDULER_STATS = ("decode_calls", "live_slots", "prefill_calls", "refills", "page_waits", "cached_prompt_tokens")
 
 
 def slot_occupancy(live_slots: int, decode_calls: int, batch_size) -> dict:

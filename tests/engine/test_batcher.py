@@ -164,5 +164,9 @@ def test_the_fake_engine_refuses_calls_outside_the_contract():
     prefix, _ = eng.prefill(params=None, padded_tokens=np.ones((1, 8), np.int32), true_length=[3])
     rows = np.asarray([[0, 1, 4, 4, 4, 4, 4, 4]], np.int32)
     state = eng.insert(prefix, state, [0], rows)
-    with pytest.raises(ContractError, match="pages \\[1\\] given to slot 1"):
+    with pytest.raises(ContractError, match="pages \\[1\\] written for slot 1"):
         eng.insert(prefix, state, [1], np.asarray([[1, 2, 4, 4, 4, 4, 4, 4]], np.int32))
+    from engine.engine_api import CachedPrompt  # page 0 holds 3 prompt tokens, not a whole page
+    with pytest.raises(ContractError, match="reuses page 0"):
+        eng.prefill(params=None, padded_tokens=np.ones((1, 8), np.int32), true_length=[2],
+                    existing_prefix=CachedPrompt(state, np.asarray([[0]], np.int32), np.asarray([8], np.int32)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from engine.batcher import ContinuousBatcher
@@ -48,10 +49,62 @@ def test_page_pool():
     c = pool.take(16 - 4)
     assert pool.free_pages == 1 and not set(c) & set(b)
     pool.give(c)
-    assert pool.count_fitting([8, 4, 8], limit=3) == 2  # 2 + 1 of the 4 free pages; then 2 more
-    assert pool.count_fitting([8, 4, 4], limit=3) == 3
-    assert pool.count_fitting([8, 4, 4], limit=1) == 1
-    assert pool.count_fitting([20, 1], limit=2) == 0  # first come, first served: no skipping
+    fit = lambda tokens, limit: pool.count_fitting([(t, []) for t in tokens], limit)
+    assert fit([8, 4, 8], limit=3) == 2  # 2 + 1 of the 4 free pages; then 2 more
+    assert fit([8, 4, 4], limit=3) == 3
+    assert fit([8, 4, 4], limit=1) == 1
+    assert fit([20, 1], limit=2) == 0  # first come, first served: no skipping
+
+
+def test_page_pool_prefix_index():
+    """Indexed pages are found by their chained hashes, shared by reference count, kept while
+    idle, and evicted oldest-idle first once the never-used pages run out."""
+    from engine.kv_pages import prefix_hashes
+    pool = PagePool(num_pages=4, page_size=2, pages_per_slot=4)
+    ids = [1, 5, 6, 7, 8]  # 2 whole pages
+    h = prefix_hashes(ids, 2)
+    assert len(h) == 2 and h == prefix_hashes(ids + [9], 2)[:2] and h[1] != prefix_hashes([1, 4, 6, 7], 2)[1]
+    a = pool.take(6)
+    pool.index(h, a)
+    assert pool.match(h, len(ids)) == a[:2] and pool.match(h, 4) == a[:1]  # the last token is computed
+    hit = pool.match(h, len(ids))
+    assert pool.count_fitting([(6, hit)], 1) == 1  # 3 pages, 2 of them held: 1 new of 1 free
+    assert pool.count_fitting([(6, [])], 1) == 0
+    pool.hold(hit)
+    b = pool.take(6, hit)
+    assert b[:2] == a[:2] and pool.free_pages == 0
+    pool.give(a)
+    assert pool.free_pages == 1  # a's last page; its cached pages are still held by b
+    pool.give(b)
+    assert pool.free_pages == 4 and pool.cached_pages == 2 and pool.match(h, len(ids)) == a[:2]
+    pool.take(8)  # every page: the 2 never-cached ones first, then the idle cached ones
+    assert pool.cached_pages == 0 and pool.match(h, len(ids)) == []
+
+
+def _shared_prefix(n, sampled=False):
+    """Prompts sharing 19 tokens (2 whole pages of 8) before a tail of their own."""
+    head = [1] + [int(t) for t in np.random.default_rng(0).integers(3, 256, size=18)]
+    sp = SamplingParams(max_tokens=6, ignore_eos=True, **(dict(temperature=1.0, seed=9, n=2) if sampled else {}))
+    return [Request(id=i, prompt_token_ids=head + [10 + i] * (1 + i % 3), sampling=sp) for i in range(n)]
+
+
+def test_prefix_caching_keeps_tokens_and_pages(paged, contiguous):
+    """Prompts that share whole pages reuse them (prefilling only their tails) and decode the
+    tokens the contiguous cache decodes, greedy and sampled (n = 2); a second run finds the
+    pages of the first; with prefix_caching off nothing is reused and the tokens are the same."""
+    reqs = _shared_prefix(7) + [dataclasses.replace(r, id=f"s{r.id}") for r in _shared_prefix(2, sampled=True)]
+    want = {r.id: [s.completion_token_ids for s in r.all_samples()] for r in contiguous.generate_all(
+        [_clone(r) for r in reqs])}
+    for caching, runs in ((True, 2), (False, 1)):
+        paged.set_scheduler(dataclasses.replace(paged.scheduler, prefix_caching=caching))
+        for _ in range(runs):
+            paged.stats.clear()
+            got = {r.id: [s.completion_token_ids for s in r.all_samples()] for r in paged.run([_clone(r) for r in reqs])}
+            assert got == want
+            assert (paged.stats["cached_prompt_tokens"] > 0) == caching
+    paged.set_scheduler(dataclasses.replace(paged.scheduler, prefix_caching=True))
+    held = {p for pages in paged.slot_pages.values() for p in pages}  # shared pages counted once
+    assert paged.pages.used_pages == len(held)
 
 
 def test_config_checks():
