@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output_len", type=int, default=256, help="tokens generated per request (default: 256)")
     b.add_argument("--dataset", choices=["fixed", "sharegpt"], default="fixed",
                    help="fixed lengths, or a ShareGPT-like length mix drawn from --seed (default: fixed)")
+    b.add_argument("--shared_prefix", type=int, default=0, metavar="N",
+                   help="every prompt starts with the same N random tokens before its --input_len own ones "
+                        "(prefix caching: compare with --variant prefix_caching=false; default: 0)")
     b.add_argument("--temperature", type=float, default=0.0, help="vLLM's benchmark samples at 1.0 (default: 0.0)")
     b.add_argument("--seed", type=int, default=0, help="seed of the lengths and prompt tokens (default: 0)")
     b.add_argument("--profile", action="store_true",
@@ -90,19 +93,21 @@ def settings_for(args, ins, outs):
     """The run's Settings: BENCH_DEFAULTS, the cache shape for these lengths, then the flags given."""
     from engine.config import Settings, settings_flags
     flags = settings_flags(args, skip=SAMPLING)
-    shape = engine_shape(flags.get("max_cache_length"), args.dataset, ins, outs)
+    shape = engine_shape(flags.get("max_cache_length"), args.dataset, ins, outs, args.shared_prefix)
     return Settings.from_flat({**BENCH_DEFAULTS, **shape, **flags}, where="flags")
 
 
-def engine_shape(max_cache_length, dataset: str, ins, outs) -> dict:
+def engine_shape(max_cache_length, dataset: str, ins, outs, shared_prefix: int = 0) -> dict:
     """max_cache_length, context_size and min_prefill_bucket for these prompt and reply lengths:
-    the cache holds the longest prompt plus the longest reply unless max_cache_length is given."""
+    the cache holds the longest prompt plus the longest reply unless max_cache_length is given.
+    With a shared prefix the smallest bucket fits the prompts' own tokens (what a cached prefix
+    leaves to prefill)."""
     from engine.config import next_power_of_two
     context = int(next_power_of_two(ins.max()))
     cache_len = int(max_cache_length) if max_cache_length else int(ins.max() + outs.max())
     out = dict(max_cache_length=max(cache_len, context + 1), context_size=context)
     if dataset == "fixed":
-        out["min_prefill_bucket"] = int(next_power_of_two(ins.min()))
+        out["min_prefill_bucket"] = int(next_power_of_two(ins.min() - shared_prefix))
     return out
 
 
@@ -120,8 +125,8 @@ def scheduler_changes(item: str) -> dict:
 def make_lengths(args):
     rng = np.random.default_rng(args.seed)
     n = args.num_requests
-    if args.dataset == "fixed":
-        return np.full(n, args.input_len), np.full(n, args.output_len)
+    if args.dataset == "fixed":  # prompt lengths count the shared prefix
+        return np.full(n, args.input_len + args.shared_prefix), np.full(n, args.output_len)
     # ShareGPT-like: long-tailed prompts and replies (medians ~180 and ~160 tokens), clipped.
     ins = np.clip(rng.lognormal(np.log(180), 0.9, n), 4, 1024).astype(int)
     outs = np.clip(rng.lognormal(np.log(160), 0.9, n), 4, 1024).astype(int)
@@ -131,10 +136,27 @@ def make_lengths(args):
 def make_requests(args, vocab, ins, outs, id_prefix=""):
     from engine.request import Request, SamplingParams
     rng = np.random.default_rng(args.seed + 1)
-    return [Request(id=f"{id_prefix}{i}", prompt_token_ids=rng.integers(3, vocab, size=int(a)).tolist(),
+    shared = np.random.default_rng(args.seed + 2).integers(3, vocab, size=args.shared_prefix).tolist()
+    return [Request(id=f"{id_prefix}{i}",
+                    prompt_token_ids=shared + rng.integers(3, vocab, size=int(a) - len(shared)).tolist(),
                     sampling=SamplingParams(max_tokens=int(b), ignore_eos=True, temperature=args.temperature,
                                             seed=i))
             for i, (a, b) in enumerate(zip(ins, outs))]
+
+
+def warm_cached_prefix(llm, context_tokens: int, own_tokens: int) -> None:
+    """Compile the prefill (every call size) and insert of prompts that continue a cached prefix
+    of `context_tokens` with `own_tokens` of their own: engine.warmup covers only whole prompts."""
+    from engine.engine_api import CachedPrompt
+    b = llm._batcher
+    eng, geo = b.engine, b.geo
+    bucket, ctx = geo.bucket_for(own_tokens), geo.bucket_for(context_tokens)
+    width = -(-ctx // geo.kv_page_size)
+    for n in geo.prefill_sizes:
+        cached = CachedPrompt(b.state, np.full((n, width), geo.num_kv_pages, np.int32), np.zeros(n, np.int32))
+        prefix, _ = eng.prefill(params=b.params, padded_tokens=np.zeros((n, bucket), np.int32),
+                                true_length=np.ones(n, np.int32), existing_prefix=cached)
+        b.state = eng.insert(prefix, b.state, np.full(n, -1, np.int32))
 
 
 def pct(xs, q):
@@ -188,6 +210,8 @@ def main(argv=None):
     llm = LLM(settings=settings)
     t_load = time.perf_counter() - t0
     llm.warmup()
+    if args.shared_prefix:
+        warm_cached_prefix(llm, args.shared_prefix, args.input_len)
     t_compile = time.perf_counter() - t0 - t_load
     vocab = llm.model_config.vocab_size
     slots = llm.engine_config.batch_size
@@ -222,6 +246,7 @@ def main(argv=None):
         "device": info["device_kind"], "device_count": info["device_count"],
         "jax": jax.__version__, "model": llm.model_name, "dataset": args.dataset,
         "num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
+        "shared_prefix": args.shared_prefix,
         "mean_input": float(ins.mean()), "mean_output": float(outs.mean()),
         "slots": ec.batch_size, "max_cache_length": ec.max_cache_length, "dtype": info["dtype"],
         "quantize_weights": ec.quantize_weights, "quantize_kv_cache": ec.quantize_kv_cache,
