@@ -7,6 +7,7 @@ tensor at a time.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Optional
 
@@ -43,6 +44,16 @@ def _w8a8_shardings(mesh, spec):
     return W8A8Weight(NamedSharding(mesh, t), NamedSharding(mesh, shd.scale_spec(spec)))
 
 
+@functools.lru_cache(maxsize=None)
+def _quantizer(q8, spec, mesh):
+    """The compiled quantizer of one weight layout (q8: the W8A8 type, or None for int8): one
+    per distinct sharding and type, so the layers' same-shaped matrices share its compilations."""
+    if q8 is None:
+        wsh, ssh = NamedSharding(mesh, spec), NamedSharding(mesh, shd.scale_spec(spec))
+        return jax.jit(quantize_weight, out_shardings=QuantizedWeight(wsh, ssh))
+    return jax.jit(functools.partial(quantize_w8a8, dtype=q8), out_shardings=_w8a8_shardings(mesh, spec))
+
+
 def _place(name, value, cfg, mesh, dtype, quantize):
     """Put one tensor on the mesh in its final form (dtype, or 8-bit values + scales)."""
     spec = shd.param_spec(name, tuple(value.shape), cfg, mesh)
@@ -50,7 +61,7 @@ def _place(name, value, cfg, mesh, dtype, quantize):
     ssh = NamedSharding(mesh, shd.scale_spec(spec))
     mode, q8 = weight_form(quantize, mesh)
     if mode == "w8a8" and _is_matrix(name):
-        f = jax.jit(lambda w: quantize_w8a8(w, q8), out_shardings=_w8a8_shardings(mesh, spec))
+        f = _quantizer(q8, spec, mesh)
         if isinstance(value, QuantizedWeight):
             return f(QuantizedWeight(jax.device_put(np.asarray(value.q, np.int8), wsh),
                                      jax.device_put(np.asarray(value.scale, np.float32), ssh)))
@@ -63,8 +74,7 @@ def _place(name, value, cfg, mesh, dtype, quantize):
         deq = np.asarray(value.q, np.float32) * np.asarray(value.scale, np.float32)[None, :]
         return jax.device_put(deq.astype(jnp.dtype(dtype)), wsh)
     if quantize and _is_matrix(name):
-        f = jax.jit(quantize_weight, out_shardings=QuantizedWeight(wsh, ssh))
-        return f(jax.device_put(np.asarray(value), wsh))
+        return _quantizer(None, spec, mesh)(jax.device_put(np.asarray(value), wsh))
     host = np.asarray(value)
     if host.dtype != jnp.dtype(dtype):
         host = host.astype(jnp.dtype(dtype))
