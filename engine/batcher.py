@@ -111,6 +111,8 @@ class _Active:
     text: str = ""
     finish: Optional[str] = None
     sample: int = 0
+    prompt_row: int = 0  # its prompt's row in the prefill call (samples share one)
+    prompt_logprobs: Optional[list] = None  # Result.prompt_logprobs, once the prefill is read
 
 
 class ContinuousBatcher:
@@ -185,7 +187,9 @@ class ContinuousBatcher:
 
     def _hit(self, it: _Item) -> list:
         """The cached pages the item's prompt can start with (prefix caching)."""
-        return self.pages.match(it.hashes, len(it.ids)) if self._caching() and it.hashes else []
+        if not (self._caching() and it.hashes) or it.request.sampling.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position computed
+        return self.pages.match(it.hashes, len(it.ids))
 
     def _max_tokens(self, ids, req) -> int:
         return max_tokens(self.geo, ids, req)
@@ -249,18 +253,12 @@ class ContinuousBatcher:
                     raise RuntimeError("page pool stuck: nothing decodes and the next request does not fit")
                 continue
             # 2. Dispatch the next decode call, then read the previous one while it runs.
-            #    A structured-output request needs its last token read first: its next mask
-            #    depends on it, so those calls run one step each, without the overlap.
-            current, mask = None, None
+            current = None
             if any(a.matcher is not None for a in active.values()):
-                if pending is not None or any(a.first is not None for a in active.values()):
-                    yield from self._consume(pending or (calls, None), active, retiring, free)
-                    pending = None
-                    continue
-                mask = open_mask(self.geo.slots, self.geo.vocab_size)
-                for a in active.values():
-                    if a.matcher is not None:
-                        a.matcher.fill_mask(mask, a.slot)
+                pending = yield from self._masked_step(pending, calls, active, retiring, free, parked)
+                calls += 1
+                self._retire(active, retiring, free, calls)
+                continue
             if active:
                 self._park(free, parked)
                 # Every live slot's position stays below this through the call just dispatched,
@@ -270,10 +268,8 @@ class ContinuousBatcher:
                 kw = {}
                 if any(a.request.sampling.logprobs is not None for a in active.values()):
                     kw["logprobs"] = True
-                if mask is not None:
-                    kw["token_mask"] = mask
                 self.state, res = engine.generate(self.params, self.state, max_length=bound, **kw)
-                self.steps += 1 if mask is not None else steps
+                self.steps += steps
                 self._timed("decode_s", t0, res.tokens)
                 self.stats["decode_calls"] += 1
                 self.stats["live_slots"] += len(active)  # per call
@@ -285,6 +281,28 @@ class ContinuousBatcher:
             elif current is None:  # only first tokens remain to be read
                 yield from self._consume((calls, None), active, retiring, free)
             pending = current
+
+    def _masked_step(self, pending, calls, active, retiring, free, parked):
+        """One decode step while structured-output requests decode: their next masks need their
+        last tokens, so the step is split. Its forward pass is dispatched first; the previous
+        call's tokens are read and the masks built on the host while it runs; then the sampling
+        under those masks is dispatched. Returns the step's (call, ResultTokens), to read next."""
+        self._park(free, parked)
+        bound = max(len(a.prompt_ids) + len(a.tokens) for a in active.values()) + 3 * self.geo.decode_steps + 2
+        logprobs = any(a.request.sampling.logprobs is not None for a in active.values())
+        t0 = time.perf_counter()
+        self.state, logits = self.engine.decode_logits(self.params, self.state, max_length=bound)
+        yield from self._consume(pending or (calls, None), active, retiring, free)  # tokens before this step
+        mask = open_mask(self.geo.slots, self.geo.vocab_size)
+        for a in active.values():
+            if a.matcher is not None and a.finish is None:
+                a.matcher.fill_mask(mask, a.slot)
+        self.state, res = self.engine.sample_logits(self.state, logits, mask, logprobs=logprobs)
+        self.steps += 1
+        self._timed("decode_s", t0, res.tokens)
+        self.stats["decode_calls"] += 1
+        self.stats["live_slots"] += len(active)
+        return (calls, res)
 
     def _park(self, free, parked):
         """Release free slots that no refill took, so the next decode call does not read their
@@ -401,6 +419,8 @@ class ContinuousBatcher:
                 kw["sample_rows"] = sample_rows
             if context:
                 kw["existing_prefix"] = CachedPrompt(self.state, ctx_pages, ctx_len)
+            if any(it.request.sampling.prompt_logprobs is not None for it in chunk):
+                kw["prompt_logprobs"] = True
             if any(m is not None for m in matchers):
                 kw["token_mask"] = open_mask(r, self.geo.vocab_size)
                 for row, m in enumerate(matchers):
@@ -425,7 +445,7 @@ class ContinuousBatcher:
                     request=req, prompt_ids=it.ids, max_tokens=self._max_tokens(it.ids, req),
                     start_call=calls, start_step=self.steps, slot=int(slots[row]), t_admit=now, first=(first, row),
                     logprobs=None if req.sampling.logprobs is None else [], matcher=matchers[row],
-                    sample=it.sample)
+                    sample=it.sample, prompt_row=prompts[id(req)])
             self.stats["prefill_calls"] += 1
             self.stats["prefill_rows"] += r
             self.stats["prompt_tokens"] += sum(len(it.ids) for it in chunk if it.sample == 0)
@@ -455,6 +475,12 @@ class ContinuousBatcher:
             first, row = a.first
             a.first = None
             a.t_first = now
+            k = a.request.sampling.prompt_logprobs
+            if k is not None:
+                lp, ids, top = (np.asarray(x)[a.prompt_row] for x in first.prompt)
+                items = [(float(lp[j]), ids[j], top[j]) for j in range(len(a.prompt_ids) - 1)]
+                a.prompt_logprobs = [None] + logprob_entries(a.prompt_ids[1:], items, k, self.tokenizer,
+                                                             a.request.id)
             lp = logprob_at(first, row, 0) if a.logprobs is not None else None
             self._push(a, int(np.asarray(first.tokens)[row, 0]), lp)
         if a.finish is None and host is not None and call >= a.start_call:
@@ -524,6 +550,6 @@ class ContinuousBatcher:
             id=a.request.id, completion=a.text, completion_token_ids=list(a.tokens),
             finish_reason=a.finish, prompt_tokens=len(a.prompt_ids), completion_tokens=len(a.tokens),
             ttft_s=(a.t_first - a.t_admit) if a.t_first else None, latency_s=now - a.t_admit,
-            metadata=a.request.metadata, sample_index=a.sample,
+            metadata=a.request.metadata, sample_index=a.sample, prompt_logprobs=a.prompt_logprobs,
             logprobs=None if a.logprobs is None else logprob_entries(
                 a.tokens, a.logprobs, a.request.sampling.logprobs, self.tokenizer, a.request.id))

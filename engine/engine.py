@@ -83,11 +83,12 @@ class JaxEngine(Engine):
         self.prefill_attention, self.attention_impl = self._choose_attention(backend)
         self.buckets = self._geometry.prefill_buckets
         self._windows = self._decode_windows()
-        self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=())
+        self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("prompt_logprobs",))
         self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))
         self._release_jit = jax.jit(self._release_impl, donate_argnums=(0,))
         self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2, 3))
-        self._generate_masked_jit = jax.jit(self._generate_masked_impl, donate_argnums=(1,), static_argnums=(3, 4))
+        self._decode_logits_jit = jax.jit(self._decode_logits_impl, donate_argnums=(1,), static_argnums=(2,))
+        self._sample_logits_jit = jax.jit(self._sample_logits_impl, donate_argnums=(0,), static_argnums=(3,))
         self._cache_sharding = shd.cache_shardings(self._mesh, model_config, config.quantize_kv_cache)
         self._param_avals = None  # shapes of the loaded params, for sizing an "auto" page pool
         self.pool_plan = None  # kv_budget.PoolPlan once an "auto" pool is sized
@@ -219,10 +220,16 @@ class JaxEngine(Engine):
 
     # ---- prefill ----
     def _prefill_impl(self, params, tokens, true_length, sampling: SlotSampling, token_mask=None,
-                      sample_rows=None, context=None):
-        logits, ks, vs = model_prefill(params, self.model_config, tokens, self.dtype,
+                      sample_rows=None, context=None, prompt_logprobs: bool = False):
+        logits, ks, vs = model_prefill(params, self.model_config, tokens, self.dtype, all_logits=prompt_logprobs,
                                        last_index=true_length - 1, attn_impl=self.prefill_attention,
                                        context=context)
+        prompt = None
+        if prompt_logprobs:  # each prompt token's logprob given the tokens before it
+            n, s, v = logits.shape
+            lp, ids, top = token_logprobs(logits[:, :-1].reshape(-1, v), tokens[:, 1:].reshape(-1))
+            prompt = (lp.reshape(n, s - 1), ids.reshape(n, s - 1, -1), top.reshape(n, s - 1, -1))
+            logits = jnp.take_along_axis(logits, (true_length - 1)[:, None, None], axis=1)[:, 0]
         offset = None
         if context is not None:  # lengths and offsets count the cached positions too
             offset = context[2]
@@ -234,14 +241,17 @@ class JaxEngine(Engine):
         first = sample(masked, sampling, jnp.zeros_like(true_length))
         prefix_cache = pack_prefix(ks, vs, self.config.quantize_kv_cache)
         return (Prefix(prefix_cache, true_length, first, sampling, sample_rows, offset),
-                token_logprobs(logits, first))
+                token_logprobs(logits, first), prompt)
 
     def prefill(self, *, params, padded_tokens, true_length, existing_prefix=None,
-                sampling: Optional[SlotSampling] = None, token_mask=None, sample_rows=None):
+                sampling: Optional[SlotSampling] = None, token_mask=None, sample_rows=None,
+                prompt_logprobs: bool = False):
         """Prefill one prompt (padded_tokens [S]) or a batch ([N, S] with true_length [N]).
         `token_mask` [R, ceil(V / 32)] int32: the tokens each first token may be (its own program).
         `sample_rows` [R]: rows that sample their first tokens from prompt sample_rows[r] (n
-        samples share one prefill; `sampling` then has R rows, and insert takes R slots)."""
+        samples share one prefill; `sampling` then has R rows, and insert takes R slots).
+        `prompt_logprobs` (its own program): the first tokens' ResultTokens also carry each
+        prompt token's logprob and top alternatives, `prompt` = ([N, S-1], [N, S-1, k], [N, S-1, k])."""
         tokens = np.asarray(padded_tokens, np.int32)
         single = tokens.ndim == 1
         if single:
@@ -274,11 +284,11 @@ class JaxEngine(Engine):
             sampling = SlotSampling.greedy(r)
         if token_mask is not None:
             token_mask = np.asarray(token_mask, np.int32).reshape(r, -1)
-        prefix, (lp, top_ids, top_lp) = self._prefill_jit(params, tokens, lengths, sampling, token_mask,
-                                                          sample_rows, context)
+        prefix, (lp, top_ids, top_lp), prompt = self._prefill_jit(
+            params, tokens, lengths, sampling, token_mask, sample_rows, context, prompt_logprobs=prompt_logprobs)
         rows_len = lengths_total if sample_rows is None else lengths_total[sample_rows]
         first = ResultTokens(prefix.first_token[:, None], jnp.ones((r, 1), bool), rows_len[:, None],
-                             lp[:, None], top_ids[:, None], top_lp[:, None])
+                             lp[:, None], top_ids[:, None], top_lp[:, None], prompt)
         return prefix, first
 
     # ---- insert ----
@@ -391,16 +401,35 @@ class JaxEngine(Engine):
         toks, pos = outs[:2]
         return (state, toks, pos > 0, pos) + outs[2:]
 
-    def _generate_masked_impl(self, params, state: DecodeState, token_mask, window: int, logprobs: bool):
-        """One decode step whose sampling obeys token_mask [B, ceil(V / 32)] (structured output)."""
+    def _decode_logits_impl(self, params, state: DecodeState, window: int):
+        """The forward half of one decode step: the slots' tokens written to the cache, and the
+        logits [B, V] of their next tokens (sampled by _sample_logits_impl)."""
         logits, cache = decode_step(params, self.model_config, state.tokens, state.pos, state.cache, self.dtype,
                                     self.attention_impl, window, state.page_table, self._kernel)
+        return dataclasses.replace(state, cache=cache), logits
+
+    def _sample_logits_impl(self, state: DecodeState, logits, token_mask, logprobs: bool):
+        """The sampling half: each slot's next token under its token_mask row [B, ceil(V / 32)]."""
         nxt = sample(apply_token_mask(logits, token_mask), state.sampling, state.step)
         live = state.step > 0
         pos = jnp.where(live, jnp.minimum(state.pos + 1, self.config.max_cache_length - 1), state.pos)
         extra = tuple(x[:, None] for x in token_logprobs(logits, nxt)) if logprobs else ()
-        state = DecodeState(cache, nxt, pos, state.step + live, state.sampling, state.page_table)
+        state = DecodeState(state.cache, nxt, pos, state.step + live, state.sampling, state.page_table)
         return (state, nxt[:, None], (pos > 0)[:, None], pos[:, None]) + extra
+
+    def decode_logits(self, params, decode_state: DecodeState, max_length: Optional[int] = None):
+        """One decode step's forward pass, dispatched: (state, logits on device). The host builds
+        the step's token masks while it runs, then calls sample_logits."""
+        return self._decode_logits_jit(params, decode_state, self.window_for(max_length))
+
+    def sample_logits(self, decode_state: DecodeState, logits, token_mask=None, logprobs: bool = False):
+        """Sample the step decode_logits computed: each slot's token obeys its token_mask row
+        ([slots, ceil(V / 32)] int32; None: any token). Returns (state, ResultTokens of one step)."""
+        if token_mask is None:
+            from engine.constraints import open_mask
+            token_mask = open_mask(self.config.batch_size, self.model_config.vocab_size)
+        state, *out = self._sample_logits_jit(decode_state, logits, np.asarray(token_mask, np.int32), bool(logprobs))
+        return state, ResultTokens(*out)
 
     def generate(self, params, decode_state: DecodeState, max_length: Optional[int] = None,
                  logprobs: bool = False, token_mask=None):
@@ -409,9 +438,8 @@ class JaxEngine(Engine):
         `logprobs` (its own compiled program) each token's logprobs come along. With `token_mask`
         [slots, ceil(V / 32)] int32 (structured output) it runs one step whose tokens obey the mask."""
         if token_mask is not None:
-            state, *out = self._generate_masked_jit(params, decode_state, np.asarray(token_mask, np.int32),
-                                                    self.window_for(max_length), bool(logprobs))
-            return state, ResultTokens(*out)
+            state, logits = self.decode_logits(params, decode_state, max_length)
+            return self.sample_logits(state, logits, token_mask, logprobs)
         state, *out = self._generate_jit(params, decode_state, self.window_for(max_length), bool(logprobs))
         return state, ResultTokens(*out)
 

@@ -121,11 +121,15 @@ class ResultTokens:
     logprobs: Any = None
     top_ids: Any = None
     top_logprobs: Any = None
+    # a prefill with prompt_logprobs: per prompt row, each prompt token's (logprob [N, S-1],
+    # top ids [N, S-1, k], top logprobs [N, S-1, k]) given the tokens before it
+    prompt: Any = None
 
     def to_host(self) -> "ResultTokens":
         host = lambda x: None if x is None else np.asarray(x)
         return ResultTokens(*(host(x) for x in (self.tokens, self.valid, self.lengths, self.logprobs,
-                                                 self.top_ids, self.top_logprobs)))
+                                                 self.top_ids, self.top_logprobs)),
+                            prompt=None if self.prompt is None else tuple(host(x) for x in self.prompt))
 
     def get_result_at_slot(self, slot: int) -> SlotData:
         row = lambda x: None if x is None else np.asarray(x[slot])
@@ -149,7 +153,7 @@ class Engine(abc.ABC):
     def prefill(self, *, params: Params, padded_tokens: Any, true_length: Any,
                 existing_prefix: Optional[Prefix] = None,
                 sampling: Optional[Any] = None, token_mask: Any = None,
-                sample_rows: Any = None) -> tuple[Prefix, ResultTokens]:
+                sample_rows: Any = None, prompt_logprobs: bool = False) -> tuple[Prefix, ResultTokens]:
         """Run N prompts (padded_tokens [N, bucket], true_length [N]; or one prompt [bucket]);
         return their KV prefix and first sampled tokens ([R, 1]), with their logprobs. With
         `existing_prefix` (a CachedPrompt; paged engines) the prompts continue cached positions
@@ -157,7 +161,8 @@ class Engine(abc.ABC):
         unless `sample_rows` [R] (a call size) maps rows to prompts: several samples of one
         prompt share its prefill, each row sampling its own first token. `sampling` is an
         engine.sampling.SlotSampling of R rows (seeds set); None: greedy. `token_mask`
-        [R, ceil(vocab / 32)] int32 bits: the tokens each first token may be (structured output)."""
+        [R, ceil(vocab / 32)] int32 bits: the tokens each first token may be (structured output).
+        With `prompt_logprobs` the result's `prompt` holds each prompt token's logprobs."""
 
     @abc.abstractmethod
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: Any,
@@ -172,6 +177,19 @@ class Engine(abc.ABC):
         `max_length`, if given, bounds every live slot's position through this call; with
         `logprobs` the result carries each token's logprobs and top alternatives. With `token_mask`
         [slots, ceil(vocab / 32)] int32 bits it advances one step, each slot's token allowed by its row."""
+
+    @abc.abstractmethod
+    def decode_logits(self, params: Params, decode_state: DecodeState,
+                      max_length: Optional[int] = None) -> tuple[DecodeState, Any]:
+        """The forward half of one decode step (structured output): dispatch it and return
+        (state, the step's logits, left on device), so the host can build the step's token masks
+        while it runs. `sample_logits` must follow before any other call on the state."""
+
+    @abc.abstractmethod
+    def sample_logits(self, decode_state: DecodeState, logits: Any, token_mask: Any = None,
+                      logprobs: bool = False) -> tuple[DecodeState, ResultTokens]:
+        """The sampling half: each slot's next token from `logits`, allowed by its token_mask row
+        ([slots, ceil(vocab / 32)] int32 bits; None: any). Returns one step's ResultTokens."""
 
     @abc.abstractmethod
     def release_slots(self, decode_state: DecodeState, slots: Any) -> DecodeState:

@@ -82,7 +82,7 @@ class FakeEngine(Engine):
         return out.astype(np.int32)
 
     def prefill(self, *, params, padded_tokens, true_length, existing_prefix=None, sampling=None, token_mask=None,
-                sample_rows=None):
+                sample_rows=None, prompt_logprobs=False):
         tokens = np.asarray(padded_tokens, np.int32)
         if tokens.ndim == 1:
             tokens = tokens[None]
@@ -111,7 +111,8 @@ class FakeEngine(Engine):
         total = (lengths + offset)[rows]
         return (FakePrefix(first.astype(np.int32), total, offset[rows], [list(tokens[i, :lengths[i]]) for i in rows]),
                 ResultTokens(first[:, None], np.ones((len(rows), 1), bool), total[:, None],
-                             *self._logprobs(first[:, None])))
+                             *self._logprobs(first[:, None]),
+                             prompt=self._logprobs(tokens[:, 1:]) if prompt_logprobs else None))
 
     def _logprobs(self, toks):
         """(logprobs, top_ids, top_logprobs) of tokens [N, S] under the fake model."""
@@ -157,6 +158,21 @@ class FakeEngine(Engine):
         if decode_state.page_table is not None:
             decode_state.page_table[mask] = self.geo.num_kv_pages
         return decode_state
+
+    def decode_logits(self, params, decode_state: FakeState, max_length=None):
+        """The fake "logits": each slot's next token before any mask."""
+        self.calls.append(("decode_logits", int((decode_state.step > 0).sum())))
+        return decode_state, (decode_state.tokens + 1) % self.geo.vocab_size
+
+    def sample_logits(self, decode_state: FakeState, logits, token_mask=None, logprobs: bool = False):
+        st, g = decode_state, self.geo
+        live = st.step > 0
+        st.tokens = np.where(live, self._allowed(np.asarray(logits), token_mask), st.tokens).astype(np.int32)
+        st.pos = np.where(live, np.minimum(st.pos + 1, g.max_cache_length - 1), st.pos).astype(np.int32)
+        st.step = st.step + live
+        toks = st.tokens[:, None].copy()
+        extra = self._logprobs(toks) if logprobs else ()
+        return st, ResultTokens(toks, live[:, None].copy(), st.pos[:, None].copy(), *extra)
 
     def generate(self, params, decode_state: FakeState, max_length=None, logprobs: bool = False, token_mask=None):
         st, g = decode_state, self.geo

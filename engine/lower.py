@@ -37,7 +37,7 @@ def export_programs(settings: Settings, target: str) -> dict:
     prefill = eng.lower_prefill(params, n, s, platforms=(kind,))
     out[f"prefill[{n}x{s}]"] = len(prefill.mlir_module_serialized)
     prefix = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), prefill.out_tree.unflatten(
-        prefill.out_avals))[0]  # (Prefix, first-token logprobs)
+        prefill.out_avals))[0]  # (Prefix, first-token logprobs, prompt logprobs)
     out["insert"] = len(eng.lower_insert(state, prefix, np.zeros(n, np.int32),
                                          platforms=(kind,)).mlir_module_serialized)
     out["generate"] = len(eng.lower_generate(params, state, platforms=(kind,)).mlir_module_serialized)

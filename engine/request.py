@@ -41,6 +41,9 @@ class SamplingParams:
         None, "Per generated token, its log-probability and this many most likely alternatives "
               "(0-20; the model's float32 distribution before temperature, top-k/top-p and constraints); "
               "none: no logprobs", minimum=0, maximum=20)
+    prompt_logprobs: Optional[int] = setting(
+        None, "Per prompt token after the first, its log-probability given the tokens before it and this "
+              "many most likely alternatives (0-20; scoring prompts); none: off", minimum=0, maximum=20)
     json_schema: Optional[str] = setting(
         None, "Constrain the completion to JSON valid under this JSON Schema (its JSON text; a row may "
               "give the object)")
@@ -125,6 +128,9 @@ class Result:
     # with SamplingParams.logprobs: one entry per completion token, OpenAI's shape plus ids:
     # {"token_id", "token", "logprob", "top_logprobs": [{"token_id", "token", "logprob"}, ...]}
     logprobs: Optional[list] = None
+    # with SamplingParams.prompt_logprobs: None for the first prompt token, then one entry per
+    # prompt token, shaped as the logprobs entries
+    prompt_logprobs: Optional[list] = None
     sample_index: int = 0
     # with SamplingParams.n > 1: every sample's Result (sample_index 0..n-1); this one is sample 0
     samples: Optional[list] = None
@@ -151,5 +157,6 @@ class Result:
             "ttft_s": self.ttft_s,
             "latency_s": self.latency_s,
             **({} if self.logprobs is None else {"logprobs": self.logprobs}),
+            **({} if self.prompt_logprobs is None else {"prompt_logprobs": self.prompt_logprobs}),
             "sample_index": self.sample_index,
         }

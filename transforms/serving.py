@@ -98,6 +98,7 @@ def _sample_record(request: ValidRequest, result, model_name: str) -> dict:
         "prompt_format": request.kind,
         "logprobs": result.logprobs,
         "sample_index": int(result.sample_index),
+        "prompt_logprobs": result.prompt_logprobs,
         "row": request.row,
     }
 

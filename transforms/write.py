@@ -19,7 +19,7 @@ Finalize runs once after every piece is written:
 Completions columns: id, prompt, completion, completion_token_ids, finish_reason,
 prompt_tokens, completion_tokens, ttft_s, latency_s, model, prompt_format (raw, chat or tokens: how
 the prompt reached the model), logprobs, sample_index (0..n-1: a row asking for n samples has n
-rows, committed in one piece), then the input row's other
+rows, committed in one piece), prompt_logprobs, then the input row's other
 columns (an input column whose name clashes with one of these is written as input_<name>).
 """
 
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 FIXED_COLUMNS = ("id", "prompt", "completion", "completion_token_ids", "finish_reason", "prompt_tokens",
                  "completion_tokens", "ttft_s", "latency_s", "model", "prompt_format", "logprobs",
-                 "sample_index")
+                 "sample_index", "prompt_logprobs")
 
 
 def _fixed_schema():
@@ -60,6 +60,7 @@ def _fixed_schema():
         ("ttft_s", pa.float64()), ("latency_s", pa.float64()), ("model", pa.string()),
         ("prompt_format", pa.string()), ("logprobs", logprobs),  # null unless the row asked for them
         ("sample_index", pa.int32()),
+        ("prompt_logprobs", logprobs),  # null unless asked for; its first entry null (no context)
     ])
 
 

@@ -46,7 +46,7 @@ def test_masked_calls_beside_free_slots():
     assert out["regex"].finish_reason == "stop" and re.fullmatch(r"[0-9]{3}", out["regex"].completion)
     assert out["json"].finish_reason == "stop" and isinstance(json.loads(out["json"].completion)["a"], int)
     assert out["free"].completion_token_ids == list(range(101, 110))
-    assert any(c[0] == "generate" for c in eng.calls)
+    assert any(c[0] == "decode_logits" for c in eng.calls)  # masked steps: forward, then masks, then sampling
 
 
 @pytest.fixture(scope="module")

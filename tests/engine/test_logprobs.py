@@ -70,3 +70,30 @@ def test_tiny_llama_matches_transformers(tmp_path):
     check_against(model, prompts[0], out[0], 5)
     check_against(model, prompts[1], out[1], 5)
     assert out[2].logprobs is None and len(out[2].completion_token_ids) == 6
+
+
+def test_prompt_logprobs_match_transformers(tmp_path):
+    """prompt_logprobs: None for the first prompt token, then each prompt token's logprob and top-k
+    given the tokens before it, within 1e-3 of transformers' float32 log-softmax; two samples of one
+    prompt (n = 2) carry the same; the fake engine keeps the accounting (one entry per prompt token)."""
+    from engine.batcher import ContinuousBatcher
+    from engine.fake_engine import FakeEngine, fake_geometry
+    from engine.llm import LLM
+    fake = ContinuousBatcher(FakeEngine(fake_geometry()), None)
+    r, = fake.run([Request(id=0, prompt_token_ids=[1, 5, 9], sampling=SamplingParams(max_tokens=2, prompt_logprobs=3))])
+    assert r.prompt_logprobs[0] is None and [e["token_id"] for e in r.prompt_logprobs[1:]] == [5, 9]
+    assert [a["token_id"] for a in r.prompt_logprobs[1]["top_logprobs"]] == [5, 6, 7]
+    model = save_tiny_model(tmp_path, tiny_llama_config(), seed=3).eval()
+    llm = LLM(str(tmp_path), batch_size=2, max_cache_length=32, context_size=16, decode_steps=2)
+    prompt = [1, 90, 7, 8, 9, 10, 11]
+    out = llm.generate_all([Request(id=0, prompt_token_ids=prompt, sampling=SamplingParams(
+        max_tokens=2, prompt_logprobs=4, n=2, temperature=1.0, seed=1))])[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1).numpy()
+    for s in out.all_samples():
+        lps = s.prompt_logprobs
+        assert lps[0] is None and len(lps) == len(prompt)
+        for j, e in enumerate(lps[1:]):
+            assert e["token_id"] == prompt[j + 1] and abs(e["logprob"] - ref[j, prompt[j + 1]]) <= TOL
+            got = np.array([a["logprob"] for a in e["top_logprobs"]])
+            np.testing.assert_allclose(got, np.sort(ref[j])[::-1][:4], atol=TOL)

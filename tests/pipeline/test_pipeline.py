@@ -65,7 +65,7 @@ def sample_parquet(path):
 def sample_jsonl(path):
     rows = [
         {"prompt": "no id here"},  # -> "b.jsonl:0"
-        {"prompt_token_ids": [1, 40, 41, 42], "seed": 3, "temperature": 1.0},  # -> "b.jsonl:1"
+        {"prompt_token_ids": [1, 40, 41, 42], "seed": 3, "temperature": 1.0, "prompt_logprobs": 1},  # -> "b.jsonl:1"
         {"id": 7, "messages": [{"role": "user", "content": "Hi!"}]},
         {"custom_id": "openai-1", "method": "POST", "url": "/v1/chat/completions",
          "body": {"model": "x", "messages": [{"role": "user", "content": "Yo"}], "max_tokens": 2,
@@ -150,7 +150,10 @@ def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
     lps = by_id["openai-1"]["logprobs"]  # body.logprobs + top_logprobs -> a logprobs column
     assert [e["token_id"] for e in lps] == by_id["openai-1"]["completion_token_ids"]
     assert lps and all(len(e["top_logprobs"]) == 2 and e["logprob"] <= 0 for e in lps)
-    assert by_id["openai-2"]["logprobs"] is None
+    assert by_id["openai-2"]["logprobs"] is None and by_id["openai-2"]["prompt_logprobs"] is None
+    plp = by_id["b.jsonl:1"]["prompt_logprobs"]  # scoring the prompt: none for its first token
+    assert plp[0] is None and [e["token_id"] for e in plp[1:]] == [40, 41, 42]
+    assert all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 1 for e in plp[1:])
     assert by_id["ch"]["completion"] in ("yes", "no") and by_id["ch"]["finish_reason"] == "stop"
 
     m = json.loads((out / f"metrics-{metrics['run_id']}.json").read_text())
