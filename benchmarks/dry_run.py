@@ -34,6 +34,8 @@ def dry_run(settings: Settings, mc, requests, warm_requests=()) -> dict:
     for _ in batcher.run(list(warm_requests)):
         pass
     batcher.stats.clear()
+    if batcher.pages is not None:  # as throughput.py's timed runs: no prompt pages cached yet
+        batcher.pages.forget_prefixes()
     results = list(batcher.run(requests))
     bad = [r for r in results if not r.ok]
     if bad:

@@ -197,6 +197,21 @@ class ContinuousBatcher:
     def _cache_tokens(self, ids, req) -> int:
         return cache_tokens(self.geo, ids, req)
 
+    def _leaders(self, batch):
+        """(admit now, admit at the next refill): of prompts that start with the same uncached
+        page, only the first request's prefill runs now; the others wait one decode call and
+        then find its pages cached, instead of all prefilling the same prefix at once."""
+        first_page: dict = {}
+        now, later = [], []
+        for it in batch:
+            matchable = it.hashes[:(len(it.ids) - 1) // self.geo.kv_page_size]
+            if matchable and it.request.sampling.prompt_logprobs is None and not self._hit(it):
+                if first_page.setdefault(matchable[0], id(it.request)) != id(it.request):
+                    later.append(it)
+                    continue
+            now.append(it)
+        return now, later
+
     def _fitting(self, waiting, limit: int) -> int:
         """How many requests at the head of `waiting` (at most `limit`) the free pages hold."""
         if self.pages is None:
@@ -243,8 +258,12 @@ class ContinuousBatcher:
                 if n < min(len(free), len(waiting)):
                     self.stats["page_waits"] += 1  # refills held back by a full page pool
                 if n:
+                    batch = [waiting.popleft() for _ in range(n)]
+                    if self._caching():
+                        batch, later = self._leaders(batch)
+                        waiting.extendleft(reversed(later))
                     self.stats["refills"] += 1
-                    self._admit([waiting.popleft() for _ in range(n)], free, active, calls, parked)
+                    self._admit(batch, free, active, calls, parked)
                     self._retire(active, retiring, free, calls)  # max_tokens=1: the prefill is all
             if not active and not retiring and pending is None:
                 if exhausted and not waiting:

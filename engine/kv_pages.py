@@ -142,6 +142,13 @@ class PagePool:
                 self._page_of[h] = p
                 self._hash_of[p] = h
 
+    def forget_prefixes(self) -> None:
+        """Drop the prefix index: idle cached pages become free pages (benchmarks start cold)."""
+        self._free.extend(self._idle)
+        self._idle.clear()
+        self._hash_of.clear()
+        self._page_of.clear()
+
     def rows(self, page_lists: list[list[int]]) -> np.ndarray:
         """Page-table rows [N, pages_per_slot], trash-filled past each list."""
         out = np.full((len(page_lists), self.pages_per_slot), self.trash, np.int32)

@@ -146,8 +146,12 @@ class LLM:
         out.update(self._batcher.scheduler_stats())
         return out
 
-    def reset_stats(self) -> None:
+    def reset_stats(self, prefix_cache: bool = False) -> None:
+        """Zero the counters; with `prefix_cache` also forget every cached prompt page, so the
+        next run starts as cold as the first (benchmarks that serve the same prompts twice)."""
         self._batcher.stats.clear()
+        if prefix_cache and self._batcher.pages is not None:
+            self._batcher.pages.forget_prefixes()
         if self._batcher.pages is not None:
             self._batcher.pages.peak_used = self._batcher.pages.used_pages
 
