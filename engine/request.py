@@ -62,8 +62,8 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if isinstance(self.choice, (str, list)):
             object.__setattr__(self, "choice", (self.choice,) if isinstance(self.choice, str) else tuple(self.choice))
-        if isinstance(self.json_schema, dict):
-            object.__setattr__(self, "json_schema", json.dumps(self.json_schema, sort_keys=True))
+        if isinstance(self.json_schema, dict):  # key order kept: the JSON's keys come in that order
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
         try:
             check_fields(self)
         except ConfigError as e:

@@ -34,7 +34,7 @@ def _missing(v) -> bool:
 def _coerce(name, v):
     """Row spellings beyond a flag's: a stop list written as JSON text (CSV/Parquet string columns)."""
     if name == "json_schema" and isinstance(v, dict):  # the schema object itself (JSONL, Parquet struct)
-        return json.dumps(v, sort_keys=True)
+        return json.dumps(v)
     if name in ("stop", "choice") and isinstance(v, str) and v.strip().startswith("["):
         try:
             return json.loads(v)
