@@ -13,7 +13,8 @@ def test_cli_serves_every_line(tmp_path):
                                       "context_size": 16, "quantize_kv_cache": "True"}))
     lines = [
         {"id": "a", "prompt_token_ids": [1, 5, 6], "max_tokens": 5, "ignore_eos": True},
-        {"id": "b", "prompt_token_ids": [1, 7], "max_tokens": 3, "ignore_eos": True, "temperature": 0.8, "seed": 1},
+        {"id": "b", "prompt_token_ids": [1, 7], "max_tokens": 3, "ignore_eos": True, "temperature": 0.8, "seed": 1,
+         "n": 2, "prompt_logprobs": 1},  # two lines out, sample_index 0 and 1
         {"id": "long", "prompt_token_ids": [4] * 17},
         {"id": "text", "prompt": "no tokenizer for this model"},
         {"id": "badtemp", "prompt_token_ids": [1, 2], "temperature": "hot"},
@@ -25,7 +26,10 @@ def test_cli_serves_every_line(tmp_path):
                            "--output", str(out), "--max_tokens", "4", "--kv_page_size", "8"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    rows = list(map(json.loads, out.read_text().splitlines()))
+    assert [r["sample_index"] for r in rows if r["id"] == "b"] == [0, 1]
+    assert all(len(r["prompt_logprobs"]) == 2 and r["prompt_logprobs"][0] is None for r in rows if r["id"] == "b")
+    got = {r["id"]: r for r in rows}
     assert set(got) == {"a", "b", "long", "text", "badtemp", 6}  # line 6 has no id: its line number
     assert got["a"]["completion_tokens"] == 5 and got["a"]["finish_reason"] == "length"
     assert len(got["a"]["completion_token_ids"]) == 5 and got["a"]["prompt_tokens"] == 3
