@@ -459,12 +459,25 @@ class JaxEngine(Engine):
             page_rows = np.full((len(slots), self.pages_per_slot), self.num_kv_pages, np.int32)
         return _lower(self._insert_jit, platforms, decode_state, prefix, slots, page_rows)
 
-    def lower_prefill(self, params, n: int, length: int, platforms: Optional[tuple] = None):
-        """The prefill program for `n` prompts of bucket `length`, lowered (or exported)."""
-        tokens, lengths = jax.ShapeDtypeStruct((n, length), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32)
+    def lower_prefill(self, params, n: int, length: int, platforms: Optional[tuple] = None,
+                      decode_state: Optional[DecodeState] = None, context_tokens: int = 0):
+        """The prefill program for `n` prompts of bucket `length`, lowered (or exported); with
+        `context_tokens` (and the decode state), the one that continues that many cached positions."""
+        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
         samp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
                             SlotSampling.greedy(n))
-        return _lower(self._prefill_jit, platforms, params, tokens, lengths, samp)
+        if not context_tokens:
+            return _lower(self._prefill_jit, platforms, params, i32(n, length), i32(n), samp)
+        context = (decode_state.cache, i32(n, -(-context_tokens // self.config.kv_page_size)), i32(n))
+        return _lower(self._prefill_jit, platforms, params, i32(n, length), i32(n), samp, None, None, context)
+
+    def lower_masked_step(self, params, decode_state: DecodeState, platforms: Optional[tuple] = None):
+        """The two halves of a structured-output step (decode_logits, sample_logits), lowered."""
+        b, v = self.config.batch_size, self.model_config.vocab_size
+        logits = jax.ShapeDtypeStruct((b, v), jnp.float32)
+        mask = jax.ShapeDtypeStruct((b, -(-v // 32)), jnp.int32)
+        return (_lower(self._decode_logits_jit, platforms, params, decode_state, self._windows[-1]),
+                _lower(self._sample_logits_jit, platforms, decode_state, logits, mask, False))
 
     def filled_state(self, decode_state: DecodeState, length: int) -> DecodeState:
         """Every slot live at position `length` (cache contents as they are): the state a decode

@@ -41,6 +41,13 @@ def export_programs(settings: Settings, target: str) -> dict:
     out["insert"] = len(eng.lower_insert(state, prefix, np.zeros(n, np.int32),
                                          platforms=(kind,)).mlir_module_serialized)
     out["generate"] = len(eng.lower_generate(params, state, platforms=(kind,)).mlir_module_serialized)
+    forward, sampling = eng.lower_masked_step(params, state, platforms=(kind,))
+    out["decode_logits"] = len(forward.mlir_module_serialized)  # structured output: forward, then masks
+    out["sample_logits"] = len(sampling.mlir_module_serialized)
+    if eng.paged:  # prefix caching: a prompt's rest after cached pages
+        ctx = eng.geometry.prefill_buckets[0]
+        cached = eng.lower_prefill(params, n, s, platforms=(kind,), decode_state=state, context_tokens=ctx)
+        out[f"prefill[{n}x{s}+{ctx}cached]"] = len(cached.mlir_module_serialized)
     return out
 
 

@@ -22,7 +22,9 @@ def test_lowers_for_tpu(flags, capsys):
     assert main(["--platform", "tpu", "--model", "tiny-llama", "--batch_size", "4", "--max_cache_length", "64",
                  "--context_size", "32", *flags]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [ln.split(":")[1].split()[0] for ln in lines] == ["prefill[4x32]", "insert", "generate"], lines
+    cached = ["prefill[4x32+16cached]"] if "--kv_page_size" in flags else []
+    assert [ln.split(":")[1].split()[0] for ln in lines] == ["prefill[4x32]", "insert", "generate", "decode_logits",
+                                                             "sample_logits", *cached], lines
 
 
 def test_llama2_7b_sharded_over_four_tpus_without_weights():
