@@ -57,10 +57,47 @@ class Tokenizer:
             bos_token=bos, eos_token=eos)
 
 
+# What a tokenizer file may weigh before its parser allocates for it: the largest public ones are
+# ~35 MB (tokenizer.json of 256k-token vocabularies), ~4 MB (sentencepiece) and well under 1 MB
+# (tokenizer_config.json with its chat template).
+MAX_BYTES = {"tokenizer": 512 << 20, "sentencepiece model": 128 << 20, "tokenizer config": 32 << 20}
+
+
+def _read_bounded(path: str, what: str, parse):
+    """parse(path), after checking the file's size; CheckpointError naming the file otherwise."""
+    from engine.checkpoint import CheckpointError
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read {what} ({e.strerror})") from None
+    if size > MAX_BYTES[what]:
+        raise CheckpointError(f"{path}: {what} file of {size:,} bytes, over the {MAX_BYTES[what]:,} accepted")
+    try:
+        return parse(path)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: unreadable {what} ({type(e).__name__}: {first})") from None
+
+
+def _read_config(path: str) -> dict:
+    """tokenizer_config.json as a dict (bounded; CheckpointError naming it if it is not one)."""
+    from engine.checkpoint import CheckpointError
+
+    def parse(p):
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+    cfg = _read_bounded(path, "tokenizer config", parse)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: tokenizer config is a JSON {type(cfg).__name__}, not an object")
+    return cfg
+
+
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str, chat_template: Optional[str] = None):
         import sentencepiece as spm
-        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.sp = _read_bounded(path, "sentencepiece model", lambda p: spm.SentencePieceProcessor(model_file=p))
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_ids = (self.sp.eos_id(),) if self.sp.eos_id() >= 0 else ()
         self.chat_template = chat_template
@@ -94,12 +131,9 @@ class HFTokenizer(Tokenizer):
     def from_dir(cls, directory: str) -> "HFTokenizer":
         """tokenizer.json, with special ids and chat template from tokenizer_config.json when present."""
         from tokenizers import Tokenizer as _Tok
-        tok = _Tok.from_file(os.path.join(directory, "tokenizer.json"))
-        cfg = {}
+        tok = _read_bounded(os.path.join(directory, "tokenizer.json"), "tokenizer", _Tok.from_file)
         cfg_path = os.path.join(directory, "tokenizer_config.json")
-        if os.path.exists(cfg_path):
-            with open(cfg_path) as f:
-                cfg = json.load(f)
+        cfg = _read_config(cfg_path) if os.path.exists(cfg_path) else {}
 
         def special(name):
             v = cfg.get(name)
@@ -143,13 +177,12 @@ def load_tokenizer(path: Optional[str]) -> Optional[Tokenizer]:
             template = None
             cfg_path = os.path.join(path, "tokenizer_config.json")
             if os.path.exists(cfg_path):
-                with open(cfg_path) as f:
-                    template = json.load(f).get("chat_template")
+                template = _read_config(cfg_path).get("chat_template")
             return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"), chat_template=template)
         return None
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer not found: {path}")
     if path.endswith(".json"):
         return HFTokenizer.from_dir(os.path.dirname(path) or ".") if os.path.basename(path) == "tokenizer.json" \
-            else HFTokenizer(__import__("tokenizers").Tokenizer.from_file(path))
+            else HFTokenizer(_read_bounded(path, "tokenizer", __import__("tokenizers").Tokenizer.from_file))
     return SentencePieceTokenizer(path)

@@ -216,6 +216,29 @@ def meta_with_member(d, which: str) -> str:
 
 # --------------------------------------------------------------------------- the cases
 
+def write_tokenizer(directory, tokenizer_json=None, config=None, sentencepiece=None, size=None) -> str:
+    """A tokenizer directory: a real byte-level tokenizer.json unless given text (or a sparse file
+    of `size` bytes); returns the path of the file the case is about."""
+    from tests.tiny import byte_tokenizer
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "tokenizer.json")
+    if sentencepiece is not None:
+        path = os.path.join(directory, "tokenizer.model")
+        open(path, "wb").write(sentencepiece)
+        return path
+    if size is not None:
+        with open(path, "wb") as f:
+            f.truncate(size)
+    elif tokenizer_json is not None:
+        open(path, "w").write(tokenizer_json)
+    else:
+        byte_tokenizer().tok.save(path)
+    if config is not None:
+        path = os.path.join(directory, "tokenizer_config.json")
+        open(path, "w").write(config)
+    return path
+
+
 def build_cases(root) -> dict:
     """{case: (path to open, [fragments the message must hold])}; `*_base` cases must open."""
     big = 2 ** 62
@@ -263,6 +286,15 @@ def build_cases(root) -> dict:
         "meta_pickle_bomb": (meta_with_member(d("meta_bomb"), "pkl"), ["consolidated.00.pth", "data.pkl declares"]),
         "meta_deflated_storage": (meta_with_member(d("meta_deflate"), "storage"),
                                   ["consolidated.00.pth", "compressed"]),
+        "tokenizer_base": (write_tokenizer(d("tok_base"), config='{"chat_template": "{{ messages }}"}'), []),
+        "tokenizer_json_garbage": (write_tokenizer(d("tok_garbage"), tokenizer_json="{not json"),
+                                   ["tokenizer.json", "unreadable tokenizer"]),
+        "tokenizer_json_600mb": (write_tokenizer(d("tok_huge"), size=600 << 20),
+                                 ["tokenizer.json", "629,145,600 bytes"]),
+        "tokenizer_config_list": (write_tokenizer(d("tok_cfg"), config="[1, 2]"),
+                                  ["tokenizer_config.json", "not an object"]),
+        "sentencepiece_garbage": (write_tokenizer(d("tok_sp"), sentencepiece=b"garbage" * 10),
+                                  ["tokenizer.model", "unreadable sentencepiece model"]),
     }
 
 
@@ -271,6 +303,7 @@ import json, os, resource, sys, time
 import engine.loaders.hf, engine.loaders.meta, engine.loaders.gguf, engine.loaders.gguf_file, engine.loaders.converted
 from engine.loaders import CheckpointError, check_checkpoint
 from engine.loaders.torch_zip import load_torch_zip
+from engine.tokenizer import load_tokenizer
 assert "jax" not in sys.modules and "torch" not in sys.modules
 vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
@@ -278,7 +311,10 @@ out = {}
 for case, path in json.load(open(sys.argv[1])).items():
     t0 = time.perf_counter()
     try:
-        load_torch_zip(path) if path.endswith(".pth") else check_checkpoint(path)
+        if os.path.basename(path).startswith("tokenizer"):  # a model directory's tokenizer files
+            load_tokenizer(os.path.dirname(path))
+        else:
+            load_torch_zip(path) if path.endswith(".pth") else check_checkpoint(path)
         msg = None
     except CheckpointError as e:
         msg = "CheckpointError: " + str(e)
@@ -310,7 +346,8 @@ CASES = ["gguf_base", "gguf_token_type_2e62", "gguf_string_array_2e62", "gguf_st
          "hf_negative_offset", "hf_header_list", "hf_shape_1e6", "hf_header_length_2e62", "hf_overlap",
          "hf_wrong_shape", "converted_base", "converted_layers_1e9", "converted_negative_offset", "meta_base",
          "meta_layers_1e9", "meta_wrong_shape", "meta_view_past_storage", "meta_pickle_bomb",
-         "meta_deflated_storage"]
+         "meta_deflated_storage", "tokenizer_base", "tokenizer_json_garbage", "tokenizer_json_600mb",
+         "tokenizer_config_list", "sentencepiece_garbage"]
 
 
 @pytest.mark.parametrize("case", CASES)
