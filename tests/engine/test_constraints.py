@@ -60,16 +60,11 @@ def smollm2_llm():
     return LLM(batch_size=4, max_cache_length=128, context_size=64, decode_steps=4, kv_page_size=16)
 
 
-def test_smollm2_logprobs_match_transformers(smollm2_llm):
+def test_smollm2_logprobs_match_transformers(smollm2_llm, smollm2_hf):
     """Per-token logprobs (tests/engine/test_logprobs.py) on the embedded model."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from engine.default_model import default_model_path
     from tests.engine.test_logprobs import check_against
     llm = smollm2_llm
-    directory, name = os.path.split(default_model_path())
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    model = smollm2_hf[0]
     ids = llm.tokenizer.encode("The three primary colors are")
     res = llm.generate_all([Request(id=0, prompt_token_ids=ids, sampling=SamplingParams(max_tokens=8, logprobs=4))])[0]
     check_against(model, ids, res, 4)

