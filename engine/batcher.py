@@ -37,12 +37,13 @@ request whose prompt starts with cached pages holds them and prefills only the r
 prefill call of its own kind (`existing_prefix`); its own whole prompt pages are indexed once
 that call is dispatched.
 
-A request with `n` samples is n work items (`_Item`), each taking a slot; the samples admitted
-together share one prefill row (`sample_rows`), and the request's Result comes out once all n
-are done (sample 0 with every sample in `Result.samples`; any sample's error makes the whole
-request an error, so each request still gives exactly one Result).
-(A little over 400 lines: the one scheduling loop with its admission, refill and result
-bookkeeping, which read best together.)
+A request with `n` samples is n work items (engine/prefill_calls.py), each taking a slot; the
+samples admitted together share one prefill row (`sample_rows`), and the request's Result comes
+out once all n are done (sample 0 with every sample in `Result.samples`; any sample's error makes
+the whole request an error, so each request still gives exactly one Result).
+(Over 400 lines: the one scheduling loop with its admission, refill, masked steps and
+per-request token bookkeeping, which read best together; what a prefill call holds is in
+engine/prefill_calls.py.)
 """
 
 from __future__ import annotations
@@ -60,35 +61,15 @@ from engine.admission import cache_tokens, max_tokens, prompt_ids, serving_order
 from engine.config import SchedulerConfig
 from engine.constraints import Matcher, open_mask
 from engine.engine_api import Engine
-from engine.engine_api import CachedPrompt
 from engine.kv_pages import PagePool, prefix_hashes
 from engine.logprobs import logprob_at, logprob_entries
+from engine.prefill_calls import (PrefillCall, SampleGroups, WorkItem, defer_shared_prefixes, plan_calls,
+                                  sample_seed)
 from engine.request import Request, RequestError, Result
 from engine.sampling import SlotSampling
 from engine.sched_stats import SCHEDULER_STATS
 
 log = logging.getLogger(__name__)
-
-# A prefill call may pad shorter prompts up to its bucket while its padded tokens stay within this.
-MERGE_TOKENS = 1024
-
-
-@dataclass(frozen=True)
-class _Item:
-    """One sample of a request, waiting for a slot."""
-
-    request: Request
-    ids: list  # prompt token ids
-    sample: int = 0
-    hashes: tuple = ()  # prefix hashes of its whole prompt pages (prefix caching)
-
-
-def sample_seed(seed: int, k: int) -> int:
-    """Sample k's seed: the row's own for sample 0, a hash of (seed, k) for the others."""
-    if k == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, k]).generate_state(1, np.uint64)[0] >> 1)
-
 
 @dataclass
 class _Active:
@@ -139,7 +120,7 @@ class ContinuousBatcher:
         self.steps = 0  # decode steps dispatched (a structured-output call runs one)
         self.pages = PagePool(geo.num_kv_pages, geo.kv_page_size, geo.pages_per_slot) if geo.paged else None
         self.slot_pages: dict[int, list] = {}  # pages named by each slot's row on the device
-        self._samples: dict[int, list] = {}  # id(request) -> its finished sample Results (n > 1)
+        self.samples = SampleGroups()  # finished samples of requests with n > 1
 
     def set_scheduler(self, scheduler: SchedulerConfig) -> None:
         """Serve the next runs under another SchedulerConfig (no recompilation: the engine's
@@ -171,7 +152,7 @@ class ContinuousBatcher:
         return prompt_ids(req, self.geo, self.tokenizer, self.pages)
 
     def _prepared(self, requests: Iterable[Request]):
-        """_Items in serving order (n per request), and error Results of refused requests."""
+        """WorkItems in serving order (n per request), and error Results of refused requests."""
         for item in serving_order(requests, self.scheduler, self.geo, self.prepare):
             if isinstance(item, Result):
                 self.stats["errors"] += 1
@@ -180,12 +161,12 @@ class ContinuousBatcher:
                 req, ids = item
                 hashes = prefix_hashes(ids, self.geo.kv_page_size) if self._caching() else ()
                 for k in range(req.sampling.n):
-                    yield _Item(req, ids, k, hashes)
+                    yield WorkItem(req, ids, k, hashes)
 
     def _caching(self) -> bool:
         return self.pages is not None and self.scheduler.prefix_caching
 
-    def _hit(self, it: _Item) -> list:
+    def _hit(self, it: WorkItem) -> list:
         """The cached pages the item's prompt can start with (prefix caching)."""
         if not (self._caching() and it.hashes) or it.request.sampling.prompt_logprobs is not None:
             return []  # prompt logprobs need every prompt position computed
@@ -196,21 +177,6 @@ class ContinuousBatcher:
 
     def _cache_tokens(self, ids, req) -> int:
         return cache_tokens(self.geo, ids, req)
-
-    def _leaders(self, batch):
-        """(admit now, admit at the next refill): of prompts that start with the same uncached
-        page, only the first request's prefill runs now; the others wait one decode call and
-        then find its pages cached, instead of all prefilling the same prefix at once."""
-        first_page: dict = {}
-        now, later = [], []
-        for it in batch:
-            matchable = it.hashes[:(len(it.ids) - 1) // self.geo.kv_page_size]
-            if matchable and it.request.sampling.prompt_logprobs is None and not self._hit(it):
-                if first_page.setdefault(matchable[0], id(it.request)) != id(it.request):
-                    later.append(it)
-                    continue
-            now.append(it)
-        return now, later
 
     def _fitting(self, waiting, limit: int) -> int:
         """How many requests at the head of `waiting` (at most `limit`) the free pages hold."""
@@ -260,7 +226,7 @@ class ContinuousBatcher:
                 if n:
                     batch = [waiting.popleft() for _ in range(n)]
                     if self._caching():
-                        batch, later = self._leaders(batch)
+                        batch, later = defer_shared_prefixes(batch, self._hit, self.geo.kv_page_size)
                         waiting.extendleft(reversed(later))
                     self.stats["refills"] += 1
                     self._admit(batch, free, active, calls, parked)
@@ -358,34 +324,6 @@ class ContinuousBatcher:
                 retiring.append(a)
                 free.append(slot)
 
-    def _prefill_groups(self, admitted, cached):
-        """Split admitted _Items into prefill calls: (bucket, context bucket, chunk) triples.
-        `cached[id(item)]`: its prompt tokens already in cached pages; a call takes items of one
-        context bucket (0: none cached), bucketed by the tokens left to prefill.
-
-        Longest prompts first. A call takes prompts of its own bucket, and shorter ones too
-        while its padded size stays within MERGE_TOKENS: on a GPU a 7B prefill call of a few
-        hundred tokens costs about as much as one of a thousand (too few GEMM tiles to fill it), and a length mix frees slots a few at a time across several buckets.
-        Call sizes come from geometry.prefill_sizes (powers of two), so no row is padding.
-        """
-        geo = self.geo
-        sizes = geo.prefill_sizes
-        ctx = lambda it: geo.bucket_for(cached[id(it)]) if cached[id(it)] else 0
-        todo = sorted(((geo.bucket_for(len(it.ids) - cached[id(it)]), it) for it in admitted),
-                      key=lambda item: -(len(item[1].ids) - cached[id(item[1])]))
-        while todo:
-            bucket, context = todo[0][0], ctx(todo[0][1])
-            take = []
-            for item in todo:
-                if len(take) == sizes[-1]:
-                    break
-                if ctx(item[1]) == context and (item[0] == bucket or (len(take) + 1) * bucket <= MERGE_TOKENS):
-                    take.append(item)
-            n = max(s for s in sizes if s <= len(take))  # sizes hold 1: never padded
-            picked = {id(item) for item in take[:n]}
-            todo = [item for item in todo if id(item) not in picked]
-            yield bucket, context, [it for _, it in take[:n]]
-
     def _admit(self, admitted, free, active, calls, parked):
         engine = self.engine
         now = time.perf_counter()
@@ -395,26 +333,9 @@ class ContinuousBatcher:
             if hit:
                 self.pages.hold(hit)
         cached = {i: len(hit) * page for i, hit in hits.items()}
-        for bucket, context, chunk in self._prefill_groups(admitted, cached):
+        for bucket, context, chunk in plan_calls(admitted, cached, self.geo):
+            call = PrefillCall.build(chunk, bucket, context, cached, hits, self.geo)
             r = len(chunk)
-            prompts: dict[int, int] = {}  # id(request) -> its prompt row: samples share it
-            for it in chunk:
-                prompts.setdefault(id(it.request), len(prompts))
-            sample_rows = None
-            n = r
-            if len(prompts) < r:
-                n = min(s for s in self.geo.prefill_sizes if s >= len(prompts))
-                sample_rows = np.asarray([prompts[id(it.request)] for it in chunk], np.int32)
-            tokens = np.zeros((n, bucket), np.int32)
-            lengths = np.ones(n, np.int32)
-            ctx_pages = np.full((n, -(-context // page) if context else 0), self.geo.num_kv_pages, np.int32)
-            ctx_len = np.zeros(n, np.int32)
-            for it in chunk:
-                row, done = prompts[id(it.request)], cached[id(it)]
-                tokens[row, :len(it.ids) - done] = it.ids[done:]
-                lengths[row] = len(it.ids) - done
-                ctx_len[row] = done
-                ctx_pages[row, :len(hits[id(it)])] = hits[id(it)]
             slots = np.full(r, -1, np.int32)
             params, page_lists = [], []
             for row, it in enumerate(chunk):
@@ -433,20 +354,14 @@ class ContinuousBatcher:
                 params.append(sp)
             matchers = [Matcher(it.request.sampling, self.tokenizer, self.geo.vocab_size)
                         if it.request.sampling.constrained else None for it in chunk]
-            kw = {}
-            if sample_rows is not None:
-                kw["sample_rows"] = sample_rows
-            if context:
-                kw["existing_prefix"] = CachedPrompt(self.state, ctx_pages, ctx_len)
-            if any(it.request.sampling.prompt_logprobs is not None for it in chunk):
-                kw["prompt_logprobs"] = True
+            kw = call.engine_kwargs(self.state)
             if any(m is not None for m in matchers):
                 kw["token_mask"] = open_mask(r, self.geo.vocab_size)
                 for row, m in enumerate(matchers):
                     if m is not None:
                         m.fill_mask(kw["token_mask"], row)
             t0 = time.perf_counter()
-            prefix, first = engine.prefill(params=self.params, padded_tokens=tokens, true_length=lengths,
+            prefix, first = engine.prefill(params=self.params, padded_tokens=call.tokens, true_length=call.lengths,
                                            sampling=SlotSampling.from_params(params), **kw)
             self._timed("prefill_s", t0, prefix)
             t0 = time.perf_counter()
@@ -464,7 +379,7 @@ class ContinuousBatcher:
                     request=req, prompt_ids=it.ids, max_tokens=self._max_tokens(it.ids, req),
                     start_call=calls, start_step=self.steps, slot=int(slots[row]), t_admit=now, first=(first, row),
                     logprobs=None if req.sampling.logprobs is None else [], matcher=matchers[row],
-                    sample=it.sample, prompt_row=prompts[id(req)])
+                    sample=it.sample, prompt_row=call.prompt_row[id(req)])
             self.stats["prefill_calls"] += 1
             self.stats["prefill_rows"] += r
             self.stats["prompt_tokens"] += sum(len(it.ids) for it in chunk if it.sample == 0)
@@ -480,13 +395,13 @@ class ContinuousBatcher:
                 raise RuntimeError(f"request {a.request.id!r} retired at call {a.end_call} is unfinished")
             if a.finish is not None:
                 retiring.remove(a)
-                yield from self._emit(self._result(a, now), a)
+                yield from self._emit(a, now)
         for slot, a in list(active.items()):
             self._take(a, call, host, now)
             if a.finish is not None:
                 del active[slot]
                 free.append(slot)
-                yield from self._emit(self._result(a, now), a)
+                yield from self._emit(a, now)
 
     def _take(self, a: _Active, call: int, host, now: float) -> None:
         """Push a request's first token (once) and its tokens from decode call `call`."""
@@ -538,24 +453,11 @@ class ContinuousBatcher:
             return True
         return False
 
-    def _emit(self, result: Result, a: _Active) -> Iterator[Result]:
-        """A request's Result once all its samples are done (at once when n is 1)."""
-        n = a.request.sampling.n
-        if n == 1:
-            yield result
-            return
-        done = self._samples.setdefault(id(a.request), [])
-        done.append(result)
-        if len(done) < n:
-            return
-        del self._samples[id(a.request)]
-        done.sort(key=lambda r: r.sample_index)
-        bad = next((r for r in done if r.error is not None), None)
-        if bad is not None:
-            yield Result(id=a.request.id, error=f"sample {bad.sample_index}: {bad.error}",
-                         metadata=a.request.metadata)
-        else:
-            yield dataclasses.replace(done[0], samples=done)
+    def _emit(self, a: _Active, now: float) -> Iterator[Result]:
+        """A finished request's Result; with n samples, once its last sample is done."""
+        out = self.samples.add(self._result(a, now), a.request)
+        if out is not None:
+            yield out
 
     def _result(self, a: _Active, now: float) -> Result:
         if not a.text and self.tokenizer is not None and a.tokens:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.batcher import ContinuousBatcher, sample_seed
+from engine.batcher import ContinuousBatcher
+from engine.prefill_calls import SampleGroups, sample_seed
 from engine.fake_engine import FakeEngine, fake_geometry
 from engine.request import InvalidSampling, Request, SamplingParams
 from tests.hf_fixtures import save_tiny_model, tiny_llama_config
@@ -36,16 +37,13 @@ def test_n_samples_share_a_prefill_and_come_back_as_one_result():
 def test_a_failing_sample_makes_the_request_one_error():
     """One of three samples fails: the request gives one error Result naming the sample, and
     nothing before its last sample is done."""
-    from engine.batcher import _Active
     from engine.request import Result
-    b = ContinuousBatcher(FakeEngine(fake_geometry()), None)
+    groups = SampleGroups()
     req = Request(id="r", prompt_token_ids=[1, 10], sampling=SamplingParams(n=3))
-    a = _Active(request=req, prompt_ids=[1, 10], max_tokens=4, start_call=0, start_step=0, slot=0, t_admit=0.0)
-    assert list(b._emit(Result(id="r", completion="x", sample_index=2), a)) == []
-    assert list(b._emit(Result(id="r", error="grammar rejected token 7", sample_index=1), a)) == []
-    out = list(b._emit(Result(id="r", completion="y", sample_index=0), a))
-    assert len(out) == 1 and out[0].error == "sample 1: grammar rejected token 7" and out[0].samples is None
-    assert b._samples == {}
+    assert groups.add(Result(id="r", completion="x", sample_index=2), req) is None
+    assert groups.add(Result(id="r", error="grammar rejected token 7", sample_index=1), req) is None
+    out = groups.add(Result(id="r", completion="y", sample_index=0), req)
+    assert out.error == "sample 1: grammar rejected token 7" and out.samples is None and len(groups) == 0
 
 
 @pytest.mark.parametrize("bad", [0, 257, -1])
