@@ -41,7 +41,7 @@ A request with `n` samples is n work items (engine/prefill_calls.py), each takin
 samples admitted together share one prefill row (`sample_rows`), and the request's Result comes
 out once all n are done (sample 0 with every sample in `Result.samples`; any sample's error makes
 the whole request an error, so each request still gives exactly one Result).
-(Over 400 lines: the one scheduling loop with its admission, refill, masked steps and
+(A little over 400 lines: the one scheduling loop with its admission, refill, masked steps and
 per-request token bookkeeping, which read best together; what a prefill call holds is in
 engine/prefill_calls.py.)
 """

@@ -4,15 +4,15 @@ Everything that runs per token is one jit-compiled function with static shapes:
 prefill per (prompt-count, length bucket), insert per the same, and `generate`, which
 runs `decode_steps` decode steps in one `lax.fori_loop` with sampling on device, so the
 host syncs once per several tokens. Decode state and cache are donated: updated in place.
-(A little over 400 lines: the whole Engine API of one engine, with its lowering hooks, in one place.)
+(A little over 400 lines: the whole Engine API of one engine in one place; the hooks that lower
+its programs for profiling and for other platforms are in engine/engine_hooks.py.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,9 @@ import numpy as np
 from engine import sharding as shd
 from engine.config import EngineConfig, kernel_settings
 from engine.engine_api import Engine, EngineGeometry, ResultTokens, geometry_of
-from engine.kv_cache import KVCache, init_cache, insert_prefix, insert_prefix_paged, pack_prefix
+from engine.decode_state import DecodeState, Prefix
+from engine.engine_hooks import LoweringHooks
+from engine.kv_cache import init_cache, insert_prefix, insert_prefix_paged, pack_prefix
 from engine.model import decode_step, prefill as model_prefill
 from engine.model_config import ModelConfig
 
@@ -39,35 +41,7 @@ def compute_dtype(name: Optional[str], backend: str):
     return jnp.float32 if backend == "cpu" else jnp.bfloat16
 
 
-@dataclass
-class DecodeState:
-    cache: KVCache
-    tokens: Any  # int32 [B]: last sampled token of each slot (the next input)
-    pos: Any  # int32 [B]: position that token will occupy (= tokens already in the cache)
-    step: Any  # int32 [B]: tokens generated so far by the slot's request; 0: the slot is parked
-    sampling: SlotSampling  # per-slot settings
-    page_table: Any = None  # int32 [B, max_cache_length / page] for a paged cache, else None
-
-
-@dataclass
-class Prefix:
-    """The result of prefilling N prompts for R rows (R = N unless several samples share a
-    prompt): the prompts' K/V, and per row its length, first token, sampling and prompt."""
-
-    cache: KVCache  # per layer [N, S, Hkv, D]
-    true_length: Any  # int32 [R]
-    first_token: Any  # int32 [R]
-    sampling: SlotSampling  # R rows
-    rows: Any = None  # int32 [R]: the prompt (cache row) of each row; None: row i is prompt i
-    offset: Any = None  # int32 [R]: cached positions the K/V follow (prefix caching); None: 0
-
-
-for _cls, _fields in ((DecodeState, ["cache", "tokens", "pos", "step", "sampling", "page_table"]),
-                      (Prefix, ["cache", "true_length", "first_token", "sampling", "rows", "offset"])):
-    jax.tree_util.register_dataclass(_cls, data_fields=_fields, meta_fields=[])
-
-
-class JaxEngine(Engine):
+class JaxEngine(LoweringHooks, Engine):
     """One model on one mesh, with `batch_size` decode slots of `max_cache_length` tokens."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, checkpoint=None):
@@ -200,23 +174,6 @@ class JaxEngine(Engine):
         self.config = dataclasses.replace(self.config, kv_cache_tokens=tokens)
         self._geometry = geometry_of(self.config, self.model_config.vocab_size, self.model_config.eos_token_ids)
         return self.pool_plan
-
-    def workspace_bytes(self) -> int:
-        """Device bytes, beyond params and cache, of the largest prefill call (its K/V output
-        waits for the insert) plus one decode call: temporaries and outputs from XLA's memory
-        analysis of the compiled programs (the decode step compiled over a one-page pool:
-        its workspace does not grow with the pool)."""
-        from engine.kv_budget import compiled_workspace
-        if self._param_avals is None:
-            raise RuntimeError("workspace_bytes needs the params' shapes: call load_params() first")
-        n, s = self._geometry.prefill_sizes[-1], self.buckets[-1]
-        aval = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-        samp = jax.tree.map(aval, SlotSampling.greedy(n))
-        tokens, lengths = jax.ShapeDtypeStruct((n, s), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32)
-        prefill = self._prefill_jit.lower(self._param_avals, tokens, lengths, samp).compile()
-        state = jax.eval_shape(lambda: self._build_state(1))
-        decode = self._generate_jit.lower(self._param_avals, state, self._windows[-1], False).compile()
-        return compiled_workspace(prefill) + compiled_workspace(decode)
 
     # ---- prefill ----
     def _prefill_impl(self, params, tokens, true_length, sampling: SlotSampling, token_mask=None,
@@ -443,49 +400,6 @@ class JaxEngine(Engine):
         state, *out = self._generate_jit(params, decode_state, self.window_for(max_length), bool(logprobs))
         return state, ResultTokens(*out)
 
-    # ---- profiling hooks: the compiled programs, and a state with every slot filled ----
-    def lower_generate(self, params, decode_state: DecodeState, max_length: Optional[int] = None,
-                       platforms: Optional[tuple] = None, logprobs: bool = False):
-        """The `generate` program for this state, lowered (`.compile().as_text()` gives its HLO),
-        or with `platforms` exported for them (`jax.export`: e.g. ("tpu",) from a CPU host)."""
-        return _lower(self._generate_jit, platforms, params, decode_state, self.window_for(max_length),
-                      bool(logprobs))
-
-    def lower_insert(self, decode_state: DecodeState, prefix: Prefix, slots, page_rows=None,
-                     platforms: Optional[tuple] = None):
-        """The `insert` program for this prefix, lowered (or exported); arguments as `insert` takes them."""
-        slots = np.atleast_1d(np.asarray(slots, np.int32))
-        if self.paged and page_rows is None:
-            page_rows = np.full((len(slots), self.pages_per_slot), self.num_kv_pages, np.int32)
-        return _lower(self._insert_jit, platforms, decode_state, prefix, slots, page_rows)
-
-    def lower_prefill(self, params, n: int, length: int, platforms: Optional[tuple] = None,
-                      decode_state: Optional[DecodeState] = None, context_tokens: int = 0):
-        """The prefill program for `n` prompts of bucket `length`, lowered (or exported); with
-        `context_tokens` (and the decode state), the one that continues that many cached positions."""
-        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-        samp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                            SlotSampling.greedy(n))
-        if not context_tokens:
-            return _lower(self._prefill_jit, platforms, params, i32(n, length), i32(n), samp)
-        context = (decode_state.cache, i32(n, -(-context_tokens // self.config.kv_page_size)), i32(n))
-        return _lower(self._prefill_jit, platforms, params, i32(n, length), i32(n), samp, None, None, context)
-
-    def lower_masked_step(self, params, decode_state: DecodeState, platforms: Optional[tuple] = None):
-        """The two halves of a structured-output step (decode_logits, sample_logits), lowered."""
-        b, v = self.config.batch_size, self.model_config.vocab_size
-        logits = jax.ShapeDtypeStruct((b, v), jnp.float32)
-        mask = jax.ShapeDtypeStruct((b, -(-v // 32)), jnp.int32)
-        return (_lower(self._decode_logits_jit, platforms, params, decode_state, self._windows[-1]),
-                _lower(self._sample_logits_jit, platforms, decode_state, logits, mask, False))
-
-    def filled_state(self, decode_state: DecodeState, length: int) -> DecodeState:
-        """Every slot live at position `length` (cache contents as they are): the state a decode
-        step meets once each slot holds `length` tokens, for timing one step in isolation."""
-        b = self.config.batch_size
-        return dataclasses.replace(decode_state, pos=jnp.full((b,), length, jnp.int32),
-                                   step=jnp.ones((b,), jnp.int32))
-
     # ---- compile everything up front ----
     def warmup(self, params, decode_state: DecodeState, prefill_sizes=None) -> DecodeState:
         """Compile every prefill bucket (for each prefill call size), insert and the decode step.
@@ -505,13 +419,6 @@ class JaxEngine(Engine):
             jax.block_until_ready(res.tokens)
         decode_state = self.release_slots(decode_state, np.zeros(self.config.batch_size, bool))
         return decode_state
-
-
-def _lower(jitted, platforms, *args):
-    if platforms is None:
-        return jitted.lower(*args)
-    from jax import export
-    return export.export(jitted, platforms=tuple(platforms))(*args)
 
 
 def kernel_compiles(cfg: ModelConfig, dtype, page: int = 0) -> bool:
