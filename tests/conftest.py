@@ -3,8 +3,17 @@ import os
 # Before anything imports jax or gcsfs.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-# Tests compile from scratch (tests/test_compilation_cache.py turns the persistent cache on itself).
-os.environ.setdefault("JETBEAM_COMPILATION_CACHE", "")
+# A persistent compilation cache that starts empty with the session and is shared by its test
+# processes (Beam workers, CLI runs, child processes inherit it): the same tiny programs compiled
+# by many engines are compiled once. Nothing from a user's ~/.cache is read.
+if "JETBEAM_COMPILATION_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+    _cache = tempfile.mkdtemp(prefix="jetbeam-test-xla-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JETBEAM_COMPILATION_CACHE"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 import pytest  # noqa: E402
