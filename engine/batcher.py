@@ -29,8 +29,10 @@ go back to the pool when the device drops its page-table row: at its next insert
 the slot is parked. Device work runs in dispatch order, so a page handed to a new request
 is written only after every decode call that the old owner's row was in.
 
-Structured-output requests (engine/constraints.py) get each decode call's token mask from
-their grammar; while one decodes, calls run one step and are read before the next dispatch.
+Structured-output requests (engine/constraints.py) get each step's token mask from their
+grammar; while one decodes, each call is one step in two halves (`_masked_step`): the forward
+pass is dispatched, the previous tokens are read and the masks built on the host while it
+runs, then the masked sampling is dispatched.
 
 With prefix caching (SchedulerConfig.prefix_caching, paged caches; engine/kv_pages.py) a
 request whose prompt starts with cached pages holds them and prefills only the rest, in a
@@ -246,9 +248,7 @@ class ContinuousBatcher:
                 continue
             if active:
                 self._park(free, parked)
-                # Every live slot's position stays below this through the call just dispatched,
-                # the one in flight and this one (3 calls of decode_steps), plus the first token.
-                bound = max(len(a.prompt_ids) + len(a.tokens) for a in active.values()) + 3 * steps + 2
+                bound = self._bound(active)
                 t0 = time.perf_counter()
                 kw = {}
                 if any(a.request.sampling.logprobs is not None for a in active.values()):
@@ -273,7 +273,7 @@ class ContinuousBatcher:
         call's tokens are read and the masks built on the host while it runs; then the sampling
         under those masks is dispatched. Returns the step's (call, ResultTokens), to read next."""
         self._park(free, parked)
-        bound = max(len(a.prompt_ids) + len(a.tokens) for a in active.values()) + 3 * self.geo.decode_steps + 2
+        bound = self._bound(active)
         logprobs = any(a.request.sampling.logprobs is not None for a in active.values())
         t0 = time.perf_counter()
         self.state, logits = self.engine.decode_logits(self.params, self.state, max_length=bound)
@@ -288,6 +288,12 @@ class ContinuousBatcher:
         self.stats["decode_calls"] += 1
         self.stats["live_slots"] += len(active)
         return (calls, res)
+
+    def _bound(self, active) -> int:
+        """A bound on every live slot's position through the call about to be dispatched: the
+        call just dispatched, the one in flight and this one (3 calls of decode_steps), plus the
+        first token."""
+        return max(len(a.prompt_ids) + len(a.tokens) for a in active.values()) + 3 * self.geo.decode_steps + 2
 
     def _park(self, free, parked):
         """Release free slots that no refill took, so the next decode call does not read their

@@ -121,10 +121,6 @@ class Matcher:
         """The grammar is complete and takes no further token (only EOS)."""
         return self._m.is_stopped()
 
-    @property
-    def accepting(self) -> bool:
-        return self._m.is_accepting()
-
 
 def mask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32

@@ -332,9 +332,15 @@ class JaxEngine(LoweringHooks, Engine):
             return wins[-1]
         return next((w for w in wins if w >= max_length), wins[-1])
 
+    def _advance(self, state: DecodeState, cache, nxt) -> DecodeState:
+        """The state once every live slot has taken token `nxt` [B] (parked slots, released or
+        never filled, stay where they are)."""
+        live = state.step > 0
+        pos = jnp.where(live, jnp.minimum(state.pos + 1, self.config.max_cache_length - 1), state.pos)
+        return DecodeState(cache, nxt, pos, state.step + live, state.sampling, state.page_table)
+
     def _generate_impl(self, params, state: DecodeState, window: int, logprobs: bool = False):
         cfg = self.model_config
-        limit = self.config.max_cache_length - 1
         steps = self.config.decode_steps
         b = self.config.batch_size
 
@@ -343,11 +349,9 @@ class JaxEngine(LoweringHooks, Engine):
             logits, cache = decode_step(params, cfg, state.tokens, state.pos, state.cache, self.dtype,
                                         self.attention_impl, window, state.page_table, self._kernel)
             nxt = sample(logits, state.sampling, state.step)
-            live = state.step > 0  # parked slots (released, or never filled) stay where they are
-            pos = jnp.where(live, jnp.minimum(state.pos + 1, limit), state.pos)
-            step_outs = (nxt, pos) + (token_logprobs(logits, nxt) if logprobs else ())
-            outs = tuple(o.at[:, i].set(x) for o, x in zip(outs, step_outs))
-            return DecodeState(cache, nxt, pos, state.step + live, state.sampling, state.page_table), outs
+            state = self._advance(state, cache, nxt)
+            step_outs = (nxt, state.pos) + (token_logprobs(logits, nxt) if logprobs else ())
+            return state, tuple(o.at[:, i].set(x) for o, x in zip(outs, step_outs))
 
         outs = (jnp.zeros((b, steps), jnp.int32), jnp.zeros((b, steps), jnp.int32))
         if logprobs:
@@ -368,11 +372,9 @@ class JaxEngine(LoweringHooks, Engine):
     def _sample_logits_impl(self, state: DecodeState, logits, token_mask, logprobs: bool):
         """The sampling half: each slot's next token under its token_mask row [B, ceil(V / 32)]."""
         nxt = sample(apply_token_mask(logits, token_mask), state.sampling, state.step)
-        live = state.step > 0
-        pos = jnp.where(live, jnp.minimum(state.pos + 1, self.config.max_cache_length - 1), state.pos)
         extra = tuple(x[:, None] for x in token_logprobs(logits, nxt)) if logprobs else ()
-        state = DecodeState(state.cache, nxt, pos, state.step + live, state.sampling, state.page_table)
-        return (state, nxt[:, None], (pos > 0)[:, None], pos[:, None]) + extra
+        state = self._advance(state, state.cache, nxt)
+        return (state, nxt[:, None], (state.pos > 0)[:, None], state.pos[:, None]) + extra
 
     def decode_logits(self, params, decode_state: DecodeState, max_length: Optional[int] = None):
         """One decode step's forward pass, dispatched: (state, logits on device). The host builds

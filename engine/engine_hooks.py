@@ -60,7 +60,7 @@ class LoweringHooks:
         return (_lower(self._decode_logits_jit, platforms, params, decode_state, self._windows[-1]),
                 _lower(self._sample_logits_jit, platforms, decode_state, logits, mask, False))
 
-    def filled_state(self, decode_state, length: int) :
+    def filled_state(self, decode_state, length: int):
         """Every slot live at position `length` (cache contents as they are): the state a decode
         step meets once each slot holds `length` tokens, for timing one step in isolation."""
         b = self.config.batch_size
@@ -76,10 +76,6 @@ class LoweringHooks:
         if self._param_avals is None:
             raise RuntimeError("workspace_bytes needs the params' shapes: call load_params() first")
         n, s = self._geometry.prefill_sizes[-1], self.buckets[-1]
-        aval = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-        samp = jax.tree.map(aval, SlotSampling.greedy(n))
-        tokens, lengths = jax.ShapeDtypeStruct((n, s), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32)
-        prefill = self._prefill_jit.lower(self._param_avals, tokens, lengths, samp).compile()
-        state = jax.eval_shape(lambda: self._build_state(1))
-        decode = self._generate_jit.lower(self._param_avals, state, self._windows[-1], False).compile()
+        prefill = self.lower_prefill(self._param_avals, n, s).compile()
+        decode = self.lower_generate(self._param_avals, jax.eval_shape(lambda: self._build_state(1))).compile()
         return compiled_workspace(prefill) + compiled_workspace(decode)

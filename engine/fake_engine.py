@@ -164,12 +164,18 @@ class FakeEngine(Engine):
         self.calls.append(("decode_logits", int((decode_state.step > 0).sum())))
         return decode_state, (decode_state.tokens + 1) % self.geo.vocab_size
 
-    def sample_logits(self, decode_state: FakeState, logits, token_mask=None, logprobs: bool = False):
-        st, g = decode_state, self.geo
+    def _advance(self, st: FakeState, want, token_mask) -> np.ndarray:
+        """One step: each live slot takes `want` (moved to what its mask row allows); returns the
+        live mask."""
         live = st.step > 0
-        st.tokens = np.where(live, self._allowed(np.asarray(logits), token_mask), st.tokens).astype(np.int32)
-        st.pos = np.where(live, np.minimum(st.pos + 1, g.max_cache_length - 1), st.pos).astype(np.int32)
+        st.tokens = np.where(live, self._allowed(np.asarray(want), token_mask), st.tokens).astype(np.int32)
+        st.pos = np.where(live, np.minimum(st.pos + 1, self.geo.max_cache_length - 1), st.pos).astype(np.int32)
         st.step = st.step + live
+        return live
+
+    def sample_logits(self, decode_state: FakeState, logits, token_mask=None, logprobs: bool = False):
+        st = decode_state
+        live = self._advance(st, logits, token_mask)
         toks = st.tokens[:, None].copy()
         extra = self._logprobs(toks) if logprobs else ()
         return st, ResultTokens(toks, live[:, None].copy(), st.pos[:, None].copy(), *extra)
@@ -181,10 +187,7 @@ class FakeEngine(Engine):
         toks = np.zeros((g.slots, steps), np.int32)
         lengths = np.zeros((g.slots, steps), np.int32)
         for i in range(steps):
-            st.tokens = np.where(live, self._allowed((st.tokens + 1) % g.vocab_size, token_mask), st.tokens
-                                 ).astype(np.int32)
-            st.pos = np.where(live, np.minimum(st.pos + 1, g.max_cache_length - 1), st.pos).astype(np.int32)
-            st.step = st.step + live
+            self._advance(st, (st.tokens + 1) % g.vocab_size, token_mask)
             toks[:, i], lengths[:, i] = st.tokens, st.pos
         self.calls.append(("generate", int(live.sum())))
         extra = self._logprobs(toks) if logprobs else ()

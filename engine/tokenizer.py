@@ -5,7 +5,6 @@ All share one small interface so the batcher never cares where the vocabulary ca
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional, Sequence
 
@@ -84,14 +83,8 @@ def _read_bounded(path: str, what: str, parse):
 def _read_config(path: str) -> dict:
     """tokenizer_config.json as a dict (bounded; CheckpointError naming it if it is not one)."""
     from engine.checkpoint import CheckpointError
-
-    def parse(p):
-        with open(p, encoding="utf-8") as f:
-            return json.load(f)
-    cfg = _read_bounded(path, "tokenizer config", parse)
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: tokenizer config is a JSON {type(cfg).__name__}, not an object")
-    return cfg
+    from engine.settings import read_json_object
+    return read_json_object(path, CheckpointError, MAX_BYTES["tokenizer config"])
 
 
 class SentencePieceTokenizer(Tokenizer):

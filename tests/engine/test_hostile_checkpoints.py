@@ -292,7 +292,7 @@ def build_cases(root) -> dict:
         "tokenizer_json_600mb": (write_tokenizer(d("tok_huge"), size=600 << 20),
                                  ["tokenizer.json", "629,145,600 bytes"]),
         "tokenizer_config_list": (write_tokenizer(d("tok_cfg"), config="[1, 2]"),
-                                  ["tokenizer_config.json", "not an object"]),
+                                  ["tokenizer_config.json", "must hold a JSON object, got list"]),
         "sentencepiece_garbage": (write_tokenizer(d("tok_sp"), sentencepiece=b"garbage" * 10),
                                   ["tokenizer.model", "unreadable sentencepiece model"]),
     }
