@@ -30,7 +30,8 @@ def sample_prompts(tok, limit=None) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--modes", default="none,int8,w8a8_int8,w8a8_fp8")
+    p.add_argument("--modes", default="none,bf16,int8,w8a8_int8,w8a8_fp8",
+                   help="quantize_weights modes; bf16: unquantized matrices kept in bf16 (weight_dtype)")
     p.add_argument("--limit", type=int, default=None, help="first N prompts only")
     args = p.parse_args(argv)
 
@@ -57,10 +58,13 @@ def main(argv=None) -> int:
     width = 32 * -(-max(map(len, prompts)) // 32)
     fwd = jax.jit(lambda prm, t, last: prefill(prm, cfg, t, jnp.float32, last_index=last)[0])
     print(f"{len(prompts)} prompts of data/prompts.jsonl, SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), CPU")
-    print("| quantize_weights | first-token agreement | worst max logit error / std | median |")
+    print("| weights | first-token agreement | worst max logit error / std | median |")
     print("|---|---|---|---|")
     for mode in args.modes.split(","):
-        params = load_params(cfg, ckpt, make_mesh("cpu"), jnp.float32, mode)
+        if mode == "bf16":
+            params = load_params(cfg, ckpt, make_mesh("cpu"), jnp.float32, "none", matrix_dtype=jnp.bfloat16)
+        else:
+            params = load_params(cfg, ckpt, make_mesh("cpu"), jnp.float32, mode)
         agree, errs = 0, []
         for ids, r in zip(prompts, ref):
             buf = np.zeros((1, width), np.int32)

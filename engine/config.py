@@ -85,6 +85,11 @@ class EngineConfig:
                                 minimum=1)
     dtype: Optional[str] = setting(None, "Compute dtype; none: bfloat16 on accelerators, float32 on CPU",
                                    choices=DTYPE_NAMES)
+    weight_dtype: Optional[str] = setting(
+        None, "Dtype of the weight matrices and embedding table that are not 8-bit quantized; dots "
+              "multiply in it and accumulate in float32; none: bfloat16 under float32 compute on a "
+              "CPU with bf16 matrix instructions (AMX or AVX512-BF16), else the compute dtype",
+        choices=DTYPE_NAMES)
     platform: str = setting("auto", "Devices one engine uses: auto, cpu, gpu=N or tpu=N")
     quantize_weights: str = setting(
         "none", "Weight matrices in 8 bits with per-output-channel scales: int8 = int8 weights, bf16 "

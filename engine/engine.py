@@ -41,6 +41,31 @@ def compute_dtype(name: Optional[str], backend: str):
     return jnp.float32 if backend == "cpu" else jnp.bfloat16
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this host's CPU multiplies bf16 matrices in hardware (x86 AMX-BF16 or AVX512-BF16,
+    Arm BF16), where XLA's bf16 x bf16 -> f32 dots run several times faster than float32 ones."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return bool({"amx_bf16", "avx512_bf16", "bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def matrix_dtype(name: Optional[str], backend: str, dtype):
+    """The dtype EngineConfig.weight_dtype names; None: bfloat16 for float32 compute on a CPU with
+    bf16 matrix instructions (half the bytes, dots on its bf16 units; accuracy in BENCHMARKS.md,
+    CPU), else the compute dtype. The KV cache stays in the compute dtype: XLA's CPU scatter
+    into a bf16 cache is several times slower than the float32 one."""
+    if name is not None:
+        return DTYPES[name]
+    if backend == "cpu" and dtype == jnp.float32 and cpu_has_bf16_matmul():
+        return jnp.bfloat16
+    return dtype
+
+
 class JaxEngine(LoweringHooks, Engine):
     """One model on one mesh, with `batch_size` decode slots of `max_cache_length` tokens."""
 
@@ -52,6 +77,9 @@ class JaxEngine(LoweringHooks, Engine):
         self._mesh = shd.make_mesh(config.platform)
         backend = self._mesh.devices.flat[0].platform
         self.dtype = compute_dtype(config.dtype, backend)
+        self.weight_dtype = matrix_dtype(config.weight_dtype, backend, self.dtype)
+        # A CPU draws a vocabulary of noise per sampling slot in ~1 ms: skip the greedy slots.
+        self._per_slot_draws = backend == "cpu"
         self._kernel = kernel_settings(config.decode_kernel)
         self._geometry = geometry_of(config, model_config.vocab_size, model_config.eos_token_ids)
         self.prefill_attention, self.attention_impl = self._choose_attention(backend)
@@ -122,7 +150,8 @@ class JaxEngine(LoweringHooks, Engine):
         dev = self._mesh.devices.flat[0]
         plan = self.pool_plan
         return {"device_kind": dev.device_kind, "platform": dev.platform, "device_count": int(self._mesh.devices.size),
-                "dtype": str(np.dtype(self.dtype)), "prefill_attention": self.prefill_attention,
+                "dtype": str(np.dtype(self.dtype)), "weight_dtype": str(np.dtype(self.weight_dtype)),
+                "prefill_attention": self.prefill_attention,
                 "decode_attention": self.attention_impl, "kv_cache_tokens": self.config.kv_cache_tokens,
                 "kv_pool_plan": dataclasses.asdict(plan) if plan is not None else None}
 
@@ -130,7 +159,8 @@ class JaxEngine(LoweringHooks, Engine):
     def load_params(self):
         from engine.weights import fuse_projections, load_params
         params = load_params(self.model_config, self.checkpoint, self._mesh, self.dtype,
-                             self.config.quantize_weights, seed=self.config.random_seed)
+                             self.config.quantize_weights, seed=self.config.random_seed,
+                             matrix_dtype=self.weight_dtype)
         if self.config.fuse_projections and self._mesh.size == 1:
             params = fuse_projections(params)
         self._param_avals = jax.tree.map(
@@ -195,7 +225,7 @@ class JaxEngine(LoweringHooks, Engine):
             logits, true_length = logits[sample_rows], true_length[sample_rows]
             offset = None if offset is None else offset[sample_rows]
         masked = logits if token_mask is None else apply_token_mask(logits, token_mask)
-        first = sample(masked, sampling, jnp.zeros_like(true_length))
+        first = sample(masked, sampling, jnp.zeros_like(true_length), self._per_slot_draws)
         prefix_cache = pack_prefix(ks, vs, self.config.quantize_kv_cache)
         return (Prefix(prefix_cache, true_length, first, sampling, sample_rows, offset),
                 token_logprobs(logits, first), prompt)
@@ -348,7 +378,7 @@ class JaxEngine(LoweringHooks, Engine):
             state, outs = carry
             logits, cache = decode_step(params, cfg, state.tokens, state.pos, state.cache, self.dtype,
                                         self.attention_impl, window, state.page_table, self._kernel)
-            nxt = sample(logits, state.sampling, state.step)
+            nxt = sample(logits, state.sampling, state.step, self._per_slot_draws)
             state = self._advance(state, cache, nxt)
             step_outs = (nxt, state.pos) + (token_logprobs(logits, nxt) if logprobs else ())
             return state, tuple(o.at[:, i].set(x) for o, x in zip(outs, step_outs))
@@ -371,7 +401,7 @@ class JaxEngine(LoweringHooks, Engine):
 
     def _sample_logits_impl(self, state: DecodeState, logits, token_mask, logprobs: bool):
         """The sampling half: each slot's next token under its token_mask row [B, ceil(V / 32)]."""
-        nxt = sample(apply_token_mask(logits, token_mask), state.sampling, state.step)
+        nxt = sample(apply_token_mask(logits, token_mask), state.sampling, state.step, self._per_slot_draws)
         extra = tuple(x[:, None] for x in token_logprobs(logits, nxt)) if logprobs else ()
         state = self._advance(state, state.cache, nxt)
         return (state, nxt[:, None], (state.pos > 0)[:, None], state.pos[:, None]) + extra

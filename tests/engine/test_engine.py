@@ -287,9 +287,10 @@ def test_warmup_compiles_every_shape_up_front(batched):
 
 
 def test_decode_windows_cross_boundaries():
-    """Generation past the 128-token attention window (cache 320) still equals full-forward argmax."""
+    """Generation past the 128-token attention window (cache 320) still equals full-forward argmax
+    (float32 matrices: the comparison is exact arithmetic, not bf16 rounding)."""
     loaded = load_engine(make_settings("tiny-llama", batch_size=2, max_cache_length=320, context_size=16,
-                                       decode_steps=8))
+                                       decode_steps=8, weight_dtype="float32"))
     assert loaded.engine.decode_windows() == [128, 256, 320]
     prompts = [[1, 50, 60, 70, 80], [1, 9]]
     batcher = ContinuousBatcher(loaded.engine, loaded.params)
@@ -301,25 +302,36 @@ def test_decode_windows_cross_boundaries():
         assert list(_full_forward_argmax(loaded, seq)[len(p) - 1:-1]) == seq[len(p):]
 
 
-def test_filter_mask_matches_sorted_definition():
-    """Bisection thresholds keep exactly the tokens the sort-based top-k / top-p definition keeps."""
+@pytest.mark.parametrize("misfit", [None, "top_k", "nucleus"])
+def test_filter_mask_matches_sorted_definition(misfit):
+    """The top-k / top-p mask keeps exactly the tokens the sort-based definition keeps: read off
+    the ranked candidates when every row fits in them, by bisection when one row does not
+    (a top_k above FILTER_CANDIDATES, or a flat row whose nucleus reaches past them)."""
     import jax.numpy as jnp
-    from engine.sampling import _keep_mask
+    from engine.sampling import FILTER_CANDIDATES, _keep_mask
+    vocab = FILTER_CANDIDATES + 44
     rng = np.random.default_rng(5)
-    logits = rng.normal(size=(6, 300)).astype(np.float32) * 3
-    top_k = np.int32([0, 1, 7, 50, 0, 20])
-    top_p = np.float32([1.0, 1.0, 1.0, 0.9, 0.5, 0.3])
+    logits = rng.normal(size=(7, vocab)).astype(np.float32) * 3
+    top_k = np.int32([0, 1, 7, 50, 0, 20, 3])
+    top_p = np.float32([1.0, 1.0, 1.0, 0.9, 0.5, 0.3, 1.0])
+    if misfit == "top_k":
+        top_k[6] = FILTER_CANDIDATES + 24
+    elif misfit == "nucleus":
+        logits[6] = rng.normal(size=vocab).astype(np.float32) * 0.01
+        top_k[6], top_p[6] = 0, 0.95
     got = np.asarray(_keep_mask(jnp.asarray(logits), jnp.asarray(top_k), jnp.asarray(top_p)))
-    for row in range(6):
+    for row in range(len(logits)):
         order = np.argsort(-logits[row])
-        keep = np.ones(300, bool) if top_k[row] == 0 else np.isin(np.arange(300), order[:top_k[row]])
+        keep = np.ones(vocab, bool) if top_k[row] == 0 else np.isin(np.arange(vocab), order[:top_k[row]])
         p = np.exp(logits[row] - logits[row].max()) * keep
         p /= p.sum()
         ps = p[order]
         cum_before = np.cumsum(ps) - ps
         kept_sorted = order[(cum_before < top_p[row]) & keep[order]]
-        want = np.isin(np.arange(300), kept_sorted) if top_p[row] < 1 else keep
+        want = np.isin(np.arange(vocab), kept_sorted) if top_p[row] < 1 else keep
         assert (got[row] == want).all(), row
+    if misfit == "nucleus":
+        assert got[6].sum() > FILTER_CANDIDATES
 
 
 @pytest.mark.parametrize("kv8,page", [(False, 0), (True, 0), (False, 8)])

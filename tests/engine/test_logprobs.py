@@ -60,7 +60,8 @@ def check_against(model, prompt_ids, result, k):
 def test_tiny_llama_matches_transformers(tmp_path):
     from engine.llm import LLM
     model = save_tiny_model(tmp_path, tiny_llama_config(), seed=3).eval()
-    llm = LLM(str(tmp_path), batch_size=2, max_cache_length=32, context_size=16, decode_steps=2)
+    llm = LLM(str(tmp_path), batch_size=2, max_cache_length=32, context_size=16, decode_steps=2,
+              weight_dtype="float32")  # the oracle comparison: float32 matrices as transformers
     prompts = [[1, 40, 41, 42], [1, 90, 7, 8, 9, 10, 11], [1, 5]]
     sampled = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=5, temperature=0.8, seed=11)
     reqs = [Request(id=0, prompt_token_ids=prompts[0], sampling=SamplingParams(max_tokens=6, ignore_eos=True, logprobs=5)),
@@ -84,7 +85,8 @@ def test_prompt_logprobs_match_transformers(tmp_path):
     assert r.prompt_logprobs[0] is None and [e["token_id"] for e in r.prompt_logprobs[1:]] == [5, 9]
     assert [a["token_id"] for a in r.prompt_logprobs[1]["top_logprobs"]] == [5, 6, 7]
     model = save_tiny_model(tmp_path, tiny_llama_config(), seed=3).eval()
-    llm = LLM(str(tmp_path), batch_size=2, max_cache_length=32, context_size=16, decode_steps=2)
+    llm = LLM(str(tmp_path), batch_size=2, max_cache_length=32, context_size=16, decode_steps=2,
+              weight_dtype="float32")  # the oracle comparison: float32 matrices as transformers
     prompt = [1, 90, 7, 8, 9, 10, 11]
     out = llm.generate_all([Request(id=0, prompt_token_ids=prompt, sampling=SamplingParams(
         max_tokens=2, prompt_logprobs=4, n=2, temperature=1.0, seed=1))])[0]

@@ -5,6 +5,8 @@ Bounds (tiny random configs, float32 activations; the measured values were about
   * W8A8 (per-column 8-bit weights, per-token 8-bit activations): int8 max error <= 0.4 x std,
     top-1 >= 88%; fp8 e4m3 (3 mantissa bits) max error <= 1.2 x std, top-1 >= 70%.
   * int8 KV cache (per token and head): decode logits max error <= 0.15 x std; top-1 agreement >= 95%.
+  * bf16 matrices under float32 compute (weight_dtype, the CPU default where bf16 matrix units
+    exist): max error <= 0.12 x std; top-1 agreement >= 92%.
 A real-model check (SmolLM2) lives in tests/test_gguf.py.
 """
 
@@ -94,6 +96,39 @@ def test_w8a8_bound(name, mode):
     bound, min_agree = W8A8_BOUNDS[mode]
     assert 0 < err <= bound and agree >= min_agree, (err, agree)
     assert 0 < dec_err <= bound and dec_agree >= min_agree, (dec_err, dec_agree)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_matrices_bound(name):
+    """Matrices and the embedding table kept in bf16 (dots in bf16, float32 accumulation) while
+    norms, activations and the cache stay float32: prefill and decode logits stay within bounds."""
+    cfg = ModelConfig.from_dict(configs.load_model_config_dict(name))
+    ref = random_params(cfg, make_mesh("cpu"), jnp.float32, "none", seed=1)
+    half = random_params(cfg, make_mesh("cpu"), jnp.float32, "none", seed=1, matrix_dtype=jnp.bfloat16)
+    layer = half["layers"][0]
+    assert half["embed"].dtype == jnp.bfloat16 and layer["wq"].dtype == jnp.bfloat16
+    assert layer["attn_norm"].dtype == jnp.float32 and half["final_norm"].dtype == jnp.float32
+    toks = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(4, 40))
+    fwd = jax.jit(lambda prm: prefill(prm, cfg, toks, jnp.float32, all_logits=True)[0])
+    lr, lh = fwd(ref), fwd(half)
+    assert lh.dtype == jnp.float32
+    err, agree = _stats(lr, lh)
+    dec_err, dec_agree = _stats(_forced_decode(ref, cfg, toks, 8, False), _forced_decode(half, cfg, toks, 8, False))
+    print(f"{name} bf16 matrices: prefill max err/std {err:.4f}, top-1 {agree:.3f}; decode {dec_err:.4f}, {dec_agree:.3f}")
+    assert 0 < err <= 0.12 and agree >= 0.92, (err, agree)
+    assert 0 < dec_err <= 0.12 and dec_agree >= 0.92, (dec_err, dec_agree)
+
+
+def test_weight_dtype_resolution():
+    """weight_dtype none: bf16 matrices only under float32 compute on a CPU with bf16 matrix
+    instructions; a named dtype is taken as given; accelerators keep their compute dtype."""
+    from engine.engine import cpu_has_bf16_matmul, matrix_dtype
+    auto_cpu = jnp.bfloat16 if cpu_has_bf16_matmul() else jnp.float32
+    assert matrix_dtype(None, "cpu", jnp.float32) == auto_cpu
+    assert matrix_dtype(None, "cpu", jnp.bfloat16) == jnp.bfloat16
+    assert matrix_dtype(None, "gpu", jnp.bfloat16) == jnp.bfloat16
+    assert matrix_dtype("float32", "cpu", jnp.float32) == jnp.float32
+    assert matrix_dtype("bfloat16", "gpu", jnp.float32) == jnp.bfloat16
 
 
 def test_w8a8_from_int8_is_exact():
