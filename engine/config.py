@@ -35,20 +35,36 @@ PLATFORMS = ("tpu", "gpu", "cpu", "cuda", "rocm")
 
 
 def parse_platform(platform: str) -> tuple[Optional[str], Optional[int]]:
-    """"tpu=8" -> ("tpu", 8); "cpu" -> ("cpu", 1); "gpu" -> ("gpu", all); "auto" -> (None, all)."""
+    """"tpu=8" -> ("tpu", 8); "cpu" -> ("cpu", 1); "gpu" -> ("gpu", all); "auto" -> (None, all);
+    "gpu=8/2" -> ("gpu", 8): the devices of a worker process, whatever their grouping."""
     platform = (platform or "auto").strip().lower()
     if platform == "auto":
         return None, None
     name, _, count = platform.partition("=")
     if name not in PLATFORMS:
-        raise ConfigError(f"platform: must look like 'tpu=8', 'gpu=1', 'cpu' or 'auto', got {platform!r}")
+        raise ConfigError(f"platform: must look like 'tpu=8', 'gpu=1', 'gpu=8/2', 'cpu' or 'auto', got {platform!r}")
     if name in ("cuda", "rocm"):
         name = "gpu"
     if count:
-        if not count.isdigit() or int(count) < 1:
+        total, _, per = count.partition("/")
+        if not total.isdigit() or int(total) < 1 or (per and (not per.isdigit() or int(per) < 1)):
             raise ConfigError(f"platform: bad device count in {platform!r}")
-        return name, int(count)
+        if per and int(total) % int(per):
+            raise ConfigError(f"platform: {platform!r} does not split {total} devices into engines of {per}")
+        return name, int(total)
     return name, 1 if name == "cpu" else None
+
+
+def device_groups(platform: str) -> tuple[Optional[int], int]:
+    """(devices per engine, engines per worker process): "gpu=8/2" -> (2, 4), data parallel over
+    four tensor-parallel engines of two GPUs; "gpu=4" -> (4, 1); "auto" -> (None, 1): one engine
+    on every visible device."""
+    _, total = parse_platform(platform)
+    count = (platform or "").partition("=")[2]
+    if "/" not in count:
+        return total, 1
+    per = int(count.partition("/")[2])
+    return per, total // per
 
 
 def next_power_of_two(n: int) -> int:
@@ -90,7 +106,10 @@ class EngineConfig:
               "multiply in it and accumulate in float32; none: bfloat16 under float32 compute on a "
               "CPU with bf16 matrix instructions (AMX or AVX512-BF16), else the compute dtype",
         choices=DTYPE_NAMES)
-    platform: str = setting("auto", "Devices one engine uses: auto, cpu, gpu=N or tpu=N")
+    platform: str = setting(
+        "auto", "Devices of a worker process: auto, cpu, gpu=N or tpu=N (one engine over N devices, "
+                "tensor parallel), or gpu=N/M (N devices, one engine per M of them: N/M engines "
+                "serving one stream of rows, data parallel)")
     quantize_weights: str = setting(
         "none", "Weight matrices in 8 bits with per-output-channel scales: int8 = int8 weights, bf16 "
                 "math; w8a8 = 8-bit weights and per-token 8-bit activations on 8-bit tensor cores (fp8 "

@@ -69,12 +69,12 @@ def matrix_dtype(name: Optional[str], backend: str, dtype):
 class JaxEngine(LoweringHooks, Engine):
     """One model on one mesh, with `batch_size` decode slots of `max_cache_length` tokens."""
 
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, checkpoint=None):
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, checkpoint=None, device_group: int = 0):
         self.config = config
         self.model_config = model_config
         self.checkpoint = checkpoint  # None: random weights (benchmarks, config-name models)
         self.paged = config.kv_page_size > 0
-        self._mesh = shd.make_mesh(config.platform)
+        self._mesh = shd.make_mesh(config.platform, device_group)  # "gpu=N/M": the group's M devices
         backend = self._mesh.devices.flat[0].platform
         self.dtype = compute_dtype(config.dtype, backend)
         self.weight_dtype = matrix_dtype(config.weight_dtype, backend, self.dtype)
@@ -83,6 +83,9 @@ class JaxEngine(LoweringHooks, Engine):
         self._kernel = kernel_settings(config.decode_kernel)
         self._geometry = geometry_of(config, model_config.vocab_size, model_config.eos_token_ids)
         self.prefill_attention, self.attention_impl = self._choose_attention(backend)
+        if (self.attention_impl == "pallas" and self._mesh.size > 1
+                and model_config.num_kv_heads % self._mesh.size == 0):
+            self._kernel += (("mesh", self._mesh),)  # the kernel runs per device (kv_cache._pallas_decode)
         self.buckets = self._geometry.prefill_buckets
         self._windows = self._decode_windows()
         self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("prompt_logprobs",))

@@ -216,13 +216,7 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
     if impl != "xla" and (softcap is not None or sliding_window is not None):
         raise ValueError(f"{impl} decode attention has no soft-cap or sliding window; use 'xla'")
     if impl == "pallas":  # reads only each slot's filled blocks; int8 or unquantized cache
-        from engine.kernels.ragged_decode import ragged_decode_attention
-        ks = cache.k_scale[layer] if cache.quantized else None
-        vs = cache.v_scale[layer] if cache.quantized else None
-        # The Triton kernel compiles only for GPUs; elsewhere Pallas interprets it (tests).
-        return ragged_decode_attention(q, cache.k[layer], cache.v[layer], ks, vs, pos + 1, scale,
-                                       page_table=page_table, **dict(kernel),
-                                       interpret=jax.default_backend() != "gpu")
+        return _pallas_decode(q, cache, layer, pos, scale, page_table, dict(kernel))
     if page_table is not None:
         cache, layer = gather_pages(cache, layer, page_table, window), 0
     k, v = cache.k[layer], cache.v[layer]
@@ -251,6 +245,47 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
     out = jnp.einsum("bhgt,bthd->bhgd", p.astype(q.dtype), v.astype(q.dtype),
                      preferred_element_type=jnp.float32)
     return out.reshape(b, h, d).astype(q.dtype)
+
+
+def _pallas_decode(q, cache: KVCache, layer: int, pos, scale: float, page_table, kernel: dict):
+    """Our ragged Pallas kernel on one layer. Under tensor parallelism (`kernel["mesh"]`, set by
+    the engine) XLA cannot split a custom kernel, so each device runs it on its own query and KV
+    heads through shard_map: the cache never moves between devices."""
+    from engine.kernels.ragged_decode import ragged_decode_attention
+    mesh = kernel.pop("mesh", None)
+    quantized = cache.quantized
+    paged = page_table is not None
+    # The Triton kernel compiles only for GPUs; elsewhere Pallas interprets it (tests).
+    interpret = jax.default_backend() != "gpu"
+
+    def attend(q, k, v, lengths, *rest):
+        ks, vs = rest[:2] if quantized else (None, None)
+        pt = rest[-1] if paged else None
+        return ragged_decode_attention(q, k, v, ks, vs, lengths, scale, page_table=pt, **kernel,
+                                       interpret=interpret)
+
+    args = [q, cache.k[layer], cache.v[layer], pos + 1]
+    if quantized:
+        args += [cache.k_scale[layer], cache.v_scale[layer]]
+    if paged:
+        args.append(page_table)
+    if mesh is None:
+        return attend(*args)
+    from jax.sharding import PartitionSpec as P
+    from engine.sharding import AXIS
+    heads, kv = P(None, AXIS, None), P(None, None, AXIS, None)
+    specs = [heads, kv, kv, P()] + ([P(None, AXIS, None)] * 2 if quantized else []) + ([P()] if paged else [])
+    return _shard_map(attend, mesh, tuple(specs), heads)(*args)
+
+
+def _shard_map(f, mesh, in_specs, out_specs):
+    """jax.shard_map (JAX >= 0.7), or its experimental home on older versions."""
+    try:
+        from jax import shard_map
+        return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    except ImportError:
+        from jax.experimental.shard_map import shard_map
+        return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
 def prefill_attention_cached(q, k, v, ck, cv, ctx_len, scale: float, softcap: Optional[float] = None,

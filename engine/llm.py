@@ -42,11 +42,12 @@ class LoadedEngine:
     settings: Settings
 
 
-def load_engine(settings: Settings) -> LoadedEngine:
-    """Open the model `settings` names and build a JaxEngine with its weights on the devices."""
+def load_engine(settings: Settings, device_group: int = 0) -> LoadedEngine:
+    """Open the model `settings` names and build a JaxEngine with its weights on the devices
+    (with platform "gpu=N/M", on the `device_group`-th M of them)."""
     mc, checkpoint, tokenizer, name = resolve_model(settings.source)
     enable_compilation_cache(settings.engine.compilation_cache_dir)
-    engine = JaxEngine(settings.engine, mc, checkpoint)
+    engine = JaxEngine(settings.engine, mc, checkpoint, device_group)
     return LoadedEngine(engine, engine.load_params(), tokenizer, name, settings)
 
 
@@ -55,13 +56,15 @@ class LLM:
 
     `LLM(model, **settings)`: `model` as `--model` takes it (None: the embedded default) and any
     setting of engine/config.py by name; `settings=` passes a whole Settings instead. The
-    `sampling` settings are the defaults of `generate` for plain prompt strings."""
+    `sampling` settings are the defaults of `generate` for plain prompt strings. With platform
+    "gpu=N/M" it is the engine of the `device_group`-th M devices (engine/data_parallel.py runs
+    one per group)."""
 
     def __init__(self, model: Optional[str] = None, tokenizer=None, *, settings: Optional[Settings] = None,
-                 **flat):
+                 device_group: int = 0, **flat):
         t0 = time.perf_counter()
         self.settings = make_settings(model, settings, **flat)
-        loaded = load_engine(self.settings)
+        loaded = load_engine(self.settings, device_group)
         self._engine, self._params = loaded.engine, loaded.params
         self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
         self.model_name = loaded.model_name

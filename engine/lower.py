@@ -18,7 +18,7 @@ import sys
 import jax
 import numpy as np
 
-from engine.config import add_settings_arguments, parse_platform, settings_flags, Settings
+from engine.config import add_settings_arguments, device_groups, parse_platform, settings_flags, Settings
 from engine.settings import ConfigError
 
 
@@ -26,7 +26,8 @@ def export_programs(settings: Settings, target: str) -> dict:
     """{program: bytes of its StableHLO} of the engine's programs exported for `target`."""
     from engine.engine import JaxEngine
     from engine.model_files import resolve_model
-    kind, count = parse_platform(target)
+    kind = parse_platform(target)[0]
+    count = device_groups(target)[0]  # one engine's devices ("tpu=8/2": 2)
     mc = resolve_model(settings.source)[0]
     here = f"cpu={count}" if count and count > 1 else "cpu"
     eng = JaxEngine(_on_cpu(settings.engine, here), mc, None)

@@ -13,13 +13,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from engine.config import parse_platform
+from engine.config import device_groups, parse_platform
 from engine.model_config import ModelConfig
 
 AXIS = "tp"
 
 
-def make_mesh(platform: str) -> Mesh:
+def make_mesh(platform: str, group: int = 0) -> Mesh:
+    """The mesh of one engine: the platform's devices, or with "gpu=N/M" the `group`-th M of them."""
     backend, count = parse_platform(platform)
     try:
         devices = jax.devices(backend) if backend else jax.devices()
@@ -30,6 +31,11 @@ def make_mesh(platform: str) -> Mesh:
             raise ValueError(f"platform {platform!r} asks for {count} devices but only {len(devices)} "
                              f"{devices[0].platform} device(s) are visible")
         devices = devices[:count]
+    per, groups = device_groups(platform)
+    if not 0 <= group < groups:
+        raise ValueError(f"platform {platform!r} has {groups} engine group(s), not a group {group}")
+    if groups > 1:
+        devices = devices[group * per:(group + 1) * per]
     return Mesh(np.array(devices), (AXIS,))
 
 

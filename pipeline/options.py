@@ -18,7 +18,7 @@ from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from engine.config import Settings, add_settings_arguments, read_settings_file, settings_flags
+from engine.config import Settings, add_settings_arguments, device_groups, read_settings_file, settings_flags
 from engine.settings import (ConfigError, add_arguments, check_fields, fields_of, from_mapping, set_flags, setting,
                              unknown_key)
 
@@ -67,7 +67,7 @@ class JobOptions:
               "--max_num_workers, 1)", minimum=1)
     flush_rows: Optional[int] = setting(
         None, "Rows buffered per engine shard before they go to the engine in one continuous-batching "
-              "run; none: max(256, 8 x batch_size)", minimum=1)
+              "run; none: max(256, 8 x batch_size x engines per process)", minimum=1)
     commit_seconds: float = setting(
         30.0, "Finished rows are committed to --output at least this often (and every flush_rows "
               "rows): a killed job loses at most the rows in flight", minimum=0)
@@ -79,8 +79,12 @@ class JobOptions:
         check_fields(self)
 
     def rows_per_flush(self, settings: Settings) -> int:
-        """--flush_rows, or enough rows for 8 waves of the engine's decode slots (at least 256)."""
-        return self.flush_rows if self.flush_rows is not None else max(256, 8 * settings.engine.batch_size)
+        """--flush_rows, or enough rows for 8 waves of the decode slots of every engine of the
+        process (platform "gpu=N/M": N/M engines), at least 256."""
+        if self.flush_rows is not None:
+            return self.flush_rows
+        engines = device_groups(settings.engine.platform)[1]
+        return max(256, 8 * settings.engine.batch_size * engines)
 
 
 class JetbeamOptions(PipelineOptions):

@@ -31,11 +31,16 @@ CHILD = textwrap.dedent("""
     runs += [("tiny-gemma", p, False, 0) for p in ("cpu", "cpu=8")]
     runs += [("tiny-llama", "cpu=4", True, 8)]  # a paged int8 cache, split by KV head
     runs += [("tiny-llama", p, "w8a8_int8", 0) for p in ("cpu", "cpu=4")]  # [out, in] 8-bit weights
+    runs = [r + ("auto",) for r in runs]
+    # the ragged Pallas kernel (interpreted here) on an int8 cache, contiguous and paged: run per
+    # device through shard_map under tensor parallelism
+    runs += [("tiny-llama", p, True, page, "pallas") for p in ("cpu", "cpu=4") for page in (0, 16)]
     part, parts = map(int, sys.argv[1:3])
-    for model, platform, q, page in runs[part::parts]:
+    for model, platform, q, page, attention in runs[part::parts]:
         loaded = load_engine(make_settings(
-            model, platform=platform, batch_size=2, max_cache_length=40, context_size=16, decode_steps=4,
-            prefill_batch=2, quantize_weights=q, quantize_kv_cache=bool(q), kv_page_size=page))
+            model, platform=platform, batch_size=2, max_cache_length=48 if attention == "pallas" else 40,
+            context_size=16, decode_steps=4, prefill_batch=2, quantize_weights=q, quantize_kv_cache=bool(q),
+            kv_page_size=page, attention=attention))  # the kernel's pages: whole 16-token blocks
         eng = loaded.engine
         layer = loaded.params["layers"][0]
         wq = layer.get("wq", layer.get("wqkv"))  # one device: q|k|v fused (engine/weights.py)
@@ -45,13 +50,14 @@ CHILD = textwrap.dedent("""
                                           sampling=SamplingParams(max_tokens=12, ignore_eos=True))
                                   for i, p in enumerate(prompts)]), key=lambda r: r.id)
         cache = batcher.state.cache.k[0]  # the live (not donated) cache
-        out[f"{model}|{platform}" + ("|paged" if page else "") + f"|{q}"] = {
+        out[f"{model}|{platform}" + ("|paged" if page else "") + f"|{q}" + ("|pallas" if attention == "pallas" else "")] = {
+            "kernel_per_device": any(k == "mesh" for k, _ in eng._kernel),
             "tokens": [r.completion_token_ids for r in res],
             "devices": int(eng.mesh.devices.size),
             "wq_shards": len({str(s.index) for s in wq.addressable_shards}),
             "cache_shards": len({str(s.index) for s in cache.addressable_shards}),
         }
-        if page:  # what kv_cache_tokens=auto counts per device, against the real sharded pool
+        if page and attention != "pallas":  # what kv_cache_tokens=auto counts per device, against the real sharded pool
             from engine import kv_budget
             c = batcher.state.cache
             shard = sum(x.addressable_shards[0].data.nbytes for part in (c.k, c.v, c.k_scale, c.v_scale)
@@ -116,3 +122,13 @@ def test_auto_pool_counts_bytes_per_device(runs):
     and the workspace analysis compiles the sharded prefill and decode programs."""
     auto = runs["auto"]
     assert auto["counted"] == auto["pool_bytes_per_token"] and auto["workspace"] > 0
+
+
+@pytest.mark.parametrize("paged", ["", "|paged"])
+def test_pallas_kernel_runs_per_device(runs, paged):
+    """Under tensor parallelism the ragged Pallas kernel runs on each device's own heads
+    (shard_map) and gives the single-device tokens, on a contiguous and a paged int8 cache."""
+    one, many = runs[f"tiny-llama|cpu{paged}|True|pallas"], runs[f"tiny-llama|cpu=4{paged}|True|pallas"]
+    assert not one["kernel_per_device"] and many["kernel_per_device"]
+    assert many["cache_shards"] == 4 and many["tokens"] == one["tokens"]
+    assert many["tokens"] == runs["tiny-llama|cpu|True"]["tokens"]  # the XLA path's tokens too
