@@ -3,7 +3,9 @@
 
 Each worker process holds ONE engine (`acquire_engine`: `apache_beam.utils.shared.Shared`, keyed
 by every setting but the sampling defaults), shared by every DoFn instance and thread of the
-process; its lock serialises the engine, whose batcher is single-threaded. `EngineCall` serves a
+process; its lock serialises the engine, whose batcher is single-threaded. With platform
+"gpu=N/M" that engine is N/M engines of M devices each (engine/data_parallel.py) drawing every
+call's rows from one source, so one shard's flush keeps all the process's devices busy. `EngineCall` serves a
 list of ValidRequests under that lock and gives exactly one record per request, a completion
 record or an error record of stage "generate", counting both in the same Beam metrics
 (namespace "jetbeam") whichever integration called it.
@@ -38,10 +40,10 @@ class EngineHolder:
     """An LLM plus the lock that serialises it, and what the STATS records report about it."""
 
     def __init__(self, settings: Settings):
-        from engine.llm import LLM
+        from engine.data_parallel import serving_llm
         t0 = time.time()
         log.info("jetbeam: loading engine model=%s (pid %d)", settings.source.model or "<default>", os.getpid())
-        self.llm = LLM(settings=settings)
+        self.llm = serving_llm(settings)  # one LLM, or one per engine group ("gpu=8/2")
         self.load_time_s = time.time() - t0
         self.lock = threading.Lock()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
