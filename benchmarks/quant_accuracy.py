@@ -1,6 +1,11 @@
 """How far each weight mode moves the embedded SmolLM2 from transformers' float32 model (CPU).
 
     python benchmarks/quant_accuracy.py [--modes none,int8,w8a8_int8,w8a8_fp8] [--limit N]
+    python benchmarks/quant_accuracy.py --completions "--weight_dtype float32" --completions "" --completions=--quantize_kv_cache
+
+The second form compares whole greedy completions (64 tokens, EOS stops) of the engine under
+each flag set (`LLM` settings as flags) with transformers' greedy `generate`, one prompt at a
+time, on the token ids the default job sends (a single flag goes as --completions=--flag).
 
 For every sample prompt of data/prompts.jsonl (chat rows rendered with the model's template)
 it compares our first greedy token and last-position logits, per `--quantize_weights` mode,
@@ -33,7 +38,11 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="none,bf16,int8,w8a8_int8,w8a8_fp8",
                    help="quantize_weights modes; bf16: unquantized matrices kept in bf16 (weight_dtype)")
     p.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    p.add_argument("--completions", action="append", default=None,
+                   help="engine flags of one whole-completion comparison (repeatable)")
     args = p.parse_args(argv)
+    if args.completions is not None:
+        return completions(args.completions, args.limit)
 
     import jax
     import jax.numpy as jnp
@@ -73,6 +82,51 @@ def main(argv=None) -> int:
             agree += int(np.argmax(got) == np.argmax(r))
             errs.append(float(np.abs(got - r).max() / r.std()))
         print(f"| {mode} | {agree}/{len(prompts)} | {max(errs):.3f} | {float(np.median(errs)):.3f} |")
+    return 0
+
+
+def _flags(text: str) -> dict:
+    """"--batch_size 48 --quantize_kv_cache" -> {"batch_size": "48", "quantize_kv_cache": "true"}."""
+    out, words = {}, text.split()
+    for i, w in enumerate(words):
+        if w.startswith("--"):
+            nxt = words[i + 1] if i + 1 < len(words) else None
+            out[w[2:]] = nxt if nxt is not None and not nxt.startswith("--") else "true"
+    return out
+
+
+def completions(flag_sets: list, limit=None) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.cpu_default_job import job_prompt_ids
+    from engine.config import Settings
+    from engine.default_model import default_model_path
+    from engine.llm import LLM
+    from engine.request import Request, SamplingParams
+
+    directory, name = os.path.split(default_model_path())
+    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    prompts = job_prompt_ids()[:limit]
+    theirs = []
+    with torch.no_grad():
+        for ids in prompts:
+            row = hf.generate(input_ids=torch.tensor([ids]), max_new_tokens=64, do_sample=False,
+                              pad_token_id=2, eos_token_id=2)[0, len(ids):].tolist()
+            theirs.append(row[:row.index(2)] if 2 in row else row)
+    total = sum(map(len, theirs))
+    print(f"{len(prompts)} prompts, greedy, 64 tokens; transformers float32 generate as the reference")
+    print("| engine flags | identical completions | tokens before the first difference |")
+    print("|---|---|---|")
+    for flags in flag_sets:
+        llm = LLM(settings=Settings.from_flat(_flags(flags), where="--completions"))
+        ours = [r.completion_token_ids for r in llm.generate_all(
+            [Request(id=i, prompt_token_ids=p, sampling=SamplingParams(max_tokens=64)) for i, p in enumerate(prompts)])]
+        same = sum(a == b for a, b in zip(ours, theirs))
+        before = sum(next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                     for a, b in zip(ours, theirs))
+        print(f"| `{flags or '(defaults)'}` | {same}/{len(prompts)} | {before / total:.3f} |")
+        del llm
     return 0
 
 

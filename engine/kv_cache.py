@@ -272,9 +272,9 @@ def _pallas_decode(q, cache: KVCache, layer: int, pos, scale: float, page_table,
     if mesh is None:
         return attend(*args)
     from jax.sharding import PartitionSpec as P
-    from engine.sharding import AXIS
-    heads, kv = P(None, AXIS, None), P(None, None, AXIS, None)
-    specs = [heads, kv, kv, P()] + ([P(None, AXIS, None)] * 2 if quantized else []) + ([P()] if paged else [])
+    axis = mesh.axis_names[0]  # the heads axis (engine/sharding.py)
+    heads, kv = P(None, axis, None), P(None, None, axis, None)
+    specs = [heads, kv, kv, P()] + ([P(None, axis, None)] * 2 if quantized else []) + ([P()] if paged else [])
     return _shard_map(attend, mesh, tuple(specs), heads)(*args)
 
 

@@ -33,7 +33,7 @@ CHILD = textwrap.dedent("""
     sp = SamplingParams(max_tokens=10, ignore_eos=True)
     reqs = lambda: [Request(id=i, prompt_token_ids=p, sampling=sp) for i, p in enumerate(prompts)]
     out = {}
-    for name, platform, extra in (("dp2x2", "cpu=4/2", {}), ("dp2x4_kv8", "cpu=8/4", {"quantize_kv_cache": True})):
+    for name, platform, extra in (("dp2x2_kv8", "cpu=4/2", {"quantize_kv_cache": True}),):
         one = LLM("tiny-llama", platform="cpu", **kw, **extra).generate_all(reqs())
         dp = serving_llm(make_settings("tiny-llama", platform=platform, **kw, **extra))
         first = dp.generate_all(reqs())
@@ -70,7 +70,7 @@ def runs():
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("name,engines,per", [("dp2x2", 2, 2), ("dp2x4_kv8", 2, 4)])
+@pytest.mark.parametrize("name,engines,per", [("dp2x2_kv8", 2, 2)])
 def test_replicas_split_devices_and_keep_tokens(runs, name, engines, per):
     r = runs[name]
     assert r["type"] == "DataParallelLLM" and len(r["devices"]) == engines
