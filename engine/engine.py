@@ -78,8 +78,9 @@ class JaxEngine(LoweringHooks, Engine):
         backend = self._mesh.devices.flat[0].platform
         self.dtype = compute_dtype(config.dtype, backend)
         self.weight_dtype = matrix_dtype(config.weight_dtype, backend, self.dtype)
-        # A CPU draws a vocabulary of noise per sampling slot in ~1 ms: skip the greedy slots.
-        self._per_slot_draws = backend == "cpu"
+        # A CPU draws a vocabulary of noise per sampling slot in ~1 ms: skip the greedy slots
+        # (engine.lower sets this for its target platform).
+        self.per_slot_draws = backend == "cpu"
         self._kernel = kernel_settings(config.decode_kernel)
         self._geometry = geometry_of(config, model_config.vocab_size, model_config.eos_token_ids)
         self.prefill_attention, self.attention_impl = self._choose_attention(backend)
@@ -228,7 +229,7 @@ class JaxEngine(LoweringHooks, Engine):
             logits, true_length = logits[sample_rows], true_length[sample_rows]
             offset = None if offset is None else offset[sample_rows]
         masked = logits if token_mask is None else apply_token_mask(logits, token_mask)
-        first = sample(masked, sampling, jnp.zeros_like(true_length), self._per_slot_draws)
+        first = sample(masked, sampling, jnp.zeros_like(true_length), self.per_slot_draws)
         prefix_cache = pack_prefix(ks, vs, self.config.quantize_kv_cache)
         return (Prefix(prefix_cache, true_length, first, sampling, sample_rows, offset),
                 token_logprobs(logits, first), prompt)
@@ -381,7 +382,7 @@ class JaxEngine(LoweringHooks, Engine):
             state, outs = carry
             logits, cache = decode_step(params, cfg, state.tokens, state.pos, state.cache, self.dtype,
                                         self.attention_impl, window, state.page_table, self._kernel)
-            nxt = sample(logits, state.sampling, state.step, self._per_slot_draws)
+            nxt = sample(logits, state.sampling, state.step, self.per_slot_draws)
             state = self._advance(state, cache, nxt)
             step_outs = (nxt, state.pos) + (token_logprobs(logits, nxt) if logprobs else ())
             return state, tuple(o.at[:, i].set(x) for o, x in zip(outs, step_outs))
@@ -404,7 +405,7 @@ class JaxEngine(LoweringHooks, Engine):
 
     def _sample_logits_impl(self, state: DecodeState, logits, token_mask, logprobs: bool):
         """The sampling half: each slot's next token under its token_mask row [B, ceil(V / 32)]."""
-        nxt = sample(apply_token_mask(logits, token_mask), state.sampling, state.step, self._per_slot_draws)
+        nxt = sample(apply_token_mask(logits, token_mask), state.sampling, state.step, self.per_slot_draws)
         extra = tuple(x[:, None] for x in token_logprobs(logits, nxt)) if logprobs else ()
         state = self._advance(state, state.cache, nxt)
         return (state, nxt[:, None], (state.pos > 0)[:, None], state.pos[:, None]) + extra

@@ -31,6 +31,7 @@ def export_programs(settings: Settings, target: str) -> dict:
     mc = resolve_model(settings.source)[0]
     here = f"cpu={count}" if count and count > 1 else "cpu"
     eng = JaxEngine(_on_cpu(settings.engine, here), mc, None)
+    eng.per_slot_draws = kind == "cpu"  # the target's sampling, not this host's
     params = jax.eval_shape(eng.load_params)
     state = jax.eval_shape(eng.init_decode_state)
     n, s = eng.geometry.prefill_sizes[-1], eng.geometry.prefill_buckets[-1]
@@ -53,11 +54,15 @@ def export_programs(settings: Settings, target: str) -> dict:
 
 
 def _on_cpu(engine_config, platform: str):
-    """The engine config on this host's CPUs (an "auto" page pool has no device memory to be
-    sized from here: it is lowered as kv_cache_tokens=0 sizes it; the programs are the same)."""
+    """The engine config on this host's CPUs, with the dtypes an accelerator would resolve (none:
+    bfloat16 compute, matrices in the compute dtype), not this CPU's. An "auto" page pool has no
+    device memory to be sized from here: it is lowered as kv_cache_tokens=0 sizes it; the
+    programs are the same."""
     import dataclasses
     tokens = 0 if engine_config.kv_cache_tokens == "auto" else engine_config.kv_cache_tokens
-    return dataclasses.replace(engine_config, platform=platform, kv_cache_tokens=tokens)
+    dtype = engine_config.dtype or "bfloat16"
+    return dataclasses.replace(engine_config, platform=platform, kv_cache_tokens=tokens, dtype=dtype,
+                               weight_dtype=engine_config.weight_dtype or dtype)
 
 
 def main(argv=None) -> int:
