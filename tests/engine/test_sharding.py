@@ -1,4 +1,5 @@
-"""Tensor parallel over simulated CPU devices gives the same greedy tokens as one device.
+"""Tensor parallel over simulated CPU devices gives the same greedy tokens as one device, and so
+do data-parallel engines ("cpu=4/2").
 
 XLA's host device count is fixed when jax starts, so the sharded runs happen in a child
 process started with XLA_FLAGS=--xla_force_host_platform_device_count=8.
@@ -34,7 +35,7 @@ CHILD = textwrap.dedent("""
     runs = [r + ("auto",) for r in runs]
     # the ragged Pallas kernel (interpreted here) on an int8 cache, contiguous and paged: run per
     # device through shard_map under tensor parallelism
-    runs += [("tiny-llama", "cpu=4", True, page, "pallas") for page in (0, 16)]
+    runs += [("tiny-llama", "cpu=4", True, 16, "pallas")]
     part, parts = map(int, sys.argv[1:3])
     for model, platform, q, page, attention in runs[part::parts]:
         loaded = load_engine(make_settings(
@@ -66,6 +67,21 @@ CHILD = textwrap.dedent("""
                            "counted": kv_budget.cache_bytes_per_token(eng.model_config, eng.dtype, True,
                                                                       kv_shards=eng.mesh.size),
                            "workspace": eng.workspace_bytes()}
+    if part == 1:  # data parallel: two engines of two devices each (engine/data_parallel.py)
+        from engine.data_parallel import serving_llm
+        dp = serving_llm(make_settings("tiny-llama", platform="cpu=4/2", batch_size=2, max_cache_length=40,
+                                       context_size=16, decode_steps=4, prefill_batch=2, quantize_weights=True,
+                                       quantize_kv_cache=True))
+        reqs = [Request(id=i, prompt_token_ids=p, sampling=SamplingParams(max_tokens=12, ignore_eos=True))
+                for i, p in enumerate(prompts * 2 + [[5] * 20])]  # the last: longer than context_size
+        first = dp.generate_all(reqs)
+        again = sorted(dp.generate(reqs), key=lambda r: r.id)  # compiled now: both replicas pull
+        out["dp"] = {"type": type(dp).__name__,
+                     "devices": [[d.id for d in r._engine.mesh.devices.flat] for r in dp.replicas],
+                     "ids": [r.id for r in again], "errors": [r.id for r in again if r.error],
+                     "first": [r.completion_token_ids for r in first[:len(prompts)]],
+                     "again": [r.completion_token_ids for r in again[len(prompts):2 * len(prompts)]],
+                     "per_engine": dp.stats()["completed_per_engine"], "device_info": dp.device_info()}
     json.dump(out, sys.stdout)
 """)
 
@@ -124,11 +140,21 @@ def test_auto_pool_counts_bytes_per_device(runs):
     assert auto["counted"] == auto["pool_bytes_per_token"] and auto["workspace"] > 0
 
 
-@pytest.mark.parametrize("paged", ["", "|paged"])
-def test_pallas_kernel_runs_per_device(runs, paged):
+def test_pallas_kernel_runs_per_device(runs):
     """Under tensor parallelism the ragged Pallas kernel runs on each device's own heads
-    (shard_map) and gives the single-device tokens (XLA path), on a contiguous and a paged
-    int8 cache."""
-    many = runs[f"tiny-llama|cpu=4{paged}|True|pallas"]
+    (shard_map) and gives the single-device tokens (XLA path), here through a paged int8 cache."""
+    many = runs["tiny-llama|cpu=4|paged|True|pallas"]
     assert many["kernel_per_device"] and many["cache_shards"] == 4
     assert many["tokens"] == runs["tiny-llama|cpu|True"]["tokens"]
+
+
+def test_data_parallel_replicas_split_devices_and_keep_tokens(runs):
+    """platform cpu=4/2: two engines on disjoint pairs of devices; every request gets exactly
+    one Result (a refused prompt its error), with the single-device tokens; both replicas serve."""
+    dp, one = runs["dp"], runs["tiny-llama|cpu|True"]["tokens"]
+    assert dp["type"] == "DataParallelLLM" and [len(d) for d in dp["devices"]] == [2, 2]
+    assert len({i for d in dp["devices"] for i in d}) == 4
+    assert dp["ids"] == list(range(11)) and dp["errors"] == [10]
+    assert dp["first"] == one and dp["again"] == one
+    assert sum(dp["per_engine"]) == 2 * 10 and all(n > 0 for n in dp["per_engine"])
+    assert dp["device_info"]["engines"] == 2 and dp["device_info"]["device_count"] == 4
