@@ -85,14 +85,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def _flags(text: str) -> dict:
-    """"--batch_size 48 --quantize_kv_cache" -> {"batch_size": "48", "quantize_kv_cache": "true"}."""
-    out, words = {}, text.split()
-    for i, w in enumerate(words):
-        if w.startswith("--"):
-            nxt = words[i + 1] if i + 1 < len(words) else None
-            out[w[2:]] = nxt if nxt is not None and not nxt.startswith("--") else "true"
-    return out
+def _settings(flags: str):
+    """The Settings a flag string names, parsed by the front ends' own flags (engine/config.py)."""
+    from engine.config import Settings, add_settings_arguments, settings_flags
+    p = argparse.ArgumentParser()
+    add_settings_arguments(p)
+    return Settings.from_flat(settings_flags(p.parse_args(flags.split())), where="--completions")
 
 
 def completions(flag_sets: list, limit=None) -> int:
@@ -100,7 +98,6 @@ def completions(flag_sets: list, limit=None) -> int:
     from transformers import AutoModelForCausalLM
 
     from benchmarks.cpu_default_job import job_prompt_ids
-    from engine.config import Settings
     from engine.default_model import default_model_path
     from engine.llm import LLM
     from engine.request import Request, SamplingParams
@@ -119,7 +116,7 @@ def completions(flag_sets: list, limit=None) -> int:
     print("| engine flags | identical completions | tokens before the first difference |")
     print("|---|---|---|")
     for flags in flag_sets:
-        llm = LLM(settings=Settings.from_flat(_flags(flags), where="--completions"))
+        llm = LLM(settings=_settings(flags))
         ours = [r.completion_token_ids for r in llm.generate_all(
             [Request(id=i, prompt_token_ids=p, sampling=SamplingParams(max_tokens=64)) for i, p in enumerate(prompts)])]
         same = sum(a == b for a, b in zip(ours, theirs))

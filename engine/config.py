@@ -34,37 +34,38 @@ _WEIGHT_MODE_ALIASES = {True: "int8", False: "none", "true": "int8", "false": "n
 PLATFORMS = ("tpu", "gpu", "cpu", "cuda", "rocm")
 
 
-def parse_platform(platform: str) -> tuple[Optional[str], Optional[int]]:
-    """"tpu=8" -> ("tpu", 8); "cpu" -> ("cpu", 1); "gpu" -> ("gpu", all); "auto" -> (None, all);
-    "gpu=8/2" -> ("gpu", 8): the devices of a worker process, whatever their grouping."""
+def _platform_parts(platform: str) -> tuple[Optional[str], Optional[int], Optional[int]]:
+    """(backend, devices, devices per engine or None) of a platform string, checked once here."""
     platform = (platform or "auto").strip().lower()
     if platform == "auto":
-        return None, None
+        return None, None, None
     name, _, count = platform.partition("=")
     if name not in PLATFORMS:
         raise ConfigError(f"platform: must look like 'tpu=8', 'gpu=1', 'gpu=8/2', 'cpu' or 'auto', got {platform!r}")
     if name in ("cuda", "rocm"):
         name = "gpu"
-    if count:
-        total, _, per = count.partition("/")
-        if not total.isdigit() or int(total) < 1 or (per and (not per.isdigit() or int(per) < 1)):
-            raise ConfigError(f"platform: bad device count in {platform!r}")
-        if per and int(total) % int(per):
-            raise ConfigError(f"platform: {platform!r} does not split {total} devices into engines of {per}")
-        return name, int(total)
-    return name, 1 if name == "cpu" else None
+    if not count:
+        return name, 1 if name == "cpu" else None, None
+    total, _, per = count.partition("/")
+    if not total.isdigit() or int(total) < 1 or (per and (not per.isdigit() or int(per) < 1)):
+        raise ConfigError(f"platform: bad device count in {platform!r}")
+    if per and int(total) % int(per):
+        raise ConfigError(f"platform: {platform!r} does not split {total} devices into engines of {per}")
+    return name, int(total), int(per) if per else None
+
+
+def parse_platform(platform: str) -> tuple[Optional[str], Optional[int]]:
+    """"tpu=8" -> ("tpu", 8); "cpu" -> ("cpu", 1); "gpu" -> ("gpu", all); "auto" -> (None, all);
+    "gpu=8/2" -> ("gpu", 8): the devices of a worker process, whatever their grouping."""
+    return _platform_parts(platform)[:2]
 
 
 def device_groups(platform: str) -> tuple[Optional[int], int]:
     """(devices per engine, engines per worker process): "gpu=8/2" -> (2, 4), data parallel over
     four tensor-parallel engines of two GPUs; "gpu=4" -> (4, 1); "auto" -> (None, 1): one engine
     on every visible device."""
-    _, total = parse_platform(platform)
-    count = (platform or "").partition("=")[2]
-    if "/" not in count:
-        return total, 1
-    per = int(count.partition("/")[2])
-    return per, total // per
+    _, total, per = _platform_parts(platform)
+    return (total, 1) if per is None else (per, total // per)
 
 
 def next_power_of_two(n: int) -> int:

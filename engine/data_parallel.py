@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Optional, Union
 
 from engine.admission import serving_order
 from engine.config import Settings, device_groups, make_settings
-from engine.llm import LLM, _as_request
+from engine.llm import LLM, _as_request, in_input_order
 from engine.request import Request, Result, SamplingParams
 from engine.sched_stats import slot_occupancy
 
@@ -110,15 +110,7 @@ class DataParallelLLM:
 
     def generate_all(self, requests, sampling: Optional[SamplingParams] = None) -> list[Result]:
         """Like generate, but returns the Results in input order."""
-        sampling = sampling or self.settings.sampling
-        reqs = [_as_request(i, r, sampling) for i, r in enumerate(requests)]
-        slots: dict = {}
-        for i, r in enumerate(reqs):
-            slots.setdefault(r.id, []).append(i)
-        out: list = [None] * len(reqs)
-        for res in self.generate(reqs):
-            out[slots[res.id].pop(0)] = res
-        return out
+        return in_input_order(self.generate, requests, sampling or self.settings.sampling)
 
     def stats(self) -> dict:
         """The replicas' counters summed (pool sizes: the largest), and how many requests each served."""

@@ -11,6 +11,7 @@ its programs for profiling and for other platforms are in engine/engine_hooks.py
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Optional
 
@@ -41,6 +42,7 @@ def compute_dtype(name: Optional[str], backend: str):
     return jnp.float32 if backend == "cpu" else jnp.bfloat16
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_has_bf16_matmul() -> bool:
     """Whether this host's CPU multiplies bf16 matrices in hardware (x86 AMX-BF16 or AVX512-BF16,
     Arm BF16), where XLA's bf16 x bf16 -> f32 dots run several times faster than float32 ones."""
@@ -84,9 +86,9 @@ class JaxEngine(LoweringHooks, Engine):
         self._kernel = kernel_settings(config.decode_kernel)
         self._geometry = geometry_of(config, model_config.vocab_size, model_config.eos_token_ids)
         self.prefill_attention, self.attention_impl = self._choose_attention(backend)
-        if (self.attention_impl == "pallas" and self._mesh.size > 1
-                and model_config.num_kv_heads % self._mesh.size == 0):
-            self._kernel += (("mesh", self._mesh),)  # the kernel runs per device (kv_cache._pallas_decode)
+        # Tensor parallel: the Pallas kernel runs on each device's heads (kv_cache._pallas_decode).
+        self._kernel_mesh = (self._mesh if self.attention_impl == "pallas" and self._mesh.size > 1
+                             and model_config.num_kv_heads % self._mesh.size == 0 else None)
         self.buckets = self._geometry.prefill_buckets
         self._windows = self._decode_windows()
         self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("prompt_logprobs",))
@@ -381,7 +383,8 @@ class JaxEngine(LoweringHooks, Engine):
         def body(i, carry):
             state, outs = carry
             logits, cache = decode_step(params, cfg, state.tokens, state.pos, state.cache, self.dtype,
-                                        self.attention_impl, window, state.page_table, self._kernel)
+                                        self.attention_impl, window, state.page_table, self._kernel,
+                                        self._kernel_mesh)
             nxt = sample(logits, state.sampling, state.step, self.per_slot_draws)
             state = self._advance(state, cache, nxt)
             step_outs = (nxt, state.pos) + (token_logprobs(logits, nxt) if logprobs else ())
@@ -400,7 +403,8 @@ class JaxEngine(LoweringHooks, Engine):
         """The forward half of one decode step: the slots' tokens written to the cache, and the
         logits [B, V] of their next tokens (sampled by _sample_logits_impl)."""
         logits, cache = decode_step(params, self.model_config, state.tokens, state.pos, state.cache, self.dtype,
-                                    self.attention_impl, window, state.page_table, self._kernel)
+                                    self.attention_impl, window, state.page_table, self._kernel,
+                                    self._kernel_mesh)
         return dataclasses.replace(state, cache=cache), logits
 
     def _sample_logits_impl(self, state: DecodeState, logits, token_mask, logprobs: bool):

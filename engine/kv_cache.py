@@ -205,18 +205,20 @@ def _softcap(s, cap):
 
 def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str = "xla",
                      window: Optional[int] = None, softcap: Optional[float] = None,
-                     sliding_window: Optional[int] = None, page_table=None, kernel: tuple = ()):
+                     sliding_window: Optional[int] = None, page_table=None, kernel: tuple = (),
+                     mesh=None):
     """One query per slot (q: [B, H, D]) against that slot's cache positions [0, pos].
 
     `window` (static) bounds what the XLA path reads: only cache[:, :window], which the caller
     guarantees covers every live slot's positions (the masked einsum cannot skip unfilled blocks).
     `page_table` [B, W]: the cache is paged (see insert_prefix_paged).
     `kernel`: (key, value) settings of the Pallas kernel (EngineConfig.decode_kernel).
+    `mesh`: the tensor-parallel mesh the Pallas kernel runs on per device (None: one call).
     """
     if impl != "xla" and (softcap is not None or sliding_window is not None):
         raise ValueError(f"{impl} decode attention has no soft-cap or sliding window; use 'xla'")
     if impl == "pallas":  # reads only each slot's filled blocks; int8 or unquantized cache
-        return _pallas_decode(q, cache, layer, pos, scale, page_table, dict(kernel))
+        return _pallas_decode(q, cache, layer, pos, scale, page_table, dict(kernel), mesh)
     if page_table is not None:
         cache, layer = gather_pages(cache, layer, page_table, window), 0
     k, v = cache.k[layer], cache.v[layer]
@@ -247,12 +249,11 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
     return out.reshape(b, h, d).astype(q.dtype)
 
 
-def _pallas_decode(q, cache: KVCache, layer: int, pos, scale: float, page_table, kernel: dict):
-    """Our ragged Pallas kernel on one layer. Under tensor parallelism (`kernel["mesh"]`, set by
-    the engine) XLA cannot split a custom kernel, so each device runs it on its own query and KV
+def _pallas_decode(q, cache: KVCache, layer: int, pos, scale: float, page_table, kernel: dict, mesh=None):
+    """Our ragged Pallas kernel on one layer. Under tensor parallelism (`mesh`, given by the
+    engine) XLA cannot split a custom kernel, so each device runs it on its own query and KV
     heads through shard_map: the cache never moves between devices."""
     from engine.kernels.ragged_decode import ragged_decode_attention
-    mesh = kernel.pop("mesh", None)
     quantized = cache.quantized
     paged = page_table is not None
     # The Triton kernel compiles only for GPUs; elsewhere Pallas interprets it (tests).

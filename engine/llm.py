@@ -117,15 +117,7 @@ class LLM:
 
     def generate_all(self, requests, sampling: Optional[SamplingParams] = None) -> list[Result]:
         """Like generate, but returns the Results in input order."""
-        sampling = sampling or self.settings.sampling
-        reqs = [_as_request(i, r, sampling) for i, r in enumerate(requests)]
-        out: list = [None] * len(reqs)
-        by_id = {}
-        for i, r in enumerate(reqs):
-            by_id.setdefault(r.id, []).append(i)
-        for res in self.generate(reqs):
-            out[by_id[res.id].pop(0)] = res
-        return out
+        return in_input_order(self.generate, requests, sampling or self.settings.sampling)
 
     def render_chat(self, messages: list[dict]) -> str:
         """Messages rendered with the tokenizer's chat template; RequestError(reason) if they cannot be."""
@@ -187,6 +179,18 @@ def enable_compilation_cache(path: Optional[str]) -> Optional[str]:
         # shapes, insert, sampling) from the cache faster than XLA compiles them.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     return jax.config.jax_compilation_cache_dir
+
+
+def in_input_order(generate, requests, sampling: SamplingParams) -> list[Result]:
+    """`generate`'s Results (completion order) put back in the order of `requests`."""
+    reqs = [_as_request(i, r, sampling) for i, r in enumerate(requests)]
+    out: list = [None] * len(reqs)
+    by_id: dict = {}
+    for i, r in enumerate(reqs):
+        by_id.setdefault(r.id, []).append(i)
+    for res in generate(reqs):
+        out[by_id[res.id].pop(0)] = res
+    return out
 
 
 def _as_request(index: int, r: Union[Request, str], sampling: SamplingParams) -> Request:

@@ -200,9 +200,9 @@ def _prefill_layer(layer, x, positions, inv_freq, ctx, *, cfg: _ByValue, opts: t
     return _residual_mlp(layer, x, cfg), k, v
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "opts", "attn_impl", "window", "kernel"))
+@functools.partial(jax.jit, static_argnames=("cfg", "opts", "attn_impl", "window", "kernel", "mesh"))
 def _decode_layer(layer, x, pos, inv_freq, layer_cache: KVCache, page_table, *, cfg: _ByValue,
-                  opts: tuple, attn_impl: str, window, kernel: tuple):
+                  opts: tuple, attn_impl: str, window, kernel: tuple, mesh):
     """One layer for one token per slot x [B, hidden]: (x, the one-layer cache with the token's K/V)."""
     cfg = cfg.value
     b = x.shape[0]
@@ -212,18 +212,19 @@ def _decode_layer(layer, x, pos, inv_freq, layer_cache: KVCache, page_table, *, 
     k = apply_rope(k, pos, inv_freq)
     layer_cache = write_token(layer_cache, 0, k, v, pos, page_table)
     a = decode_attention(q, layer_cache, 0, pos, impl=attn_impl, window=window, page_table=page_table,
-                         kernel=kernel, **dict(opts))
+                         kernel=kernel, mesh=mesh, **dict(opts))
     x = _residual_attn(layer, x, a.reshape(b, -1), cfg)
     return _residual_mlp(layer, x, cfg), layer_cache
 
 
 def decode_step(params, cfg: ModelConfig, tokens, pos, cache: KVCache, dtype, attn_impl: str = "xla",
-                window=None, page_table=None, kernel: tuple = ()):
+                window=None, page_table=None, kernel: tuple = (), kernel_mesh=None):
     """One token per slot: tokens [B] at positions pos [B]; returns (logits [B, V], cache).
 
     `window` (static): attention reads at most the first `window` cache positions.
     `page_table` [B, W]: the cache is paged (engine/kv_cache.py).
     `kernel` (static): settings of the Pallas decode kernel, (key, value) pairs.
+    `kernel_mesh` (static): under tensor parallelism, the mesh the Pallas kernel runs on per device.
     """
     cache = KVCache(list(cache.k), list(cache.v),
                     None if cache.k_scale is None else list(cache.k_scale),
@@ -233,7 +234,7 @@ def decode_step(params, cfg: ModelConfig, tokens, pos, cache: KVCache, dtype, at
     for i, layer in enumerate(params["layers"]):
         x, one = _decode_layer(layer, x, pos, inv_freq, _layer_cache(cache, i), page_table, cfg=_ByValue(cfg),
                                opts=_options_key(cfg, i), attn_impl=attn_impl, window=window,
-                               kernel=tuple(kernel))
+                               kernel=tuple(kernel), mesh=kernel_mesh)
         cache.k[i], cache.v[i] = one.k[0], one.v[0]
         if cache.quantized:
             cache.k_scale[i], cache.v_scale[i] = one.k_scale[0], one.v_scale[0]

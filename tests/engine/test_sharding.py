@@ -52,7 +52,7 @@ CHILD = textwrap.dedent("""
                                   for i, p in enumerate(prompts)]), key=lambda r: r.id)
         cache = batcher.state.cache.k[0]  # the live (not donated) cache
         out[f"{model}|{platform}" + ("|paged" if page else "") + f"|{q}" + ("|pallas" if attention == "pallas" else "")] = {
-            "kernel_per_device": any(k == "mesh" for k, _ in eng._kernel),
+            "kernel_per_device": eng._kernel_mesh is not None,
             "tokens": [r.completion_token_ids for r in res],
             "devices": int(eng.mesh.devices.size),
             "wq_shards": len({str(s.index) for s in wq.addressable_shards}),
