@@ -64,6 +64,25 @@ def measure_matmul_flops(n: int | None = None, iters: int = 10) -> float:
     return 2 * n**3 / t
 
 
+def measure_matmul8_flops(dtype, n: int | None = None, iters: int = 10) -> float:
+    """8-bit x 8-bit [n,n] @ [n,n]^T rate in FLOP/s, written as the engine's W8A8 dot
+    (engine/quantize.py): int8 x int8 -> int32, or fp8 e4m3 through the dequantize-then-dot form
+    XLA rewrites into an fp8 GEMM; the weight stored [N, K]. No scales: the tensor cores' ceiling."""
+    if n is None:
+        n = 256 if jax.default_backend() == "cpu" else 8192
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.uniform(ka, (n, n), jnp.float32, -100, 100).astype(dtype)
+    b = jax.random.uniform(kb, (n, n), jnp.float32, -100, 100).astype(dtype)
+    dims = (((1,), (1,)), ((), ()))
+    if jnp.dtype(dtype) == jnp.dtype(jnp.int8):
+        fn = jax.jit(lambda x, w: jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.int32))
+    else:
+        fn = jax.jit(lambda x, w: jax.lax.dot_general(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), dims,
+                                                      preferred_element_type=jnp.float32))
+    t = time_call(fn, a, b, iters=iters)
+    return 2 * n**3 / t
+
+
 def _read_params(cfg: ModelConfig) -> tuple[int, int]:
     """(params read by a decode step, of which the output head). The untied input embedding is
     only gathered (one row per token), so it is left out; a tied table is read as the head."""
@@ -81,7 +100,8 @@ def _out_columns(cfg: ModelConfig) -> int:
 
 def decode_roofline(cfg: ModelConfig, slots: int, avg_context: float, weight_bytes_per_param: float,
                     kv_bytes_per_value: float, kv_scale_bytes: float, bandwidth: float, flops: float,
-                    weight_scale_bytes: float = 0.0, head_bytes_per_param: float | None = None) -> dict:
+                    weight_scale_bytes: float = 0.0, head_bytes_per_param: float | None = None,
+                    weight_flops: float | None = None) -> dict:
     """Lower bound on one decode step (one new token for each of `slots` sequences).
 
     Assumptions: every weight is read from HBM exactly once per step (batching shares it across
@@ -92,6 +112,8 @@ def decode_roofline(cfg: ModelConfig, slots: int, avg_context: float, weight_byt
     (matmuls) + attention 4 * layers * heads * head_dim * avg_context per slot (QK^T and PV).
     `weight_scale_bytes` is per output column of each quantized matrix; `head_bytes_per_param`
     (default: weight_bytes_per_param) covers a head kept in bf16, e.g. a tied embedding.
+    `weight_flops` (default: `flops`) is the rate of the weight matmuls, e.g. the 8-bit rate for
+    W8A8; attention runs at `flops`.
     Step time = max(bytes / bandwidth, flops / flop rate): perfect overlap, peak efficiency.
     """
     params, head = _read_params(cfg)
@@ -100,8 +122,11 @@ def decode_roofline(cfg: ModelConfig, slots: int, avg_context: float, weight_byt
     weight_bytes += _out_columns(cfg) * weight_scale_bytes
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim * kv_bytes_per_value + kv_scale_bytes)
     kv_bytes = slots * avg_context * kv_per_token
-    step_flops = 2 * params * slots + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * avg_context * slots
-    t_mem, t_flop = (weight_bytes + kv_bytes) / bandwidth, step_flops / flops
+    matmul_flops = 2 * params * slots
+    attn_flops = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * avg_context * slots
+    step_flops = matmul_flops + attn_flops
+    t_mem = (weight_bytes + kv_bytes) / bandwidth
+    t_flop = matmul_flops / (weight_flops or flops) + attn_flops / flops
     step = max(t_mem, t_flop)
     return {"weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "bytes": weight_bytes + kv_bytes,
             "flops": step_flops, "t_memory_s": t_mem, "t_compute_s": t_flop, "step_time_s": step,
@@ -109,24 +134,27 @@ def decode_roofline(cfg: ModelConfig, slots: int, avg_context: float, weight_byt
 
 
 def prefill_roofline(cfg: ModelConfig, prompt_tokens_total: int, flops: float,
-                     prompt_len: int | None = None) -> dict:
+                     prompt_len: int | None = None, weight_flops: float | None = None) -> dict:
     """Compute-bound lower bound on prefilling `prompt_tokens_total` tokens.
 
     Counts 2 FLOPs per layer param per token. Only when `prompt_len` is given (all prompts that
     long) are the causal attention, 4 * layers * heads * head_dim * (prompt_len + 1) / 2 per token,
     and the output head (last token of each prompt only) added. Weight reads are ignored: with
-    thousands of tokens per pass they hide under the compute.
+    thousands of tokens per pass they hide under the compute. The weight matmuls run at
+    `weight_flops` (default: `flops`), attention at `flops`.
     """
     params, head = _read_params(cfg)
-    f = 2 * (params - head) * prompt_tokens_total
+    matmul = 2 * (params - head) * prompt_tokens_total
+    attn = 0.0
     if prompt_len:
-        f += 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (prompt_len + 1) / 2 * prompt_tokens_total
-        f += 2 * head * (prompt_tokens_total // prompt_len)
-    return {"flops": f, "time_s": f / flops}
+        attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (prompt_len + 1) / 2 * prompt_tokens_total
+        matmul += 2 * head * (prompt_tokens_total // prompt_len)
+    return {"flops": matmul + attn, "time_s": matmul / (weight_flops or flops) + attn / flops}
 
 
 def run_roofline(cfg: ModelConfig, num_requests: int, input_len: int, output_len: int, slots: int,
-                 quantized: bool, bandwidth: float, flops: float, quantized_kv: Optional[bool] = None) -> dict:
+                 quantized: bool, bandwidth: float, flops: float, quantized_kv: Optional[bool] = None,
+                 weight_flops: Optional[float] = None) -> dict:
     """Lower bound on a whole run: prefill every prompt, then decode in waves of `slots`.
 
     `quantized` means what the engine does with quantize_weights + quantize_kv_cache: int8
@@ -135,6 +163,8 @@ def run_roofline(cfg: ModelConfig, num_requests: int, input_len: int, output_len
     ceil(num_requests / slots) waves (the last one with the leftover requests) of output_len - 1
     steps (the first output token comes from prefill's logits) at average context
     input_len + output_len / 2. Prefill and decode are summed (no overlap between them).
+    `weight_flops`: the rate of the weight matmuls where they run on 8-bit tensor cores (W8A8,
+    measured by `measure_matmul8_flops`); default `flops`, the bf16 rate.
     Returns output tok/s for the whole generation phase and for decode alone.
     """
     # `quantized` covers the weights; `quantized_kv` (default: the same) the KV cache.
@@ -143,11 +173,11 @@ def run_roofline(cfg: ModelConfig, num_requests: int, input_len: int, output_len
     kvb, kvs = (1, 4) if quantized_kv else (2, 0)
     head_b = 2 if (quantized and cfg.tie_embeddings) else wb
     ctx = input_len + output_len / 2
-    pre = prefill_roofline(cfg, num_requests * input_len, flops, prompt_len=input_len)
+    pre = prefill_roofline(cfg, num_requests * input_len, flops, prompt_len=input_len, weight_flops=weight_flops)
     waves, decode_s, full = math.ceil(num_requests / slots), 0.0, None
     for w in range(waves):
         active = min(slots, num_requests - w * slots)
-        step = decode_roofline(cfg, active, ctx, wb, kvb, kvs, bandwidth, flops, ws, head_b)
+        step = decode_roofline(cfg, active, ctx, wb, kvb, kvs, bandwidth, flops, ws, head_b, weight_flops)
         full = full or step
         decode_s += (output_len - 1) * step["step_time_s"]
     out_tokens = num_requests * output_len

@@ -180,6 +180,21 @@ def run_peer(args, settings) -> str:
     return path
 
 
+def measure_ceilings(quantize_weights: str) -> dict:
+    """The roofline's ceilings, measured before the engine takes the device's memory: copy
+    bandwidth, the bf16 matmul rate and, for W8A8 weights, the 8-bit rate of the engine's dtype."""
+    import jax
+
+    from benchmarks import roofline as rl
+    from engine.quantize import w8a8_dtype
+    out = {"bandwidth_Bps": rl.measure_bandwidth(), "matmul_flops": rl.measure_matmul_flops()}
+    if quantize_weights.startswith("w8a8"):
+        dev = jax.devices()[0]
+        dtype = w8a8_dtype(quantize_weights, dev.platform, getattr(dev, "compute_capability", None))
+        out.update(matmul8_dtype=str(jax.numpy.dtype(dtype)), matmul8_flops=rl.measure_matmul8_flops(dtype))
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     ins, outs = make_lengths(args)
@@ -206,6 +221,7 @@ def main(argv=None):
     from engine.llm import LLM
     from engine.settings import to_mapping
 
+    ceilings = measure_ceilings(settings.engine.quantize_weights) if args.roofline else None
     t0 = time.perf_counter()
     llm = LLM(settings=settings)
     t_load = time.perf_counter() - t0
@@ -299,14 +315,14 @@ def main(argv=None):
         s = summarize([(n, d) for n, _, d in events], per=1, top=12)
         report["trace"] = {"wall_s": round(traced_wall, 3), **idle_gaps(events),
                            "categories_ms": s["categories"], "top_kernels": s["top"]}
-    if args.roofline:
+    if ceilings:
         from benchmarks import roofline as rl
-        bw, fl = rl.measure_bandwidth(), rl.measure_matmul_flops()
         rf = rl.run_roofline(llm.model_config, args.num_requests, float(ins.mean()), float(outs.mean()),
-                             ec.batch_size, ec.quantize_weights != "none", bw, fl,
-                             quantized_kv=ec.quantize_kv_cache)
+                             ec.batch_size, ec.quantize_weights != "none", ceilings["bandwidth_Bps"],
+                             ceilings["matmul_flops"], quantized_kv=ec.quantize_kv_cache,
+                             weight_flops=ceilings.get("matmul8_flops"))
         rf["output_tok_per_s"] = rf["gen_tok_s"]  # whole generation phase (prefill + decode)
-        report.update({"bandwidth_Bps": bw, "matmul_flops": fl, "roofline": rf,
+        report.update({**ceilings, "roofline": rf,
                        "achieved_over_roofline": round(report["output_tok_per_s"] / rf["gen_tok_s"], 3)})
     if args.peer_json and os.path.exists(args.peer_json):
         with open(args.peer_json) as f:

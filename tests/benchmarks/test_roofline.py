@@ -46,6 +46,14 @@ def test_decode_int8_counts_scales():
     assert r["kv_bytes"] == 3 * 5 * 24
 
 
+def test_8bit_matmuls_at_their_own_rate():
+    # compute bound: 2088 weight FLOPs at 200/s, 480 attention FLOPs at 100/s
+    r = decode_roofline(CFG, 3, 5, 1, 1, 4, bandwidth=1e9, flops=100, weight_flops=200)
+    assert r["bound"] == "compute" and r["step_time_s"] == pytest.approx(2088 / 200 + 480 / 100)
+    p = prefill_roofline(CFG, 12, 1e4, prompt_len=4, weight_flops=2e4)
+    assert p["time_s"] == pytest.approx((7392 + 240) / 2e4 + 960 / 1e4)
+
+
 def test_tied_head_read_in_bf16():
     tied = dataclasses.replace(CFG, tie_embeddings=True)
     assert tied.param_count() == 348
