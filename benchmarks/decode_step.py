@@ -51,13 +51,13 @@ def make_engine(args, **overrides):
     return load_engine(shape_settings(args, **overrides))
 
 
-def cache_copies(hlo_text: str, rows: int, tokens: int) -> list:
-    """Lines of compiled HLO that write a whole cache-shaped array ([rows, tokens, ...]) other
+def cache_copies(hlo_text: str, *dims: int) -> list:
+    """Lines of compiled HLO that write a whole cache-shaped array ([*dims, ...]) other
     than the in-place updates (scatters, dynamic-update-slices): copies, and loop fusions such as
     the copy XLA's CPU backend makes to undo a bitcast of the cache to another element type."""
     out = []
     for ln in hlo_text.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%(\S+) = \S+\[" + re.escape(f"{rows},{tokens},"), ln)
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = \S+\[" + re.escape("".join(f"{d}," for d in dims)), ln)
         if m and not re.search(r"scatter|dynamic.update.slice", m.group(1)) and (
                 " copy(" in ln or "kind=kLoop" in ln):
             out.append(ln.strip()[:160])
@@ -68,13 +68,14 @@ def cache_program_copies(eng, params, state, max_length=None) -> list:
     """cache_copies of the engine's compiled generate and insert programs (a decode step and a
     prefill's insert must update the donated cache in place)."""
     import numpy as np
-    rows, tokens = state.cache.k[0].shape[:2]  # slots or pages, then tokens
-    copies = cache_copies(eng.lower_generate(params, state, max_length).compile().as_text(), rows, tokens)
+    k = state.cache.k[0]  # slots or pages, then tokens; chunked: slots, heads, block positions
+    dims = k[0].shape[:3] if isinstance(k, tuple) else k.shape[:2]
+    copies = cache_copies(eng.lower_generate(params, state, max_length).compile().as_text(), *dims)
     n, s = eng.geometry.prefill_sizes[-1], eng.geometry.prefill_buckets[0]
     prefix, _ = eng.prefill(params=params, padded_tokens=np.zeros((n, s), np.int32),
                             true_length=np.ones(n, np.int32))
     insert = eng.lower_insert(state, prefix, np.arange(n, dtype=np.int32)).compile()
-    return copies + cache_copies(insert.as_text(), rows, tokens)
+    return copies + cache_copies(insert.as_text(), *dims)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -127,6 +127,11 @@ class EngineConfig:
     kv_cache_tokens: Union[int, str] = setting(
         0, "Tokens in the page pool (0: batch_size x max_cache_length), or auto: what the device has "
            "free after the weights and the compiled programs' workspace", choices=("auto",), minimum=0)
+    kv_layout: str = setting(
+        "auto", "Layout of an unpaged KV cache: tokens = [slots, T, kv_heads, head_dim] per layer (what "
+                "cuDNN and the Pallas kernel read); chunks = blocks of 128 positions, [slots, kv_heads, 128, "
+                "head_dim], which XLA's CPU dots read in place (XLA attention on one device); auto: chunks "
+                "on a single CPU device with XLA attention, else tokens", choices=("auto", "tokens", "chunks"))
     attention: str = setting("auto", "Attention implementation; auto picks per device and cache",
                              choices=("auto", "xla", "cudnn", "pallas"))
     decode_kernel: str = setting(
@@ -153,6 +158,8 @@ class EngineConfig:
         if self.kv_page_size and self.max_cache_length % self.kv_page_size:
             raise ConfigError(f"kv_page_size: {self.kv_page_size} must divide max_cache_length "
                               f"({self.max_cache_length})")
+        if self.kv_layout == "chunks" and self.kv_page_size:
+            raise ConfigError("kv_layout: chunks is a layout of an unpaged cache: set kv_page_size 0")
         if self.kv_cache_tokens == "auto" and not self.kv_page_size:
             raise ConfigError("kv_cache_tokens: auto sizes a paged cache: set kv_page_size too")
         if (self.kv_page_size and isinstance(self.kv_cache_tokens, int)

@@ -27,6 +27,7 @@ from engine.engine_hooks import LoweringHooks
 from engine.kv_cache import init_cache, insert_prefix, insert_prefix_paged, pack_prefix
 from engine.model import decode_step, prefill as model_prefill
 from engine.model_config import ModelConfig
+from engine.settings import ConfigError
 
 from engine.sampling import MAX_LOGPROBS, SlotSampling, apply_token_mask, sample, token_logprobs
 
@@ -86,6 +87,7 @@ class JaxEngine(LoweringHooks, Engine):
         self._kernel = kernel_settings(config.decode_kernel)
         self._geometry = geometry_of(config, model_config.vocab_size, model_config.eos_token_ids)
         self.prefill_attention, self.attention_impl = self._choose_attention(backend)
+        self.kv_chunked = self._choose_layout(backend)
         # Tensor parallel: the Pallas kernel runs on each device's heads (kv_cache._pallas_decode).
         self._kernel_mesh = (self._mesh if self.attention_impl == "pallas" and self._mesh.size > 1
                              and model_config.num_kv_heads % self._mesh.size == 0 else None)
@@ -97,7 +99,8 @@ class JaxEngine(LoweringHooks, Engine):
         self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2, 3))
         self._decode_logits_jit = jax.jit(self._decode_logits_impl, donate_argnums=(1,), static_argnums=(2,))
         self._sample_logits_jit = jax.jit(self._sample_logits_impl, donate_argnums=(0,), static_argnums=(3,))
-        self._cache_sharding = shd.cache_shardings(self._mesh, model_config, config.quantize_kv_cache)
+        self._cache_sharding = shd.cache_shardings(self._mesh, model_config, config.quantize_kv_cache,
+                                                   config.max_cache_length if self.kv_chunked else 0)
         self._param_avals = None  # shapes of the loaded params, for sizing an "auto" page pool
         self.pool_plan = None  # kv_budget.PoolPlan once an "auto" pool is sized
 
@@ -129,6 +132,16 @@ class JaxEngine(LoweringHooks, Engine):
         if attn == "cudnn" and self.paged:  # cuDNN reads no page table; our kernel does
             attn = pallas_or_xla()
         return prefill, attn
+
+    def _choose_layout(self, backend: str) -> bool:
+        """Whether the cache is chunked (engine/kv_cache.py): "auto" takes it where it pays, on one
+        CPU device with XLA attention; "chunks" asks for it where it works."""
+        layout = self.config.kv_layout
+        fits = not self.paged and self.attention_impl == "xla" and self._mesh.size == 1
+        if layout == "chunks" and not fits:
+            raise ConfigError(f"kv_layout: chunks needs one device and XLA attention; this engine has "
+                              f"{self._mesh.size} device(s) and {self.attention_impl} attention")
+        return layout == "chunks" or (layout == "auto" and fits and backend == "cpu")
 
     # ---- properties of the API ----
     @property
@@ -183,7 +196,7 @@ class JaxEngine(LoweringHooks, Engine):
             table = jnp.full((b, self.pages_per_slot), pages, jnp.int32)
         else:
             cache = init_cache(cfg.num_layers, b, self.config.max_cache_length, cfg.num_kv_heads,
-                               cfg.head_dim, self.dtype, self.config.quantize_kv_cache)
+                               cfg.head_dim, self.dtype, self.config.quantize_kv_cache, self.kv_chunked)
             table = None
         g = SlotSampling.greedy(b)
         return DecodeState(cache, jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32),

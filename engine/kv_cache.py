@@ -13,6 +13,12 @@ scale per (slot, kv_head, token). The scales are stored [slots, kv_heads, T], no
 instead of one 4-byte value per 32-byte memory sector. Layers are separate arrays (a Python list), not one
 stacked array: a scan over stacked layers copies each layer's slice, several times slower on a
 GPU than unrolled layers.
+
+Chunked (EngineConfig.kv_layout, the default on one CPU device): each layer's K and V are a
+tuple of blocks of CHUNK positions, [slots, kv_heads, CHUNK, head_dim] (scales [slots, kv_heads,
+CHUNK]). XLA's CPU dots batch over (slot, head) only when those lead the operand's layout, so
+the token-major layout makes every decode step copy its cache window heads-major, and slicing
+a window off one heads-major array copies too; whole blocks are read in place.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import jax.numpy as jnp
 from engine.quantize import quantize_kv
 
 NEG_INF = -1e30
+CHUNK = 128  # positions per block of a chunked cache: the smallest decode window
 
 
 @dataclass
@@ -39,12 +46,31 @@ class KVCache:
     def quantized(self) -> bool:
         return self.k_scale is not None
 
+    @property
+    def chunked(self) -> bool:
+        """Each layer a tuple of [slots, kv_heads, CHUNK, head_dim] blocks (module docstring)."""
+        return isinstance(self.k[0], tuple)
+
 
 jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "k_scale", "v_scale"], meta_fields=[])
 
 
+def chunk_sizes(length: int) -> list:
+    """Block lengths of a chunked cache of `length` positions (the last one may be shorter)."""
+    return [min(CHUNK, length - start) for start in range(0, length, CHUNK)]
+
+
 def init_cache(num_layers: int, slots: int, length: int, kv_heads: int, head_dim: int,
-               dtype, quantized: bool) -> KVCache:
+               dtype, quantized: bool, chunked: bool = False) -> KVCache:
+    if chunked:
+        sizes = chunk_sizes(length)
+        kv = lambda dt: tuple(jnp.zeros((slots, kv_heads, c, head_dim), dt) for c in sizes)
+        sc = lambda: tuple(jnp.ones((slots, kv_heads, c), jnp.float32) for c in sizes)
+        dt = jnp.int8 if quantized else dtype
+        k, v = [kv(dt) for _ in range(num_layers)], [kv(dt) for _ in range(num_layers)]
+        if not quantized:
+            return KVCache(k, v)
+        return KVCache(k, v, [sc() for _ in range(num_layers)], [sc() for _ in range(num_layers)])
     shape = (slots, length, kv_heads, head_dim)
     if quantized:
         z = lambda: jnp.zeros(shape, jnp.int8)
@@ -115,6 +141,10 @@ def insert_prefix(cache: KVCache, prefix: KVCache, slots) -> KVCache:
 
     Slots outside [0, B) are dropped, so a padded prefill batch can carry dummy rows.
     """
+    if cache.chunked:
+        return _write_layers(cache, prefix, lambda dst, src: _put_chunks(dst, jnp.swapaxes(src, 1, 2), slots),
+                             lambda dst, src: _put_chunks(dst, src, slots))
+
     def put(dst, src):  # K/V [N, S, Hkv, D]
         return _set_rows(dst, (slots, slice(0, src.shape[1])), src, mode="drop")
 
@@ -123,6 +153,32 @@ def insert_prefix(cache: KVCache, prefix: KVCache, slots) -> KVCache:
         return dst.at[slots, :, :s].set(src, mode="drop")
 
     return _write_layers(cache, prefix, put, put_scale)
+
+
+def _put_chunks(blocks: tuple, src, slots) -> tuple:
+    """Positions [0, S) of src [N, Hkv, S, ...] into rows `slots` of a chunked layer's blocks."""
+    out, start = [], 0
+    for block in blocks:
+        part = src[:, :, start:start + block.shape[2]]
+        if part.shape[2]:
+            block = block.at[slots, :, :part.shape[2]].set(part.astype(block.dtype), mode="drop")
+        out.append(block)
+        start += block.shape[2]
+    return tuple(out)
+
+
+def _write_chunks(blocks: tuple, val, pos, window: Optional[int]) -> tuple:
+    """val [B, Hkv, ...] at position pos [B] of each slot in a chunked layer's blocks; blocks at
+    or past `window` (which covers every live slot's position) are left alone."""
+    out, start, rows = [], 0, jnp.arange(val.shape[0])
+    for block in blocks:
+        size = block.shape[2]
+        if window is None or start < window:
+            off = jnp.where((pos >= start) & (pos < start + size), pos - start, size)  # size: dropped
+            block = block.at[rows, :, off].set(val.astype(block.dtype), mode="drop")
+        out.append(block)
+        start += size
+    return tuple(out)
 
 
 def insert_prefix_paged(cache: KVCache, prefix: KVCache, page_rows) -> KVCache:
@@ -150,9 +206,19 @@ def insert_prefix_paged(cache: KVCache, prefix: KVCache, page_rows) -> KVCache:
     return _write_layers(cache, prefix, put, put_scale)
 
 
-def write_token(cache: KVCache, layer: int, k, v, pos, page_table=None) -> KVCache:
+def write_token(cache: KVCache, layer: int, k, v, pos, page_table=None, window: Optional[int] = None) -> KVCache:
     """Write one new token's K/V ([B, Hkv, D]) for every slot at its position pos [B]
-    (paged: at offset pos % page of page page_table[b, pos // page])."""
+    (paged: at offset pos % page of page page_table[b, pos // page]). `window`: a chunked
+    cache writes only its blocks below it."""
+    if cache.chunked:
+        if cache.quantized:
+            (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+            cache.k_scale[layer] = _write_chunks(cache.k_scale[layer], ks, pos, window)
+            cache.v_scale[layer] = _write_chunks(cache.v_scale[layer], vs, pos, window)
+            k, v = kq, vq
+        cache.k[layer] = _write_chunks(cache.k[layer], k, pos, window)
+        cache.v[layer] = _write_chunks(cache.v[layer], v, pos, window)
+        return cache
     if page_table is None:
         where = (jnp.arange(k.shape[0]), pos)  # (slot, position)
     else:
@@ -219,6 +285,8 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
         raise ValueError(f"{impl} decode attention has no soft-cap or sliding window; use 'xla'")
     if impl == "pallas":  # reads only each slot's filled blocks; int8 or unquantized cache
         return _pallas_decode(q, cache, layer, pos, scale, page_table, dict(kernel), mesh)
+    if cache.chunked:
+        return _chunked_attention(q, cache, layer, pos, scale, window, softcap, sliding_window)
     if page_table is not None:
         cache, layer = gather_pages(cache, layer, page_table, window), 0
     k, v = cache.k[layer], cache.v[layer]
@@ -236,16 +304,47 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
     s = jnp.einsum("bhgd,bthd->bhgt", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
     if cache.quantized:
         s = s * cache.k_scale[layer][:, :, None, :t]
-    s = _softcap(s * scale, softcap)
-    mask = jnp.arange(t)[None, :] <= pos[:, None]  # [B, T]
-    if sliding_window is not None:  # Gemma 2 local layers: the last sliding_window positions only
-        mask &= jnp.arange(t)[None, :] > pos[:, None] - sliding_window
-    s = jnp.where(mask[:, None, None, :], s, NEG_INF)
-    p = jax.nn.softmax(s, axis=-1)
+    p = _probabilities(s, pos, scale, softcap, sliding_window)
     if cache.quantized:
         p = p * cache.v_scale[layer][:, :, None, :t]
     out = jnp.einsum("bhgt,bthd->bhgd", p.astype(q.dtype), v.astype(q.dtype),
                      preferred_element_type=jnp.float32)
+    return out.reshape(b, h, d).astype(q.dtype)
+
+
+def _probabilities(s, pos, scale: float, softcap, sliding_window):
+    """Softmax over positions of raw scores s [B, Hkv, G, T], masked to each slot's [0, pos]
+    (Gemma 2 local layers: its last sliding_window positions)."""
+    t = s.shape[-1]
+    s = _softcap(s * scale, softcap)
+    mask = jnp.arange(t)[None, :] <= pos[:, None]  # [B, T]
+    if sliding_window is not None:
+        mask &= jnp.arange(t)[None, :] > pos[:, None] - sliding_window
+    return jax.nn.softmax(jnp.where(mask[:, None, None, :], s, NEG_INF), axis=-1)
+
+
+def _chunked_attention(q, cache: KVCache, layer: int, pos, scale: float, window, softcap, sliding_window):
+    """decode_attention over a chunked cache: the blocks below `window`, each read in place
+    by its own pair of dots."""
+    ks, vs = cache.k[layer], cache.v[layer]
+    b, hkv, _, d = ks[0].shape
+    h = q.shape[1]
+    n = len(ks) if window is None else min(len(ks), -(-window // CHUNK))
+    qg = q.reshape(b, hkv, h // hkv, d)
+    parts = []
+    for i in range(n):
+        si = jnp.einsum("bhgd,bhtd->bhgt", qg, ks[i].astype(q.dtype), preferred_element_type=jnp.float32)
+        parts.append(si * cache.k_scale[layer][i][:, :, None, :] if cache.quantized else si)
+    p = _probabilities(jnp.concatenate(parts, axis=-1), pos, scale, softcap, sliding_window)
+    out, start = 0, 0
+    for i in range(n):
+        size = ks[i].shape[2]
+        pi = p[..., start:start + size]
+        if cache.quantized:
+            pi = pi * cache.v_scale[layer][i][:, :, None, :]
+        out = out + jnp.einsum("bhgt,bhtd->bhgd", pi.astype(q.dtype), vs[i].astype(q.dtype),
+                               preferred_element_type=jnp.float32)
+        start += size
     return out.reshape(b, h, d).astype(q.dtype)
 
 

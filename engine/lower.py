@@ -13,6 +13,7 @@ not lower is reported in one line (exit 2). Model configs and checkpoints give t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import jax
@@ -30,7 +31,10 @@ def export_programs(settings: Settings, target: str) -> dict:
     count = device_groups(target)[0]  # one engine's devices ("tpu=8/2": 2)
     mc = resolve_model(settings.source)[0]
     here = f"cpu={count}" if count and count > 1 else "cpu"
-    eng = JaxEngine(_on_cpu(settings.engine, here), mc, None)
+    ec = _on_cpu(settings.engine, here)
+    if kind != "cpu" and ec.kv_layout == "auto":  # the target's layout, not this host's
+        ec = dataclasses.replace(ec, kv_layout="tokens")
+    eng = JaxEngine(ec, mc, None)
     eng.per_slot_draws = kind == "cpu"  # the target's sampling, not this host's
     params = jax.eval_shape(eng.load_params)
     state = jax.eval_shape(eng.init_decode_state)

@@ -210,7 +210,7 @@ def _decode_layer(layer, x, pos, inv_freq, layer_cache: KVCache, page_table, *, 
     q, k, v = _qkv(layer, h, cfg)
     q = apply_rope(q, pos, inv_freq)
     k = apply_rope(k, pos, inv_freq)
-    layer_cache = write_token(layer_cache, 0, k, v, pos, page_table)
+    layer_cache = write_token(layer_cache, 0, k, v, pos, page_table, window)
     a = decode_attention(q, layer_cache, 0, pos, impl=attn_impl, window=window, page_table=page_table,
                          kernel=kernel, mesh=mesh, **dict(opts))
     x = _residual_attn(layer, x, a.reshape(b, -1), cfg)

@@ -75,8 +75,13 @@ def scale_spec(weight_spec: P) -> P:
     return P(weight_spec[1]) if len(weight_spec) == 2 else P()
 
 
-def cache_shardings(mesh: Mesh, cfg: ModelConfig, quantized: bool):
-    from engine.kv_cache import KVCache
+def cache_shardings(mesh: Mesh, cfg: ModelConfig, quantized: bool, chunked_length: int = 0):
+    """The KV cache's shardings: heads split over the mesh where they divide. `chunked_length`:
+    a chunked cache of that many positions (one device: every block replicated)."""
+    from engine.kv_cache import KVCache, chunk_sizes
+    if chunked_length:
+        blocks = [tuple(NamedSharding(mesh, P()) for _ in chunk_sizes(chunked_length))] * cfg.num_layers
+        return KVCache(list(blocks), list(blocks), *((list(blocks), list(blocks)) if quantized else ()))
     spec = P(None, None, AXIS, None) if _div(cfg.num_kv_heads, mesh) else P()
     sspec = P(None, AXIS, None) if _div(cfg.num_kv_heads, mesh) else P()
     kv = [NamedSharding(mesh, spec)] * cfg.num_layers

@@ -1,5 +1,6 @@
 """Tensor parallel over simulated CPU devices gives the same greedy tokens as one device, and so
-do data-parallel engines ("cpu=4/2").
+do data-parallel engines ("cpu=4/2"). One CPU device runs the chunked KV cache, several the
+token-major one (EngineConfig.kv_layout): the comparisons cover both layouts.
 
 XLA's host device count is fixed when jax starts, so the sharded runs happen in a child
 process started with XLA_FLAGS=--xla_force_host_platform_device_count=8.
@@ -27,8 +28,8 @@ CHILD = textwrap.dedent("""
     out = {}
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(3, 256, size=n)] for n in (3, 11, 16, 7, 15)]
-    runs = [("tiny-llama", p, False, 0) for p in ("cpu", "cpu=4", "cpu=8")]
-    runs += [("tiny-llama", p, True, 0) for p in ("cpu", "cpu=4")]
+    runs = [("tiny-llama", p, False, 0) for p in ("cpu", "cpu=4")]
+    runs += [("tiny-llama", "cpu", True, 0)]
     runs += [("tiny-gemma", p, False, 0) for p in ("cpu", "cpu=8")]
     runs += [("tiny-llama", "cpu=4", True, 8)]  # a paged int8 cache, split by KV head
     runs += [("tiny-llama", p, "w8a8_int8", 0) for p in ("cpu", "cpu=4")]  # [out, in] 8-bit weights
@@ -51,6 +52,7 @@ CHILD = textwrap.dedent("""
                                           sampling=SamplingParams(max_tokens=12, ignore_eos=True))
                                   for i, p in enumerate(prompts)]), key=lambda r: r.id)
         cache = batcher.state.cache.k[0]  # the live (not donated) cache
+        cache = cache[0] if isinstance(cache, tuple) else cache  # one device: a chunked cache's first block
         out[f"{model}|{platform}" + ("|paged" if page else "") + f"|{q}" + ("|pallas" if attention == "pallas" else "")] = {
             "kernel_per_device": eng._kernel_mesh is not None,
             "tokens": [r.completion_token_ids for r in res],
@@ -102,8 +104,7 @@ def runs():
 
 
 @pytest.mark.parametrize("model,quantized,platforms", [
-    ("tiny-llama", False, ("cpu=4", "cpu=8")),
-    ("tiny-llama", True, ("cpu=4",)),
+    ("tiny-llama", False, ("cpu=4",)),
     ("tiny-gemma", False, ("cpu=8",)),
     ("tiny-llama", True, ("cpu=4|paged",)),
     ("tiny-llama", "w8a8_int8", ("cpu=4",)),
@@ -119,15 +120,13 @@ def test_sharded_greedy_equals_single_device(runs, model, quantized, platforms):
 
 
 def test_weights_and_cache_are_actually_split(runs):
-    # tiny-llama: 8 query heads / 4 KV heads. On 8 devices wq splits 8 ways and the KV cache
-    # (4 heads) stays replicated; on 4 devices both split 4 ways.
-    assert runs["tiny-llama|cpu=8|False"]["wq_shards"] == 8
-    assert runs["tiny-llama|cpu=8|False"]["cache_shards"] == 1
-    assert runs["tiny-llama|cpu=4|True"]["wq_shards"] == 4
-    assert runs["tiny-llama|cpu=4|True"]["cache_shards"] == 4
+    # tiny-llama: 8 query heads / 4 KV heads: on 4 devices both split 4 ways.
+    assert runs["tiny-llama|cpu=4|False"]["wq_shards"] == 4
+    assert runs["tiny-llama|cpu=4|False"]["cache_shards"] == 4
     assert runs["tiny-llama|cpu=4|paged|True"]["cache_shards"] == 4  # the page pool, by KV head
     assert runs["tiny-llama|cpu=4|w8a8_int8"]["wq_shards"] == 4  # [out, in]: split by output rows
-    # tiny-gemma: 4 heads, 1 KV head (multi-query): cache replicated everywhere.
+    # tiny-gemma: 4 heads, 1 KV head (multi-query): cache replicated everywhere; on 8 devices
+    # the heads do not divide, so the weights stay whole too.
     assert runs["tiny-gemma|cpu=8|False"]["wq_shards"] == 1  # 4 heads do not split 8 ways
     assert runs["tiny-gemma|cpu=8|False"]["cache_shards"] == 1
 

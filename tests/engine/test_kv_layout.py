@@ -1,0 +1,43 @@
+"""The chunked KV cache (blocks of 128 positions, engine/kv_cache.py) serves exactly the tokens
+of the token-major one, for float and int8 caches, across a block boundary and into a shorter
+last block; and it is refused where it does not work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.config import make_settings
+from engine.llm import LLM
+from engine.request import Request, SamplingParams
+from engine.settings import ConfigError
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_chunked_cache_serves_the_token_major_tokens(quantized):
+    rng = np.random.default_rng(3)
+    # cache 200 = blocks of 128 + 72; prompts of 90 and 140 tokens (the second inserted across
+    # the boundary), one sequence decoding into the last block, one short
+    shapes = [(90, 100), (140, 50), (6, 12)]
+    reqs = [Request(id=i, prompt_token_ids=[int(t) for t in rng.integers(3, 250, n)],
+                    sampling=SamplingParams(max_tokens=m, ignore_eos=True)) for i, (n, m) in enumerate(shapes)]
+    out = {}
+    for layout in ("tokens", "chunks"):
+        llm = LLM(model="tiny-llama", batch_size=2, max_cache_length=200, context_size=160, decode_steps=8,
+                  prefill_batch=2, kv_layout=layout, quantize_kv_cache=quantized)
+        assert llm._engine.kv_chunked == (layout == "chunks")
+        out[layout] = {r.id: r.completion_token_ids for r in llm.generate_all(reqs)}
+    assert [len(out["chunks"][i]) for i in range(3)] == [100, 50, 12]
+    assert out["chunks"] == out["tokens"]
+
+
+def test_auto_picks_chunks_on_one_cpu_device_only_where_it_works():
+    from engine.engine import JaxEngine
+    from engine.llm import resolve_model
+    mc = resolve_model(make_settings("tiny-llama").source)[0]
+    load = lambda **kw: JaxEngine(make_settings("tiny-llama", batch_size=2, max_cache_length=64,  # noqa: E731
+                                                context_size=32, **kw).engine, mc)
+    assert load().kv_chunked  # this machine: one CPU device, XLA attention
+    assert not load(kv_page_size=8).kv_chunked
+    with pytest.raises(ConfigError, match="chunks is a layout of an unpaged cache"):
+        make_settings("tiny-llama", kv_page_size=8, kv_layout="chunks")
