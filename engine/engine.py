@@ -24,7 +24,8 @@ from engine.config import EngineConfig, kernel_settings
 from engine.engine_api import Engine, EngineGeometry, ResultTokens, geometry_of
 from engine.decode_state import DecodeState, Prefix
 from engine.engine_hooks import LoweringHooks
-from engine.kv_cache import init_cache, insert_prefix, insert_prefix_paged, pack_prefix
+from engine.kv_cache import KVCache, init_cache, insert_prefix, insert_prefix_paged, pack_prefix
+from engine.kv_chunks import CHUNK, join_layers, split_layers
 from engine.model import decode_step, prefill as model_prefill
 from engine.model_config import ModelConfig
 from engine.settings import ConfigError
@@ -100,7 +101,7 @@ class JaxEngine(LoweringHooks, Engine):
         self._decode_logits_jit = jax.jit(self._decode_logits_impl, donate_argnums=(1,), static_argnums=(2,))
         self._sample_logits_jit = jax.jit(self._sample_logits_impl, donate_argnums=(0,), static_argnums=(3,))
         self._cache_sharding = shd.cache_shardings(self._mesh, model_config, config.quantize_kv_cache,
-                                                   config.max_cache_length if self.kv_chunked else 0)
+                                                   min(CHUNK, config.max_cache_length) if self.kv_chunked else 0)
         self._param_avals = None  # shapes of the loaded params, for sizing an "auto" page pool
         self.pool_plan = None  # kv_budget.PoolPlan once an "auto" pool is sized
 
@@ -142,6 +143,24 @@ class JaxEngine(LoweringHooks, Engine):
             raise ConfigError(f"kv_layout: chunks needs one device and XLA attention; this engine has "
                               f"{self._mesh.size} device(s) and {self.attention_impl} attention")
         return layout == "chunks" or (layout == "auto" and fits and backend == "cpu")
+
+    def _blocks(self, state: DecodeState, positions: int):
+        """(state holding only the chunked cache's blocks below `positions`, allocating any
+        missing, the rest for _rejoin); (state, None) for other layouts."""
+        if not self.kv_chunked:
+            return state, None
+        length, c = self.config.max_cache_length, state.cache
+        n = -(-min(positions, length) // CHUNK)
+        parts = [split_layers(x, n, length, fill) for x, fill in ((c.k, 0), (c.v, 0), (c.k_scale, 1), (c.v_scale, 1))]
+        return dataclasses.replace(state, cache=KVCache(*(p[0] for p in parts))), KVCache(*(p[1] for p in parts))
+
+    @staticmethod
+    def _rejoin(state: DecodeState, tail) -> DecodeState:
+        if tail is None:
+            return state
+        c = state.cache
+        return dataclasses.replace(state, cache=KVCache(*(join_layers(a, b) for a, b in zip(
+            (c.k, c.v, c.k_scale, c.v_scale), (tail.k, tail.v, tail.k_scale, tail.v_scale)))))
 
     # ---- properties of the API ----
     @property
@@ -195,7 +214,8 @@ class JaxEngine(LoweringHooks, Engine):
                                cfg.head_dim, self.dtype, self.config.quantize_kv_cache)
             table = jnp.full((b, self.pages_per_slot), pages, jnp.int32)
         else:
-            cache = init_cache(cfg.num_layers, b, self.config.max_cache_length, cfg.num_kv_heads,
+            length = min(CHUNK, self.config.max_cache_length) if self.kv_chunked else self.config.max_cache_length
+            cache = init_cache(cfg.num_layers, b, length, cfg.num_kv_heads,  # chunked: grows (split_chunks)
                                cfg.head_dim, self.dtype, self.config.quantize_kv_cache, self.kv_chunked)
             table = None
         g = SlotSampling.greedy(b)
@@ -335,7 +355,8 @@ class JaxEngine(LoweringHooks, Engine):
 
     def release_slots(self, decode_state: DecodeState, slots) -> DecodeState:
         """Park the slots of the [batch_size] bool mask `slots` until their next insert."""
-        return self._release_jit(decode_state, np.asarray(slots, bool))
+        state, tail = self._blocks(decode_state, 1)
+        return self._rejoin(self._release_jit(state, np.asarray(slots, bool)), tail)
 
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot, page_rows=None) -> DecodeState:
         """Insert a prefix into `slot` (an int, or [N] slots for a batched prefix; -1 skips a row).
@@ -353,7 +374,8 @@ class JaxEngine(LoweringHooks, Engine):
             page_rows = rows
         elif page_rows is not None:
             raise ValueError("page_rows given to an engine without a paged cache")
-        return self._insert_jit(decode_state, prefix, slots, page_rows)
+        state, tail = self._blocks(decode_state, prefix.cache.k[0].shape[1])  # the prefixes' positions
+        return self._rejoin(self._insert_jit(state, prefix, slots, page_rows), tail)
 
     # ---- generate ----
     def decode_windows(self) -> list:
@@ -430,7 +452,10 @@ class JaxEngine(LoweringHooks, Engine):
     def decode_logits(self, params, decode_state: DecodeState, max_length: Optional[int] = None):
         """One decode step's forward pass, dispatched: (state, logits on device). The host builds
         the step's token masks while it runs, then calls sample_logits."""
-        return self._decode_logits_jit(params, decode_state, self.window_for(max_length))
+        window = self.window_for(max_length)
+        state, tail = self._blocks(decode_state, window)
+        state, logits = self._decode_logits_jit(params, state, window)
+        return self._rejoin(state, tail), logits
 
     def sample_logits(self, decode_state: DecodeState, logits, token_mask=None, logprobs: bool = False):
         """Sample the step decode_logits computed: each slot's token obeys its token_mask row
@@ -438,8 +463,9 @@ class JaxEngine(LoweringHooks, Engine):
         if token_mask is None:
             from engine.constraints import open_mask
             token_mask = open_mask(self.config.batch_size, self.model_config.vocab_size)
-        state, *out = self._sample_logits_jit(decode_state, logits, np.asarray(token_mask, np.int32), bool(logprobs))
-        return state, ResultTokens(*out)
+        state, tail = self._blocks(decode_state, 1)
+        state, *out = self._sample_logits_jit(state, logits, np.asarray(token_mask, np.int32), bool(logprobs))
+        return self._rejoin(state, tail), ResultTokens(*out)
 
     def generate(self, params, decode_state: DecodeState, max_length: Optional[int] = None,
                  logprobs: bool = False, token_mask=None):
@@ -450,8 +476,10 @@ class JaxEngine(LoweringHooks, Engine):
         if token_mask is not None:
             state, logits = self.decode_logits(params, decode_state, max_length)
             return self.sample_logits(state, logits, token_mask, logprobs)
-        state, *out = self._generate_jit(params, decode_state, self.window_for(max_length), bool(logprobs))
-        return state, ResultTokens(*out)
+        window = self.window_for(max_length)
+        state, tail = self._blocks(decode_state, window)
+        state, *out = self._generate_jit(params, state, window, bool(logprobs))
+        return self._rejoin(state, tail), ResultTokens(*out)
 
     # ---- compile everything up front ----
     def warmup(self, params, decode_state: DecodeState, prefill_sizes=None) -> DecodeState:

@@ -29,7 +29,8 @@ class LoweringHooks:
                        platforms: Optional[tuple] = None, logprobs: bool = False):
         """The `generate` program for this state, lowered (`.compile().as_text()` gives its HLO),
         or with `platforms` exported for them (`jax.export`: e.g. ("tpu",) from a CPU host)."""
-        return _lower(self._generate_jit, platforms, params, decode_state, self.window_for(max_length),
+        window = self.window_for(max_length)
+        return _lower(self._generate_jit, platforms, params, self._blocks(decode_state, window)[0], window,
                       bool(logprobs))
 
     def lower_insert(self, decode_state, prefix, slots, page_rows=None,
@@ -38,7 +39,8 @@ class LoweringHooks:
         slots = np.atleast_1d(np.asarray(slots, np.int32))
         if self.paged and page_rows is None:
             page_rows = np.full((len(slots), self.pages_per_slot), self.num_kv_pages, np.int32)
-        return _lower(self._insert_jit, platforms, decode_state, prefix, slots, page_rows)
+        state = self._blocks(decode_state, prefix.cache.k[0].shape[1])[0]
+        return _lower(self._insert_jit, platforms, state, prefix, slots, page_rows)
 
     def lower_prefill(self, params, n: int, length: int, platforms: Optional[tuple] = None,
                       decode_state: Optional[Any] = None, context_tokens: int = 0):
@@ -57,8 +59,9 @@ class LoweringHooks:
         b, v = self.config.batch_size, self.model_config.vocab_size
         logits = jax.ShapeDtypeStruct((b, v), jnp.float32)
         mask = jax.ShapeDtypeStruct((b, -(-v // 32)), jnp.int32)
-        return (_lower(self._decode_logits_jit, platforms, params, decode_state, self._windows[-1]),
-                _lower(self._sample_logits_jit, platforms, decode_state, logits, mask, False))
+        window = self._windows[-1]
+        return (_lower(self._decode_logits_jit, platforms, params, self._blocks(decode_state, window)[0], window),
+                _lower(self._sample_logits_jit, platforms, self._blocks(decode_state, 1)[0], logits, mask, False))
 
     def filled_state(self, decode_state, length: int):
         """Every slot live at position `length` (cache contents as they are): the state a decode

@@ -14,11 +14,7 @@ instead of one 4-byte value per 32-byte memory sector. Layers are separate array
 stacked array: a scan over stacked layers copies each layer's slice, several times slower on a
 GPU than unrolled layers.
 
-Chunked (EngineConfig.kv_layout, the default on one CPU device): each layer's K and V are a
-tuple of blocks of CHUNK positions, [slots, kv_heads, CHUNK, head_dim] (scales [slots, kv_heads,
-CHUNK]). XLA's CPU dots batch over (slot, head) only when those lead the operand's layout, so
-the token-major layout makes every decode step copy its cache window heads-major, and slicing
-a window off one heads-major array copies too; whole blocks are read in place.
+Chunked (EngineConfig.kv_layout, the default on one CPU device): engine/kv_chunks.py.
 """
 
 from __future__ import annotations
@@ -29,10 +25,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from engine.kv_chunks import block_scores, block_values, blocks_below, chunk_sizes, new_blocks, put_chunks, write_chunks
 from engine.quantize import quantize_kv
 
 NEG_INF = -1e30
-CHUNK = 128  # positions per block of a chunked cache: the smallest decode window
 
 
 @dataclass
@@ -48,26 +44,20 @@ class KVCache:
 
     @property
     def chunked(self) -> bool:
-        """Each layer a tuple of [slots, kv_heads, CHUNK, head_dim] blocks (module docstring)."""
+        """Each layer a tuple of [slots, kv_heads, CHUNK, head_dim] blocks (engine/kv_chunks.py)."""
         return isinstance(self.k[0], tuple)
 
 
 jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "k_scale", "v_scale"], meta_fields=[])
 
 
-def chunk_sizes(length: int) -> list:
-    """Block lengths of a chunked cache of `length` positions (the last one may be shorter)."""
-    return [min(CHUNK, length - start) for start in range(0, length, CHUNK)]
-
-
 def init_cache(num_layers: int, slots: int, length: int, kv_heads: int, head_dim: int,
                dtype, quantized: bool, chunked: bool = False) -> KVCache:
-    if chunked:
+    if chunked:  # engine/kv_chunks.py
         sizes = chunk_sizes(length)
-        kv = lambda dt: tuple(jnp.zeros((slots, kv_heads, c, head_dim), dt) for c in sizes)
-        sc = lambda: tuple(jnp.ones((slots, kv_heads, c), jnp.float32) for c in sizes)
-        dt = jnp.int8 if quantized else dtype
-        k, v = [kv(dt) for _ in range(num_layers)], [kv(dt) for _ in range(num_layers)]
+        kv = lambda: new_blocks(slots, kv_heads, sizes, (head_dim,), jnp.int8 if quantized else dtype)  # noqa: E731
+        sc = lambda: new_blocks(slots, kv_heads, sizes, (), jnp.float32, 1.0)  # noqa: E731
+        k, v = [kv() for _ in range(num_layers)], [kv() for _ in range(num_layers)]
         if not quantized:
             return KVCache(k, v)
         return KVCache(k, v, [sc() for _ in range(num_layers)], [sc() for _ in range(num_layers)])
@@ -142,8 +132,8 @@ def insert_prefix(cache: KVCache, prefix: KVCache, slots) -> KVCache:
     Slots outside [0, B) are dropped, so a padded prefill batch can carry dummy rows.
     """
     if cache.chunked:
-        return _write_layers(cache, prefix, lambda dst, src: _put_chunks(dst, jnp.swapaxes(src, 1, 2), slots),
-                             lambda dst, src: _put_chunks(dst, src, slots))
+        return _write_layers(cache, prefix, lambda dst, src: put_chunks(dst, jnp.swapaxes(src, 1, 2), slots),
+                             lambda dst, src: put_chunks(dst, src, slots))
 
     def put(dst, src):  # K/V [N, S, Hkv, D]
         return _set_rows(dst, (slots, slice(0, src.shape[1])), src, mode="drop")
@@ -153,32 +143,6 @@ def insert_prefix(cache: KVCache, prefix: KVCache, slots) -> KVCache:
         return dst.at[slots, :, :s].set(src, mode="drop")
 
     return _write_layers(cache, prefix, put, put_scale)
-
-
-def _put_chunks(blocks: tuple, src, slots) -> tuple:
-    """Positions [0, S) of src [N, Hkv, S, ...] into rows `slots` of a chunked layer's blocks."""
-    out, start = [], 0
-    for block in blocks:
-        part = src[:, :, start:start + block.shape[2]]
-        if part.shape[2]:
-            block = block.at[slots, :, :part.shape[2]].set(part.astype(block.dtype), mode="drop")
-        out.append(block)
-        start += block.shape[2]
-    return tuple(out)
-
-
-def _write_chunks(blocks: tuple, val, pos, window: Optional[int]) -> tuple:
-    """val [B, Hkv, ...] at position pos [B] of each slot in a chunked layer's blocks; blocks at
-    or past `window` (which covers every live slot's position) are left alone."""
-    out, start, rows = [], 0, jnp.arange(val.shape[0])
-    for block in blocks:
-        size = block.shape[2]
-        if window is None or start < window:
-            off = jnp.where((pos >= start) & (pos < start + size), pos - start, size)  # size: dropped
-            block = block.at[rows, :, off].set(val.astype(block.dtype), mode="drop")
-        out.append(block)
-        start += size
-    return tuple(out)
 
 
 def insert_prefix_paged(cache: KVCache, prefix: KVCache, page_rows) -> KVCache:
@@ -213,11 +177,11 @@ def write_token(cache: KVCache, layer: int, k, v, pos, page_table=None, window: 
     if cache.chunked:
         if cache.quantized:
             (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
-            cache.k_scale[layer] = _write_chunks(cache.k_scale[layer], ks, pos, window)
-            cache.v_scale[layer] = _write_chunks(cache.v_scale[layer], vs, pos, window)
+            cache.k_scale[layer] = write_chunks(cache.k_scale[layer], ks, pos, window)
+            cache.v_scale[layer] = write_chunks(cache.v_scale[layer], vs, pos, window)
             k, v = kq, vq
-        cache.k[layer] = _write_chunks(cache.k[layer], k, pos, window)
-        cache.v[layer] = _write_chunks(cache.v[layer], v, pos, window)
+        cache.k[layer] = write_chunks(cache.k[layer], k, pos, window)
+        cache.v[layer] = write_chunks(cache.v[layer], v, pos, window)
         return cache
     if page_table is None:
         where = (jnp.arange(k.shape[0]), pos)  # (slot, position)
@@ -285,8 +249,14 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
         raise ValueError(f"{impl} decode attention has no soft-cap or sliding window; use 'xla'")
     if impl == "pallas":  # reads only each slot's filled blocks; int8 or unquantized cache
         return _pallas_decode(q, cache, layer, pos, scale, page_table, dict(kernel), mesh)
-    if cache.chunked:
-        return _chunked_attention(q, cache, layer, pos, scale, window, softcap, sliding_window)
+    if cache.chunked:  # engine/kv_chunks.py: the blocks below the window, each read in place
+        ks, vs = cache.k[layer], cache.v[layer]
+        n = blocks_below(ks, window)
+        b, hkv, _, d = ks[0].shape
+        scales = lambda xs: None if xs is None else xs[layer][:n]  # noqa: E731
+        s = block_scores(q.reshape(b, hkv, -1, d), ks[:n], scales(cache.k_scale))
+        p = masked_probabilities(s, pos, scale, softcap, sliding_window)
+        return block_values(p, vs[:n], scales(cache.v_scale), q.dtype).reshape(q.shape).astype(q.dtype)
     if page_table is not None:
         cache, layer = gather_pages(cache, layer, page_table, window), 0
     k, v = cache.k[layer], cache.v[layer]
@@ -304,7 +274,7 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
     s = jnp.einsum("bhgd,bthd->bhgt", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
     if cache.quantized:
         s = s * cache.k_scale[layer][:, :, None, :t]
-    p = _probabilities(s, pos, scale, softcap, sliding_window)
+    p = masked_probabilities(s, pos, scale, softcap, sliding_window)
     if cache.quantized:
         p = p * cache.v_scale[layer][:, :, None, :t]
     out = jnp.einsum("bhgt,bthd->bhgd", p.astype(q.dtype), v.astype(q.dtype),
@@ -312,7 +282,7 @@ def decode_attention(q, cache: KVCache, layer: int, pos, scale: float, impl: str
     return out.reshape(b, h, d).astype(q.dtype)
 
 
-def _probabilities(s, pos, scale: float, softcap, sliding_window):
+def masked_probabilities(s, pos, scale: float, softcap, sliding_window):
     """Softmax over positions of raw scores s [B, Hkv, G, T], masked to each slot's [0, pos]
     (Gemma 2 local layers: its last sliding_window positions)."""
     t = s.shape[-1]
@@ -321,31 +291,6 @@ def _probabilities(s, pos, scale: float, softcap, sliding_window):
     if sliding_window is not None:
         mask &= jnp.arange(t)[None, :] > pos[:, None] - sliding_window
     return jax.nn.softmax(jnp.where(mask[:, None, None, :], s, NEG_INF), axis=-1)
-
-
-def _chunked_attention(q, cache: KVCache, layer: int, pos, scale: float, window, softcap, sliding_window):
-    """decode_attention over a chunked cache: the blocks below `window`, each read in place
-    by its own pair of dots."""
-    ks, vs = cache.k[layer], cache.v[layer]
-    b, hkv, _, d = ks[0].shape
-    h = q.shape[1]
-    n = len(ks) if window is None else min(len(ks), -(-window // CHUNK))
-    qg = q.reshape(b, hkv, h // hkv, d)
-    parts = []
-    for i in range(n):
-        si = jnp.einsum("bhgd,bhtd->bhgt", qg, ks[i].astype(q.dtype), preferred_element_type=jnp.float32)
-        parts.append(si * cache.k_scale[layer][i][:, :, None, :] if cache.quantized else si)
-    p = _probabilities(jnp.concatenate(parts, axis=-1), pos, scale, softcap, sliding_window)
-    out, start = 0, 0
-    for i in range(n):
-        size = ks[i].shape[2]
-        pi = p[..., start:start + size]
-        if cache.quantized:
-            pi = pi * cache.v_scale[layer][i][:, :, None, :]
-        out = out + jnp.einsum("bhgt,bhtd->bhgd", pi.astype(q.dtype), vs[i].astype(q.dtype),
-                               preferred_element_type=jnp.float32)
-        start += size
-    return out.reshape(b, h, d).astype(q.dtype)
 
 
 def _pallas_decode(q, cache: KVCache, layer: int, pos, scale: float, page_table, kernel: dict, mesh=None):

@@ -78,7 +78,8 @@ def scale_spec(weight_spec: P) -> P:
 def cache_shardings(mesh: Mesh, cfg: ModelConfig, quantized: bool, chunked_length: int = 0):
     """The KV cache's shardings: heads split over the mesh where they divide. `chunked_length`:
     a chunked cache of that many positions (one device: every block replicated)."""
-    from engine.kv_cache import KVCache, chunk_sizes
+    from engine.kv_cache import KVCache
+    from engine.kv_chunks import chunk_sizes
     if chunked_length:
         blocks = [tuple(NamedSharding(mesh, P()) for _ in chunk_sizes(chunked_length))] * cfg.num_layers
         return KVCache(list(blocks), list(blocks), *((list(blocks), list(blocks)) if quantized else ()))

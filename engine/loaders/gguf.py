@@ -25,6 +25,7 @@ The tokenizer is rebuilt from `tokenizer.ggml.*` by engine/loaders/gguf_tokenize
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from typing import Optional
 
@@ -352,6 +353,10 @@ def load_gguf(path: str, tokenizer: bool = True) -> Checkpoint:
             if w.ndim == 2 and name != "embed":
                 w = np.ascontiguousarray(w.T)  # [out, in] -> [in, out]
             yield name, w
+        # The mapped file's pages were read once; drop them from this process's resident memory
+        # (they stay in the page cache, and a later read maps them again).
+        if hasattr(mmap, "MADV_DONTNEED"):
+            file.mm.madvise(mmap.MADV_DONTNEED)
 
     types = {}
     for t in file.tensors:

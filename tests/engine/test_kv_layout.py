@@ -1,6 +1,7 @@
 """The chunked KV cache (blocks of 128 positions, engine/kv_cache.py) serves exactly the tokens
 of the token-major one, for float and int8 caches, across a block boundary and into a shorter
-last block; and it is refused where it does not work."""
+last block; its blocks are allocated only once a sequence reaches them; and it is refused where
+it does not work."""
 
 from __future__ import annotations
 
@@ -26,7 +27,13 @@ def test_chunked_cache_serves_the_token_major_tokens(quantized):
         llm = LLM(model="tiny-llama", batch_size=2, max_cache_length=200, context_size=160, decode_steps=8,
                   prefill_batch=2, kv_layout=layout, quantize_kv_cache=quantized)
         assert llm._engine.kv_chunked == (layout == "chunks")
+        short = llm.generate_all(reqs[2:])
+        if layout == "chunks":  # positions below 128 only: one block allocated
+            assert [len(blocks) for blocks in llm._batcher.state.cache.k] == [1] * 2
         out[layout] = {r.id: r.completion_token_ids for r in llm.generate_all(reqs)}
+        assert short[0].completion_token_ids == out[layout][2]
+        if layout == "chunks":  # 190 positions: both blocks
+            assert [len(blocks) for blocks in llm._batcher.state.cache.k] == [2] * 2
     assert [len(out["chunks"][i]) for i in range(3)] == [100, 50, 12]
     assert out["chunks"] == out["tokens"]
 
