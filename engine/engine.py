@@ -135,7 +135,7 @@ class JaxEngine(LoweringHooks, Engine):
         return prefill, attn
 
     def _choose_layout(self, backend: str) -> bool:
-        """Whether the cache is chunked (engine/kv_cache.py): "auto" takes it where it pays, on one
+        """Whether the cache is chunked (engine/kv_chunks.py): "auto" takes it where it pays, on one
         CPU device with XLA attention; "chunks" asks for it where it works."""
         layout = self.config.kv_layout
         fits = not self.paged and self.attention_impl == "xla" and self._mesh.size == 1
@@ -151,7 +151,8 @@ class JaxEngine(LoweringHooks, Engine):
             return state, None
         length, c = self.config.max_cache_length, state.cache
         n = -(-min(positions, length) // CHUNK)
-        parts = [split_layers(x, n, length, fill) for x, fill in ((c.k, 0), (c.v, 0), (c.k_scale, 1), (c.v_scale, 1))]
+        fields = ((c.k, 0), (c.v, 0), (c.k_scale, 1), (c.v_scale, 1))  # scales of new blocks: 1
+        parts = [split_layers(x, n, length, fill) for x, fill in fields]
         return dataclasses.replace(state, cache=KVCache(*(p[0] for p in parts))), KVCache(*(p[1] for p in parts))
 
     @staticmethod
@@ -215,7 +216,7 @@ class JaxEngine(LoweringHooks, Engine):
             table = jnp.full((b, self.pages_per_slot), pages, jnp.int32)
         else:
             length = min(CHUNK, self.config.max_cache_length) if self.kv_chunked else self.config.max_cache_length
-            cache = init_cache(cfg.num_layers, b, length, cfg.num_kv_heads,  # chunked: grows (split_chunks)
+            cache = init_cache(cfg.num_layers, b, length, cfg.num_kv_heads,  # chunked: grows (_blocks)
                                cfg.head_dim, self.dtype, self.config.quantize_kv_cache, self.kv_chunked)
             table = None
         g = SlotSampling.greedy(b)

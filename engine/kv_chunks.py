@@ -5,9 +5,10 @@ kv_heads, CHUNK]), instead of one [slots, T, kv_heads, head_dim] array.
 Why: XLA's CPU dots batch over (slot, head) only when those lead the operand's layout, so the
 token-major layout makes every decode step copy its cache window heads-major, and slicing a
 window off one heads-major array copies too; whole blocks are read in place. Blocks are
-allocated as the longest sequence reaches them (kv_cache.split_chunks), and each program is
+allocated as the longest sequence reaches them (split_layers), and each program is
 handed only the blocks below its window, so memory follows the sequences served, not
-max_cache_length. These are the per-layer block operations; engine/kv_cache.py dispatches to them.
+max_cache_length (JaxEngine._blocks). These are the per-layer block operations; engine/kv_cache.py
+dispatches to them.
 """
 
 from __future__ import annotations
@@ -23,15 +24,6 @@ CHUNK = 128  # positions per block: the smallest decode window
 def chunk_sizes(length: int) -> list:
     """Block lengths of a chunked cache of `length` positions (the last one may be shorter)."""
     return [min(CHUNK, length - start) for start in range(0, length, CHUNK)]
-
-
-def _new_block(like, size: int, fill: float):
-    """A block shaped like `like` with `size` positions, all `fill` (an abstract one for an
-    abstract `like`, as lowering passes)."""
-    shape = like.shape[:2] + (size,) + like.shape[3:]
-    if isinstance(like, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(shape, like.dtype)
-    return jnp.full(shape, fill, like.dtype)
 
 
 def new_blocks(slots: int, kv_heads: int, sizes: list, tail: tuple, dtype, fill: float = 0.0) -> tuple:
