@@ -27,14 +27,15 @@ def test_lowers_for_tpu(flags, capsys):
                                                              "sample_logits", *cached], lines
 
 
-def test_llama2_7b_sharded_over_four_tpus_without_weights():
-    """Llama-2-7B shapes over tpu=4 (four simulated host devices): lowered in a few seconds,
-    with bounded memory (no 7B parameters are made)."""
+@pytest.mark.parametrize("model,flags", [("llama2-7b", []), ("gemma-7b", ["--quantize_weights", "w8a8"])])
+def test_7b_sharded_over_four_tpus_without_weights(model, flags):
+    """Llama-2-7B (bf16) and Gemma-7B (W8A8) shapes with an int8 cache over tpu=4 (four simulated
+    host devices): lowered in a few seconds, with bounded memory (no 7B parameters are made)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", "import resource, sys; from engine.lower import main; "
                         "rc = main(sys.argv[1:]); print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); "
-                        "sys.exit(rc)", "--platform", "tpu=4", "--model", "llama2-7b", "--quantize_kv_cache",
-                        "--batch_size", "64"],
+                        "sys.exit(rc)", "--platform", "tpu=4", "--model", model, "--quantize_kv_cache",
+                        "--batch_size", "64", *flags],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "tpu=4: generate lowered" in r.stdout
