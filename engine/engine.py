@@ -25,6 +25,7 @@ from engine.engine_api import Engine, EngineGeometry, ResultTokens, geometry_of
 from engine.decode_state import DecodeState, Prefix
 from engine.engine_hooks import LoweringHooks
 from engine.kv_cache import KVCache, init_cache, insert_prefix, insert_prefix_paged, pack_prefix
+from engine.host_memory import ProgramWatch
 from engine.kv_chunks import CHUNK, join_layers, split_layers
 from engine.model import decode_step, prefill as model_prefill
 from engine.model_config import ModelConfig
@@ -100,6 +101,8 @@ class JaxEngine(LoweringHooks, Engine):
         self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2, 3))
         self._decode_logits_jit = jax.jit(self._decode_logits_impl, donate_argnums=(1,), static_argnums=(2,))
         self._sample_logits_jit = jax.jit(self._sample_logits_impl, donate_argnums=(0,), static_argnums=(3,))
+        self._programs = ProgramWatch(self._prefill_jit, self._insert_jit, self._release_jit, self._generate_jit,
+                                      self._decode_logits_jit, self._sample_logits_jit)
         self._cache_sharding = shd.cache_shardings(self._mesh, model_config, config.quantize_kv_cache,
                                                    min(CHUNK, config.max_cache_length) if self.kv_chunked else 0)
         self._param_avals = None  # shapes of the loaded params, for sizing an "auto" page pool
@@ -313,6 +316,7 @@ class JaxEngine(LoweringHooks, Engine):
             token_mask = np.asarray(token_mask, np.int32).reshape(r, -1)
         prefix, (lp, top_ids, top_lp), prompt = self._prefill_jit(
             params, tokens, lengths, sampling, token_mask, sample_rows, context, prompt_logprobs=prompt_logprobs)
+        self._programs.after_call()
         rows_len = lengths_total if sample_rows is None else lengths_total[sample_rows]
         first = ResultTokens(prefix.first_token[:, None], jnp.ones((r, 1), bool), rows_len[:, None],
                              lp[:, None], top_ids[:, None], top_lp[:, None], prompt)
@@ -376,7 +380,9 @@ class JaxEngine(LoweringHooks, Engine):
         elif page_rows is not None:
             raise ValueError("page_rows given to an engine without a paged cache")
         state, tail = self._blocks(decode_state, prefix.cache.k[0].shape[1])  # the prefixes' positions
-        return self._rejoin(self._insert_jit(state, prefix, slots, page_rows), tail)
+        state = self._rejoin(self._insert_jit(state, prefix, slots, page_rows), tail)
+        self._programs.after_call()
+        return state
 
     # ---- generate ----
     def decode_windows(self) -> list:
@@ -456,6 +462,7 @@ class JaxEngine(LoweringHooks, Engine):
         window = self.window_for(max_length)
         state, tail = self._blocks(decode_state, window)
         state, logits = self._decode_logits_jit(params, state, window)
+        self._programs.after_call()
         return self._rejoin(state, tail), logits
 
     def sample_logits(self, decode_state: DecodeState, logits, token_mask=None, logprobs: bool = False):
@@ -480,6 +487,7 @@ class JaxEngine(LoweringHooks, Engine):
         window = self.window_for(max_length)
         state, tail = self._blocks(decode_state, window)
         state, *out = self._generate_jit(params, state, window, bool(logprobs))
+        self._programs.after_call()
         return self._rejoin(state, tail), ResultTokens(*out)
 
     # ---- compile everything up front ----

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 
 from engine import sharding as shd
 from engine.model_config import ModelConfig
+from engine.host_memory import return_freed_memory
 from engine.checkpoint import LAYER_KEYS, POST_NORMS, Checkpoint, CheckpointError, expected_shapes
 from engine.quantize import QuantizedWeight, W8A8Weight, quantize_w8a8, quantize_weight, w8a8_dtype
 
@@ -120,19 +121,9 @@ def load_params(cfg: ModelConfig, checkpoint: Optional[Checkpoint], mesh, dtype,
     missing = [n for n in shapes if n not in flat]
     if missing:
         raise CheckpointError(f"{src}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    _return_freed_memory()
+    return_freed_memory()  # the float32 temporaries of the tensors read
     return _assemble(cfg, flat)
 
-
-def _return_freed_memory() -> None:
-    """Give the host memory of the freed float32 temporaries back to the OS (glibc's malloc
-    keeps freed heap otherwise: ~65 MB of resident memory for the embedded 135M model). Best
-    effort: nothing where libc is not glibc."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def random_params(cfg: ModelConfig, mesh, dtype, quantize, seed: int = 0, matrix_dtype=None) -> dict:
