@@ -1,7 +1,6 @@
-"""The chunked KV cache (blocks of 128 positions, engine/kv_cache.py) serves exactly the tokens
-of the token-major one, for float and int8 caches, across a block boundary and into a shorter
-last block; its blocks are allocated only once a sequence reaches them; and it is refused where
-it does not work."""
+"""The chunked KV cache (blocks of 128 positions, engine/kv_chunks.py) serves exactly the tokens
+of the token-major one across a block boundary and into a shorter last block; its blocks are
+allocated only once a sequence reaches them; and it is refused where it does not work."""
 
 from __future__ import annotations
 
@@ -14,8 +13,9 @@ from engine.request import Request, SamplingParams
 from engine.settings import ConfigError
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-def test_chunked_cache_serves_the_token_major_tokens(quantized):
+def test_chunked_cache_serves_the_token_major_tokens():
+    """A float cache here; the int8 chunked cache is checked in tests/engine/test_sharding.py's
+    child (one device, against the token-major tensor-parallel and Pallas runs)."""
     rng = np.random.default_rng(3)
     # cache 200 = blocks of 128 + 72; prompts of 90 and 140 tokens: the first decodes across the
     # boundary, the second is inserted across it and decodes in the shorter last block; one short
@@ -25,7 +25,7 @@ def test_chunked_cache_serves_the_token_major_tokens(quantized):
     out = {}
     for layout in ("tokens", "chunks"):
         llm = LLM(model="tiny-llama", batch_size=2, max_cache_length=200, context_size=160, decode_steps=8,
-                  prefill_batch=2, kv_layout=layout, quantize_kv_cache=quantized)
+                  prefill_batch=2, kv_layout=layout)
         assert llm._engine.kv_chunked == (layout == "chunks")
         short = llm.generate_all(reqs[2:])
         if layout == "chunks":  # positions below 128 only: one block allocated
