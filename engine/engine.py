@@ -90,6 +90,9 @@ class JaxEngine(LoweringHooks, Engine):
         self._geometry = geometry_of(config, model_config.vocab_size, model_config.eos_token_ids)
         self.prefill_attention, self.attention_impl = self._choose_attention(backend)
         self.kv_chunked = self._choose_layout(backend)
+        # A chunked cache starts with one block and grows (_blocks); others hold every position.
+        self._initial_cache_length = (min(CHUNK, config.max_cache_length) if self.kv_chunked
+                                      else config.max_cache_length)
         # Tensor parallel: the Pallas kernel runs on each device's heads (kv_cache._pallas_decode).
         self._kernel_mesh = (self._mesh if self.attention_impl == "pallas" and self._mesh.size > 1
                              and model_config.num_kv_heads % self._mesh.size == 0 else None)
@@ -104,7 +107,7 @@ class JaxEngine(LoweringHooks, Engine):
         self._programs = ProgramWatch(self._prefill_jit, self._insert_jit, self._release_jit, self._generate_jit,
                                       self._decode_logits_jit, self._sample_logits_jit)
         self._cache_sharding = shd.cache_shardings(self._mesh, model_config, config.quantize_kv_cache,
-                                                   min(CHUNK, config.max_cache_length) if self.kv_chunked else 0)
+                                                   self._initial_cache_length if self.kv_chunked else 0)
         self._param_avals = None  # shapes of the loaded params, for sizing an "auto" page pool
         self.pool_plan = None  # kv_budget.PoolPlan once an "auto" pool is sized
 
@@ -218,8 +221,7 @@ class JaxEngine(LoweringHooks, Engine):
                                cfg.head_dim, self.dtype, self.config.quantize_kv_cache)
             table = jnp.full((b, self.pages_per_slot), pages, jnp.int32)
         else:
-            length = min(CHUNK, self.config.max_cache_length) if self.kv_chunked else self.config.max_cache_length
-            cache = init_cache(cfg.num_layers, b, length, cfg.num_kv_heads,  # chunked: grows (_blocks)
+            cache = init_cache(cfg.num_layers, b, self._initial_cache_length, cfg.num_kv_heads,
                                cfg.head_dim, self.dtype, self.config.quantize_kv_cache, self.kv_chunked)
             table = None
         g = SlotSampling.greedy(b)

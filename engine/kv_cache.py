@@ -174,31 +174,23 @@ def write_token(cache: KVCache, layer: int, k, v, pos, page_table=None, window: 
     """Write one new token's K/V ([B, Hkv, D]) for every slot at its position pos [B]
     (paged: at offset pos % page of page page_table[b, pos // page]). `window`: a chunked
     cache writes only its blocks below it."""
-    if cache.chunked:
-        if cache.quantized:
-            (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
-            cache.k_scale[layer] = write_chunks(cache.k_scale[layer], ks, pos, window)
-            cache.v_scale[layer] = write_chunks(cache.v_scale[layer], vs, pos, window)
-            k, v = kq, vq
-        cache.k[layer] = write_chunks(cache.k[layer], k, pos, window)
-        cache.v[layer] = write_chunks(cache.v[layer], v, pos, window)
-        return cache
-    if page_table is None:
-        where = (jnp.arange(k.shape[0]), pos)  # (slot, position)
-    else:
-        page = cache.k[layer].shape[1]
-        where = (page_table[jnp.arange(k.shape[0]), pos // page], pos % page)  # (page, offset)
     if cache.quantized:
-        kq, ks = quantize_kv(k)
-        vq, vs = quantize_kv(v)
-        cache.k[layer] = _set_rows(cache.k[layer], where, kq)
-        cache.v[layer] = _set_rows(cache.v[layer], where, vq)
-        # scales [B or P, Hkv, T or page]: (row, :, col) selects [B, Hkv]
-        cache.k_scale[layer] = cache.k_scale[layer].at[where[0], :, where[1]].set(ks)
-        cache.v_scale[layer] = cache.v_scale[layer].at[where[0], :, where[1]].set(vs)
+        (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+    if cache.chunked:
+        put = put_scale = lambda dst, x: write_chunks(dst, x, pos, window)  # noqa: E731
     else:
-        cache.k[layer] = _set_rows(cache.k[layer], where, k)
-        cache.v[layer] = _set_rows(cache.v[layer], where, v)
+        if page_table is None:
+            where = (jnp.arange(k.shape[0]), pos)  # (slot, position)
+        else:
+            page = cache.k[layer].shape[1]
+            where = (page_table[jnp.arange(k.shape[0]), pos // page], pos % page)  # (page, offset)
+        put = lambda dst, x: _set_rows(dst, where, x)  # noqa: E731
+        # scales [B or P, Hkv, T or page]: (row, :, col) selects [B, Hkv]
+        put_scale = lambda dst, x: dst.at[where[0], :, where[1]].set(x)  # noqa: E731
+    cache.k[layer], cache.v[layer] = put(cache.k[layer], k), put(cache.v[layer], v)
+    if cache.quantized:
+        cache.k_scale[layer] = put_scale(cache.k_scale[layer], ks)
+        cache.v_scale[layer] = put_scale(cache.v_scale[layer], vs)
     return cache
 
 

@@ -34,10 +34,9 @@ def new_blocks(slots: int, kv_heads: int, sizes: list, tail: tuple, dtype, fill:
 def block_like(like, size: int, fill: float):
     """A block shaped like `like` with `size` positions, all `fill` (an abstract one for an
     abstract `like`, as lowering passes)."""
-    shape = like.shape[:2] + (size,) + like.shape[3:]
     if isinstance(like, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(shape, like.dtype)
-    return jnp.full(shape, fill, like.dtype)
+        return jax.ShapeDtypeStruct(like.shape[:2] + (size,) + like.shape[3:], like.dtype)
+    return new_blocks(like.shape[0], like.shape[1], [size], like.shape[3:], like.dtype, fill)[0]
 
 
 def split_layers(layers: Optional[list], n: int, length: int, fill: float = 0.0):

@@ -125,7 +125,6 @@ def load_params(cfg: ModelConfig, checkpoint: Optional[Checkpoint], mesh, dtype,
     return _assemble(cfg, flat)
 
 
-
 def random_params(cfg: ModelConfig, mesh, dtype, quantize, seed: int = 0, matrix_dtype=None) -> dict:
     """Random weights of the right shapes, made on device (speed depends on shapes, not values).
 
