@@ -202,12 +202,14 @@ class JaxEngine(LoweringHooks, Engine):
 
     # ---- weights ----
     def load_params(self):
-        from engine.weights import fuse_projections, load_params
+        from engine.weights import add_embed_bits, fuse_projections, load_params
         params = load_params(self.model_config, self.checkpoint, self._mesh, self.dtype,
                              self.config.quantize_weights, seed=self.config.random_seed,
                              matrix_dtype=self.weight_dtype)
         if self.config.fuse_projections and self._mesh.size == 1:
             params = fuse_projections(params)
+        if self._mesh.devices.flat[0].platform == "cpu":
+            params = add_embed_bits(params)
         self._param_avals = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), params)
         return params

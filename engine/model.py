@@ -2,7 +2,7 @@
 
 Params are a plain pytree (see engine/loaders/__init__.py for names and layouts):
     {"embed", "layers": [ {attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down}, ... ],
-     "final_norm", "lm_head"?}
+     "final_norm", "lm_head"?, "embed_bits"?}
 (or per layer "wqkv" and "w_gate_up" in place of the parts, see engine/weights.fuse_projections).
 Any matrix may be a `QuantizedWeight` (int8 + per-column scale).
 
@@ -64,7 +64,11 @@ def apply_rope(x, positions, inv_freq):
 
 
 def embed(params, cfg: ModelConfig, tokens, dtype):
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    if "embed_bits" in params:  # the table's 16-bit patterns (CPU; engine/weights.add_embed_bits)
+        rows = jnp.take(params["embed_bits"], tokens, axis=0)
+        x = jax.lax.bitcast_convert_type(rows, params["embed"].dtype).astype(dtype)
+    else:
+        x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
     if cfg.embed_scale:  # Gemma: the normalizer is rounded to the activation dtype first
         x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
     return x
