@@ -119,7 +119,8 @@ class EngineConfig:
         choices=WEIGHT_MODES, aliases=_WEIGHT_MODE_ALIASES, flag_const="int8")
     quantize_kv_cache: bool = setting(False, "int8 KV cache with per-token, per-head scales")
     min_prefill_bucket: int = setting(16, "Shortest prompt-length bucket compiled for prefill", minimum=1)
-    prefill_batch: int = setting(8, "Most prompts prefilled together in one call", minimum=1)
+    prefill_batch: int = setting(2, "Most prompts prefilled together in one call (2 suits the embedded "
+                                    "model on CPU; GPU job configs use 16-32)", minimum=1)
     decode_steps: int = setting(8, "Decode steps per host round-trip (one compiled loop)", minimum=1)
     kv_page_size: int = setting(
         0, "Paged KV cache: tokens per page, from one pool shared by the slots (0: one "

@@ -20,7 +20,7 @@ from tests import REPO
 def test_lowers_for_tpu(flags, capsys):
     from engine.lower import main
     assert main(["--platform", "tpu", "--model", "tiny-llama", "--batch_size", "4", "--max_cache_length", "64",
-                 "--context_size", "32", *flags]) == 0
+                 "--context_size", "32", "--prefill_batch", "4", *flags]) == 0
     lines = capsys.readouterr().out.splitlines()
     cached = ["prefill[4x32+16cached]"] if "--kv_page_size" in flags else []
     assert [ln.split(":")[1].split()[0] for ln in lines] == ["prefill[4x32]", "insert", "generate", "decode_logits",
