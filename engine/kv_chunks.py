@@ -26,17 +26,21 @@ def chunk_sizes(length: int) -> list:
     return [min(CHUNK, length - start) for start in range(0, length, CHUNK)]
 
 
-def new_blocks(slots: int, kv_heads: int, sizes: list, tail: tuple, dtype, fill: float = 0.0) -> tuple:
-    """Blocks of the given position counts, [slots, kv_heads, size, *tail], all `fill`."""
-    return tuple(jnp.full((slots, kv_heads, c) + tail, fill, dtype) for c in sizes)
+def new_blocks(slots: int, kv_heads: int, sizes: list, tail: tuple, dtype, fill: float = 0.0,
+               sharding=None) -> tuple:
+    """Blocks of the given position counts, [slots, kv_heads, size, *tail], all `fill` (placed
+    with `sharding` when given)."""
+    return tuple(jnp.full((slots, kv_heads, c) + tail, fill, dtype, device=sharding) for c in sizes)
 
 
 def block_like(like, size: int, fill: float):
-    """A block shaped like `like` with `size` positions, all `fill` (an abstract one for an
-    abstract `like`, as lowering passes)."""
+    """A block shaped and placed like `like` with `size` positions, all `fill` (an abstract one
+    for an abstract `like`, as lowering passes). The same sharding as the blocks before it:
+    an unplaced block would make the next program a second compile of the same shapes."""
     if isinstance(like, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(like.shape[:2] + (size,) + like.shape[3:], like.dtype)
-    return new_blocks(like.shape[0], like.shape[1], [size], like.shape[3:], like.dtype, fill)[0]
+    return new_blocks(like.shape[0], like.shape[1], [size], like.shape[3:], like.dtype, fill,
+                      sharding=like.sharding)[0]
 
 
 def split_layers(layers: Optional[list], n: int, length: int, fill: float = 0.0):

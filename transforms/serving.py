@@ -40,8 +40,8 @@ class EngineHolder:
     """An LLM plus the lock that serialises it, and what the STATS records report about it."""
 
     def __init__(self, settings: Settings):
+        t0 = time.time()  # the load counts importing JAX and the engine (~1 s on a CPU): they come with it
         from engine.data_parallel import serving_llm
-        t0 = time.time()
         log.info("jetbeam: loading engine model=%s (pid %d)", settings.source.model or "<default>", os.getpid())
         self.llm = serving_llm(settings)  # one LLM, or one per engine group ("gpu=8/2")
         self.load_time_s = time.time() - t0

@@ -1,9 +1,11 @@
 """The chunked KV cache (blocks of 128 positions, engine/kv_chunks.py) serves exactly the tokens
 of the token-major one across a block boundary and into a shorter last block; its blocks are
-allocated only once a sequence reaches them; and it is refused where it does not work."""
+allocated only once a sequence reaches them, placed like the others (no second compile of a
+window's program); and it is refused where it does not work."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -13,7 +15,7 @@ from engine.request import Request, SamplingParams
 from engine.settings import ConfigError
 
 
-def test_chunked_cache_serves_the_token_major_tokens():
+def test_chunked_cache_serves_the_token_major_tokens(caplog):
     """A float cache here; the int8 chunked cache is checked in tests/engine/test_sharding.py's
     child (one device, against the token-major tensor-parallel and Pallas runs)."""
     rng = np.random.default_rng(3)
@@ -23,17 +25,31 @@ def test_chunked_cache_serves_the_token_major_tokens():
     reqs = [Request(id=i, prompt_token_ids=[int(t) for t in rng.integers(3, 250, n)],
                     sampling=SamplingParams(max_tokens=m, ignore_eos=True)) for i, (n, m) in enumerate(shapes)]
     out = {}
+
+    def compiles(name):
+        return sum(f"compilation of jit({name})" in r.getMessage() for r in caplog.records)
+
     for layout in ("tokens", "chunks"):
+        caplog.clear()
+        caplog.set_level("WARNING", logger="jax")
         llm = LLM(model="tiny-llama", batch_size=2, max_cache_length=200, context_size=160, decode_steps=8,
                   prefill_batch=2, kv_layout=layout)
         assert llm._engine.kv_chunked == (layout == "chunks")
-        short = llm.generate_all(reqs[2:])
+        with jax.log_compiles(True):
+            short = llm.generate_all(reqs[2:])
         if layout == "chunks":  # positions below 128 only: one block allocated
             assert [len(blocks) for blocks in llm._batcher.state.cache.k] == [1] * 2
-        out[layout] = {r.id: r.completion_token_ids for r in llm.generate_all(reqs)}
+        with jax.log_compiles(True):
+            first = llm.generate_all(reqs[:1])  # grows the cache inside a decode call
+            out[layout] = {r.id: r.completion_token_ids for r in llm.generate_all(reqs)}
         assert short[0].completion_token_ids == out[layout][2]
+        assert first[0].completion_token_ids == out[layout][0]
         if layout == "chunks":  # up to 164 positions: both blocks
-            assert [len(blocks) for blocks in llm._batcher.state.cache.k] == [2] * 2
+            k = llm._batcher.state.cache.k
+            assert [len(blocks) for blocks in k] == [2] * 2
+            # a grown block is placed like the first: the next call of a window reuses its program
+            assert all(b.sharding == k[0][0].sharding for blocks in k for b in blocks)
+            assert compiles("_generate_impl") == 2  # windows 128 and 200, once each
     assert [len(out["chunks"][i]) for i in range(3)] == [60, 24, 12]
     assert out["chunks"] == out["tokens"]
 
