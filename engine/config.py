@@ -119,12 +119,6 @@ class EngineConfig:
         choices=WEIGHT_MODES, aliases=_WEIGHT_MODE_ALIASES, flag_const="int8")
     quantize_kv_cache: bool = setting(False, "int8 KV cache with per-token, per-head scales")
     min_prefill_bucket: int = setting(16, "Shortest prompt-length bucket compiled for prefill", minimum=1)
-    prefill_bucket_spacing: str = setting(
-        "auto", "Prompt-length buckets compiled for prefill: pow2 = powers of two from min_prefill_bucket "
-                "(16, 32, 64, ...); halves = those and the midpoints between them (24, 48, 96, ...: a "
-                "prompt pads by at most a third instead of a half, for up to twice the programs); auto: "
-                "halves on CPU, where prefill is compute-bound, pow2 elsewhere. A paged cache keeps only "
-                "midpoints that are whole pages", choices=("auto", "pow2", "halves"))
     prefill_batch: int = setting(2, "Most prompts prefilled together in one call (2 suits the embedded "
                                     "model on CPU; GPU job configs use 16-32)", minimum=1)
     decode_steps: int = setting(8, "Decode steps per host round-trip (one compiled loop)", minimum=1)
@@ -184,19 +178,13 @@ class EngineConfig:
                               "(JaxEngine.init_decode_state, after load_params)")
         return (self.kv_cache_tokens or self.batch_size * self.max_cache_length) // self.kv_page_size
 
-    def prefill_buckets(self, backend: str = "") -> tuple[int, ...]:
-        """Prompt lengths compiled for prefill, up to context_size: powers of two, and their
-        midpoints where prefill_bucket_spacing (auto: on a "cpu" backend) asks for them."""
-        spacing = self.prefill_bucket_spacing
-        halves = spacing == "halves" or (spacing == "auto" and backend == "cpu")
+    def prefill_buckets(self) -> tuple[int, ...]:
+        """Power-of-two prompt lengths compiled for prefill, up to context_size."""
         top = next_power_of_two(self.context_size)
         b = min(next_power_of_two(self.min_prefill_bucket), top)
         out = []
         while b <= top:
             out.append(min(b, self.max_cache_length))
-            mid = b + b // 2
-            if halves and b >= 8 and mid < top and not (self.kv_page_size and mid % self.kv_page_size):
-                out.append(min(mid, self.max_cache_length))
             b *= 2
         return tuple(sorted(set(out)))
 

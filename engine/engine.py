@@ -87,7 +87,7 @@ class JaxEngine(LoweringHooks, Engine):
         # (engine.lower sets this for its target platform).
         self.per_slot_draws = backend == "cpu"
         self._kernel = kernel_settings(config.decode_kernel)
-        self._geometry = geometry_of(config, model_config.vocab_size, model_config.eos_token_ids, backend=backend)
+        self._geometry = geometry_of(config, model_config.vocab_size, model_config.eos_token_ids)
         self.prefill_attention, self.attention_impl = self._choose_attention(backend)
         self.kv_chunked = self._choose_layout(backend)
         # A chunked cache starts with one block and grows (_blocks); others hold every position.
@@ -249,8 +249,7 @@ class JaxEngine(LoweringHooks, Engine):
             memory_stats = self._mesh.devices.flat[0].memory_stats() or {}
         tokens, self.pool_plan = size_pool(self, memory_stats)
         self.config = dataclasses.replace(self.config, kv_cache_tokens=tokens)
-        self._geometry = geometry_of(self.config, self.model_config.vocab_size, self.model_config.eos_token_ids,
-                                     backend=self._mesh.devices.flat[0].platform)
+        self._geometry = geometry_of(self.config, self.model_config.vocab_size, self.model_config.eos_token_ids)
         return self.pool_plan
 
     # ---- prefill ----

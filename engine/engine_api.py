@@ -69,15 +69,14 @@ class EngineGeometry:
         raise ValueError(f"prompt of {length} tokens exceeds context_size {self.context_size}")
 
 
-def geometry_of(config: EngineConfig, vocab_size: int, eos_token_ids, num_kv_pages: Optional[int] = None,
-                backend: str = "") -> EngineGeometry:
-    """The geometry of an engine built from `config` on `backend` (its platform: "cpu", "gpu", ...,
-    which picks the prefill buckets under spacing auto; num_kv_pages: an "auto" pool once sized)."""
+def geometry_of(config: EngineConfig, vocab_size: int, eos_token_ids, num_kv_pages: Optional[int] = None
+                ) -> EngineGeometry:
+    """The geometry of an engine built from `config` (num_kv_pages: an "auto" pool once sized)."""
     if num_kv_pages is None:
         num_kv_pages = 0 if config.kv_cache_tokens == "auto" else config.num_kv_pages
     return EngineGeometry(
         slots=config.batch_size, max_cache_length=config.max_cache_length, context_size=config.context_size,
-        prefill_buckets=config.prefill_buckets(backend), prefill_sizes=config.prefill_sizes(),
+        prefill_buckets=config.prefill_buckets(), prefill_sizes=config.prefill_sizes(),
         decode_steps=config.decode_steps, eos_token_ids=tuple(eos_token_ids), vocab_size=vocab_size,
         kv_page_size=config.kv_page_size, num_kv_pages=num_kv_pages)
 

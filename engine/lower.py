@@ -34,8 +34,6 @@ def export_programs(settings: Settings, target: str) -> dict:
     ec = _on_cpu(settings.engine, here)
     if kind != "cpu" and ec.kv_layout == "auto":  # the target's layout, not this host's
         ec = dataclasses.replace(ec, kv_layout="tokens")
-    if kind != "cpu" and ec.prefill_bucket_spacing == "auto":  # the target's buckets too
-        ec = dataclasses.replace(ec, prefill_bucket_spacing="pow2")
     eng = JaxEngine(ec, mc, None)
     eng.per_slot_draws = kind == "cpu"  # the target's sampling, not this host's
     params = jax.eval_shape(eng.load_params)

@@ -31,13 +31,7 @@ def test_jetstream_model_json(tmp_path):
     assert ec.batch_size == 40 and ec.max_cache_length == 2408 and ec.context_size == 1024
     assert s.source.checkpoint_path == str(tmp_path / "jet-llama2-7b/model.safetensors")
     assert s.source.tokenizer_path == "/data/tokenizer.model" and s.source.param_size == "7b"
-    assert ec.prefill_buckets() == ec.prefill_buckets("gpu") == (16, 32, 64, 128, 256, 512, 1024)
-    # spacing auto: the midpoints on CPU; a paged cache keeps those of whole pages
-    assert ec.prefill_buckets("cpu") == (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-    paged = dataclasses.replace(ec, kv_page_size=8, max_cache_length=2048, prefill_bucket_spacing="halves")
-    assert paged.prefill_buckets("gpu") == (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-    assert dataclasses.replace(paged, kv_page_size=64).prefill_buckets("gpu") == (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024)
-    assert dataclasses.replace(ec, prefill_bucket_spacing="pow2").prefill_buckets("cpu") == ec.prefill_buckets()
+    assert ec.prefill_buckets() == (16, 32, 64, 128, 256, 512, 1024)
     assert make_settings(str(path), batch_size=8).engine.batch_size == 8  # --model model.json, flags over it
 
 
