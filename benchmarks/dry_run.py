@@ -13,24 +13,46 @@ gives counts, not times.
 
 from __future__ import annotations
 
+import dataclasses
+
 from engine.config import Settings
 from engine.engine_api import geometry_of
 from engine.fake_engine import FakeEngine
+
+
+def _fake_batcher(settings: Settings, mc):
+    from engine.batcher import ContinuousBatcher
+    ec = settings.engine
+    if ec.kv_cache_tokens == "auto":
+        raise SystemExit("--dry_run has no device memory to size kv_cache_tokens=auto: give the number "
+                         "of tokens (a device run reports the number 'auto' chose as kv_cache_tokens)")
+    return ContinuousBatcher(FakeEngine(geometry_of(ec, mc.vocab_size, mc.eos_token_ids)), params=None,
+                             scheduler=settings.scheduler)
+
+
+def prefill_shapes(settings_list: list, mc, requests, warm_requests=()) -> set:
+    """(prompt count, bucket) of every whole-prompt prefill call the batcher makes serving
+    `warm_requests` then `requests` under each Settings of `settings_list` (a timed run and its
+    scheduler variants): the shapes throughput.py compiles up front so its timed runs compile
+    nothing. Prefills that continue a cached prefix are not included."""
+    out = set()
+    for settings in settings_list:
+        batcher = _fake_batcher(settings, mc)
+        for reqs in (warm_requests, requests):
+            for _ in batcher.run([dataclasses.replace(r) for r in reqs]):
+                pass
+        out |= {(c[1], c[2]) for c in batcher.engine.calls if c[0] == "prefill" and len(c) == 3}
+    return out
 
 
 def dry_run(settings: Settings, mc, requests, warm_requests=()) -> dict:
     """Run `requests` (after `warm_requests`, as throughput.py's warm-up pass does) through the
     real batcher over a FakeEngine of `settings`' geometry and ModelConfig `mc`; return the
     batcher's counters for the second run."""
-    from engine.batcher import ContinuousBatcher
     from engine.sched_stats import slot_occupancy
 
     ec = settings.engine
-    if ec.kv_cache_tokens == "auto":
-        raise SystemExit("--dry_run has no device memory to size kv_cache_tokens=auto: give the number "
-                         "of tokens (a device run reports the number 'auto' chose as kv_cache_tokens)")
-    batcher = ContinuousBatcher(FakeEngine(geometry_of(ec, mc.vocab_size, mc.eos_token_ids)), params=None,
-                                scheduler=settings.scheduler)
+    batcher = _fake_batcher(settings, mc)
     for _ in batcher.run(list(warm_requests)):
         pass
     batcher.stats.clear()

@@ -16,6 +16,7 @@ run) and the roofline (benchmarks/roofline.py), for ratios from the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs torch + transformers); its JSON goes to --peer_json or beside --json")
     b.add_argument("--peer_batch", type=int, default=128,
                    help="the peer's batch, halved while it runs out of memory (default: 128)")
+    b.add_argument("--warm_shapes", choices=("planned", "all"), default="planned",
+                   help="prefill shapes compiled before timing: planned = the (prompt count, bucket) pairs "
+                        "the batcher calls for these requests, its warm-up pass and every --variant (from a "
+                        "dry run over the fake engine; with kv_cache_tokens=auto, all); all = every bucket at "
+                        "every call size. The report counts programs compiled inside the timed runs "
+                        "(timed_compiles: 0 expected)")
     b.add_argument("--roofline", action="store_true", help="measure bandwidth/FLOPs and report the roofline")
     b.add_argument("--json", default=None)
     b.add_argument("--markdown", default=None, help="append a row to this markdown file")
@@ -159,6 +166,32 @@ def warm_cached_prefix(llm, context_tokens: int, own_tokens: int) -> None:
         b.state = eng.insert(prefix, b.state, np.full(n, -1, np.int32))
 
 
+_COMPILES = [0]  # programs lowered in this process (jax.monitoring, one listener per process)
+
+
+def _count_compiles() -> None:
+    import jax
+    if not getattr(_count_compiles, "done", False):
+        jax.monitoring.register_event_duration_secs_listener(
+            lambda name, secs, **kw: _COMPILES.__setitem__(0, _COMPILES[0] + 1)
+            if name.endswith("jaxpr_to_mlir_module_duration") else None)
+        _count_compiles.done = True
+
+
+def planned_shapes(args, settings, mc, ins, outs):
+    """The (prompt count, bucket) pairs the timed run, its warm-up pass and each --variant call
+    (benchmarks/dry_run.prefill_shapes), or None (every shape) where a dry run cannot size the pool."""
+    from benchmarks.dry_run import prefill_shapes
+    if settings.engine.kv_cache_tokens == "auto":
+        return None
+    from engine.settings import from_mapping
+    runs = [settings] + [dataclasses.replace(settings, scheduler=from_mapping(
+        type(settings.scheduler), scheduler_changes(v), "--variant", base=settings.scheduler)) for v in args.variant]
+    slots = settings.engine.batch_size
+    warm = make_requests(args, mc.vocab_size, ins[:slots], np.minimum(outs[:slots], 16), "warm")
+    return prefill_shapes(runs, mc, make_requests(args, mc.vocab_size, ins, outs), warm)
+
+
 def pct(xs, q):
     return float(np.percentile(np.asarray(xs), q)) if len(xs) else None
 
@@ -222,10 +255,12 @@ def main(argv=None):
     from engine.settings import to_mapping
 
     ceilings = measure_ceilings(settings.engine.quantize_weights) if args.roofline else None
+    _count_compiles()
     t0 = time.perf_counter()
     llm = LLM(settings=settings)
     t_load = time.perf_counter() - t0
-    llm.warmup()
+    shapes = planned_shapes(args, settings, llm.model_config, ins, outs) if args.warm_shapes == "planned" else None
+    llm.warmup(shapes)
     if args.shared_prefix:
         warm_cached_prefix(llm, args.shared_prefix, args.input_len)
     t_compile = time.perf_counter() - t0 - t_load
@@ -249,6 +284,7 @@ def main(argv=None):
         return wall, results
 
     from benchmarks.gpu_power import PowerSampler
+    compiled_before = _COMPILES[0]
     with PowerSampler() as power:  # was the run at full clock, or at the power cap?
         wall, results = timed()
     out_tok = sum(r.completion_tokens for r in results)
@@ -270,6 +306,7 @@ def main(argv=None):
         "settings": settings.to_flat(), "decode_attention": info["decode_attention"],
         "temperature": args.temperature,
         "load_s": round(t_load, 2), "compile_s": round(t_compile, 2), "warmup_s": round(t_warm, 2),
+        "warm_shapes": args.warm_shapes if shapes is None else sorted(shapes),
         "wall_s": round(wall, 3),
         "requests_per_s": round(len(results) / wall, 2),
         "output_tok_per_s": round(out_tok / wall, 1),
@@ -295,6 +332,9 @@ def main(argv=None):
                                        "output_tok_per_s": round(out_tok / v_wall, 1), "batcher": llm.stats()})
             print(json.dumps(report["variants"][-1]), flush=True)
             llm.set_scheduler(**to_mapping(first))
+    report["timed_compiles"] = _COMPILES[0] - compiled_before  # the timed run and its variants
+    if report["timed_compiles"]:
+        print(f"warning: {report['timed_compiles']} programs compiled inside the timed runs", file=sys.stderr)
     if args.profile:
         first = llm.set_scheduler(sync_timing=True)
         llm.reset_stats(prefix_cache=True)

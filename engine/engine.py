@@ -495,19 +495,20 @@ class JaxEngine(LoweringHooks, Engine):
         return self._rejoin(state, tail), ResultTokens(*out)
 
     # ---- compile everything up front ----
-    def warmup(self, params, decode_state: DecodeState, prefill_sizes=None) -> DecodeState:
-        """Compile every prefill bucket (for each prefill call size), insert and the decode step.
+    def warmup(self, params, decode_state: DecodeState, prefill_shapes=None) -> DecodeState:
+        """Compile every prefill bucket for each prefill call size (or only the (prompt count,
+        bucket) pairs of `prefill_shapes`), their inserts and the decode step.
 
         One shape after another: compiling prefill shapes on several threads while the decode
         step compiles and runs breaks XLA's GEMM autotuning on GPUs. A rerun with the same
         shapes loads them from the persistent compilation cache instead.
         """
-        sizes = prefill_sizes or self._geometry.prefill_sizes
-        for s in self.buckets:
-            for n in sizes:
-                prefix, _ = self.prefill(params=params, padded_tokens=np.zeros((n, s), np.int32),
-                                         true_length=np.ones(n, np.int32))
-                decode_state = self.insert(prefix, decode_state, np.full(n, -1, np.int32))
+        if prefill_shapes is None:
+            prefill_shapes = [(n, s) for s in self.buckets for n in self._geometry.prefill_sizes]
+        for n, s in sorted(prefill_shapes, key=lambda ns: (ns[1], ns[0])):
+            prefix, _ = self.prefill(params=params, padded_tokens=np.zeros((n, s), np.int32),
+                                     true_length=np.ones(n, np.int32))
+            decode_state = self.insert(prefix, decode_state, np.full(n, -1, np.int32))
         for w in self.decode_windows():
             decode_state, res = self.generate(params, decode_state, max_length=w)
             jax.block_until_ready(res.tokens)

@@ -215,8 +215,9 @@ class Engine(abc.ABC):
         """JetStream's hook for per-slot resources; slots here hold none beyond the decode state."""
         return None
 
-    def warmup(self, params: Params, decode_state: DecodeState) -> DecodeState:
-        """Compile every program a run can call; returns the (donated) state. Default: nothing."""
+    def warmup(self, params: Params, decode_state: DecodeState, prefill_shapes=None) -> DecodeState:
+        """Compile every program a run can call, or of prefill only the (prompt count, bucket)
+        pairs in `prefill_shapes`; returns the (donated) state. Default: nothing."""
         return decode_state
 
     def sync(self, value: Any) -> Any:

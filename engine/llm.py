@@ -150,9 +150,10 @@ class LLM:
         if self._batcher.pages is not None:
             self._batcher.pages.peak_used = self._batcher.pages.used_pages
 
-    def warmup(self) -> None:
-        """Compile every prefill shape, the insert and the decode step now (Engine.warmup)."""
-        self._batcher.warmup()
+    def warmup(self, prefill_shapes=None) -> None:
+        """Compile every prefill shape (or the (prompt count, bucket) pairs of `prefill_shapes`),
+        the inserts and the decode step now (Engine.warmup)."""
+        self._batcher.warmup(prefill_shapes)
 
 
 def enable_compilation_cache(path: Optional[str]) -> Optional[str]:

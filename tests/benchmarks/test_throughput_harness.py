@@ -24,6 +24,9 @@ def test_length_mix_profile_variant_and_dry_run(tmp_path):
     throughput.main(args + ["--variant", "min_refill=1,schedule=arrival", "--profile",
                             "--trace", str(tmp_path / "trace"), "--json", str(out)])
     r = json.loads(out.read_text())
+    # the warm-up compiled the prefill shapes a dry run plans for the timed run and its variants
+    # (fewer than every bucket at every call size) and the timed runs compiled nothing
+    assert r["timed_compiles"] == 0 and 0 < len(r["warm_shapes"]) < 5 * 2
     ins, outs = throughput.make_lengths(throughput.parse_args(["--dataset", "sharegpt", "--num_requests", "12"]))
     assert r["mean_input"] == float(ins.mean()) and r["mean_output"] == float(outs.mean())
     assert r["gpu_power"]["available"] == bool(r["gpu_power"].get("samples"))  # {"available": False} here
