@@ -3,7 +3,7 @@
 Random cache of B slots x T positions x Hkv heads x D, filled lengths uniform in
 [min_len, max_len); one query per slot (H = Hkv * G heads). Times each variant per call
 (jitted, warm-up, then --iters calls, device-synchronized) and prints ms and the effective
-bandwidth over the FILLED bytes (K+V of positions < length, plus the int8 cache's scales):
+bandwidth over the FILLED bytes (K+V of positions < length, plus an 8-bit cache's scales):
 a variant reading the whole cache shows it as a low GB/s. Every Pallas variant is also checked
 against XLA on the same cache (max abs error); a variant that fails to compile prints its error
 and the run goes on.
@@ -111,6 +111,9 @@ def main(argv=None):
     ks = jax.random.uniform(kks, (b, hkv, t), jnp.float32, 0.002, 0.03)  # cache layout [B, Hkv, T]
     vs = jax.random.uniform(kvs, (b, hkv, t), jnp.float32, 0.002, 0.03)
     q8 = KVCache([k8], [v8], [ks], [vs])
+    # An fp8 e4m3 cache (kv_cache_dtype fp8) with the same scales: other values, the same bytes.
+    kf, vf = k8.astype(jnp.float8_e4m3fn), v8.astype(jnp.float8_e4m3fn)
+    qf = KVCache([kf], [vf], [ks], [vs])
     # An unquantized cache holding the same values, for the 16-bit paths.
     kb = (k8.astype(jnp.float32) * jnp.swapaxes(ks, 1, 2)[..., None]).astype(cdt)
     vb = (v8.astype(jnp.float32) * jnp.swapaxes(vs, 1, 2)[..., None]).astype(cdt)
@@ -128,6 +131,7 @@ def main(argv=None):
     ref8 = jax.jit(lambda q, c, pos: decode_attention(q, c, 0, pos, scale, "xla"))
     refb = jax.jit(lambda q, c, pos: decode_attention(q, c, 0, pos, scale, "xla"))
     want8 = np.asarray(ref8(q, q8, pos), np.float32)
+    wantf = np.asarray(ref8(q, qf, pos), np.float32)
     wantb = np.asarray(refb(q, qb, pos), np.float32)
 
     rows = []
@@ -161,6 +165,8 @@ def main(argv=None):
     bench(f"pallas {jnp.dtype(cdt).name} (defaults)", pallas(), (q, kb, vb, None, None, pos), bytes_16, wantb)
     other = "fma" if g >= 2 else "dot"  # the method "auto" does not pick for this G
     bench(f"pallas int8 method={other}", pallas(method=other), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
+    bench("pallas fp8 (defaults)", pallas(), (q, kf, vf, ks, vs, pos), bytes_int8, wantf)
+    bench(f"pallas fp8 method={other}", pallas(method=other), (q, kf, vf, ks, vs, pos), bytes_int8, wantf)
 
     # Every conversion is exact, so each output must be bit-identical to the defaults'.
     for conv in ("cvt", "magic", "prmt"):
@@ -185,7 +191,10 @@ def main(argv=None):
             print(f"    paged output identical to the contiguous kernel's: {bool(np.array_equal(out, base8))}")
         bench(f"pallas {jnp.dtype(cdt).name} paged (page {a.page})", paged(),
               (q, cb.k[0], cb.v[0], None, None, table, pos), bytes_16, wantb)
-        del paged8, pagedb, c8, cb
+        cf = paginate(qf, a.page, a.seed)[0]
+        bench(f"pallas fp8 paged (page {a.page})", paged(),
+              (q, cf.k[0], cf.v[0], cf.k_scale[0], cf.v_scale[0], table, pos), bytes_int8, wantf)
+        del paged8, pagedb, c8, cb, cf
 
     if a.sweep:
         # The --grid of settings, with masked loads (faster than unmasked ones in the sweeps of

@@ -117,7 +117,10 @@ class EngineConfig:
                 "e4m3 on NVIDIA GPUs of compute capability 8.9+, int8 elsewhere); w8a8_int8 / w8a8_fp8 "
                 "pick the 8-bit type; the bare flag (or true) means int8",
         choices=WEIGHT_MODES, aliases=_WEIGHT_MODE_ALIASES, flag_const="int8")
-    quantize_kv_cache: bool = setting(False, "int8 KV cache with per-token, per-head scales")
+    quantize_kv_cache: bool = setting(False, "8-bit KV cache with per-token, per-head scales (kv_cache_dtype)")
+    kv_cache_dtype: str = setting(
+        "int8", "Element type of a quantized KV cache: int8, or fp8 (e4m3, read by a hardware convert on "
+                "NVIDIA GPUs of compute capability 8.9+); needs quantize_kv_cache", choices=("int8", "fp8"))
     min_prefill_bucket: int = setting(16, "Shortest prompt-length bucket compiled for prefill", minimum=1)
     prefill_batch: int = setting(2, "Most prompts prefilled together in one call (2 suits the embedded "
                                     "model on CPU; GPU job configs use 16-32)", minimum=1)
@@ -159,6 +162,9 @@ class EngineConfig:
         if self.kv_page_size and self.max_cache_length % self.kv_page_size:
             raise ConfigError(f"kv_page_size: {self.kv_page_size} must divide max_cache_length "
                               f"({self.max_cache_length})")
+        if self.kv_cache_dtype != "int8" and not self.quantize_kv_cache:
+            raise ConfigError(f"kv_cache_dtype: {self.kv_cache_dtype} is the type of a quantized KV cache: "
+                              "set quantize_kv_cache too")
         if self.kv_layout == "chunks" and self.kv_page_size:
             raise ConfigError("kv_layout: chunks is a layout of an unpaged cache: set kv_page_size 0")
         if self.kv_cache_tokens == "auto" and not self.kv_page_size:
@@ -177,6 +183,13 @@ class EngineConfig:
             raise ConfigError("kv_cache_tokens: auto is sized from device memory by the engine "
                               "(JaxEngine.init_decode_state, after load_params)")
         return (self.kv_cache_tokens or self.batch_size * self.max_cache_length) // self.kv_page_size
+
+    def kv_quant_dtype(self):
+        """The quantized KV cache's element dtype, or None for a cache in the compute dtype."""
+        if not self.quantize_kv_cache:
+            return None
+        import jax.numpy as jnp  # this module stays importable without JAX
+        return jnp.float8_e4m3fn if self.kv_cache_dtype == "fp8" else jnp.int8
 
     def prefill_buckets(self) -> tuple[int, ...]:
         """Power-of-two prompt lengths compiled for prefill, up to context_size."""

@@ -129,7 +129,8 @@ class JaxEngine(LoweringHooks, Engine):
         prefill = "cudnn" if cudnn_ok and attn in ("auto", "cudnn", "pallas") else "xla"
 
         def pallas_or_xla():
-            ok = backend == "gpu" and kernel_compiles(self.model_config, self.dtype, self.config.kv_page_size)
+            ok = backend == "gpu" and kernel_compiles(self.model_config, self.dtype, self.config.kv_page_size,
+                                                      self.config.kv_quant_dtype())
             return "pallas" if ok else "xla"
 
         if attn == "auto":
@@ -220,11 +221,11 @@ class JaxEngine(LoweringHooks, Engine):
         cfg, b = self.model_config, self.config.batch_size
         if self.paged:  # all free slots' rows point at the trash page
             cache = init_cache(cfg.num_layers, pages + 1, self.config.kv_page_size, cfg.num_kv_heads,
-                               cfg.head_dim, self.dtype, self.config.quantize_kv_cache)
+                               cfg.head_dim, self.dtype, self.config.kv_quant_dtype())
             table = jnp.full((b, self.pages_per_slot), pages, jnp.int32)
         else:
             cache = init_cache(cfg.num_layers, b, self._initial_cache_length, cfg.num_kv_heads,
-                               cfg.head_dim, self.dtype, self.config.quantize_kv_cache, self.kv_chunked)
+                               cfg.head_dim, self.dtype, self.config.kv_quant_dtype(), self.kv_chunked)
             table = None
         g = SlotSampling.greedy(b)
         return DecodeState(cache, jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32),
@@ -273,7 +274,7 @@ class JaxEngine(LoweringHooks, Engine):
             offset = None if offset is None else offset[sample_rows]
         masked = logits if token_mask is None else apply_token_mask(logits, token_mask)
         first = sample(masked, sampling, jnp.zeros_like(true_length), self.per_slot_draws)
-        prefix_cache = pack_prefix(ks, vs, self.config.quantize_kv_cache)
+        prefix_cache = pack_prefix(ks, vs, self.config.kv_quant_dtype())
         return (Prefix(prefix_cache, true_length, first, sampling, sample_rows, offset),
                 token_logprobs(logits, first), prompt)
 
@@ -516,10 +517,12 @@ class JaxEngine(LoweringHooks, Engine):
         return decode_state
 
 
-def kernel_compiles(cfg: ModelConfig, dtype, page: int = 0) -> bool:
-    """Whether the ragged Pallas decode kernel compiles for this model's head shapes here."""
+def kernel_compiles(cfg: ModelConfig, dtype, page: int = 0, kv_dtype=None) -> bool:
+    """Whether the ragged Pallas decode kernel compiles for this model's head shapes (and the
+    cache's 8-bit type, default int8) here."""
     from engine.kernels.ragged_decode import compiles_for
-    ok, why = compiles_for(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, dtype, page)
+    ok, why = compiles_for(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, dtype, page,
+                           kv_dtype)
     if not ok:
         log.warning("ragged Pallas decode kernel unavailable (%s); int8 cache read by XLA", why)
     return ok

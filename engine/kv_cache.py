@@ -7,9 +7,9 @@ share one pool of cache tokens, so a length mix fits many more slots than one
 max_cache_length region per slot allows.
 
 Layout per layer: K and V as [slots, max_cache_length, kv_heads, head_dim] (the BTNH
-layout cuDNN's attention reads directly), in the compute dtype or int8 with one float32
-scale per (slot, kv_head, token). The scales are stored [slots, kv_heads, T], not
-[slots, T, kv_heads]: a decode kernel walking one head's tokens then reads them contiguously
+layout cuDNN's attention reads directly), in the compute dtype or 8 bits (int8 or fp8 e4m3,
+kv_cache_dtype) with one float32 scale per (slot, kv_head, token). The scales are stored
+[slots, kv_heads, T], not [slots, T, kv_heads]: a decode kernel walking one head's tokens then reads them contiguously
 instead of one 4-byte value per 32-byte memory sector. Layers are separate arrays (a Python list), not one
 stacked array: a scan over stacked layers copies each layer's slice, several times slower on a
 GPU than unrolled layers.
@@ -51,11 +51,22 @@ class KVCache:
 jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "k_scale", "v_scale"], meta_fields=[])
 
 
+def _quant_dtype(quantized):
+    """The 8-bit element type `quantized` names (True: int8), or None (False/None: unquantized)."""
+    if quantized is None or quantized is False:
+        return None
+    return jnp.int8 if quantized is True else jnp.dtype(quantized)
+
+
 def init_cache(num_layers: int, slots: int, length: int, kv_heads: int, head_dim: int,
-               dtype, quantized: bool, chunked: bool = False) -> KVCache:
+               dtype, quantized, chunked: bool = False) -> KVCache:
+    """An empty cache; `quantized`: None/False (K/V in `dtype`), True (int8) or an 8-bit dtype
+    (int8 or fp8 e4m3), with float32 scales of 1."""
+    qdt = _quant_dtype(quantized)
+    quantized = qdt is not None
     if chunked:  # engine/kv_chunks.py
         sizes = chunk_sizes(length)
-        kv = lambda: new_blocks(slots, kv_heads, sizes, (head_dim,), jnp.int8 if quantized else dtype)  # noqa: E731
+        kv = lambda: new_blocks(slots, kv_heads, sizes, (head_dim,), qdt if quantized else dtype)  # noqa: E731
         sc = lambda: new_blocks(slots, kv_heads, sizes, (), jnp.float32, 1.0)  # noqa: E731
         k, v = [kv() for _ in range(num_layers)], [kv() for _ in range(num_layers)]
         if not quantized:
@@ -63,7 +74,7 @@ def init_cache(num_layers: int, slots: int, length: int, kv_heads: int, head_dim
         return KVCache(k, v, [sc() for _ in range(num_layers)], [sc() for _ in range(num_layers)])
     shape = (slots, length, kv_heads, head_dim)
     if quantized:
-        z = lambda: jnp.zeros(shape, jnp.int8)
+        z = lambda: jnp.zeros(shape, qdt)
         s = lambda: jnp.ones((slots, kv_heads, length), jnp.float32)
         return KVCache([z() for _ in range(num_layers)], [z() for _ in range(num_layers)],
                        [s() for _ in range(num_layers)], [s() for _ in range(num_layers)])
@@ -71,13 +82,14 @@ def init_cache(num_layers: int, slots: int, length: int, kv_heads: int, head_dim
     return KVCache([z() for _ in range(num_layers)], [z() for _ in range(num_layers)])
 
 
-def pack_prefix(ks: list, vs: list, quantized: bool) -> KVCache:
-    """A prefill's K/V ([N, S, Hkv, D] per layer) in the cache's storage format
-    (scales [N, Hkv, S])."""
-    if not quantized:
+def pack_prefix(ks: list, vs: list, quantized) -> KVCache:
+    """A prefill's K/V ([N, S, Hkv, D] per layer) in the cache's storage format (`quantized` as
+    init_cache takes it; scales [N, Hkv, S])."""
+    qdt = _quant_dtype(quantized)
+    if qdt is None:
         return KVCache(list(ks), list(vs))
-    kq, ksc = zip(*[quantize_kv(k) for k in ks])
-    vq, vsc = zip(*[quantize_kv(v) for v in vs])
+    kq, ksc = zip(*[quantize_kv(k, qdt) for k in ks])
+    vq, vsc = zip(*[quantize_kv(v, qdt) for v in vs])
     heads_first = lambda scales: [jnp.swapaxes(x, 1, 2) for x in scales]
     return KVCache(list(kq), list(vq), heads_first(ksc), heads_first(vsc))
 
@@ -175,7 +187,8 @@ def write_token(cache: KVCache, layer: int, k, v, pos, page_table=None, window: 
     (paged: at offset pos % page of page page_table[b, pos // page]). `window`: a chunked
     cache writes only its blocks below it."""
     if cache.quantized:
-        (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+        stored = cache.k[layer][0] if cache.chunked else cache.k[layer]
+        (k, ks), (v, vs) = quantize_kv(k, stored.dtype), quantize_kv(v, stored.dtype)
     if cache.chunked:
         put = put_scale = lambda dst, x: write_chunks(dst, x, pos, window)  # noqa: E731
     else:

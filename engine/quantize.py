@@ -154,7 +154,8 @@ def linear(x, w):
     return y.astype(x.dtype)
 
 
-def quantize_kv(x):
-    """Quantize K or V [..., head_dim] per (token, head): returns int8 values and f32 scales [...]."""
-    q, scale = _quantize_last(x, jnp.int8)
+def quantize_kv(x, dtype=jnp.int8):
+    """Quantize K or V [..., head_dim] per (token, head): returns 8-bit values of `dtype` (int8
+    or fp8 e4m3) and f32 scales [...]."""
+    q, scale = _quantize_last(x, dtype)
     return q, scale[..., 0]

@@ -1,7 +1,8 @@
 """Ragged decode attention in Pallas (Triton backend): reads only each slot's filled cache blocks.
 
-One query token per slot. q [B, H, D]; the cache of one layer K, V [B, T, Hkv, D] (int8 with
-float32 scales [B, Hkv, T], real value = int8 * scale; or a 16/32-bit cache without scales);
+One query token per slot. q [B, H, D]; the cache of one layer K, V [B, T, Hkv, D] (int8 or fp8
+e4m3 with float32 scales [B, Hkv, T], real value = element * scale; or a 16/32-bit cache without
+scales);
 lengths [B] int32: slot b attends to positions [0, lengths[b]). GQA: H = Hkv * G and query head
 h reads kv head h // G.
 
@@ -37,7 +38,8 @@ Settings (engine/kernels/settings.py) come as keyword arguments; the engine pass
 mask_loads=1,convert=cvt". `convert` picks how the "fma" method turns int8 into float32:
 "prmt" (the default: the float bits of 2**23 + 128 + x built by one byte-permute per element in
 inline PTX), "magic" (the same bits by an integer add) or "cvt" (a plain convert, the slowest).
-All three are exact. Block size and warps by shape (`_warps`) are the fastest of the sweeps
+All three are exact. An fp8 cache is always converted plainly (Hopper and Ada convert e4m3 in
+hardware). Block size and warps by shape (`_warps`) are the fastest of the sweeps
 in BENCHMARKS.md.
 
 Works with jax 0.10 (CPU: interpret=True only) and 0.11 (GPU: Triton). The Triton backend is
@@ -142,7 +144,8 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         if not mask_loads:
             return ref[idx]
         m = jnp.broadcast_to(valid[:, None], (block_t, d)) if two_d else valid
-        return _load(ref.at[idx], mask=m, other=0)
+        # a float zero for float refs: Triton casts no integer constant to fp8
+        return _load(ref.at[idx], mask=m, other=0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.0)
 
     def block(i, pg):
         start = _multiple_of(i * block_t, block_t)
@@ -351,7 +354,8 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     return o[:, :, :g].reshape(b, h, d)
 
 
-def compiles_for(kv_heads: int, group: int, head_dim: int, dtype, page: int = 0) -> tuple[bool, str]:
+def compiles_for(kv_heads: int, group: int, head_dim: int, dtype, page: int = 0,
+                 kv_dtype=None) -> tuple[bool, str]:
     """(True, "") if the kernel compiles and runs here for these head shapes, else (False, why).
 
     Runs it once on tiny inputs: 2 slots of 128 tokens, or, paged, the same 256 tokens as pages
@@ -363,7 +367,7 @@ def compiles_for(kv_heads: int, group: int, head_dim: int, dtype, page: int = 0)
         if page:
             rows, t = max(1, 256 // page), page
             table = jnp.arange(rows, dtype=jnp.int32).reshape(2, -1) if rows > 1 else jnp.zeros((2, 1), jnp.int32)
-        k = jnp.zeros((rows, t, kv_heads, head_dim), jnp.int8)
+        k = jnp.zeros((rows, t, kv_heads, head_dim), kv_dtype or jnp.int8)
         s = jnp.ones((rows, kv_heads, t), jnp.float32)  # scales [B or pages, Hkv, T or page]
         out = ragged_decode_attention(q, k, k, s, s, jnp.array([1, 100], jnp.int32), head_dim ** -0.5,
                                       page_table=table)

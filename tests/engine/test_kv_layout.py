@@ -64,3 +64,25 @@ def test_auto_picks_chunks_on_one_cpu_device_only_where_it_works():
     assert not load(kv_page_size=8).kv_chunked
     with pytest.raises(ConfigError, match="chunks is a layout of an unpaged cache"):
         make_settings("tiny-llama", kv_page_size=8, kv_layout="chunks")
+
+
+def test_fp8_cache_in_every_layout():
+    """kv_cache_dtype fp8: the cache holds e4m3 elements in the chunked, token-major and paged
+    layouts, and all three serve the same tokens (the same per-token quantization); it is
+    refused without quantize_kv_cache."""
+    import jax.numpy as jnp
+    rng = np.random.default_rng(5)
+    reqs = [Request(id=i, prompt_token_ids=[int(t) for t in rng.integers(3, 250, n)],
+                    sampling=SamplingParams(max_tokens=m, ignore_eos=True)) for i, (n, m) in enumerate([(20, 12), (7, 9)])]
+    out = {}
+    for name, kw in (("chunks", {"kv_layout": "chunks"}), ("tokens", {"kv_layout": "tokens"}),
+                     ("paged", {"kv_page_size": 16})):
+        llm = LLM(model="tiny-llama", batch_size=2, max_cache_length=64, context_size=32, decode_steps=4,
+                  prefill_batch=2, quantize_kv_cache=True, kv_cache_dtype="fp8", **kw)
+        k = llm._batcher.state.cache.k[0]
+        assert (k[0] if isinstance(k, tuple) else k).dtype == jnp.float8_e4m3fn
+        out[name] = [r.completion_token_ids for r in llm.generate_all(reqs)]
+    assert [len(t) for t in out["chunks"]] == [12, 9]
+    assert out["chunks"] == out["tokens"] == out["paged"]
+    with pytest.raises(ConfigError, match="kv_cache_dtype: fp8 is the type of a quantized KV cache"):
+        make_settings("tiny-llama", kv_cache_dtype="fp8")

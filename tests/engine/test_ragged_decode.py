@@ -16,8 +16,12 @@ from engine.kv_cache import KVCache, decode_attention
 def _case(b, t, hkv, g, d, quantized, seed=0, q_dtype=jnp.float32):
     r = np.random.default_rng(seed)
     q = jnp.asarray(r.normal(size=(b, hkv * g, d)), q_dtype)
-    if quantized:
+    if quantized == "fp8":  # e4m3 values over most of its range (max 448)
+        k, v = (jnp.asarray(r.normal(size=(b, t, hkv, d)) * 100, jnp.float32).astype(jnp.float8_e4m3fn)
+                for _ in range(2))
+    elif quantized:
         k, v = (jnp.asarray(r.integers(-127, 128, size=(b, t, hkv, d)), jnp.int8) for _ in range(2))
+    if quantized:
         ks, vs = (jnp.asarray(r.uniform(0.002, 0.03, size=(b, hkv, t)), jnp.float32) for _ in range(2))
         return q, KVCache([k], [v], [ks], [vs])
     k, v = (jnp.asarray(r.normal(size=(b, t, hkv, d)), jnp.float32) for _ in range(2))
@@ -44,6 +48,14 @@ LENGTHS = [1, 16, 17, 64, 40]
 def test_int8_cache_matches_xla(g, method):
     q, cache = _case(5, 64, 2, g, 32, quantized=True, seed=g)
     _check(q, cache, LENGTHS, block_t=16, method=method)
+
+
+@pytest.mark.parametrize("g,method", [(1, "fma"), (2, "dot")])
+def test_fp8_cache_matches_xla(g, method):
+    """An fp8 e4m3 cache (kv_cache_dtype fp8): the kernel converts plainly, whatever `convert` says."""
+    q, cache = _case(5, 64, 2, g, 32, quantized="fp8", seed=g)
+    assert cache.k[0].dtype == jnp.float8_e4m3fn
+    _check(q, cache, LENGTHS, block_t=16, method=method, convert="prmt")
 
 
 @pytest.mark.parametrize("method", ["fma", "dot"])
