@@ -158,8 +158,8 @@ def run_roofline(cfg: ModelConfig, num_requests: int, input_len: int, output_len
     """Lower bound on a whole run: prefill every prompt, then decode in waves of `slots`.
 
     `quantized` means what the engine does with quantize_weights + quantize_kv_cache: int8
-    matrices with one f32 scale per output column (a tied embedding stays bf16), int8 K/V with
-    one f32 scale per token and head; otherwise everything bf16. Decode runs
+    matrices with one f32 scale per output column (a tied embedding stays bf16), 8-bit K/V (int8
+    or fp8: the same bytes) with one f32 scale per token and head; otherwise everything bf16. Decode runs
     ceil(num_requests / slots) waves (the last one with the leftover requests) of output_len - 1
     steps (the first output token comes from prefill's logits) at average context
     input_len + output_len / 2. Prefill and decode are summed (no overlap between them).
@@ -194,7 +194,7 @@ def main(argv=None):
     p.add_argument("--num_requests", type=int, help="default: --slots (one wave)")
     p.add_argument("--input_len", type=int, default=256)
     p.add_argument("--output_len", type=int, default=256)
-    p.add_argument("--quantized", action="store_true", help="int8 weights + int8 KV cache")
+    p.add_argument("--quantized", action="store_true", help="8-bit weights + 8-bit KV cache")
     p.add_argument("--bandwidth", type=float, help="bytes/s; skips measuring")
     p.add_argument("--flops", type=float, help="FLOP/s; skips measuring")
     p.add_argument("--small", action="store_true", help="tiny measurement sizes (CPU checks)")

@@ -380,7 +380,8 @@ def main(argv=None):
 
 def markdown_row(r, card, command):
     w = {True: "int8", False: "none"}.get(r["quantize_weights"], r["quantize_weights"])  # older reports: bool
-    q = " + ".join(([f"{w} w"] if w != "none" else []) + (["int8 KV"] if r["quantize_kv_cache"] else [])) or r["dtype"]
+    kv = (r.get("settings") or {}).get("kv_cache_dtype", "int8")  # older reports: int8 only
+    q = " + ".join(([f"{w} w"] if w != "none" else []) + ([f"{kv} KV"] if r["quantize_kv_cache"] else [])) or r["dtype"]
     shape = f"{r['input_len']}/{r['output_len']}" if r["dataset"] == "fixed" else "sharegpt-mix"
     peer = r.get("peer", {}).get("output_tok_s", "")
     roof = r.get("roofline", {}).get("output_tok_per_s", "")
