@@ -132,10 +132,7 @@ class ContinuousBatcher:
     def warmup(self, prefill_shapes=None) -> None:
         """Compile every program the runs can call, or of prefill only the (prompt count,
         bucket) pairs given (Engine.warmup)."""
-        if prefill_shapes is None:
-            self.state = self.engine.warmup(self.params, self.state)
-        else:
-            self.state = self.engine.warmup(self.params, self.state, prefill_shapes)
+        self.state = self.engine.warmup(self.params, self.state, prefill_shapes)
 
     def scheduler_stats(self) -> dict:
         """The scheduling counters so far (subtract an earlier snapshot for one run), and for a

@@ -524,5 +524,5 @@ def kernel_compiles(cfg: ModelConfig, dtype, page: int = 0, kv_dtype=None) -> bo
     ok, why = compiles_for(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, dtype, page,
                            kv_dtype)
     if not ok:
-        log.warning("ragged Pallas decode kernel unavailable (%s); int8 cache read by XLA", why)
+        log.warning("ragged Pallas decode kernel unavailable (%s); 8-bit cache read by XLA", why)
     return ok

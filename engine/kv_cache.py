@@ -9,8 +9,8 @@ max_cache_length region per slot allows.
 Layout per layer: K and V as [slots, max_cache_length, kv_heads, head_dim] (the BTNH
 layout cuDNN's attention reads directly), in the compute dtype or 8 bits (int8 or fp8 e4m3,
 kv_cache_dtype) with one float32 scale per (slot, kv_head, token). The scales are stored
-[slots, kv_heads, T], not [slots, T, kv_heads]: a decode kernel walking one head's tokens then reads them contiguously
-instead of one 4-byte value per 32-byte memory sector. Layers are separate arrays (a Python list), not one
+[slots, kv_heads, T], not [slots, T, kv_heads]: a decode kernel walking one head's tokens then
+reads them contiguously instead of one 4-byte value per 32-byte memory sector. Layers are separate arrays (a Python list), not one
 stacked array: a scan over stacked layers copies each layer's slice, several times slower on a
 GPU than unrolled layers.
 
