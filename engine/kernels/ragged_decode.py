@@ -31,6 +31,9 @@ Two ways to compute the G query rows against a block (`method`):
 - "dot": tensor-core dots, q padded with zero rows to Gp = max(16, next power of 2 >= G)
   (Triton's dot needs M >= 16), int8 converted to q's dtype (exact for bf16), probabilities
   cast to q's dtype for p @ v like the XLA path.
+- "mma8" (8-bit caches only): tensor-core dots in the cache's own 8-bit type, int8 x int8 ->
+  int32 or fp8 x fp8 -> float32, so no K/V element is converted at all; q and the probabilities
+  are quantized per row instead, as two 8-bit terms each (`terms`, see `_mma8`).
 "auto" picks "fma" for G=1 and "dot" for G >= 2, where the tensor cores win (BENCHMARKS.md).
 
 Settings (engine/kernels/settings.py) come as keyword arguments; the engine passes its
@@ -91,7 +94,7 @@ def _load(ref, mask, other):
 
 def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quantized: bool,
             method: str, split: bool, mask_loads: bool, convert: str, interpret: bool,
-            page: int = 0):
+            page: int = 0, terms: int = 2):
     if page:
         pt_ref, q_ref, k_ref, v_ref, *rest = refs
     else:
@@ -193,6 +196,10 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
                 o_ref[j, :] = (accs[j] / jnp.maximum(ls[j], 1e-30)).astype(o_ref.dtype)
         return
 
+    if method == "mma8":
+        _mma8(q_ref, k_ref, o_ref, outs, loop, block, scale=scale, split=split, terms=terms)
+        return
+
     # method == "dot": q_ref holds Gp >= 16 rows (zero-padded past g).
     gp = q_ref.shape[0]
     q = q_ref[...]
@@ -227,11 +234,84 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
 
 
+def _to8(x, dtype):
+    """float32 already scaled into dtype's range -> int8 (rounded to nearest) or fp8."""
+    if dtype == jnp.int8:
+        return jnp.floor(x + 0.5).astype(jnp.int8)
+    return x.astype(dtype)
+
+
+def _split8(x, dtype, top: float, terms: int):
+    """x (scaled into [-top, top]) as hi + lo * lo_scale, both in dtype, lo_scale per row: with
+    terms=2 a second 8-bit term carries the rounding error of the first (about 15 bits in all
+    for int8); with terms=1, lo is None."""
+    hi = _to8(x, dtype)
+    if terms == 1:
+        return hi, None, None
+    rest = x - hi.astype(jnp.float32)
+    rest_amax = jnp.maximum(jnp.max(jnp.abs(rest), axis=1), 1e-30)
+    lo = _to8(rest * (top / rest_amax)[:, None], dtype)
+    return hi, lo, rest_amax / top
+
+
+def _mma8(q_ref, k_ref, o_ref, outs, loop, block, *, scale: float, split: bool, terms: int):
+    """The "mma8" method: the dots on the 8-bit tensor cores, in the cache's own dtype, so no
+    K/V element is converted. q's Gp rows are quantized once per program (a scale per row, the
+    row's absolute maximum over the dtype's largest value), each block's p * v_scale rows the
+    same way before p @ v, each as `terms` 8-bit terms (`_split8`): one term alone moves the
+    outputs by about 1% of their size, two by about 0.01% for int8 (tests/engine/
+    test_ragged_decode.py). int8 dots accumulate in int32, fp8 dots in float32. The tensor
+    cores have room for the second term's dots: a slot's query rows fill G of the 16 rows of
+    their smallest tile."""
+    kdt = k_ref.dtype
+    top = 127.0 if kdt == jnp.int8 else 448.0
+    acc_t = jnp.int32 if kdt == jnp.int8 else jnp.float32
+    gp, d = q_ref.shape
+    q = q_ref[...].astype(jnp.float32)
+    q_amax = jnp.maximum(jnp.max(jnp.abs(q), axis=1), 1e-30)  # [Gp]; padded rows are zero
+    q_hi, q_lo, lo_scale = _split8(q * (top / q_amax)[:, None], kdt, top, terms)
+    q_scale = q_amax * (scale / top)
+
+    def body(i, carry, pg):
+        m, l, acc = carry
+        valid, k, v, ks, vs = block(i, pg)
+        dims = (((1,), (1,)), ((), ()))
+        s = lax.dot_general(q_hi, k, dims, preferred_element_type=acc_t).astype(jnp.float32)
+        if terms == 2:
+            s = s + lax.dot_general(q_lo, k, dims, preferred_element_type=acc_t).astype(
+                jnp.float32) * lo_scale[:, None]
+        s = s * q_scale[:, None]  # [Gp, block_t]
+        s = jnp.where(valid[None, :], s * ks[None, :], NEG_INF)
+        m_next = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_next)
+        p = jnp.exp(s - m_next[:, None])
+        pv = jnp.where(valid[None, :], p * vs[None, :], 0.0)
+        pv_amax = jnp.maximum(jnp.max(pv, axis=1), 1e-30)  # [Gp]
+        pv_hi, pv_lo, pv_lo_scale = _split8(pv * (top / pv_amax)[:, None], kdt, top, terms)
+        dims = (((1,), (0,)), ((), ()))
+        o = lax.dot_general(pv_hi, v, dims, preferred_element_type=acc_t).astype(jnp.float32)
+        if terms == 2:
+            o = o + lax.dot_general(pv_lo, v, dims, preferred_element_type=acc_t).astype(
+                jnp.float32) * pv_lo_scale[:, None]
+        o = o * (pv_amax / top)[:, None]  # [Gp, D]
+        return m_next, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + o
+
+    init = (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32),
+            jnp.zeros((gp, d), jnp.float32))
+    m, l, acc = loop(body, init)
+    if split:
+        o_ref[...] = acc
+        outs[1][...] = m
+        outs[2][...] = l
+    else:
+        o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+
+
 def _warps(method: str, g: int, d: int) -> int:
     """Warps per program when not set: the fastest count of the sweep per shape (BENCHMARKS.md,
     decode attention). 2 warps for "dot" up to G=16 and for "fma" with G <= 3 and D <= 128;
     4 otherwise (more query rows or wider heads need the registers)."""
-    if method == "dot":
+    if method in ("dot", "mma8"):
         return 2 if g <= 16 else 4
     return 2 if g <= 3 and d <= 128 else 4
 
@@ -239,7 +319,7 @@ def _warps(method: str, g: int, d: int) -> int:
 def _pick_block(t: int, want: int, method: str) -> int:
     bt = 1 << max(0, int(want).bit_length() - 1)  # power of 2 <= want
     bt = min(bt, 1 << (t - 1).bit_length())  # no bigger than T rounded up to a power of 2
-    return max(bt, 16 if method == "dot" else 1)
+    return max(bt, {"dot": 16, "mma8": 32}.get(method, 1))  # the tensor cores' smallest K
 
 
 def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
@@ -247,7 +327,8 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
                             block_t: Optional[int] = None, method: Optional[str] = None,
                             num_splits: Optional[int] = None, num_warps: Optional[int] = None,
                             num_stages: Optional[int] = None, mask_loads: Optional[bool] = None,
-                            convert: Optional[str] = None, interpret: bool = False):
+                            convert: Optional[str] = None, terms: Optional[int] = None,
+                            interpret: bool = False):
     """Attention of q [B, H, D] over cache positions [0, lengths[b]) of K/V [B, T, Hkv, D].
 
     k_scale/v_scale: [B, Hkv, T] float32 for an int8 cache, or None for an unquantized one.
@@ -259,9 +340,10 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     block past the length are not read either (otherwise they are read and masked in the
     scores); always on when block_t does not divide the chunk length.
     convert: how the "fma" method turns int8 into float32 ("magic" or "cvt"; both exact).
+    terms: 8-bit terms per quantized operand of the "mma8" method (1 or 2; see `_mma8`).
     """
     cfg = resolve(block_t=block_t, method=method, num_splits=num_splits, num_warps=num_warps,
-                    num_stages=num_stages, mask_loads=mask_loads, convert=convert)
+                    num_stages=num_stages, mask_loads=mask_loads, convert=convert, terms=terms)
     if cfg["convert"] not in ("cvt", "magic", "prmt"):
         raise ValueError(f"convert must be 'cvt', 'magic' or 'prmt', not {cfg['convert']!r}")
     b, h, d = q.shape
@@ -278,8 +360,12 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     method = cfg["method"]
     if method == "auto":  # tensor cores pay once a kv head serves two or more query heads
         method = "dot" if g >= 2 else "fma"
-    if method not in ("fma", "dot"):
-        raise ValueError(f"method must be 'auto', 'fma' or 'dot', not {method!r}")
+    if method not in ("fma", "dot", "mma8"):
+        raise ValueError(f"method must be 'auto', 'fma', 'dot' or 'mma8', not {method!r}")
+    if int(cfg["terms"]) not in (1, 2):
+        raise ValueError(f"terms must be 1 or 2, not {cfg['terms']}")
+    if method == "mma8" and not quantized:
+        raise ValueError("method 'mma8' reads an 8-bit cache (int8 or fp8 with scales)")
     splits = max(1, int(cfg["num_splits"]))
     if t % splits:
         raise ValueError(f"num_splits={splits} does not divide the cache length {t}")
@@ -297,7 +383,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
 
     qg = q.reshape(b, hkv, g, d)
     gq = g
-    if method == "dot":
+    if method in ("dot", "mma8"):
         gq = max(16, 1 << (g - 1).bit_length())
         if gq != g:
             qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gq - g), (0, 0)))
@@ -333,7 +419,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     kernel = functools.partial(_kernel, block_t=bt, chunk=chunk, g=g, scale=float(scale),
                                quantized=quantized, method=method, split=split,
                                mask_loads=mask_loads, convert=cfg["convert"], interpret=interpret,
-                               page=page)
+                               page=page, terms=int(cfg["terms"]))
     kwargs = {}
     params = _compiler_params(num_warps, int(cfg["num_stages"]))
     if params is not None:

@@ -58,6 +58,35 @@ def test_fp8_cache_matches_xla(g, method):
     _check(q, cache, LENGTHS, block_t=16, method=method, convert="prmt")
 
 
+@pytest.mark.parametrize("quantized,g,terms,bound", [(True, 1, 2, 3e-4), (True, 4, 2, 3e-4),
+                                                     ("fp8", 2, 2, 0.01), (True, 1, 1, 0.04),
+                                                     ("fp8", 2, 1, 0.15)])
+def test_mma8_within_its_bound(quantized, g, terms, bound):
+    """method="mma8" quantizes q and each block's p * v_scale to the cache's 8 bits (a scale per
+    row, `terms` 8-bit terms each) for the tensor-core dots: each output row stays within
+    `bound` of its largest element (the XLA path's output is the reference), lengths on and off
+    the 32-token block edges."""
+    q, cache = _case(5, 64, 2, g, 32, quantized=quantized, seed=1)
+    lengths = jnp.asarray([1, 32, 33, 64, 40], jnp.int32)
+    ref = np.asarray(decode_attention(q, cache, 0, lengths - 1, 32 ** -0.5, impl="xla"))
+    kw = dict(method="mma8", block_t=32, terms=terms, interpret=True)
+    args = (q, cache.k[0], cache.v[0], cache.k_scale[0], cache.v_scale[0], lengths, 32 ** -0.5)
+    out = np.asarray(ragged_decode_attention(*args, **kw))
+    assert np.isfinite(out).all()
+    rel = np.abs(out - ref).max(axis=-1) / np.abs(ref).max(axis=-1)
+    assert rel.max() < bound, rel.max()
+    assert rel.max() > bound / 1000  # the quantized dots are not the float path
+    splits = np.asarray(ragged_decode_attention(*args, num_splits=2, **kw))
+    np.testing.assert_allclose(splits, out, atol=1e-5, rtol=0)
+
+
+def test_mma8_needs_an_8bit_cache():
+    q, cache = _case(2, 32, 1, 1, 16, quantized=False)
+    with pytest.raises(ValueError, match="mma8"):
+        ragged_decode_attention(q, cache.k[0], cache.v[0], None, None, jnp.asarray([1, 2]), 0.2,
+                                method="mma8", interpret=True)
+
+
 @pytest.mark.parametrize("method", ["fma", "dot"])
 def test_flash_decoding_splits(method):
     """T split over 4 programs: chunks past a slot's length contribute nothing."""
@@ -204,16 +233,17 @@ def _paginate(cache, page, seed=0):
 
 
 @pytest.mark.parametrize("g,method,splits,quantized", [(1, "fma", 1, True), (2, "dot", 2, True),
-                                                       (2, "fma", 1, False)])
+                                                       (2, "fma", 1, False), (1, "mma8", 1, True)])
 def test_paged_cache_matches_contiguous(g, method, splits, quantized):
     """Shuffled pages through a page table give the contiguous kernel's output bit for bit,
     and the XLA path (which gathers the pages) agrees with the contiguous XLA path."""
     q, cache = _case(5, 64, 2, g, 32, quantized=quantized, seed=10 + g)
-    paged, table, _ = _paginate(cache, 16, seed=g)
+    block = 32 if method == "mma8" else 16  # the 8-bit tensor cores' smallest K is 32
+    paged, table, _ = _paginate(cache, block, seed=g)
     lengths = jnp.asarray(LENGTHS, jnp.int32)
     args = lambda c: (c.k[0], c.v[0], c.k_scale[0] if quantized else None,
                       c.v_scale[0] if quantized else None)
-    kw = dict(block_t=16, method=method, num_splits=splits, interpret=True)
+    kw = dict(block_t=block, method=method, num_splits=splits, interpret=True)
     want = ragged_decode_attention(q, *args(cache), lengths, 0.2, **kw)
     got = ragged_decode_attention(q, *args(paged), lengths, 0.2, page_table=table, **kw)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
