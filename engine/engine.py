@@ -130,7 +130,7 @@ class JaxEngine(LoweringHooks, Engine):
 
         def pallas_or_xla():
             ok = backend == "gpu" and kernel_compiles(self.model_config, self.dtype, self.config.kv_page_size,
-                                                      self.config.kv_quant_dtype())
+                                                      self.config.kv_quant_dtype(), dict(self._kernel))
             return "pallas" if ok else "xla"
 
         if attn == "auto":
@@ -517,12 +517,12 @@ class JaxEngine(LoweringHooks, Engine):
         return decode_state
 
 
-def kernel_compiles(cfg: ModelConfig, dtype, page: int = 0, kv_dtype=None) -> bool:
+def kernel_compiles(cfg: ModelConfig, dtype, page: int = 0, kv_dtype=None, settings=None) -> bool:
     """Whether the ragged Pallas decode kernel compiles for this model's head shapes (and the
-    cache's 8-bit type, default int8) here."""
+    cache's 8-bit type, default int8, and the `decode_kernel` settings) here."""
     from engine.kernels.ragged_decode import compiles_for
     ok, why = compiles_for(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, dtype, page,
-                           kv_dtype)
+                           kv_dtype, **(settings or {}))
     if not ok:
         log.warning("ragged Pallas decode kernel unavailable (%s); 8-bit cache read by XLA", why)
     return ok

@@ -441,8 +441,9 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
 
 
 def compiles_for(kv_heads: int, group: int, head_dim: int, dtype, page: int = 0,
-                 kv_dtype=None) -> tuple[bool, str]:
-    """(True, "") if the kernel compiles and runs here for these head shapes, else (False, why).
+                 kv_dtype=None, **settings) -> tuple[bool, str]:
+    """(True, "") if the kernel compiles and runs here for these head shapes (and kernel
+    `settings`), else (False, why).
 
     Runs it once on tiny inputs: 2 slots of 128 tokens, or, paged, the same 256 tokens as pages
     of `page` tokens. A Triton or Pallas version that rejects the kernel is not an error: the
@@ -456,7 +457,7 @@ def compiles_for(kv_heads: int, group: int, head_dim: int, dtype, page: int = 0,
         k = jnp.zeros((rows, t, kv_heads, head_dim), kv_dtype or jnp.int8)
         s = jnp.ones((rows, kv_heads, t), jnp.float32)  # scales [B or pages, Hkv, T or page]
         out = ragged_decode_attention(q, k, k, s, s, jnp.array([1, 100], jnp.int32), head_dim ** -0.5,
-                                      page_table=table)
+                                      page_table=table, **settings)
         jax.block_until_ready(out)
         return True, ""
     except Exception as e:  # noqa: BLE001  (any rejection means: not here)
