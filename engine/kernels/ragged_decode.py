@@ -33,7 +33,7 @@ Two ways to compute the G query rows against a block (`method`):
   cast to q's dtype for p @ v like the XLA path.
 - "mma8" (8-bit caches only): tensor-core dots in the cache's own 8-bit type, int8 x int8 ->
   int32 or fp8 x fp8 -> float32, so no K/V element is converted at all; q and the probabilities
-  are quantized per row instead, as two 8-bit terms each (`terms`, see `_mma8`).
+  are quantized per row instead, as two 8-bit terms each (`terms`, engine/kernels/mma8.py).
 "auto" picks "fma" for G=1 and "dot" for G >= 2, where the tensor cores win (BENCHMARKS.md).
 
 Settings (engine/kernels/settings.py) come as keyword arguments; the engine passes its
@@ -61,6 +61,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from engine.kernels.int8_convert import int8_to_f32
+from engine.kernels.mma8 import NEG_INF, mma8_attend
 from engine.kernels.settings import resolve
 
 try:  # pallas.triton in current jax; pallas.gpu in older releases
@@ -68,7 +69,6 @@ try:  # pallas.triton in current jax; pallas.gpu in older releases
 except ImportError:  # pragma: no cover
     from jax.experimental.pallas import gpu as plgpu
 
-NEG_INF = -1e30
 # A squeezed block dimension: pl.squeezed in newer jax, None (its older spelling) otherwise.
 _SQ = getattr(pl, "squeezed", None)
 
@@ -197,7 +197,7 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         return
 
     if method == "mma8":
-        _mma8(q_ref, k_ref, o_ref, outs, loop, block, scale=scale, split=split, terms=terms)
+        mma8_attend(q_ref, k_ref, o_ref, outs, loop, block, scale=scale, split=split, terms=terms)
         return
 
     # method == "dot": q_ref holds Gp >= 16 rows (zero-padded past g).
@@ -221,79 +221,6 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         pv = jnp.where(valid[None, :], pv, 0.0)
         o = lax.dot_general(pv.astype(cdt), v.astype(cdt), (((1,), (0,)), ((), ())),
                             precision=prec, preferred_element_type=jnp.float32)  # [Gp, D]
-        return m_next, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + o
-
-    init = (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32),
-            jnp.zeros((gp, d), jnp.float32))
-    m, l, acc = loop(body, init)
-    if split:
-        o_ref[...] = acc
-        outs[1][...] = m
-        outs[2][...] = l
-    else:
-        o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
-
-
-def _to8(x, dtype):
-    """float32 already scaled into dtype's range -> int8 (rounded to nearest) or fp8."""
-    if dtype == jnp.int8:
-        return jnp.floor(x + 0.5).astype(jnp.int8)
-    return x.astype(dtype)
-
-
-def _split8(x, dtype, top: float, terms: int):
-    """x (scaled into [-top, top]) as hi + lo * lo_scale, both in dtype, lo_scale per row: with
-    terms=2 a second 8-bit term carries the rounding error of the first (about 15 bits in all
-    for int8); with terms=1, lo is None."""
-    hi = _to8(x, dtype)
-    if terms == 1:
-        return hi, None, None
-    rest = x - hi.astype(jnp.float32)
-    rest_amax = jnp.maximum(jnp.max(jnp.abs(rest), axis=1), 1e-30)
-    lo = _to8(rest * (top / rest_amax)[:, None], dtype)
-    return hi, lo, rest_amax / top
-
-
-def _mma8(q_ref, k_ref, o_ref, outs, loop, block, *, scale: float, split: bool, terms: int):
-    """The "mma8" method: the dots on the 8-bit tensor cores, in the cache's own dtype, so no
-    K/V element is converted. q's Gp rows are quantized once per program (a scale per row, the
-    row's absolute maximum over the dtype's largest value), each block's p * v_scale rows the
-    same way before p @ v, each as `terms` 8-bit terms (`_split8`): one term alone moves the
-    outputs by about 1% of their size, two by about 0.01% for int8 (tests/engine/
-    test_ragged_decode.py). int8 dots accumulate in int32, fp8 dots in float32. The tensor
-    cores have room for the second term's dots: a slot's query rows fill G of the 16 rows of
-    their smallest tile."""
-    kdt = k_ref.dtype
-    top = 127.0 if kdt == jnp.int8 else 448.0
-    acc_t = jnp.int32 if kdt == jnp.int8 else jnp.float32
-    gp, d = q_ref.shape
-    q = q_ref[...].astype(jnp.float32)
-    q_amax = jnp.maximum(jnp.max(jnp.abs(q), axis=1), 1e-30)  # [Gp]; padded rows are zero
-    q_hi, q_lo, lo_scale = _split8(q * (top / q_amax)[:, None], kdt, top, terms)
-    q_scale = q_amax * (scale / top)
-
-    def body(i, carry, pg):
-        m, l, acc = carry
-        valid, k, v, ks, vs = block(i, pg)
-        dims = (((1,), (1,)), ((), ()))
-        s = lax.dot_general(q_hi, k, dims, preferred_element_type=acc_t).astype(jnp.float32)
-        if terms == 2:
-            s = s + lax.dot_general(q_lo, k, dims, preferred_element_type=acc_t).astype(
-                jnp.float32) * lo_scale[:, None]
-        s = s * q_scale[:, None]  # [Gp, block_t]
-        s = jnp.where(valid[None, :], s * ks[None, :], NEG_INF)
-        m_next = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_next)
-        p = jnp.exp(s - m_next[:, None])
-        pv = jnp.where(valid[None, :], p * vs[None, :], 0.0)
-        pv_amax = jnp.maximum(jnp.max(pv, axis=1), 1e-30)  # [Gp]
-        pv_hi, pv_lo, pv_lo_scale = _split8(pv * (top / pv_amax)[:, None], kdt, top, terms)
-        dims = (((1,), (0,)), ((), ()))
-        o = lax.dot_general(pv_hi, v, dims, preferred_element_type=acc_t).astype(jnp.float32)
-        if terms == 2:
-            o = o + lax.dot_general(pv_lo, v, dims, preferred_element_type=acc_t).astype(
-                jnp.float32) * pv_lo_scale[:, None]
-        o = o * (pv_amax / top)[:, None]  # [Gp, D]
         return m_next, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + o
 
     init = (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32),
@@ -340,7 +267,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     block past the length are not read either (otherwise they are read and masked in the
     scores); always on when block_t does not divide the chunk length.
     convert: how the "fma" method turns int8 into float32 ("magic" or "cvt"; both exact).
-    terms: 8-bit terms per quantized operand of the "mma8" method (1 or 2; see `_mma8`).
+    terms: 8-bit terms per quantized operand of the "mma8" method (1 or 2; engine/kernels/mma8.py).
     """
     cfg = resolve(block_t=block_t, method=method, num_splits=num_splits, num_warps=num_warps,
                     num_stages=num_stages, mask_loads=mask_loads, convert=convert, terms=terms)

@@ -1,0 +1,89 @@
+"""The ragged decode kernel's "mma8" method: attention over an 8-bit cache on 8-bit tensor cores.
+
+Every K/V element stays in the cache's type (int8 or fp8 e4m3): the score dot is q x K and the
+output dot p x V, both 8-bit x 8-bit, so the kernel converts no cache element (the "fma" and
+"dot" methods convert every one, and the conversions bound them on Hopper). What is quantized
+instead is small: the slot's query rows, once per program, and each block's probabilities.
+engine/kernels/ragged_decode.py owns the grid, the loads and the masks; this module the math.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+NEG_INF = -1e30  # a masked score (ragged_decode uses it too)
+
+
+def _to8(x, dtype):
+    """float32 already scaled into dtype's range -> int8 (rounded to nearest) or fp8."""
+    if dtype == jnp.int8:
+        return jnp.floor(x + 0.5).astype(jnp.int8)
+    return x.astype(dtype)
+
+
+def _split8(x, dtype, top: float, terms: int):
+    """x (scaled into [-top, top]) as hi + lo * lo_scale, both in dtype, lo_scale per row: with
+    terms=2 a second 8-bit term carries the rounding error of the first (about 15 bits in all
+    for int8); with terms=1, lo is None."""
+    hi = _to8(x, dtype)
+    if terms == 1:
+        return hi, None, None
+    rest = x - hi.astype(jnp.float32)
+    rest_amax = jnp.maximum(jnp.max(jnp.abs(rest), axis=1), 1e-30)
+    lo = _to8(rest * (top / rest_amax)[:, None], dtype)
+    return hi, lo, rest_amax / top
+
+
+def mma8_attend(q_ref, k_ref, o_ref, outs, loop, block, *, scale: float, split: bool, terms: int):
+    """One program of the "mma8" method: (slot, kv head)'s G query rows (padded to Gp) over
+    the filled blocks that `loop` and `block` (from ragged_decode._kernel) walk and load.
+
+    q's rows are quantized once (a scale per row: the row's absolute maximum over the dtype's
+    largest value), each block's p * v_scale rows the same way before p @ v, each as `terms`
+    8-bit terms (`_split8`): one term moves the outputs by about 1% of their size, two by
+    about 0.01% for int8 (tests/engine/test_ragged_decode.py). int8 dots accumulate in int32,
+    fp8 dots in float32. The tensor cores have room for the second term's dots: a slot's query
+    rows fill G of the 16 rows of their smallest tile."""
+    kdt = k_ref.dtype
+    top = 127.0 if kdt == jnp.int8 else 448.0
+    acc_t = jnp.int32 if kdt == jnp.int8 else jnp.float32
+    gp, d = q_ref.shape
+    q = q_ref[...].astype(jnp.float32)
+    q_amax = jnp.maximum(jnp.max(jnp.abs(q), axis=1), 1e-30)  # [Gp]; padded rows are zero
+    q_hi, q_lo, lo_scale = _split8(q * (top / q_amax)[:, None], kdt, top, terms)
+    q_scale = q_amax * (scale / top)
+
+    def body(i, carry, pg):
+        m, l, acc = carry
+        valid, k, v, ks, vs = block(i, pg)
+        dims = (((1,), (1,)), ((), ()))
+        s = lax.dot_general(q_hi, k, dims, preferred_element_type=acc_t).astype(jnp.float32)
+        if terms == 2:
+            s = s + lax.dot_general(q_lo, k, dims, preferred_element_type=acc_t).astype(
+                jnp.float32) * lo_scale[:, None]
+        s = s * q_scale[:, None]  # [Gp, block_t]
+        s = jnp.where(valid[None, :], s * ks[None, :], NEG_INF)
+        m_next = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_next)
+        p = jnp.exp(s - m_next[:, None])
+        pv = jnp.where(valid[None, :], p * vs[None, :], 0.0)
+        pv_amax = jnp.maximum(jnp.max(pv, axis=1), 1e-30)  # [Gp]
+        pv_hi, pv_lo, pv_lo_scale = _split8(pv * (top / pv_amax)[:, None], kdt, top, terms)
+        dims = (((1,), (0,)), ((), ()))
+        o = lax.dot_general(pv_hi, v, dims, preferred_element_type=acc_t).astype(jnp.float32)
+        if terms == 2:
+            o = o + lax.dot_general(pv_lo, v, dims, preferred_element_type=acc_t).astype(
+                jnp.float32) * pv_lo_scale[:, None]
+        o = o * (pv_amax / top)[:, None]  # [Gp, D]
+        return m_next, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + o
+
+    init = (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32),
+            jnp.zeros((gp, d), jnp.float32))
+    m, l, acc = loop(body, init)
+    if split:
+        o_ref[...] = acc
+        outs[1][...] = m
+        outs[2][...] = l
+    else:
+        o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
