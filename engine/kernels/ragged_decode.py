@@ -94,7 +94,7 @@ def _load(ref, mask, other):
 
 def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quantized: bool,
             method: str, split: bool, mask_loads: bool, convert: str, interpret: bool,
-            page: int = 0, terms: int = 2):
+            page: int = 0, terms: int = 2, heads: int = 1):
     if page:
         pt_ref, q_ref, k_ref, v_ref, *rest = refs
     else:
@@ -108,7 +108,8 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
     o_ref = outs[0]
     d = k_ref.shape[-1]
     s_idx = pl.program_id(2)
-    hi = pl.program_id(0)  # kv head (read here: interpret mode has no program_id inside loops)
+    hi = pl.program_id(0)  # kv head, or block of `heads` (read here: interpret mode has no
+    # program_id inside loops)
     chunk_start = s_idx * chunk
     length = len_ref[()]
     # Valid tokens of this chunk: [chunk_start, min(length, chunk_start + chunk)).
@@ -119,10 +120,14 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
     def index(start, two_d, pg):
         """Where a block of block_t tokens at chunk-local `start` lives in a K/V (two_d) or
         scale ref: rows of this (slot, kv head)'s view, or, paged, of page `pg`."""
+        rows = pl.ds(start, block_t)
         if not page:
-            return (pl.ds(start, block_t), slice(None)) if two_d else (pl.ds(start, block_t),)
+            if heads > 1:  # K/V views [Tc, heads, D], scales [heads, Tc]
+                return (rows, slice(None), slice(None)) if two_d else (slice(None), rows)
+            return (rows, slice(None)) if two_d else (rows,)
         off = _multiple_of(lax.rem(chunk_start + start, jnp.int32(page)), block_t)
-        return (pg, pl.ds(off, block_t), hi, slice(None)) if two_d else (pg, hi, pl.ds(off, block_t))
+        hd = pl.ds(hi * heads, heads) if heads > 1 else hi
+        return (pg, pl.ds(off, block_t), hd, slice(None)) if two_d else (pg, hd, pl.ds(off, block_t))
 
     def page_of(i):  # the page holding block i (clamped: the loop reads one entry ahead)
         j = lax.div(chunk_start + i * block_t, jnp.int32(page))
@@ -146,7 +151,11 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         idx = index(start, two_d, pg)
         if not mask_loads:
             return ref[idx]
-        m = jnp.broadcast_to(valid[:, None], (block_t, d)) if two_d else valid
+        if heads > 1:
+            m = (jnp.broadcast_to(valid[:, None, None], (block_t, heads, d)) if two_d
+                 else jnp.broadcast_to(valid[None, :], (heads, block_t)))
+        else:
+            m = jnp.broadcast_to(valid[:, None], (block_t, d)) if two_d else valid
         # a float zero for float refs: Triton casts no integer constant to fp8
         return _load(ref.at[idx], mask=m, other=0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.0)
 
@@ -158,6 +167,11 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         ks = load_block(ks_ref, start, valid, False, pg) if quantized else None
         vs = load_block(vs_ref, start, valid, False, pg) if quantized else None
         return valid, k, v, ks, vs
+
+    if heads > 1:
+        _fma_heads(q_ref, o_ref, outs, loop, block, scale=scale, split=split, convert=convert,
+                   interpret=interpret, quantized=quantized)
+        return
 
     if method == "fma":
         qs = [q_ref[j, :].astype(jnp.float32) * scale for j in range(g)]  # [D] each
@@ -234,6 +248,41 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
 
 
+def _fma_heads(q_ref, o_ref, outs, loop, block, *, scale, split, convert, interpret, quantized):
+    """The "fma" method for one slot and `heads` kv heads at once (G=1): K/V blocks
+    [block_t, heads, D], whose rows are heads*D contiguous bytes of the cache instead of D, and
+    one online softmax per head."""
+    q = q_ref[:, 0, :].astype(jnp.float32) * scale  # [heads, D]
+    h = q.shape[0]
+
+    def body(i, carry, pg):
+        m, l, acc = carry
+        valid, k, v, ks, vs = block(i, pg)  # k, v [block_t, heads, D]; scales [heads, block_t]
+        k = int8_to_f32(k, convert, interpret)
+        v = int8_to_f32(v, convert, interpret)
+        s = jnp.sum(k * q[None, :, :], axis=2)  # [block_t, heads]
+        if quantized:
+            s = s * jnp.transpose(ks)
+        s = jnp.where(valid[:, None], s, NEG_INF)
+        m_next = jnp.maximum(m, jnp.max(s, axis=0))
+        alpha = jnp.exp(m - m_next)
+        p = jnp.exp(s - m_next[None, :])
+        pv = p * jnp.transpose(vs) if quantized else p
+        pv = jnp.where(valid[:, None], pv, 0.0)  # stale cache rows may hold anything
+        o = jnp.sum(pv[:, :, None] * v, axis=0)  # [heads, D]
+        return m_next, l * alpha + jnp.sum(p, axis=0), acc * alpha[:, None] + o
+
+    init = (jnp.full((h,), NEG_INF, jnp.float32), jnp.zeros((h,), jnp.float32),
+            jnp.zeros((h, q.shape[1]), jnp.float32))
+    m, l, acc = loop(body, init)
+    if split:
+        o_ref[:, 0, :] = acc
+        outs[1][:, 0] = m
+        outs[2][:, 0] = l
+    else:
+        o_ref[:, 0, :] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+
+
 def _warps(method: str, g: int, d: int) -> int:
     """Warps per program when not set: the fastest count of the sweep per shape (BENCHMARKS.md,
     decode attention). 2 warps for "dot" up to G=16 and for "fma" with G <= 3 and D <= 128;
@@ -255,6 +304,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
                             num_splits: Optional[int] = None, num_warps: Optional[int] = None,
                             num_stages: Optional[int] = None, mask_loads: Optional[bool] = None,
                             convert: Optional[str] = None, terms: Optional[int] = None,
+                            heads: Optional[int] = None,
                             interpret: bool = False):
     """Attention of q [B, H, D] over cache positions [0, lengths[b]) of K/V [B, T, Hkv, D].
 
@@ -267,10 +317,13 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     block past the length are not read either (otherwise they are read and masked in the
     scores); always on when block_t does not divide the chunk length.
     convert: how the "fma" method turns int8 into float32 ("magic" or "cvt"; both exact).
+    heads: kv heads per program for the "fma" method with G=1 (each token's rows of those heads
+    are contiguous in the cache, so a program reads heads*D bytes per token instead of D).
     terms: 8-bit terms per quantized operand of the "mma8" method (1 or 2; engine/kernels/mma8.py).
     """
     cfg = resolve(block_t=block_t, method=method, num_splits=num_splits, num_warps=num_warps,
-                    num_stages=num_stages, mask_loads=mask_loads, convert=convert, terms=terms)
+                  num_stages=num_stages, mask_loads=mask_loads, convert=convert, terms=terms,
+                  heads=heads)
     if cfg["convert"] not in ("cvt", "magic", "prmt"):
         raise ValueError(f"convert must be 'cvt', 'magic' or 'prmt', not {cfg['convert']!r}")
     b, h, d = q.shape
@@ -308,6 +361,11 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     mask_loads = bool(cfg["mask_loads"]) or chunk % bt != 0
     split = splits > 1
 
+    heads = max(1, int(cfg["heads"]))
+    if heads > 1 and (method != "fma" or g != 1 or hkv % heads):
+        raise ValueError(f"heads={heads} (kv heads per program) needs the fma method, one query "
+                         f"head per kv head and a divisor of the {hkv} kv heads")
+    hd = heads if heads > 1 else _SQ  # the kv-head extent of a program's blocks
     qg = q.reshape(b, hkv, g, d)
     gq = g
     if method in ("dot", "mma8"):
@@ -320,14 +378,14 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
         kv_spec = pl.BlockSpec(k.shape, lambda hi, bi, si: (0, 0, 0, 0))
         sc_spec = pl.BlockSpec((k.shape[0], hkv, page), lambda hi, bi, si: (0, 0, 0))
     else:
-        kv_spec = pl.BlockSpec((_SQ, chunk, _SQ, d), lambda hi, bi, si: (bi, si, hi, 0))
-        sc_spec = pl.BlockSpec((_SQ, _SQ, chunk), lambda hi, bi, si: (bi, hi, si))
+        kv_spec = pl.BlockSpec((_SQ, chunk, hd, d), lambda hi, bi, si: (bi, si, hi, 0))
+        sc_spec = pl.BlockSpec((_SQ, hd, chunk), lambda hi, bi, si: (bi, hi, si))
     in_specs = [pl.BlockSpec((_SQ,), lambda hi, bi, si: (bi,))]
     args = [lengths]
     if page:
         in_specs.append(pl.BlockSpec((_SQ, page_table.shape[1]), lambda hi, bi, si: (bi, 0)))
         args.append(page_table.astype(jnp.int32))
-    in_specs += [pl.BlockSpec((_SQ, _SQ, gq, d), lambda hi, bi, si: (bi, hi, 0, 0)), kv_spec, kv_spec]
+    in_specs += [pl.BlockSpec((_SQ, hd, gq, d), lambda hi, bi, si: (bi, hi, 0, 0)), kv_spec, kv_spec]
     args += [qg, k, v]
     if quantized:
         in_specs += [sc_spec, sc_spec]
@@ -336,23 +394,23 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
         out_shape = [jax.ShapeDtypeStruct((b, hkv, splits, gq, d), jnp.float32),
                      jax.ShapeDtypeStruct((b, hkv, splits, gq), jnp.float32),
                      jax.ShapeDtypeStruct((b, hkv, splits, gq), jnp.float32)]
-        out_specs = [pl.BlockSpec((_SQ, _SQ, _SQ, gq, d), lambda hi, bi, si: (bi, hi, si, 0, 0)),
-                     pl.BlockSpec((_SQ, _SQ, _SQ, gq), lambda hi, bi, si: (bi, hi, si, 0)),
-                     pl.BlockSpec((_SQ, _SQ, _SQ, gq), lambda hi, bi, si: (bi, hi, si, 0))]
+        out_specs = [pl.BlockSpec((_SQ, hd, _SQ, gq, d), lambda hi, bi, si: (bi, hi, si, 0, 0)),
+                     pl.BlockSpec((_SQ, hd, _SQ, gq), lambda hi, bi, si: (bi, hi, si, 0)),
+                     pl.BlockSpec((_SQ, hd, _SQ, gq), lambda hi, bi, si: (bi, hi, si, 0))]
     else:
         out_shape = [jax.ShapeDtypeStruct((b, hkv, gq, d), q.dtype)]
-        out_specs = [pl.BlockSpec((_SQ, _SQ, gq, d), lambda hi, bi, si: (bi, hi, 0, 0))]
+        out_specs = [pl.BlockSpec((_SQ, hd, gq, d), lambda hi, bi, si: (bi, hi, 0, 0))]
 
     kernel = functools.partial(_kernel, block_t=bt, chunk=chunk, g=g, scale=float(scale),
                                quantized=quantized, method=method, split=split,
                                mask_loads=mask_loads, convert=cfg["convert"], interpret=interpret,
-                               page=page, terms=int(cfg["terms"]))
+                               page=page, terms=int(cfg["terms"]), heads=heads)
     kwargs = {}
     params = _compiler_params(num_warps, int(cfg["num_stages"]))
     if params is not None:
         kwargs["compiler_params"] = params
     outs = pl.pallas_call(
-        kernel, grid=(hkv, b, splits), in_specs=in_specs, out_specs=out_specs,
+        kernel, grid=(hkv // heads, b, splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, interpret=interpret, name="ragged_decode_attention", **kwargs,
     )(*args)
 

@@ -8,7 +8,7 @@ fastest settings of the sweeps in BENCHMARKS.md; num_warps 0 picks the warp coun
 from __future__ import annotations
 
 DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=0, num_stages=2, mask_loads=1,
-                convert="prmt", terms=2)
+                convert="prmt", terms=2, heads=1)
 CHOICES = {"method": ("auto", "fma", "dot", "mma8"), "convert": ("prmt", "magic", "cvt")}
 
 

@@ -80,6 +80,26 @@ def test_mma8_within_its_bound(quantized, g, terms, bound):
     np.testing.assert_allclose(splits, out, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("quantized,splits", [(True, 1), ("fp8", 2), (False, 1)])
+def test_several_kv_heads_per_program(quantized, splits):
+    """heads=2 and 4 (one program reads a slot's rows of that many kv heads) give the one-head
+    kernel's output up to float rounding, contiguous and paged."""
+    q, cache = _case(5, 64, 4, 1, 32, quantized=quantized, seed=2)
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    args = lambda c: (c.k[0], c.v[0], c.k_scale[0] if quantized else None,
+                      c.v_scale[0] if quantized else None)
+    kw = dict(block_t=16, method="fma", num_splits=splits, interpret=True)
+    want = np.asarray(ragged_decode_attention(q, *args(cache), lengths, 0.2, **kw))
+    paged, table, _ = _paginate(cache, 16, seed=1)
+    for heads in (2, 4):
+        got = ragged_decode_attention(q, *args(cache), lengths, 0.2, heads=heads, **kw)
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=0)
+        got = ragged_decode_attention(q, *args(paged), lengths, 0.2, heads=heads, page_table=table, **kw)
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="heads=3"):
+        ragged_decode_attention(q, *args(cache), lengths, 0.2, heads=3, **kw)
+
+
 def test_mma8_needs_an_8bit_cache():
     q, cache = _case(2, 32, 1, 1, 16, quantized=False)
     with pytest.raises(ValueError, match="mma8"):
