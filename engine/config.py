@@ -140,7 +140,7 @@ class EngineConfig:
                              choices=("auto", "xla", "cudnn", "pallas"))
     decode_kernel: str = setting(
         "", "Settings of the ragged decode kernel as KEY=VALUE,... (block_t, method, num_splits, "
-            "num_warps, num_stages, mask_loads, convert; engine/kernels/ragged_decode.py)")
+            "num_warps, num_stages, mask_loads, convert, terms, heads; engine/kernels/ragged_decode.py)")
     fuse_projections: bool = setting(
         True, "One GEMM for q|k|v and one for gate|up (single-device meshes only)")
     random_seed: int = setting(

@@ -6,12 +6,14 @@ scales);
 lengths [B] int32: slot b attends to positions [0, lengths[b]). GQA: H = Hkv * G and query head
 h reads kv head h // G.
 
-Grid (Hkv, B, S). Each program owns one (slot, kv head) pair and its G query heads, and loops
-over block_t-token blocks of its chunk of T (S = num_splits chunks, flash-decoding; default
-S=1, the whole T) with a trip count that depends on lengths[b]: blocks past the filled length
-are never loaded. K/V keep the engine's [B, T, Hkv, D] layout: the BlockSpec (None, Tc, None, D)
-hands the kernel a strided [Tc, D] view of (b, chunk, hkv) and the loop loads [block_t, D]
-rows from it with a dynamic start (one contiguous D-element row per token, rows Hkv*D apart).
+Grid (Hkv / heads, B, S). Each program owns one slot and `heads` kv heads (default 1; more only
+for the "fma" method with G=1) with their query heads, and loops over block_t-token blocks of
+its chunk of T (S = num_splits chunks, flash-decoding; default S=1, the whole T) with a trip
+count that depends on lengths[b]: blocks past the filled length are never loaded. K/V keep the
+engine's [B, T, Hkv, D] layout: the BlockSpec (None, Tc, None, D) hands the kernel a strided
+[Tc, D] view of (b, chunk, hkv) and the loop loads [block_t, D] rows from it with a dynamic
+start (one contiguous D-element row per token, rows Hkv*D apart; heads*D elements with
+`heads` > 1).
 The scales are read as a contiguous [Tc] run per (slot, kv head). (A [B, T, Hkv] layout made
 each 4-byte scale load pull its own 32-byte sector.) The kv-head axis is grid axis 0 (the
 fastest-varying CUDA program id), so programs running together read neighbouring rows of the
