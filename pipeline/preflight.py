@@ -81,9 +81,25 @@ def check_model(settings: Settings) -> None:
     from engine.checkpoint import CheckpointError
     from engine.model_files import resolve_model
     try:
-        resolve_model(settings.source)
+        model_config = resolve_model(settings.source)[0]
     except (CheckpointError, ConfigError, OSError, ValueError) as e:
         raise PreflightError(f"model: {e}") from None
+    check_decode_kernel(settings, model_config)
+
+
+def check_decode_kernel(settings: Settings, model_config) -> None:
+    """With attention pallas asked for, the decode_kernel settings must fit the model's heads
+    (an engine on one device; the engine checks its own share under tensor parallelism)."""
+    eng = settings.engine
+    if eng.attention != "pallas":
+        return
+    from engine.config import kernel_settings
+    from engine.kernels.ragged_decode import settings_error
+    why = settings_error(model_config.num_kv_heads, model_config.num_heads // model_config.num_kv_heads,
+                         model_config.head_dim, eng.kv_page_size, eng.quantize_kv_cache,
+                         **dict(kernel_settings(eng.decode_kernel)))
+    if why:
+        raise PreflightError(f"decode_kernel: {why}")
 
 
 def check_writable(output: str) -> None:

@@ -427,6 +427,36 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     return o[:, :, :g].reshape(b, h, d)
 
 
+def settings_error(kv_heads: int, group: int, head_dim: int, page: int = 0, quantized: bool = True,
+                   **settings) -> str:
+    """"" if the kernel takes `settings` (decode_kernel) for these head shapes and this cache,
+    else why not, in one line. Only traces the kernel (jax.eval_shape, interpret mode): no
+    compile, any platform."""
+    s = jax.ShapeDtypeStruct
+    b, t = 2, max(256, page)
+    kv_dtype = jnp.int8 if quantized else jnp.bfloat16
+    if page:
+        w = t // page
+        kv = s((b * w, page, kv_heads, head_dim), kv_dtype)
+        sc = s((b * w, kv_heads, page), jnp.float32) if quantized else None
+        table = s((b, w), jnp.int32)
+    else:
+        kv = s((b, t, kv_heads, head_dim), kv_dtype)
+        sc = s((b, kv_heads, t), jnp.float32) if quantized else None
+        table = None
+    q = s((b, kv_heads * group, head_dim), jnp.bfloat16)
+
+    def attend(q, k, v, k_scale, v_scale, lengths, page_table):
+        return ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, 1.0,
+                                       page_table=page_table, interpret=True, **settings)
+
+    try:
+        jax.eval_shape(attend, q, kv, kv, sc, sc, s((b,), jnp.int32), table)
+    except (ValueError, TypeError) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return ""
+
+
 def compiles_for(kv_heads: int, group: int, head_dim: int, dtype, page: int = 0,
                  kv_dtype=None, **settings) -> tuple[bool, str]:
     """(True, "") if the kernel compiles and runs here for these head shapes (and kernel

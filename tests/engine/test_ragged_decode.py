@@ -100,6 +100,24 @@ def test_several_kv_heads_per_program(quantized, splits):
         ragged_decode_attention(q, *args(cache), lengths, 0.2, heads=3, **kw)
 
 
+def test_settings_checked_against_the_model_before_any_compile():
+    """settings_error names what does not fit (one line); the engine refuses such decode_kernel
+    settings with a ConfigError when asked for Pallas attention."""
+    from engine.kernels.ragged_decode import settings_error
+    from engine.llm import LLM
+    from engine.settings import ConfigError
+
+    assert settings_error(32, 1, 128, heads=2) == ""
+    assert settings_error(8, 4, 128, page=64, method="mma8") == ""
+    assert "heads=2" in settings_error(4, 2, 8, heads=2)
+    assert "mma8" in settings_error(4, 1, 8, quantized=False, method="mma8")
+    assert "page size 16" in settings_error(4, 1, 8, page=16, method="mma8")
+    assert "num_splits=3" in settings_error(4, 1, 8, num_splits=3)
+    with pytest.raises(ConfigError, match="decode_kernel: heads=2"):  # tiny-llama: G=2
+        LLM("tiny-llama", attention="pallas", quantize_kv_cache=True, decode_kernel="heads=2",
+            batch_size=2, max_cache_length=32, context_size=16)
+
+
 def test_mma8_needs_an_8bit_cache():
     q, cache = _case(2, 32, 1, 1, 16, quantized=False)
     with pytest.raises(ValueError, match="mma8"):
