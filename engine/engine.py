@@ -151,7 +151,7 @@ class JaxEngine(LoweringHooks, Engine):
     def _kernel_settings_error(self) -> str:
         """Why the decode_kernel settings do not fit this model's heads and cache ("" if they do),
         on each device's share of the kv heads under tensor parallelism."""
-        from engine.kernels.ragged_decode import settings_error
+        from engine.kernels.checks import settings_error
         cfg = self.model_config
         n = self._mesh.size
         kv_heads = cfg.num_kv_heads // n if n > 1 and cfg.num_kv_heads % n == 0 else cfg.num_kv_heads
@@ -537,7 +537,7 @@ class JaxEngine(LoweringHooks, Engine):
 def kernel_compiles(cfg: ModelConfig, dtype, page: int = 0, kv_dtype=None, settings=None) -> bool:
     """Whether the ragged Pallas decode kernel compiles for this model's head shapes (and the
     cache's 8-bit type, default int8, and the `decode_kernel` settings) here."""
-    from engine.kernels.ragged_decode import compiles_for
+    from engine.kernels.checks import compiles_for
     ok, why = compiles_for(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, dtype, page,
                            kv_dtype, **(settings or {}))
     if not ok:

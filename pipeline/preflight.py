@@ -94,7 +94,7 @@ def check_decode_kernel(settings: Settings, model_config) -> None:
     if eng.attention != "pallas":
         return
     from engine.config import kernel_settings
-    from engine.kernels.ragged_decode import settings_error
+    from engine.kernels.checks import settings_error
     why = settings_error(model_config.num_kv_heads, model_config.num_heads // model_config.num_kv_heads,
                          model_config.head_dim, eng.kv_page_size, eng.quantize_kv_cache,
                          **dict(kernel_settings(eng.decode_kernel)))

@@ -63,6 +63,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from engine.kernels.int8_convert import int8_to_f32
+from engine.kernels.fma_heads import fma_heads_attend
 from engine.kernels.mma8 import NEG_INF, mma8_attend
 from engine.kernels.settings import resolve
 
@@ -171,8 +172,8 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         return valid, k, v, ks, vs
 
     if heads > 1:
-        _fma_heads(q_ref, o_ref, outs, loop, block, scale=scale, split=split, convert=convert,
-                   interpret=interpret, quantized=quantized)
+        fma_heads_attend(q_ref, o_ref, outs, loop, block, scale=scale, split=split, convert=convert,
+                         interpret=interpret, quantized=quantized)
         return
 
     if method == "fma":
@@ -248,41 +249,6 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         outs[2][...] = l
     else:
         o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
-
-
-def _fma_heads(q_ref, o_ref, outs, loop, block, *, scale, split, convert, interpret, quantized):
-    """The "fma" method for one slot and `heads` kv heads at once (G=1): K/V blocks
-    [block_t, heads, D], whose rows are heads*D contiguous bytes of the cache instead of D, and
-    one online softmax per head."""
-    q = q_ref[:, 0, :].astype(jnp.float32) * scale  # [heads, D]
-    h = q.shape[0]
-
-    def body(i, carry, pg):
-        m, l, acc = carry
-        valid, k, v, ks, vs = block(i, pg)  # k, v [block_t, heads, D]; scales [heads, block_t]
-        k = int8_to_f32(k, convert, interpret)
-        v = int8_to_f32(v, convert, interpret)
-        s = jnp.sum(k * q[None, :, :], axis=2)  # [block_t, heads]
-        if quantized:
-            s = s * jnp.transpose(ks)
-        s = jnp.where(valid[:, None], s, NEG_INF)
-        m_next = jnp.maximum(m, jnp.max(s, axis=0))
-        alpha = jnp.exp(m - m_next)
-        p = jnp.exp(s - m_next[None, :])
-        pv = p * jnp.transpose(vs) if quantized else p
-        pv = jnp.where(valid[:, None], pv, 0.0)  # stale cache rows may hold anything
-        o = jnp.sum(pv[:, :, None] * v, axis=0)  # [heads, D]
-        return m_next, l * alpha + jnp.sum(p, axis=0), acc * alpha[:, None] + o
-
-    init = (jnp.full((h,), NEG_INF, jnp.float32), jnp.zeros((h,), jnp.float32),
-            jnp.zeros((h, q.shape[1]), jnp.float32))
-    m, l, acc = loop(body, init)
-    if split:
-        o_ref[:, 0, :] = acc
-        outs[1][:, 0] = m
-        outs[2][:, 0] = l
-    else:
-        o_ref[:, 0, :] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
 
 
 def _warps(method: str, g: int, d: int) -> int:
@@ -425,57 +391,3 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     else:
         o = outs[0]
     return o[:, :, :g].reshape(b, h, d)
-
-
-def settings_error(kv_heads: int, group: int, head_dim: int, page: int = 0, quantized: bool = True,
-                   **settings) -> str:
-    """"" if the kernel takes `settings` (decode_kernel) for these head shapes and this cache,
-    else why not, in one line. Only traces the kernel (jax.eval_shape, interpret mode): no
-    compile, any platform."""
-    s = jax.ShapeDtypeStruct
-    b, t = 2, max(256, page)
-    kv_dtype = jnp.int8 if quantized else jnp.bfloat16
-    if page:
-        w = t // page
-        kv = s((b * w, page, kv_heads, head_dim), kv_dtype)
-        sc = s((b * w, kv_heads, page), jnp.float32) if quantized else None
-        table = s((b, w), jnp.int32)
-    else:
-        kv = s((b, t, kv_heads, head_dim), kv_dtype)
-        sc = s((b, kv_heads, t), jnp.float32) if quantized else None
-        table = None
-    q = s((b, kv_heads * group, head_dim), jnp.bfloat16)
-
-    def attend(q, k, v, k_scale, v_scale, lengths, page_table):
-        return ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, 1.0,
-                                       page_table=page_table, interpret=True, **settings)
-
-    try:
-        jax.eval_shape(attend, q, kv, kv, sc, sc, s((b,), jnp.int32), table)
-    except (ValueError, TypeError) as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    return ""
-
-
-def compiles_for(kv_heads: int, group: int, head_dim: int, dtype, page: int = 0,
-                 kv_dtype=None, **settings) -> tuple[bool, str]:
-    """(True, "") if the kernel compiles and runs here for these head shapes (and kernel
-    `settings`), else (False, why).
-
-    Runs it once on tiny inputs: 2 slots of 128 tokens, or, paged, the same 256 tokens as pages
-    of `page` tokens. A Triton or Pallas version that rejects the kernel is not an error: the
-    engine reads the cache with XLA instead."""
-    try:
-        q = jnp.zeros((2, kv_heads * group, head_dim), dtype)
-        rows, t, table = 2, 128, None
-        if page:
-            rows, t = max(1, 256 // page), page
-            table = jnp.arange(rows, dtype=jnp.int32).reshape(2, -1) if rows > 1 else jnp.zeros((2, 1), jnp.int32)
-        k = jnp.zeros((rows, t, kv_heads, head_dim), kv_dtype or jnp.int8)
-        s = jnp.ones((rows, kv_heads, t), jnp.float32)  # scales [B or pages, Hkv, T or page]
-        out = ragged_decode_attention(q, k, k, s, s, jnp.array([1, 100], jnp.int32), head_dim ** -0.5,
-                                      page_table=table, **settings)
-        jax.block_until_ready(out)
-        return True, ""
-    except Exception as e:  # noqa: BLE001  (any rejection means: not here)
-        return False, f"{type(e).__name__}: {str(e)[:200]}"

@@ -103,7 +103,7 @@ def test_several_kv_heads_per_program(quantized, splits):
 def test_settings_checked_against_the_model_before_any_compile():
     """settings_error names what does not fit (one line); the engine refuses such decode_kernel
     settings with a ConfigError when asked for Pallas attention."""
-    from engine.kernels.ragged_decode import settings_error
+    from engine.kernels.checks import settings_error
     from engine.llm import LLM
     from engine.settings import ConfigError
 
