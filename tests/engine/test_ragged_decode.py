@@ -17,8 +17,9 @@ def _case(b, t, hkv, g, d, quantized, seed=0, q_dtype=jnp.float32):
     r = np.random.default_rng(seed)
     q = jnp.asarray(r.normal(size=(b, hkv * g, d)), q_dtype)
     if quantized == "fp8":  # e4m3 values over most of its range (max 448)
-        k, v = (jnp.asarray(r.normal(size=(b, t, hkv, d)) * 100, jnp.float32).astype(jnp.float8_e4m3fn)
-                for _ in range(2))
+        # clipped: e4m3fn has no infinity, so a cast past 448 would give NaN
+        k, v = (jnp.asarray(np.clip(r.normal(size=(b, t, hkv, d)) * 100, -448, 448), jnp.float32)
+                .astype(jnp.float8_e4m3fn) for _ in range(2))
     elif quantized:
         k, v = (jnp.asarray(r.integers(-127, 128, size=(b, t, hkv, d)), jnp.int8) for _ in range(2))
     if quantized:
@@ -37,6 +38,7 @@ def _check(q, cache, lengths, atol=2e-5, **kw):
                                   cache.v_scale[0] if cache.quantized else None,
                                   pos + 1, d ** -0.5, interpret=True, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype
+    assert np.isfinite(np.asarray(out, np.float32)).all()  # NaN == NaN would pass allclose
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=atol, rtol=0)
 
 
@@ -90,6 +92,7 @@ def test_several_kv_heads_per_program(quantized, splits):
                       c.v_scale[0] if quantized else None)
     kw = dict(block_t=16, method="fma", num_splits=splits, interpret=True)
     want = np.asarray(ragged_decode_attention(q, *args(cache), lengths, 0.2, **kw))
+    assert np.isfinite(want).all()
     paged, table, _ = _paginate(cache, 16, seed=1)
     for heads in (2, 4):
         got = ragged_decode_attention(q, *args(cache), lengths, 0.2, heads=heads, **kw)
@@ -284,6 +287,7 @@ def test_paged_cache_matches_contiguous(g, method, splits, quantized):
     kw = dict(block_t=block, method=method, num_splits=splits, interpret=True)
     want = ragged_decode_attention(q, *args(cache), lengths, 0.2, **kw)
     got = ragged_decode_attention(q, *args(paged), lengths, 0.2, page_table=table, **kw)
+    assert np.isfinite(np.asarray(want)).all()  # the trash page's NaN scales are never read
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     pos = lengths - 1
     ref = decode_attention(q, cache, 0, pos, 0.2, impl="xla")
