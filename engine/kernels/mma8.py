@@ -2,8 +2,10 @@
 
 Every K/V element stays in the cache's type (int8 or fp8 e4m3): the score dot is q x K and the
 output dot p x V, both 8-bit x 8-bit, so the kernel converts no cache element (the "fma" and
-"dot" methods convert every one, and the conversions bound them on Hopper). What is quantized
-instead is small: the slot's query rows, once per program, and each block's probabilities.
+"dot" methods convert every one). What is quantized instead is small: the slot's query rows,
+once per program, and each block's probabilities. On an H100 at 512 slots it is slower than the
+default "fma" method for Llama-2-7B's heads (BENCHMARKS.md, "Decode attention on 8-bit tensor
+cores"), so it is an option, never picked by "auto".
 engine/kernels/ragged_decode.py owns the grid, the loads and the masks; this module the math.
 """
 
