@@ -129,8 +129,15 @@ class JaxEngine(LoweringHooks, Engine):
         prefill = "cudnn" if cudnn_ok and attn in ("auto", "cudnn", "pallas") else "xla"
 
         def pallas_or_xla():
-            ok = backend == "gpu" and kernel_compiles(self.model_config, self.dtype, self.config.kv_page_size,
-                                                      self.config.kv_quant_dtype(), dict(self._kernel))
+            if backend != "gpu":
+                return "xla"
+            from engine.kernels.checks import model_settings_error  # Pallas: imported when asked
+            why = model_settings_error(cfg, self.config, self._mesh.size)
+            if why:
+                log.warning("ragged Pallas decode kernel unavailable (decode_kernel: %s); XLA attention", why)
+                return "xla"
+            ok = kernel_compiles(cfg, self.dtype, self.config.kv_page_size, self.config.kv_quant_dtype(),
+                                 dict(self._kernel))
             return "pallas" if ok else "xla"
 
         if attn == "auto":
@@ -139,24 +146,12 @@ class JaxEngine(LoweringHooks, Engine):
             attn = "xla"  # cuDNN reads 16-bit K/V only
         if attn == "cudnn" and self.paged:  # cuDNN reads no page table; our kernel does
             attn = pallas_or_xla()
-        if attn == "pallas":
-            why = self._kernel_settings_error()
-            if why and self.config.attention == "pallas":
-                raise ConfigError(f"decode_kernel: {why}")
+        if attn == "pallas" and self.config.attention == "pallas":  # asked for: misfits refused
+            from engine.kernels.checks import model_settings_error
+            why = model_settings_error(cfg, self.config, self._mesh.size)
             if why:
-                log.warning("ragged Pallas decode kernel unavailable (decode_kernel: %s); XLA attention", why)
-                attn = "xla"
+                raise ConfigError(f"decode_kernel: {why}")
         return prefill, attn
-
-    def _kernel_settings_error(self) -> str:
-        """Why the decode_kernel settings do not fit this model's heads and cache ("" if they do),
-        on each device's share of the kv heads under tensor parallelism."""
-        from engine.kernels.checks import settings_error
-        cfg = self.model_config
-        n = self._mesh.size
-        kv_heads = cfg.num_kv_heads // n if n > 1 and cfg.num_kv_heads % n == 0 else cfg.num_kv_heads
-        return settings_error(kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim,
-                              self.config.kv_page_size, self.config.quantize_kv_cache, **dict(self._kernel))
 
     def _choose_layout(self, backend: str) -> bool:
         """Whether the cache is chunked (engine/kv_chunks.py): "auto" takes it where it pays, on one

@@ -90,14 +90,10 @@ def check_model(settings: Settings) -> None:
 def check_decode_kernel(settings: Settings, model_config) -> None:
     """With attention pallas asked for, the decode_kernel settings must fit the model's heads
     (an engine on one device; the engine checks its own share under tensor parallelism)."""
-    eng = settings.engine
-    if eng.attention != "pallas":
+    if settings.engine.attention != "pallas":
         return
-    from engine.config import kernel_settings
-    from engine.kernels.checks import settings_error
-    why = settings_error(model_config.num_kv_heads, model_config.num_heads // model_config.num_kv_heads,
-                         model_config.head_dim, eng.kv_page_size, eng.quantize_kv_cache,
-                         **dict(kernel_settings(eng.decode_kernel)))
+    from engine.kernels.checks import model_settings_error
+    why = model_settings_error(model_config, settings.engine)
     if why:
         raise PreflightError(f"decode_kernel: {why}")
 

@@ -43,6 +43,19 @@ def settings_error(kv_heads: int, group: int, head_dim: int, page: int = 0, quan
     return ""
 
 
+def model_settings_error(model_config, engine_config, devices: int = 1) -> str:
+    """settings_error of engine_config's decode_kernel for model_config's heads and the
+    engine's cache, on each device's share of the kv heads when `devices` split them evenly
+    (tensor parallelism runs the kernel per device)."""
+    from engine.config import kernel_settings
+    kv = model_config.num_kv_heads
+    if devices > 1 and kv % devices == 0:
+        kv //= devices
+    return settings_error(kv, model_config.num_heads // model_config.num_kv_heads, model_config.head_dim,
+                          engine_config.kv_page_size, engine_config.quantize_kv_cache,
+                          **dict(kernel_settings(engine_config.decode_kernel)))
+
+
 def compiles_for(kv_heads: int, group: int, head_dim: int, dtype, page: int = 0,
                  kv_dtype=None, **settings) -> tuple[bool, str]:
     """(True, "") if the kernel compiles and runs here for these head shapes (and kernel

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from engine.kernels.int8_convert import int8_to_f32
-from engine.kernels.mma8 import NEG_INF
+from engine.kernels.online_softmax import NEG_INF, run_and_store
 
 
 def fma_heads_attend(q_ref, o_ref, outs, loop, block, *, scale, split, convert, interpret, quantized):
@@ -37,12 +37,4 @@ def fma_heads_attend(q_ref, o_ref, outs, loop, block, *, scale, split, convert, 
         o = jnp.sum(pv[:, :, None] * v, axis=0)  # [heads, D]
         return m_next, l * alpha + jnp.sum(p, axis=0), acc * alpha[:, None] + o
 
-    init = (jnp.full((h,), NEG_INF, jnp.float32), jnp.zeros((h,), jnp.float32),
-            jnp.zeros((h, q.shape[1]), jnp.float32))
-    m, l, acc = loop(body, init)
-    if split:
-        o_ref[:, 0, :] = acc
-        outs[1][:, 0] = m
-        outs[2][:, 0] = l
-    else:
-        o_ref[:, 0, :] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+    run_and_store(loop, body, h, q.shape[1], o_ref, outs, split, g_axis=True)

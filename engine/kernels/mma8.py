@@ -14,7 +14,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-NEG_INF = -1e30  # a masked score (ragged_decode uses it too)
+from engine.kernels.online_softmax import NEG_INF, run_and_store
+
 
 
 def _to8(x, dtype):
@@ -80,12 +81,4 @@ def mma8_attend(q_ref, k_ref, o_ref, outs, loop, block, *, scale: float, split: 
         o = o * (pv_amax / top)[:, None]  # [Gp, D]
         return m_next, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + o
 
-    init = (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32),
-            jnp.zeros((gp, d), jnp.float32))
-    m, l, acc = loop(body, init)
-    if split:
-        o_ref[...] = acc
-        outs[1][...] = m
-        outs[2][...] = l
-    else:
-        o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+    run_and_store(loop, body, gp, d, o_ref, outs, split)

@@ -64,7 +64,8 @@ from jax.experimental import pallas as pl
 
 from engine.kernels.int8_convert import int8_to_f32
 from engine.kernels.fma_heads import fma_heads_attend
-from engine.kernels.mma8 import NEG_INF, mma8_attend
+from engine.kernels.mma8 import mma8_attend
+from engine.kernels.online_softmax import NEG_INF, run_and_store
 from engine.kernels.settings import resolve
 
 try:  # pallas.triton in current jax; pallas.gpu in older releases
@@ -240,15 +241,7 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
                             precision=prec, preferred_element_type=jnp.float32)  # [Gp, D]
         return m_next, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + o
 
-    init = (jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32),
-            jnp.zeros((gp, d), jnp.float32))
-    m, l, acc = loop(body, init)
-    if split:
-        o_ref[...] = acc
-        outs[1][...] = m
-        outs[2][...] = l
-    else:
-        o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+    run_and_store(loop, body, gp, d, o_ref, outs, split)
 
 
 def _warps(method: str, g: int, d: int) -> int:
