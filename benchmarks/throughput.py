@@ -97,10 +97,11 @@ def parse_args(argv=None):
 
 
 def settings_for(args, ins, outs):
-    """The run's Settings: BENCH_DEFAULTS, the cache shape for these lengths, then the flags given."""
+    """The run's Settings: BENCH_DEFAULTS, the cache shape for these lengths, then the flags given.
+    `args` may come from another harness's parser (benchmarks/pipeline_e2e.py has no shared prefix)."""
     from engine.config import Settings, settings_flags
     flags = settings_flags(args, skip=SAMPLING)
-    shape = engine_shape(flags.get("max_cache_length"), args.dataset, ins, outs, args.shared_prefix)
+    shape = engine_shape(flags.get("max_cache_length"), args.dataset, ins, outs, getattr(args, "shared_prefix", 0))
     return Settings.from_flat({**BENCH_DEFAULTS, **shape, **flags}, where="flags")
 
 

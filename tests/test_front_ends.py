@@ -89,6 +89,8 @@ def test_benchmark_help_states_what_a_run_uses():
     args = throughput.parse_args([])
     ins, outs = throughput.make_lengths(args)
     used = _run_values(throughput.settings_for(args, ins, outs))
+    # pipeline_e2e resolves its own flags through the same function, to the same settings.
+    assert _run_values(throughput.settings_for(pipeline_e2e.build_parser().parse_args([]), ins, outs)) == used
     for parser in (throughput.build_parser(), pipeline_e2e.build_parser()):
         helped = flag_help_defaults(parser)
         _check(helped, used, derived=(*throughput.DERIVED, *throughput.SAMPLING))
