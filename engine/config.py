@@ -141,6 +141,11 @@ class EngineConfig:
     decode_kernel: str = setting(
         "", "Settings of the ragged decode kernel as KEY=VALUE,... (block_t, method, num_splits, "
             "num_warps, num_stages, mask_loads, convert, terms, heads; engine/kernels/ragged_decode.py)")
+    gpu_gemms: str = setting(
+        "auto", "How XLA picks matmul kernels on NVIDIA GPUs: cublas = cuBLAS/cuBLASLt only (a program "
+                "compiles in seconds); autotune = XLA also times its Triton GEMM tilings and keeps the "
+                "fastest (up to 90 s a program with fp8 weights); auto: cublas for fp8 W8A8 weights, else "
+                "autotune", choices=("auto", "cublas", "autotune"))
     fuse_projections: bool = setting(
         True, "One GEMM for q|k|v and one for gate|up (single-device meshes only)")
     random_seed: int = setting(

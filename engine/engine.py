@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine import sharding as shd
+from engine.compile_options import compiler_options, gemm_choice
 from engine.config import EngineConfig, kernel_settings
 from engine.engine_api import Engine, EngineGeometry, ResultTokens, geometry_of
 from engine.decode_state import DecodeState, Prefix
@@ -30,6 +31,7 @@ from engine.kv_chunks import CHUNK, join_layers, split_layers
 from engine.model import decode_step, prefill as model_prefill
 from engine.model_config import ModelConfig
 from engine.settings import ConfigError
+from engine.weights import weight_form
 
 from engine.sampling import MAX_LOGPROBS, SlotSampling, apply_token_mask, sample, token_logprobs
 
@@ -98,12 +100,14 @@ class JaxEngine(LoweringHooks, Engine):
                              and model_config.num_kv_heads % self._mesh.size == 0 else None)
         self.buckets = self._geometry.prefill_buckets
         self._windows = self._decode_windows()
-        self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("prompt_logprobs",))
-        self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))
-        self._release_jit = jax.jit(self._release_impl, donate_argnums=(0,))
-        self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2, 3))
-        self._decode_logits_jit = jax.jit(self._decode_logits_impl, donate_argnums=(1,), static_argnums=(2,))
-        self._sample_logits_jit = jax.jit(self._sample_logits_impl, donate_argnums=(0,), static_argnums=(3,))
+        self.gemms = gemm_choice(config.gpu_gemms, backend, weight_form(config.quantize_weights, self._mesh)[1])
+        jit = functools.partial(jax.jit, compiler_options=compiler_options(self.gemms))
+        self._prefill_jit = jit(self._prefill_impl, static_argnames=("prompt_logprobs",))
+        self._insert_jit = jit(self._insert_impl, donate_argnums=(0,))
+        self._release_jit = jit(self._release_impl, donate_argnums=(0,))
+        self._generate_jit = jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2, 3))
+        self._decode_logits_jit = jit(self._decode_logits_impl, donate_argnums=(1,), static_argnums=(2,))
+        self._sample_logits_jit = jit(self._sample_logits_impl, donate_argnums=(0,), static_argnums=(3,))
         self._programs = ProgramWatch(self._prefill_jit, self._insert_jit, self._release_jit, self._generate_jit,
                                       self._decode_logits_jit, self._sample_logits_jit)
         self._cache_sharding = shd.cache_shardings(self._mesh, model_config, config.quantize_kv_cache,
@@ -210,7 +214,7 @@ class JaxEngine(LoweringHooks, Engine):
         return {"device_kind": dev.device_kind, "platform": dev.platform, "device_count": int(self._mesh.devices.size),
                 "dtype": str(np.dtype(self.dtype)), "weight_dtype": str(np.dtype(self.weight_dtype)),
                 "prefill_attention": self.prefill_attention,
-                "decode_attention": self.attention_impl, "kv_cache_tokens": self.config.kv_cache_tokens,
+                "decode_attention": self.attention_impl, "gpu_gemms": self.gemms, "kv_cache_tokens": self.config.kv_cache_tokens,
                 "kv_pool_plan": dataclasses.asdict(plan) if plan is not None else None}
 
     # ---- weights ----

@@ -78,3 +78,19 @@ def test_idle_gaps_finds_host_bubbles(tmp_path):
     assert g["gap_ms_by_size"] == {"10-100us": 0.05, "1-10ms": 2.0}
     assert g["gap_pairs"][0] == {"after": "argmax_fusion", "before": "nvjet_prefill_gemm", "count": 1, "ms": 2.0}
     assert idle_gaps([])["busy_ms"] == 0.0
+
+
+def test_compile_time_reports_each_program(tmp_path):
+    """benchmarks/compile_time.py on a tiny model: a first-call and a steady time per program."""
+    import pytest
+
+    from benchmarks import compile_time
+    out = compile_time.main(["--model", "tiny-llama", "--batch_size", "2", "--max_cache_length", "32",
+                             "--context", "8", "--quantize_weights", "w8a8", "--shapes", "1x16,2x16",
+                             "--iters", "1", "--json", str(tmp_path / "c.json")])
+    assert json.load(open(tmp_path / "c.json")) == out
+    assert out["gpu_gemms"] == "autotune"  # XLA's defaults off GPUs
+    for key in ("decode_first_s", "decode_step_ms", "prefill_1x16_first_s", "prefill_2x16_ms", "prefill_2x16_tok_s"):
+        assert out[key] > 0, key
+    with pytest.raises(SystemExit, match="--shapes takes"):
+        compile_time.parse_shapes("8x")
