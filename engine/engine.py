@@ -4,8 +4,9 @@ Everything that runs per token is one jit-compiled function with static shapes:
 prefill per (prompt-count, length bucket), insert per the same, and `generate`, which
 runs `decode_steps` decode steps in one `lax.fori_loop` with sampling on device, so the
 host syncs once per several tokens. Decode state and cache are donated: updated in place.
-(A little over 400 lines: the whole Engine API of one engine in one place; the hooks that lower
-its programs for profiling and for other platforms are in engine/engine_hooks.py.)
+(A little over 400 lines: the whole Engine API of one engine in one place. What it picks for its
+devices is in engine/device_choices.py; the hooks that lower its programs for profiling and for
+other platforms are in engine/engine_hooks.py.)
 """
 
 from __future__ import annotations
@@ -20,58 +21,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine import sharding as shd
-from engine.compile_options import compiler_options, gemm_choice
 from engine.config import EngineConfig, kernel_settings
-from engine.engine_api import Engine, EngineGeometry, ResultTokens, geometry_of
 from engine.decode_state import DecodeState, Prefix
+from engine.device_choices import (chunked_cache, choose_attention, compiler_options, compute_dtype, gemm_choice,
+                                   matrix_dtype)
+from engine.engine_api import Engine, EngineGeometry, ResultTokens, geometry_of
 from engine.engine_hooks import LoweringHooks
-from engine.kv_cache import KVCache, init_cache, insert_prefix, insert_prefix_paged, pack_prefix
 from engine.host_memory import ProgramWatch
+from engine.kv_cache import KVCache, init_cache, insert_prefix, insert_prefix_paged, pack_prefix
 from engine.kv_chunks import CHUNK, join_layers, split_layers
 from engine.model import decode_step, prefill as model_prefill
 from engine.model_config import ModelConfig
-from engine.settings import ConfigError
 from engine.weights import weight_form
-
 from engine.sampling import MAX_LOGPROBS, SlotSampling, apply_token_mask, sample, token_logprobs
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def compute_dtype(name: Optional[str], backend: str):
-    """The dtype EngineConfig.dtype names; None: float32 on CPU, bfloat16 on accelerators."""
-    if name is not None:
-        return DTYPES[name]
-    return jnp.float32 if backend == "cpu" else jnp.bfloat16
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_has_bf16_matmul() -> bool:
-    """Whether this host's CPU multiplies bf16 matrices in hardware (x86 AMX-BF16 or AVX512-BF16,
-    Arm BF16), where XLA's bf16 x bf16 -> f32 dots run several times faster than float32 ones."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return bool({"amx_bf16", "avx512_bf16", "bf16"} & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return False
-
-
-def matrix_dtype(name: Optional[str], backend: str, dtype):
-    """The dtype EngineConfig.weight_dtype names; None: bfloat16 for float32 compute on a CPU with
-    bf16 matrix instructions (half the bytes, dots on its bf16 units; accuracy in BENCHMARKS.md,
-    CPU), else the compute dtype. The KV cache stays in the compute dtype: XLA's CPU scatter
-    into a bf16 cache is several times slower than the float32 one."""
-    if name is not None:
-        return DTYPES[name]
-    if backend == "cpu" and dtype == jnp.float32 and cpu_has_bf16_matmul():
-        return jnp.bfloat16
-    return dtype
-
 
 class JaxEngine(LoweringHooks, Engine):
     """One model on one mesh, with `batch_size` decode slots of `max_cache_length` tokens."""
@@ -90,8 +54,9 @@ class JaxEngine(LoweringHooks, Engine):
         self.per_slot_draws = backend == "cpu"
         self._kernel = kernel_settings(config.decode_kernel)
         self._geometry = geometry_of(config, model_config.vocab_size, model_config.eos_token_ids)
-        self.prefill_attention, self.attention_impl = self._choose_attention(backend)
-        self.kv_chunked = self._choose_layout(backend)
+        self.prefill_attention, self.attention_impl = choose_attention(
+            config, model_config, backend, self.dtype, self._mesh.size, dict(self._kernel))
+        self.kv_chunked = chunked_cache(config, self.attention_impl, self._mesh.size, backend)
         # A chunked cache starts with one block and grows (_blocks); others hold every position.
         self._initial_cache_length = (min(CHUNK, config.max_cache_length) if self.kv_chunked
                                       else config.max_cache_length)
@@ -114,58 +79,6 @@ class JaxEngine(LoweringHooks, Engine):
                                                    self._initial_cache_length if self.kv_chunked else 0)
         self._param_avals = None  # shapes of the loaded params, for sizing an "auto" page pool
         self.pool_plan = None  # kv_budget.PoolPlan once an "auto" pool is sized
-
-    def _choose_attention(self, backend: str) -> tuple[str, str]:
-        """(prefill, decode) attention implementations.
-
-        On NVIDIA GPUs in 16-bit, "auto" takes cuDNN's fused attention: flash attention for
-        prefill and, for a 16-bit cache, its decode kernel with per-slot kv lengths (reads only
-        the filled cache). An int8 cache goes to our ragged Pallas kernel (engine/kernels),
-        which is faster than XLA's masked einsum (BENCHMARKS.md), provided Triton
-        compiles it for this model's head shapes; otherwise, and on CPU/TPU, XLA. A paged
-        16-bit cache goes to the Pallas kernel too: cuDNN's decode reads no page table.
-        """
-        cfg = self.model_config
-        if cfg.attn_logit_softcap is not None or cfg.sliding_window is not None:
-            return "xla", "xla"  # Gemma 2's soft-cap and local windows: only the XLA path has them
-        cudnn_ok = backend == "gpu" and self.dtype in (jnp.bfloat16, jnp.float16)
-        attn = self.config.attention
-        prefill = "cudnn" if cudnn_ok and attn in ("auto", "cudnn", "pallas") else "xla"
-
-        def pallas_or_xla():
-            if backend != "gpu":
-                return "xla"
-            from engine.kernels.checks import model_settings_error  # Pallas: imported when asked
-            why = model_settings_error(cfg, self.config, self._mesh.size)
-            if why:
-                log.warning("ragged Pallas decode kernel unavailable (decode_kernel: %s); XLA attention", why)
-                return "xla"
-            ok = kernel_compiles(cfg, self.dtype, self.config.kv_page_size, self.config.kv_quant_dtype(),
-                                 dict(self._kernel))
-            return "pallas" if ok else "xla"
-
-        if attn == "auto":
-            attn = pallas_or_xla() if self.config.quantize_kv_cache else ("cudnn" if cudnn_ok else "xla")
-        if attn == "cudnn" and self.config.quantize_kv_cache:
-            attn = "xla"  # cuDNN reads 16-bit K/V only
-        if attn == "cudnn" and self.paged:  # cuDNN reads no page table; our kernel does
-            attn = pallas_or_xla()
-        if attn == "pallas" and self.config.attention == "pallas":  # asked for: misfits refused
-            from engine.kernels.checks import model_settings_error
-            why = model_settings_error(cfg, self.config, self._mesh.size)
-            if why:
-                raise ConfigError(f"decode_kernel: {why}")
-        return prefill, attn
-
-    def _choose_layout(self, backend: str) -> bool:
-        """Whether the cache is chunked (engine/kv_chunks.py): "auto" takes it where it pays, on one
-        CPU device with XLA attention; "chunks" asks for it where it works."""
-        layout = self.config.kv_layout
-        fits = not self.paged and self.attention_impl == "xla" and self._mesh.size == 1
-        if layout == "chunks" and not fits:
-            raise ConfigError(f"kv_layout: chunks needs one device and XLA attention; this engine has "
-                              f"{self._mesh.size} device(s) and {self.attention_impl} attention")
-        return layout == "chunks" or (layout == "auto" and fits and backend == "cpu")
 
     def _blocks(self, state: DecodeState, positions: int):
         """(state holding only the chunked cache's blocks below `positions`, allocating any
@@ -531,14 +444,3 @@ class JaxEngine(LoweringHooks, Engine):
             jax.block_until_ready(res.tokens)
         decode_state = self.release_slots(decode_state, np.zeros(self.config.batch_size, bool))
         return decode_state
-
-
-def kernel_compiles(cfg: ModelConfig, dtype, page: int = 0, kv_dtype=None, settings=None) -> bool:
-    """Whether the ragged Pallas decode kernel compiles for this model's head shapes (and the
-    cache's 8-bit type, default int8, and the `decode_kernel` settings) here."""
-    from engine.kernels.checks import compiles_for
-    ok, why = compiles_for(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, dtype, page,
-                           kv_dtype, **(settings or {}))
-    if not ok:
-        log.warning("ragged Pallas decode kernel unavailable (%s); 8-bit cache read by XLA", why)
-    return ok

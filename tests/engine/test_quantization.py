@@ -123,7 +123,7 @@ def test_bf16_matrices_bound(name):
 def test_weight_dtype_resolution():
     """weight_dtype none: bf16 matrices only under float32 compute on a CPU with bf16 matrix
     instructions; a named dtype is taken as given; accelerators keep their compute dtype."""
-    from engine.engine import cpu_has_bf16_matmul, matrix_dtype
+    from engine.device_choices import cpu_has_bf16_matmul, matrix_dtype
     auto_cpu = jnp.bfloat16 if cpu_has_bf16_matmul() else jnp.float32
     assert matrix_dtype(None, "cpu", jnp.float32) == auto_cpu
     assert matrix_dtype(None, "cpu", jnp.bfloat16) == jnp.bfloat16
