@@ -305,6 +305,7 @@ def main(argv=None):
         "quantize_weights": ec.quantize_weights, "quantize_kv_cache": ec.quantize_kv_cache,
         "decode_steps": ec.decode_steps, "prefill_batch": ec.prefill_batch,
         "settings": settings.to_flat(), "decode_attention": info["decode_attention"],
+        "gpu_gemms": info["gpu_gemms"],
         "temperature": args.temperature,
         "load_s": round(t_load, 2), "compile_s": round(t_compile, 2), "warmup_s": round(t_warm, 2),
         "warm_shapes": args.warm_shapes if shapes is None else sorted(shapes),
