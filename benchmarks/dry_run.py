@@ -47,7 +47,7 @@ def dry_run(settings: Settings, mc, requests, warm_requests=()) -> dict:
     """Run `requests` (after `warm_requests`, as throughput.py's warm-up pass does) through the
     real batcher over a FakeEngine of `settings`' geometry and ModelConfig `mc`; return the
     batcher's counters for the second run."""
-    from engine.sched_stats import slot_occupancy
+    from engine.sched_stats import prefill_padding, slot_occupancy
 
     ec = settings.engine
     batcher = _fake_batcher(settings, mc)
@@ -61,6 +61,9 @@ def dry_run(settings: Settings, mc, requests, warm_requests=()) -> dict:
     if bad:
         raise SystemExit(f"{len(bad)} requests failed, e.g. {bad[0].error}")
     out = batcher.scheduler_stats()
+    prompt = int(batcher.stats.get("prompt_tokens", 0))
+    out.update(prompt_tokens=prompt,
+               prefill_padding=prefill_padding(prompt, out["cached_prompt_tokens"], out["prefill_tokens"]))
     out.update(requests=len(results), slots=ec.batch_size,
                generated_tokens=sum(r.completion_tokens for r in results),
                released_slots=int(batcher.stats.get("released_slots", 0)))

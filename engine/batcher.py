@@ -391,6 +391,7 @@ class ContinuousBatcher:
             self.stats["prefill_rows"] += r
             self.stats["prompt_tokens"] += sum(len(it.ids) for it in chunk if it.sample == 0)
             self.stats["cached_prompt_tokens"] += sum(cached[id(it)] for it in chunk if it.sample == 0)
+            self.stats["prefill_tokens"] += int(call.tokens.size)
 
     def _consume(self, pending, active, retiring, free):
         call, res = pending

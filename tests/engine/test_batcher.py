@@ -66,6 +66,18 @@ def test_prefill_calls_take_power_of_two_sizes_without_padding_rows():
     _, calls, stats = run(reqs, slots=7, prefill_batch=4)
     assert sorted(c[1] for c in calls if c[0] == "prefill") == [1, 2, 4]
     assert stats["prefill_rows"] == 7 and stats["prefill_calls"] == 3
+    assert stats["prefill_tokens"] == 7 * 8  # every row padded to the smallest bucket, 8
+
+
+def test_prefill_tokens_count_the_padding():
+    """Prompts of 3, 30, 5 and 20 tokens share one call padded to 32: 128 positions, 58 of them
+    prompt tokens, so 55% padding."""
+    from engine.sched_stats import prefill_padding
+    reqs = [req(i, range(7, 7 + n), 5, ignore_eos=True) for i, n in enumerate([3, 30, 5, 20])]
+    _, _, stats = run(reqs, slots=4, prefill_batch=4)
+    assert stats["prefill_tokens"] == 4 * 32 and stats["prompt_tokens"] == 58
+    assert prefill_padding(stats["prompt_tokens"], stats["cached_prompt_tokens"], stats["prefill_tokens"]) == 0.547
+    assert prefill_padding(0, 0, 0) is None
 
 
 def test_short_prompts_share_a_longer_prefill_call():
