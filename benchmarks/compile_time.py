@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     import jax
     import numpy as np
 
-    from benchmarks.decode_step import make_engine
+    from benchmarks.decode_step import decode_call, make_engine
     t0 = time.perf_counter()
     loaded = make_engine(args, context_size=max(s for _, s in shapes), prefill_batch=max(n for n, _ in shapes),
                          compilation_cache_dir="")
@@ -56,12 +56,7 @@ def main(argv=None) -> dict:
            "gpu_gemms": info["gpu_gemms"], "load_s": time.perf_counter() - t0}
     state = eng.init_decode_state()
     steps = eng.geometry.decode_steps
-    limit = min(args.context + steps + 1, eng.config.max_cache_length)
-
-    def decode(state):
-        state, res = eng.generate(params, eng.filled_state(state, args.context), max_length=limit)
-        jax.block_until_ready(res.tokens)
-        return state
+    decode = decode_call(eng, params, args.context)
 
     def prefill(n, s):
         prefix, _ = eng.prefill(params=params, padded_tokens=np.ones((n, s), np.int32),

@@ -51,6 +51,19 @@ def make_engine(args, **overrides):
     return load_engine(shape_settings(args, **overrides))
 
 
+def decode_call(eng, params, context: int):
+    """state -> state: one generate call (decode_steps steps) after refilling every slot to
+    `context` tokens, waited for. What profile_step.py and compile_time.py time."""
+    import jax
+    limit = context + eng.geometry.decode_steps + 1
+
+    def call(state):
+        state, res = eng.generate(params, eng.filled_state(state, context), max_length=limit)
+        jax.block_until_ready(res.tokens)
+        return state
+    return call
+
+
 def cache_copies(hlo_text: str, *dims: int) -> list:
     """Lines of compiled HLO that write a whole cache-shaped array ([*dims, ...]) other
     than the in-place updates (scatters, dynamic-update-slices): copies, and loop fusions such as

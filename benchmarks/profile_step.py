@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.decode_step import add_shape_args, make_engine  # noqa: E402
+from benchmarks.decode_step import add_shape_args, decode_call, make_engine  # noqa: E402
 from benchmarks.trace import device_events, idle_gaps, print_summary, summarize  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,12 +48,7 @@ def main(argv=None):
     eng, params = loaded.engine, loaded.params
     state = eng.init_decode_state()
     steps = eng.geometry.decode_steps
-    limit = args.context + steps + 1
-
-    def decode(state):
-        state, res = eng.generate(params, eng.filled_state(state, args.context), max_length=limit)
-        jax.block_until_ready(res.tokens)
-        return state
+    decode = decode_call(eng, params, args.context)
 
     def prefill_insert(state):
         prefix, _ = eng.prefill(params=params, padded_tokens=np.ones((n_pf, s_pf), np.int32),

@@ -74,11 +74,15 @@ def choose_attention(config: EngineConfig, cfg: ModelConfig, backend: str, dtype
     prefill = "cudnn" if cudnn_ok and attn in ("auto", "cudnn", "pallas") else "xla"
     paged = config.kv_page_size > 0
 
+    def misfit() -> str:
+        """Why decode_kernel's settings do not fit this model's heads ("" if they do)."""
+        from engine.kernels.checks import model_settings_error  # Pallas: imported when asked
+        return model_settings_error(cfg, config, devices)
+
     def pallas_or_xla():
         if backend != "gpu":
             return "xla"
-        from engine.kernels.checks import model_settings_error  # Pallas: imported when asked
-        why = model_settings_error(cfg, config, devices)
+        why = misfit()
         if why:
             log.warning("ragged Pallas decode kernel unavailable (decode_kernel: %s); XLA attention", why)
             return "xla"
@@ -92,8 +96,7 @@ def choose_attention(config: EngineConfig, cfg: ModelConfig, backend: str, dtype
     if attn == "cudnn" and paged:  # cuDNN reads no page table; our kernel does
         attn = pallas_or_xla()
     if attn == "pallas" and config.attention == "pallas":  # asked for: misfits refused
-        from engine.kernels.checks import model_settings_error
-        why = model_settings_error(cfg, config, devices)
+        why = misfit()
         if why:
             raise ConfigError(f"decode_kernel: {why}")
     return prefill, attn

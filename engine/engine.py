@@ -127,7 +127,8 @@ class JaxEngine(LoweringHooks, Engine):
         return {"device_kind": dev.device_kind, "platform": dev.platform, "device_count": int(self._mesh.devices.size),
                 "dtype": str(np.dtype(self.dtype)), "weight_dtype": str(np.dtype(self.weight_dtype)),
                 "prefill_attention": self.prefill_attention,
-                "decode_attention": self.attention_impl, "gpu_gemms": self.gemms, "kv_cache_tokens": self.config.kv_cache_tokens,
+                "decode_attention": self.attention_impl, "gpu_gemms": self.gemms,
+                "kv_cache_tokens": self.config.kv_cache_tokens,
                 "kv_pool_plan": dataclasses.asdict(plan) if plan is not None else None}
 
     # ---- weights ----
