@@ -65,8 +65,8 @@ from engine.constraints import Matcher, open_mask
 from engine.engine_api import Engine
 from engine.kv_pages import PagePool, prefix_hashes
 from engine.logprobs import logprob_at, logprob_entries
-from engine.prefill_calls import (PrefillCall, SampleGroups, WorkItem, defer_shared_prefixes, plan_calls,
-                                  sample_seed)
+from engine.prefill_calls import (PackedCall, PrefillCall, SampleGroups, WorkItem, defer_shared_prefixes,
+                                  packable, plan_calls, plan_packed, sample_seed)
 from engine.request import Request, RequestError, Result
 from engine.sampling import SlotSampling
 from engine.sched_stats import SCHEDULER_STATS
@@ -340,9 +340,13 @@ class ContinuousBatcher:
             if hit:
                 self.pages.hold(hit)
         cached = {i: len(hit) * page for i, hit in hits.items()}
-        for bucket, context, chunk in plan_calls(admitted, cached, self.geo):
-            call = PrefillCall.build(chunk, bucket, context, cached, hits, self.geo)
-            r = len(chunk)
+        packed = [it for it in admitted if packable(it, cached[id(it)], self.geo)]
+        rest = [it for it in admitted if not packable(it, cached[id(it)], self.geo)]
+        planned = [PackedCall.build(chunk, size, self.geo) for size, chunk in plan_packed(packed, self.geo)]
+        planned += [PrefillCall.build(chunk, bucket, context, cached, hits, self.geo)
+                          for bucket, context, chunk in plan_calls(rest, cached, self.geo)]
+        for call in planned:
+            chunk, r = call.items, call.rows
             slots = np.full(r, -1, np.int32)
             params, page_lists = [], []
             for row, it in enumerate(chunk):
@@ -367,9 +371,12 @@ class ContinuousBatcher:
                 for row, m in enumerate(matchers):
                     if m is not None:
                         m.fill_mask(kw["token_mask"], row)
+            sampling = SlotSampling.from_params(params)
+            if len(chunk) < r:  # a packed call's unused rows
+                sampling = sampling.padded_to(r)
+                page_lists += [[]] * (r - len(chunk))
             t0 = time.perf_counter()
-            prefix, first = engine.prefill(params=self.params, padded_tokens=call.tokens, true_length=call.lengths,
-                                           sampling=SlotSampling.from_params(params), **kw)
+            prefix, first = call.run(engine, self.params, sampling, **kw)
             self._timed("prefill_s", t0, prefix)
             t0 = time.perf_counter()
             if self.pages is not None:
@@ -388,7 +395,7 @@ class ContinuousBatcher:
                     logprobs=None if req.sampling.logprobs is None else [], matcher=matchers[row],
                     sample=it.sample, prompt_row=call.prompt_row[id(req)])
             self.stats["prefill_calls"] += 1
-            self.stats["prefill_rows"] += r
+            self.stats["prefill_rows"] += len(chunk)
             self.stats["prompt_tokens"] += sum(len(it.ids) for it in chunk if it.sample == 0)
             self.stats["cached_prompt_tokens"] += sum(cached[id(it)] for it in chunk if it.sample == 0)
             self.stats["prefill_tokens"] += int(call.tokens.size)

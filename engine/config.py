@@ -124,6 +124,10 @@ class EngineConfig:
     min_prefill_bucket: int = setting(16, "Shortest prompt-length bucket compiled for prefill", minimum=1)
     prefill_batch: int = setting(2, "Most prompts prefilled together in one call (2 suits the embedded "
                                     "model on CPU; GPU job configs use 16-32)", minimum=1)
+    packed_prefill: int = setting(
+        0, "Token budget of a packed prefill call: a refill's prompts back to back in one row of up "
+           "to this many tokens (powers of two from budget/16; engine/packed.py), instead of one call "
+           "per length bucket padded to it; at least the longest prefill bucket (0: off)", minimum=0)
     decode_steps: int = setting(8, "Decode steps per host round-trip (one compiled loop)", minimum=1)
     kv_page_size: int = setting(
         0, "Paged KV cache: tokens per page, from one pool shared by the slots (0: one "
@@ -178,6 +182,12 @@ class EngineConfig:
                 and 0 < self.kv_cache_tokens < self.kv_page_size):
             raise ConfigError("kv_cache_tokens: must hold at least one page")
         kernel_settings(self.decode_kernel)
+        if self.packed_prefill and self.packed_prefill < max(self.prefill_buckets()):
+            raise ConfigError(f"packed_prefill: {self.packed_prefill} tokens cannot hold a prompt of the "
+                              f"longest prefill bucket ({max(self.prefill_buckets())}); give at least that")
+        if self.packed_prefill and self.kv_layout == "chunks":
+            raise ConfigError("packed_prefill: writes the cache token by token: use kv_layout tokens or a "
+                              "paged cache, not chunks")
 
     @property
     def num_kv_pages(self) -> int:
@@ -205,6 +215,26 @@ class EngineConfig:
             out.append(min(b, self.max_cache_length))
             b *= 2
         return tuple(sorted(set(out)))
+
+    def packed_sizes(self) -> tuple[int, ...]:
+        """Row lengths of packed prefill calls: powers of two from packed_prefill / 16 (at least
+        the shortest bucket) up to packed_prefill; empty when packing is off."""
+        if not self.packed_prefill:
+            return ()
+        top = self.packed_prefill
+        t = max(next_power_of_two(max(1, top // 16)), min(self.prefill_buckets()))
+        out = []
+        while t < top:
+            out.append(t)
+            t *= 2
+        return tuple(out + [top])
+
+    def packed_rows(self) -> int:
+        """Prompts one packed call holds: as many of the shortest bucket as the budget fits, at
+        least prefill_batch, at most the slots (0 when packing is off)."""
+        if not self.packed_prefill:
+            return 0
+        return min(self.batch_size, max(self.prefill_batch, self.packed_prefill // min(self.prefill_buckets())))
 
     def prefill_sizes(self) -> tuple[int, ...]:
         """Prompt counts per prefill call: the powers of two below min(prefill_batch, batch_size),

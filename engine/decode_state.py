@@ -33,8 +33,9 @@ class Prefix:
     sampling: SlotSampling  # R rows
     rows: Any = None  # int32 [R]: the prompt (cache row) of each row; None: row i is prompt i
     offset: Any = None  # int32 [R]: cached positions the K/V follow (prefix caching); None: 0
+    packed: Any = None  # (segment [T], position [T]) of each token when cache is one packed row [1, T]
 
 
 for _cls, _fields in ((DecodeState, ["cache", "tokens", "pos", "step", "sampling", "page_table"]),
-                      (Prefix, ["cache", "true_length", "first_token", "sampling", "rows", "offset"])):
+                      (Prefix, ["cache", "true_length", "first_token", "sampling", "rows", "offset", "packed"])):
     jax.tree_util.register_dataclass(_cls, data_fields=_fields, meta_fields=[])

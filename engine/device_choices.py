@@ -117,7 +117,7 @@ def chunked_cache(config: EngineConfig, attention: str, devices: int, backend: s
     """Whether the cache is chunked (engine/kv_chunks.py): "auto" takes it where it pays, on one
     CPU device with XLA attention; "chunks" asks for it where it works."""
     layout = config.kv_layout
-    fits = not config.kv_page_size and attention == "xla" and devices == 1
+    fits = not config.kv_page_size and not config.packed_prefill and attention == "xla" and devices == 1
     if layout == "chunks" and not fits:
         raise ConfigError(f"kv_layout: chunks needs one device and XLA attention; this engine has "
                           f"{devices} device(s) and {attention} attention")

@@ -32,12 +32,13 @@ from engine.kv_cache import KVCache, init_cache, insert_prefix, insert_prefix_pa
 from engine.kv_chunks import CHUNK, join_layers, split_layers
 from engine.model import decode_step, prefill as model_prefill
 from engine.model_config import ModelConfig
+from engine.packed import PackedPrefill, insert_packed
 from engine.weights import weight_form
 from engine.sampling import MAX_LOGPROBS, SlotSampling, apply_token_mask, sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
-class JaxEngine(LoweringHooks, Engine):
+class JaxEngine(PackedPrefill, LoweringHooks, Engine):
     """One model on one mesh, with `batch_size` decode slots of `max_cache_length` tokens."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, checkpoint=None, device_group: int = 0):
@@ -68,13 +69,14 @@ class JaxEngine(LoweringHooks, Engine):
         self.gemms = gemm_choice(config.gpu_gemms, backend, weight_form(config.quantize_weights, self._mesh)[1])
         jit = functools.partial(jax.jit, compiler_options=compiler_options(self.gemms))
         self._prefill_jit = jit(self._prefill_impl, static_argnames=("prompt_logprobs",))
+        self._prefill_packed_jit = jit(self._prefill_packed_impl)
         self._insert_jit = jit(self._insert_impl, donate_argnums=(0,))
         self._release_jit = jit(self._release_impl, donate_argnums=(0,))
         self._generate_jit = jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2, 3))
         self._decode_logits_jit = jit(self._decode_logits_impl, donate_argnums=(1,), static_argnums=(2,))
         self._sample_logits_jit = jit(self._sample_logits_impl, donate_argnums=(0,), static_argnums=(3,))
-        self._programs = ProgramWatch(self._prefill_jit, self._insert_jit, self._release_jit, self._generate_jit,
-                                      self._decode_logits_jit, self._sample_logits_jit)
+        self._programs = ProgramWatch(self._prefill_jit, self._prefill_packed_jit, self._insert_jit, self._release_jit,
+                                      self._generate_jit, self._decode_logits_jit, self._sample_logits_jit)
         self._cache_sharding = shd.cache_shardings(self._mesh, model_config, config.quantize_kv_cache,
                                                    self._initial_cache_length if self.kv_chunked else 0)
         self._param_avals = None  # shapes of the loaded params, for sizing an "auto" page pool
@@ -265,7 +267,10 @@ class JaxEngine(LoweringHooks, Engine):
         src = prefix.cache
         if prefix.rows is not None:  # one prompt's K/V for each of its samples
             src = jax.tree.map(lambda x: x[prefix.rows], src)
-        if page_rows is None:
+        if prefix.packed is not None:  # one packed row: token by token (engine/packed.py)
+            cache = insert_packed(state.cache, src, *prefix.packed, slots=slots, page_rows=page_rows)
+            table = None if page_rows is None else put(state.page_table, page_rows)
+        elif page_rows is None:
             cache, table = insert_prefix(state.cache, src, slots), None
         else:
             write = page_rows
@@ -440,6 +445,8 @@ class JaxEngine(LoweringHooks, Engine):
             prefix, _ = self.prefill(params=params, padded_tokens=np.zeros((n, s), np.int32),
                                      true_length=np.ones(n, np.int32))
             decode_state = self.insert(prefix, decode_state, np.full(n, -1, np.int32))
+        if self._geometry.packed_sizes:
+            decode_state = self._warm_packed(params, decode_state)
         for w in self.decode_windows():
             decode_state, res = self.generate(params, decode_state, max_length=w)
             jax.block_until_ready(res.tokens)

@@ -16,7 +16,8 @@ engine/fake_engine.py) serves the batcher unchanged:
 * `geometry`: the static shapes the batcher schedules around (slots, prefill buckets and call
   sizes, decode steps per call, the page pool, EOS ids, vocabulary size);
 * `prefill` takes N prompts at once and a per-request `sampling`, which `insert` installs in
-  the slots, so every slot samples with its own settings on device;
+  the slots, so every slot samples with its own settings on device; `prefill_packed` takes
+  prompts back to back in one row (a length mix without padding);
 * `insert` takes page-table rows for a paged KV cache; `release_slots` parks free slots;
 * `generate(max_length=)` bounds the positions the decode attention must read;
 * `warmup`, `sync` and `describe`: compile up front, wait for device work (profiling), report
@@ -52,6 +53,8 @@ class EngineGeometry:
     vocab_size: int
     kv_page_size: int = 0  # 0: one contiguous region per slot
     num_kv_pages: int = 0  # pages in the pool, the trash page (index num_kv_pages) not counted
+    packed_sizes: tuple[int, ...] = ()  # row lengths prefill_packed accepts, ascending (): no packing
+    packed_rows: int = 0  # prompts (rows of lengths) per packed call
 
     @property
     def paged(self) -> bool:
@@ -78,7 +81,8 @@ def geometry_of(config: EngineConfig, vocab_size: int, eos_token_ids, num_kv_pag
         slots=config.batch_size, max_cache_length=config.max_cache_length, context_size=config.context_size,
         prefill_buckets=config.prefill_buckets(), prefill_sizes=config.prefill_sizes(),
         decode_steps=config.decode_steps, eos_token_ids=tuple(eos_token_ids), vocab_size=vocab_size,
-        kv_page_size=config.kv_page_size, num_kv_pages=num_kv_pages)
+        kv_page_size=config.kv_page_size, num_kv_pages=num_kv_pages, packed_sizes=config.packed_sizes(),
+        packed_rows=config.packed_rows())
 
 
 @dataclass
@@ -163,6 +167,14 @@ class Engine(abc.ABC):
         engine.sampling.SlotSampling of R rows (seeds set); None: greedy. `token_mask`
         [R, ceil(vocab / 32)] int32 bits: the tokens each first token may be (structured output).
         With `prompt_logprobs` the result's `prompt` holds each prompt token's logprobs."""
+
+    def prefill_packed(self, *, params: Params, tokens: Any, lengths: Any, sampling: Optional[Any] = None,
+                       token_mask: Any = None) -> tuple[Prefix, ResultTokens]:
+        """Run prompts packed back to back in one row (tokens [T], T in geometry.packed_sizes;
+        lengths [geometry.packed_rows], unused rows 0 after the used ones), each attending only
+        to itself; return their prefix (row i: prompt i) and first tokens as `prefill` does.
+        Only engines whose geometry has packed_sizes implement it."""
+        raise NotImplementedError(f"{type(self).__name__} has no packed prefill")
 
     @abc.abstractmethod
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: Any,

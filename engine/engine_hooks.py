@@ -54,6 +54,15 @@ class LoweringHooks:
         context = (decode_state.cache, i32(n, -(-context_tokens // self.config.kv_page_size)), i32(n))
         return _lower(self._prefill_jit, platforms, params, i32(n, length), i32(n), samp, None, None, context)
 
+    def lower_prefill_packed(self, params, length: int, platforms: Optional[tuple] = None):
+        """The packed prefill program for a row of `length` tokens, lowered (or exported)."""
+        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+        m = self._geometry.packed_rows
+        samp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                            SlotSampling.greedy(m))
+        return _lower(self._prefill_packed_jit, platforms, params, i32(length), i32(length), i32(length), i32(m),
+                      i32(m), samp)
+
     def lower_masked_step(self, params, decode_state, platforms: Optional[tuple] = None):
         """The two halves of a structured-output step (decode_logits, sample_logits), lowered."""
         b, v = self.config.batch_size, self.model_config.vocab_size
@@ -71,14 +80,17 @@ class LoweringHooks:
                                    step=jnp.ones((b,), jnp.int32))
 
     def workspace_bytes(self) -> int:
-        """Device bytes, beyond params and cache, of the largest prefill call (its K/V output
-        waits for the insert) plus one decode call: temporaries and outputs from XLA's memory
+        """Device bytes, beyond params and cache, of the largest prefill call, bucketed or packed
+        (its K/V output waits for the insert), plus one decode call: temporaries and outputs from XLA's memory
         analysis of the compiled programs (the decode step compiled over a one-page pool:
         its workspace does not grow with the pool)."""
         from engine.kv_budget import compiled_workspace
         if self._param_avals is None:
             raise RuntimeError("workspace_bytes needs the params' shapes: call load_params() first")
         n, s = self._geometry.prefill_sizes[-1], self.buckets[-1]
-        prefill = self.lower_prefill(self._param_avals, n, s).compile()
+        prefill = compiled_workspace(self.lower_prefill(self._param_avals, n, s).compile())
+        if self._geometry.packed_sizes:
+            packed = self.lower_prefill_packed(self._param_avals, self._geometry.packed_sizes[-1]).compile()
+            prefill = max(prefill, compiled_workspace(packed))
         decode = self.lower_generate(self._param_avals, jax.eval_shape(lambda: self._build_state(1))).compile()
-        return compiled_workspace(prefill) + compiled_workspace(decode)
+        return prefill + compiled_workspace(decode)

@@ -114,6 +114,24 @@ class FakeEngine(Engine):
                              *self._logprobs(first[:, None]),
                              prompt=self._logprobs(tokens[:, 1:]) if prompt_logprobs else None))
 
+    def prefill_packed(self, *, params, tokens, lengths, sampling=None, token_mask=None):
+        tokens = np.asarray(tokens, np.int32).reshape(-1)
+        lengths = np.asarray(lengths, np.int32).reshape(-1)
+        g, used = self.geo, lengths > 0
+        if len(tokens) not in g.packed_sizes:
+            raise ContractError(f"packed row of {len(tokens)} tokens; the engine takes {g.packed_sizes}")
+        if len(lengths) != g.packed_rows or not used[0] or (used[1:] & ~used[:-1]).any():
+            raise ContractError(f"lengths {lengths.tolist()}: not {g.packed_rows} rows, used ones first")
+        if lengths.sum() > len(tokens) or lengths.max() > g.context_size:
+            raise ContractError(f"lengths {lengths.tolist()} overflow a row of {len(tokens)} or context_size")
+        ends = np.cumsum(lengths)
+        first = self._allowed((tokens[np.maximum(ends - 1, 0)] + 1) % g.vocab_size, token_mask)
+        first = np.where(used, first, 0).astype(np.int32)
+        self.calls.append(("prefill_packed", len(tokens), int(used.sum())))
+        segs = [list(tokens[e - n:e]) for e, n in zip(ends, lengths)]
+        return (FakePrefix(first, lengths.copy(), np.zeros(len(lengths), np.int32), segs),
+                ResultTokens(first[:, None], used[:, None], lengths[:, None], *self._logprobs(first[:, None])))
+
     def _logprobs(self, toks):
         """(logprobs, top_ids, top_logprobs) of tokens [N, S] under the fake model."""
         from engine.sampling import MAX_LOGPROBS
@@ -196,10 +214,11 @@ class FakeEngine(Engine):
 
 def fake_geometry(slots: int = 4, max_cache_length: int = 64, context_size: int = 32, decode_steps: int = 2,
                   prefill_batch: int = 4, min_prefill_bucket: int = 8, vocab_size: int = 256,
-                  eos_token_ids: tuple = (2,), kv_page_size: int = 0, kv_cache_tokens: int = 0) -> EngineGeometry:
+                  eos_token_ids: tuple = (2,), kv_page_size: int = 0, kv_cache_tokens: int = 0,
+                  packed_prefill: int = 0) -> EngineGeometry:
     """The geometry a JaxEngine of these EngineConfig settings would have."""
     from engine.config import EngineConfig
     ec = EngineConfig(batch_size=slots, max_cache_length=max_cache_length, context_size=context_size,
                       decode_steps=decode_steps, prefill_batch=prefill_batch, min_prefill_bucket=min_prefill_bucket,
-                      kv_page_size=kv_page_size, kv_cache_tokens=kv_cache_tokens)
+                      kv_page_size=kv_page_size, kv_cache_tokens=kv_cache_tokens, packed_prefill=packed_prefill)
     return geometry_of(ec, vocab_size, eos_token_ids)

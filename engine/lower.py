@@ -5,7 +5,7 @@
 The engine is built as the settings say, but on this host's CPU devices (`--platform tpu=N`
 uses N of them: simulate them with XLA_FLAGS=--xla_force_host_platform_device_count=N), from
 parameter and cache shapes only, so no weights are read or held. Its prefill (largest bucket and
-call size), insert and generate (longest decode window) programs are then exported for the
+call size; with packed_prefill, also the largest packed row), insert and generate (longest decode window) programs are then exported for the
 target with `jax.export`, which lowers each to StableHLO for that platform. A program that does
 not lower is reported in one line (exit 2). Model configs and checkpoints give the same shapes.
 """
@@ -50,6 +50,14 @@ def export_programs(settings: Settings, target: str) -> dict:
     forward, sampling = eng.lower_masked_step(params, state, platforms=(kind,))
     out["decode_logits"] = len(forward.mlir_module_serialized)  # structured output: forward, then masks
     out["sample_logits"] = len(sampling.mlir_module_serialized)
+    for t in eng.geometry.packed_sizes[-1:]:  # packed prefill: its largest row; insert writes it per token
+        packed = eng.lower_prefill_packed(params, t, platforms=(kind,))
+        out[f"prefill_packed[{t}]"] = len(packed.mlir_module_serialized)
+        prefix = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), packed.out_tree.unflatten(
+            packed.out_avals))[0]
+        rows = eng.geometry.packed_rows
+        out["insert_packed"] = len(eng.lower_insert(state, prefix, np.zeros(rows, np.int32),
+                                                    platforms=(kind,)).mlir_module_serialized)
     if eng.paged:  # prefix caching: a prompt's rest after cached pages
         ctx = eng.geometry.prefill_buckets[0]
         cached = eng.lower_prefill(params, n, s, platforms=(kind,), decode_state=state, context_tokens=ctx)

@@ -6,8 +6,9 @@ Params are a plain pytree (see engine/loaders/__init__.py for names and layouts)
 (or per layer "wqkv" and "w_gate_up" in place of the parts, see engine/weights.fuse_projections).
 Any matrix may be a `QuantizedWeight` (int8 + per-column scale).
 
-Two entry points: `prefill` runs right-padded prompts [N, S] from scratch and returns
-per-layer K/V; `decode_step` runs one token per slot [B] against the KV cache.
+Two entry points: `prefill` runs right-padded prompts [N, S] (or prompts packed in one row,
+engine/packed.py) from scratch and returns per-layer K/V; `decode_step` runs one token per slot
+[B] against the KV cache.
 
 Each layer is one jitted block (`_prefill_layer`, `_decode_layer`) called once per layer: JAX
 traces and lowers a block once per shape instead of once per layer, which cuts the tracing of
@@ -27,6 +28,7 @@ import numpy as np
 from engine.model_config import ModelConfig
 from engine.kv_cache import (KVCache, cached_prefix_layer, decode_attention, prefill_attention,
                              prefill_attention_cached, write_token)
+from engine.packed import packed_attention
 from engine.quantize import linear
 
 
@@ -133,17 +135,23 @@ def _qkv(layer, h, cfg: ModelConfig):
 
 
 def prefill(params, cfg: ModelConfig, tokens, dtype, all_logits: bool = False, last_index=None,
-            attn_impl: str = "xla", context=None):
+            attn_impl: str = "xla", context=None, segments=None, span=None):
     """Run right-padded prompts tokens [N, S].
 
     Returns (logits, ks, vs): logits [N, S, V] if all_logits else [N, V] at `last_index` [N]
     (each prompt's last real position); ks/vs are per-layer [N, S, Hkv, D] in `dtype`.
     `context` (prefix caching): (cache, pages [N, C / page], length [N]): each prompt continues
     length[n] positions already in the paged cache; tokens are the rest, at positions from there.
+    `segments` (packed prefill, engine/packed.py): (positions [T], segment ids [T], starts [M],
+    lengths [M]) of prompts packed in tokens [1, T], none longer than `span` (static); logits are
+    then [M, V] at last_index [M], each segment's last token in the row.
     """
     n, s = tokens.shape
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     positions = jnp.broadcast_to(jnp.arange(s), (n, s))
+    segs = None
+    if segments is not None:
+        positions, segs = segments[0][None], tuple(segments[1:])
     if context is not None:
         cache, pages, ctx_len = context
         positions = positions + ctx_len[:, None]
@@ -151,11 +159,13 @@ def prefill(params, cfg: ModelConfig, tokens, dtype, all_logits: bool = False, l
     ks, vs = [], []
     for i, layer in enumerate(params["layers"]):
         ctx = None if context is None else (_layer_cache(cache, i), pages, ctx_len)
-        x, k, v = _prefill_layer(layer, x, positions, inv_freq, ctx, cfg=_ByValue(cfg),
-                                 opts=_options_key(cfg, i), attn_impl=attn_impl)
+        x, k, v = _prefill_layer(layer, x, positions, inv_freq, ctx, segs, cfg=_ByValue(cfg),
+                                 opts=_options_key(cfg, i), attn_impl=attn_impl, span=span)
         ks.append(k)
         vs.append(v)
-    if not all_logits:
+    if segs is not None and not all_logits:
+        x = x[0, last_index]
+    elif not all_logits:
         x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)[:, 0]
     return logits(params, cfg, x), ks, vs
 
@@ -184,17 +194,21 @@ def _layer_cache(cache: KVCache, i: int) -> KVCache:
     return KVCache([cache.k[i]], [cache.v[i]], one(cache.k_scale), one(cache.v_scale))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "opts", "attn_impl"))
-def _prefill_layer(layer, x, positions, inv_freq, ctx, *, cfg: _ByValue, opts: tuple, attn_impl: str):
+@functools.partial(jax.jit, static_argnames=("cfg", "opts", "attn_impl", "span"))
+def _prefill_layer(layer, x, positions, inv_freq, ctx, segs, *, cfg: _ByValue, opts: tuple, attn_impl: str,
+                   span=None):
     """One layer over prompts x [N, S, hidden]: (x, k, v); ctx: (one-layer cache, pages,
-    cached lengths) when the prompts continue cached positions."""
+    cached lengths) when the prompts continue cached positions; segs: (segment ids, starts,
+    lengths) when x is one packed row (engine/packed.py)."""
     cfg = cfg.value
     n, s = x.shape[:2]
     h = rms_norm(x, layer["attn_norm"], cfg)
     q, k, v = _qkv(layer, h, cfg)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    if ctx is None:
+    if segs is not None:
+        a = packed_attention(q, k, v, *segs, impl=attn_impl, span=span, **dict(opts))
+    elif ctx is None:
         a = prefill_attention(q, k, v, impl=attn_impl, **dict(opts))
     else:
         layer_cache, pages, ctx_len = ctx

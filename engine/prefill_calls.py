@@ -4,7 +4,8 @@ and the samples of a request gathered back into one Result.
 A request with `n` samples is n work items (`WorkItem`), each taking a slot. `plan_calls` splits
 the items a refill admits into prefill calls; `PrefillCall.build` makes one call's arrays: one
 prompt row per request (its samples share it through `sample_rows`), the tokens left after the
-prompt's cached pages (prefix caching) and those pages. `SampleGroups` holds finished samples
+prompt's cached pages (prefix caching) and those pages. With packing on, `plan_packed` and
+`PackedCall` put the items that allow it back to back in rows of a few packed sizes instead. `SampleGroups` holds finished samples
 until their request's last one is done.
 """
 
@@ -85,6 +86,62 @@ def defer_shared_prefixes(items: list, hit, page_size: int) -> tuple[list, list]
     return now, later
 
 
+def plan_packed(items: list, geo: EngineGeometry) -> Iterator[tuple[int, list]]:
+    """Split WorkItems into packed prefill calls: (row length, items) pairs. In the given order,
+    a call takes prompts while their tokens fit the largest packed size and its rows last; its
+    row is the smallest packed size that holds them."""
+    if not items:
+        return
+    top, group, total = geo.packed_sizes[-1], [], 0
+    for it in items:
+        if group and (total + len(it.ids) > top or len(group) == geo.packed_rows):
+            yield min(t for t in geo.packed_sizes if t >= total), group
+            group, total = [], 0
+        group.append(it)
+        total += len(it.ids)
+    if group:
+        yield min(t for t in geo.packed_sizes if t >= total), group
+
+
+def packable(it: WorkItem, cached_tokens: int, geo: EngineGeometry) -> bool:
+    """Whether an item may go into a packed call: packing is on, and its prompt has no cached
+    pages, no samples sharing it and no prompt logprobs (those take bucketed calls)."""
+    sp = it.request.sampling
+    return bool(geo.packed_sizes) and not cached_tokens and sp.n == 1 and sp.prompt_logprobs is None
+
+
+@dataclass
+class PackedCall:
+    """One packed prefill call: the items' prompts back to back in tokens [T], lengths
+    [packed_rows] (rows past the items unused)."""
+
+    items: list
+    prompt_row: dict  # id(request) -> its row
+    tokens: np.ndarray  # [T]
+    lengths: np.ndarray  # [packed_rows]
+
+    @classmethod
+    def build(cls, items: list, size: int, geo: EngineGeometry) -> "PackedCall":
+        tokens, lengths = np.zeros(size, np.int32), np.zeros(geo.packed_rows, np.int32)
+        at = 0
+        for row, it in enumerate(items):
+            tokens[at:at + len(it.ids)] = it.ids
+            lengths[row] = len(it.ids)
+            at += len(it.ids)
+        return cls(items, {id(it.request): row for row, it in enumerate(items)}, tokens, lengths)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def engine_kwargs(self, decode_state) -> dict:
+        return {}
+
+    def run(self, engine, params, sampling, **kw):
+        return engine.prefill_packed(params=params, tokens=self.tokens, lengths=self.lengths, sampling=sampling,
+                                     **kw)
+
+
 @dataclass
 class PrefillCall:
     """One prefill call's arrays: prompt rows (padded to a call size when samples share them),
@@ -119,6 +176,14 @@ class PrefillCall:
             ctx_len[row] = done
             ctx_pages[row, :len(hits[id(it)])] = hits[id(it)]
         return cls(items, prompts, tokens, lengths, sample_rows, ctx_pages, ctx_len)
+
+    @property
+    def rows(self) -> int:
+        return len(self.items)
+
+    def run(self, engine, params, sampling, **kw):
+        return engine.prefill(params=params, padded_tokens=self.tokens, true_length=self.lengths, sampling=sampling,
+                              **kw)
 
     def engine_kwargs(self, decode_state) -> dict:
         """The prefill keywords beyond tokens and sampling: sample_rows, existing_prefix,

@@ -34,6 +34,12 @@ class SlotSampling:
             key=np.stack([_raw_key(p.seed) for p in params_list]),
         )
 
+    def padded_to(self, n: int) -> "SlotSampling":
+        """Host-side: these rows followed by greedy ones, n in all."""
+        extra = SlotSampling.greedy(n - len(self.temperature))
+        return SlotSampling(*(np.concatenate([np.asarray(getattr(self, f)), getattr(extra, f)])
+                              for f in ("temperature", "top_k", "top_p", "key")))
+
     @classmethod
     def greedy(cls, n: int) -> "SlotSampling":
         return cls(np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32),

@@ -90,3 +90,11 @@ def test_quantized_run_is_faster_and_llama7b_matches_notes():
     # shared/notes/h100-measured.md: bandwidth roofline with int8 weights + int8 KV ~ 23k tok/s
     assert math.isclose(int8["full_wave_step"]["tok_s"], 23e3, rel_tol=0.05)
     assert int8["decode_tok_s"] > 1.9 * bf16["decode_tok_s"]
+
+
+def test_packed_attention_probe_runs_on_cpu(capsys):
+    """benchmarks/packed_attention.py --small: the probe packs a row, times it and the bucketed layout."""
+    from benchmarks import packed_attention
+    assert packed_attention.main(["--small"]) == 0
+    out = capsys.readouterr().out
+    assert "packed xla:" in out and "bucketed [" in out and "FAILED" not in out
