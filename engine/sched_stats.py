@@ -10,10 +10,12 @@ from __future__ import annotations
 # live_slots summed over decode calls / decode_calls is the mean number of slots decoding a
 # request per call; page_waits counts refills held back by a full page pool; cached_prompt_tokens
 # counts prompt tokens read from cached pages instead of prefilled (prefix caching);
+# prompt_tokens counts the prompt tokens admitted (once per request, whatever its samples);
 # prefill_tokens counts the token positions prefill calls computed, padding to the call's bucket
-# included (against prompt_tokens less cached_prompt_tokens, the share spent on padding).
-SCHEDULER_STATS = ("decode_calls", "live_slots", "prefill_calls", "refills", "page_waits", "cached_prompt_tokens",
-                   "prefill_tokens")
+# or packed row included (against prompt_tokens less cached_prompt_tokens, the share spent on
+# padding: prefill_padding).
+SCHEDULER_STATS = ("decode_calls", "live_slots", "prefill_calls", "refills", "page_waits", "prompt_tokens",
+                   "cached_prompt_tokens", "prefill_tokens")
 
 
 def slot_occupancy(live_slots: int, decode_calls: int, batch_size) -> dict:

@@ -13,7 +13,7 @@ import io
 import math
 from typing import Optional
 
-from engine.sched_stats import SCHEDULER_STATS, slot_occupancy
+from engine.sched_stats import SCHEDULER_STATS, prefill_padding, slot_occupancy
 from transforms.output_dir import COMPLETIONS, ERRORS, Scan, to_json
 
 def _percentile(quantiles: list, p: int) -> Optional[float]:
@@ -95,12 +95,14 @@ def compute_metrics(*, files: list, stats: list, ttft_q: list, latency_q: list, 
 
 def scheduler_metrics(stats: list, batch_size) -> dict:
     """How the decode slots were used, over every flush of every engine: the batcher's counts
-    summed, the mean number of slots decoding per call (and as a share of batch_size), and for
+    summed, the mean number of slots decoding per call (and as a share of batch_size), the
+    share of prefill positions spent on padding, and for
     a paged KV cache the most pages any flush held at once against the pool's size. A low
     occupancy with page_waits > 0 says the pool, not the slot count, limits the job."""
     per = [s.get("scheduler") or {} for s in stats]
     out = {k: sum(int(p.get(k, 0)) for p in per) for k in SCHEDULER_STATS}
     out.update(slot_occupancy(out["live_slots"], out["decode_calls"], batch_size))
+    out["prefill_padding"] = prefill_padding(out["prompt_tokens"], out["cached_prompt_tokens"], out["prefill_tokens"])
     peaks = [p["kv_pages_peak"] for p in per if "kv_pages_peak" in p]
     if peaks:
         out["kv_pages_peak"] = max(peaks)

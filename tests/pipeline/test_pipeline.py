@@ -171,6 +171,8 @@ def test_end_to_end_parquet_and_jsonl(tmp_path, tokenizer_dir):
     assert 1 <= sched["mean_live_slots"] <= 4
     assert abs(sched["slot_occupancy"] - sched["live_slots"] / sched["decode_calls"] / 4) < 1e-3
     assert "kv_pages" not in sched  # contiguous cache
+    assert sched["prompt_tokens"] == m["prompt_tokens"] and sched["prefill_tokens"] >= sched["prompt_tokens"]
+    assert sched["prefill_padding"] == round(1 - sched["prompt_tokens"] / sched["prefill_tokens"], 3)
     for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "latency_p50_s", "latency_p90_s", "latency_p99_s",
               "output_tok_per_s", "total_tok_per_s", "requests_per_s", "wall_time_s"):
         assert m[k] is not None, k
