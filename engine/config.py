@@ -126,7 +126,7 @@ class EngineConfig:
                                     "model on CPU; GPU job configs use 16-32)", minimum=1)
     packed_prefill: int = setting(
         0, "Token budget of a packed prefill call: a refill's prompts back to back in one row of up "
-           "to this many tokens (powers of two from budget/16; engine/packed.py), instead of one call "
+           "to this many tokens (rows in steps of budget/8; engine/packed.py), instead of one call "
            "per length bucket padded to it; at least the longest prefill bucket (0: off)", minimum=0)
     decode_steps: int = setting(8, "Decode steps per host round-trip (one compiled loop)", minimum=1)
     kv_page_size: int = setting(
@@ -217,17 +217,18 @@ class EngineConfig:
         return tuple(sorted(set(out)))
 
     def packed_sizes(self) -> tuple[int, ...]:
-        """Row lengths of packed prefill calls: powers of two from packed_prefill / 16 (at least
-        the shortest bucket) up to packed_prefill; empty when packing is off."""
+        """Row lengths of packed prefill calls: multiples of an eighth of packed_prefill (at least
+        the shortest bucket) up to packed_prefill, below that powers of two from a sixteenth;
+        empty when packing is off. A refill's row then pads at most an eighth of the budget."""
         if not self.packed_prefill:
             return ()
-        top = self.packed_prefill
-        t = max(next_power_of_two(max(1, top // 16)), min(self.prefill_buckets()))
-        out = []
-        while t < top:
+        top, low = self.packed_prefill, min(self.prefill_buckets())
+        step = max(top // 8, low)
+        out, t = [], max(next_power_of_two(max(1, top // 16)), low)
+        while t < step:
             out.append(t)
             t *= 2
-        return tuple(out + [top])
+        return tuple(out + list(range(step, top, step)) + [top])
 
     def packed_rows(self) -> int:
         """Prompts one packed call holds: as many of the shortest bucket as the budget fits, at

@@ -86,7 +86,7 @@ def test_packed_gemma2_softcap_and_sliding_window(requests):
 def test_packed_geometry_and_config_checks():
     ec = EngineConfig(batch_size=64, max_cache_length=2048, context_size=1024, min_prefill_bucket=64,
                       prefill_batch=8, packed_prefill=8192)
-    assert ec.packed_sizes() == (512, 1024, 2048, 4096, 8192) and ec.packed_rows() == 64
+    assert ec.packed_sizes() == (512, 1024, 2048, 3072, 4096, 5120, 6144, 7168, 8192) and ec.packed_rows() == 64
     assert EngineConfig().packed_sizes() == () and EngineConfig().packed_rows() == 0
     with pytest.raises(ConfigError, match="cannot hold a prompt of the longest prefill bucket"):
         EngineConfig(max_cache_length=2048, context_size=1024, packed_prefill=512)
@@ -96,10 +96,10 @@ def test_packed_geometry_and_config_checks():
 
 def test_batcher_packs_within_the_budget_and_rows():
     """Fake engine, 8 slots, rows of up to 64 tokens and 8 prompts: prompts of 20 tokens go
-    three to a call (60 of 64), the row the smallest packed size that holds them; prompt
+    three to a call (60 of 64), the row the smallest packed size (steps of 8) that holds them; prompt
     logprobs and n > 1 take bucketed calls; every request gets its own tokens."""
     geo = fake_geometry(slots=8, context_size=32, max_cache_length=64, packed_prefill=64)
-    assert geo.packed_sizes == (8, 16, 32, 64) and geo.packed_rows == 8
+    assert geo.packed_sizes == (8, 16, 24, 32, 40, 48, 56, 64) and geo.packed_rows == 8
     reqs = [Request(id=i, prompt_token_ids=[3 + i] * 20, sampling=SamplingParams(max_tokens=3, ignore_eos=True))
             for i in range(7)]
     reqs.append(Request(id="lp", prompt_token_ids=[9] * 5,
@@ -111,15 +111,15 @@ def test_batcher_packs_within_the_budget_and_rows():
         want = [(r.prompt_token_ids[-1] + k) % 256 for k in range(1, r.sampling.max_tokens + 1)]
         assert got[r.id].completion_token_ids == want
     packed = [c for c in eng.calls if c[0] == "prefill_packed"]
-    assert packed == [("prefill_packed", 64, 3), ("prefill_packed", 64, 3), ("prefill_packed", 32, 1)]
+    assert packed == [("prefill_packed", 64, 3), ("prefill_packed", 64, 3), ("prefill_packed", 24, 1)]
     assert [c[:3] for c in eng.calls if c[0] == "prefill"] == [("prefill", 1, 8)]
-    assert b.scheduler_stats()["prefill_tokens"] == 64 + 64 + 32 + 8
+    assert b.scheduler_stats()["prefill_tokens"] == 64 + 64 + 24 + 8
 
 
 def test_fake_engine_refuses_bad_packed_calls():
     eng = FakeEngine(fake_geometry(slots=4, context_size=32, max_cache_length=64, packed_prefill=64))
     rows = eng.geometry.packed_rows
     with pytest.raises(ContractError, match="not a packed size|the engine takes"):
-        eng.prefill_packed(params=None, tokens=np.zeros(48, np.int32), lengths=np.r_[4, [0] * (rows - 1)])
+        eng.prefill_packed(params=None, tokens=np.zeros(44, np.int32), lengths=np.r_[4, [0] * (rows - 1)])
     with pytest.raises(ContractError, match="used ones first"):
         eng.prefill_packed(params=None, tokens=np.zeros(64, np.int32), lengths=np.r_[0, 4, [0] * (rows - 2)])
