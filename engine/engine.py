@@ -32,7 +32,8 @@ from engine.kv_cache import KVCache, init_cache, insert_prefix, insert_prefix_pa
 from engine.kv_chunks import CHUNK, join_layers, split_layers
 from engine.model import decode_step, prefill as model_prefill
 from engine.model_config import ModelConfig
-from engine.packed import PackedPrefill, insert_packed
+from engine.engine_packed import PackedPrefill
+from engine.packed import insert_packed
 from engine.weights import weight_form
 from engine.sampling import MAX_LOGPROBS, SlotSampling, apply_token_mask, sample, token_logprobs
 
