@@ -27,11 +27,14 @@ def test_bad_constraints_refused(kw, match):
         SamplingParams(**kw)
 
 
-def test_masked_calls_beside_free_slots():
+@pytest.mark.parametrize("packed", [0, 64])
+def test_masked_calls_beside_free_slots(packed):
     """Constrained requests share the batch with free-running ones; every request ends once,
-    constrained ones complete under their grammar, free ones count up as the fake model does."""
+    constrained ones complete under their grammar (first tokens masked in bucketed or packed
+    prefill calls), free ones count up as the fake model does."""
     tok = byte_tokenizer()
-    eng = FakeEngine(fake_geometry(slots=3, decode_steps=4, max_cache_length=64, context_size=32, vocab_size=256))
+    eng = FakeEngine(fake_geometry(slots=3, decode_steps=4, max_cache_length=64, context_size=32, vocab_size=256,
+                                   packed_prefill=packed))
     reqs = [Request(id="choice", prompt="Q", sampling=SamplingParams(max_tokens=8, choice=("yes", "no"))),
             Request(id="regex", prompt="Q", sampling=SamplingParams(max_tokens=8, regex=r"[0-9]{3}")),
             Request(id="free", prompt_token_ids=[1, 100], sampling=SamplingParams(max_tokens=9)),
@@ -47,6 +50,7 @@ def test_masked_calls_beside_free_slots():
     assert out["json"].finish_reason == "stop" and isinstance(json.loads(out["json"].completion)["a"], int)
     assert out["free"].completion_token_ids == list(range(101, 110))
     assert any(c[0] == "decode_logits" for c in eng.calls)  # masked steps: forward, then masks, then sampling
+    assert any(c[0] == "prefill_packed" for c in eng.calls) == bool(packed)
 
 
 @pytest.fixture(scope="module")
