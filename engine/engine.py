@@ -33,7 +33,7 @@ from engine.kv_chunks import CHUNK, join_layers, split_layers
 from engine.model import decode_step, prefill as model_prefill
 from engine.model_config import ModelConfig
 from engine.engine_packed import PackedPrefill
-from engine.packed import insert_packed
+from engine.packed import insert_packed, packed_attention_impl
 from engine.weights import weight_form
 from engine.sampling import MAX_LOGPROBS, SlotSampling, apply_token_mask, sample, token_logprobs
 
@@ -130,6 +130,8 @@ class JaxEngine(PackedPrefill, LoweringHooks, Engine):
         return {"device_kind": dev.device_kind, "platform": dev.platform, "device_count": int(self._mesh.devices.size),
                 "dtype": str(np.dtype(self.dtype)), "weight_dtype": str(np.dtype(self.weight_dtype)),
                 "prefill_attention": self.prefill_attention,
+                "packed_attention": packed_attention_impl(self.prefill_attention, self.model_config)
+                if self._geometry.packed_sizes else None,
                 "decode_attention": self.attention_impl, "gpu_gemms": self.gemms,
                 "kv_cache_tokens": self.config.kv_cache_tokens,
                 "kv_pool_plan": dataclasses.asdict(plan) if plan is not None else None}

@@ -47,8 +47,11 @@ def _cudnn_packed():
     return dot_product_attention, MaskType
 
 
-def cudnn_packed_available() -> bool:
-    return _cudnn_packed() is not None
+def packed_attention_impl(prefill_impl: str, model_config) -> str:
+    """Which path packed_attention takes for a model under the engine's prefill attention:
+    "cudnn" where cuDNN serves the prefill and its packed entry exists, else "xla"."""
+    plain = model_config.attn_logit_softcap is None and not model_config.sliding_layers
+    return "cudnn" if prefill_impl == "cudnn" and plain and _cudnn_packed() is not None else "xla"
 
 
 def packed_attention(q, k, v, seg, starts, lengths, scale: float, impl: str = "xla", span: Optional[int] = None,

@@ -37,6 +37,17 @@ def test_packed_attention_matches_each_prompt_alone(opts):
             np.testing.assert_allclose(got[s:s + n], one, atol=2e-6)
 
 
+def test_packed_attention_path():
+    """cuDNN serves packed rows only where it serves the prefill and the model has neither
+    soft-capped nor sliding-window attention (those take XLA)."""
+    from engine.config import ModelSource
+    from engine.model_files import resolve_model
+    from engine.packed import packed_attention_impl
+    llama, gemma2 = (resolve_model(ModelSource(model=m))[0] for m in ("tiny-llama", "tiny-gemma2"))
+    assert packed_attention_impl("xla", llama) == "xla" and packed_attention_impl("cudnn", gemma2) == "xla"
+    assert packed_attention_impl("cudnn", llama) == "cudnn"  # the JAX-internal entry exists in this JAX
+
+
 def test_segment_layout():
     starts, seg, pos = segment_layout([3, 2, 0], 8)
     assert starts.tolist() == [0, 3, 5]
