@@ -340,11 +340,12 @@ class ContinuousBatcher:
             if hit:
                 self.pages.hold(hit)
         cached = {i: len(hit) * page for i, hit in hits.items()}
-        packed = [it for it in admitted if packable(it, cached[id(it)], self.geo)]
-        rest = [it for it in admitted if not packable(it, cached[id(it)], self.geo)]
+        packed, rest = [], []
+        for it in admitted:
+            (packed if packable(it, cached[id(it)], self.geo) else rest).append(it)
         planned = [PackedCall.build(chunk, size, self.geo) for size, chunk in plan_packed(packed, self.geo)]
         planned += [PrefillCall.build(chunk, bucket, context, cached, hits, self.geo)
-                          for bucket, context, chunk in plan_calls(rest, cached, self.geo)]
+                    for bucket, context, chunk in plan_calls(rest, cached, self.geo)]
         for call in planned:
             chunk, r = call.items, call.rows
             slots = np.full(r, -1, np.int32)

@@ -24,6 +24,16 @@ def _lower(jitted, platforms, *args):
     return export.export(jitted, platforms=tuple(platforms))(*args)
 
 
+def _i32(*shape):
+    """An int32 argument of this shape."""
+    return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+
+def _greedy_avals(n: int) -> SlotSampling:
+    """Shapes of n rows of greedy sampling settings (a prefill program's `sampling` argument)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), SlotSampling.greedy(n))
+
+
 class LoweringHooks:
     def lower_generate(self, params, decode_state, max_length: Optional[int] = None,
                        platforms: Optional[tuple] = None, logprobs: bool = False):
@@ -46,22 +56,17 @@ class LoweringHooks:
                       decode_state: Optional[Any] = None, context_tokens: int = 0):
         """The prefill program for `n` prompts of bucket `length`, lowered (or exported); with
         `context_tokens` (and the decode state), the one that continues that many cached positions."""
-        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-        samp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                            SlotSampling.greedy(n))
+        samp = _greedy_avals(n)
         if not context_tokens:
-            return _lower(self._prefill_jit, platforms, params, i32(n, length), i32(n), samp)
-        context = (decode_state.cache, i32(n, -(-context_tokens // self.config.kv_page_size)), i32(n))
-        return _lower(self._prefill_jit, platforms, params, i32(n, length), i32(n), samp, None, None, context)
+            return _lower(self._prefill_jit, platforms, params, _i32(n, length), _i32(n), samp)
+        context = (decode_state.cache, _i32(n, -(-context_tokens // self.config.kv_page_size)), _i32(n))
+        return _lower(self._prefill_jit, platforms, params, _i32(n, length), _i32(n), samp, None, None, context)
 
     def lower_prefill_packed(self, params, length: int, platforms: Optional[tuple] = None):
         """The packed prefill program for a row of `length` tokens, lowered (or exported)."""
-        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
         m = self._geometry.packed_rows
-        samp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                            SlotSampling.greedy(m))
-        return _lower(self._prefill_packed_jit, platforms, params, i32(length), i32(length), i32(length), i32(m),
-                      i32(m), samp)
+        return _lower(self._prefill_packed_jit, platforms, params, _i32(length), _i32(length), _i32(length), _i32(m),
+                      _i32(m), _greedy_avals(m))
 
     def lower_masked_step(self, params, decode_state, platforms: Optional[tuple] = None):
         """The two halves of a structured-output step (decode_logits, sample_logits), lowered."""
@@ -81,8 +86,8 @@ class LoweringHooks:
 
     def workspace_bytes(self) -> int:
         """Device bytes, beyond params and cache, of the largest prefill call, bucketed or packed
-        (its K/V output waits for the insert), plus one decode call: temporaries and outputs from XLA's memory
-        analysis of the compiled programs (the decode step compiled over a one-page pool:
+        (its K/V output waits for the insert), plus one decode call: temporaries and outputs from
+        XLA's memory analysis of the compiled programs (the decode step compiled over a one-page pool:
         its workspace does not grow with the pool)."""
         from engine.kv_budget import compiled_workspace
         if self._param_avals is None:

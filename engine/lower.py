@@ -5,8 +5,8 @@
 The engine is built as the settings say, but on this host's CPU devices (`--platform tpu=N`
 uses N of them: simulate them with XLA_FLAGS=--xla_force_host_platform_device_count=N), from
 parameter and cache shapes only, so no weights are read or held. Its prefill (largest bucket and
-call size; with packed_prefill, also the largest packed row), insert and generate (longest decode window) programs are then exported for the
-target with `jax.export`, which lowers each to StableHLO for that platform. A program that does
+call size; with packed_prefill, also the largest packed row), insert and generate (longest
+decode window) programs are then exported for the target with `jax.export`, which lowers each to StableHLO for that platform. A program that does
 not lower is reported in one line (exit 2). Model configs and checkpoints give the same shapes.
 """
 
@@ -42,8 +42,7 @@ def export_programs(settings: Settings, target: str) -> dict:
     out = {}
     prefill = eng.lower_prefill(params, n, s, platforms=(kind,))
     out[f"prefill[{n}x{s}]"] = len(prefill.mlir_module_serialized)
-    prefix = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), prefill.out_tree.unflatten(
-        prefill.out_avals))[0]  # (Prefix, first-token logprobs, prompt logprobs)
+    prefix = _prefix_of(prefill)
     out["insert"] = len(eng.lower_insert(state, prefix, np.zeros(n, np.int32),
                                          platforms=(kind,)).mlir_module_serialized)
     out["generate"] = len(eng.lower_generate(params, state, platforms=(kind,)).mlir_module_serialized)
@@ -53,16 +52,21 @@ def export_programs(settings: Settings, target: str) -> dict:
     for t in eng.geometry.packed_sizes[-1:]:  # packed prefill: its largest row; insert writes it per token
         packed = eng.lower_prefill_packed(params, t, platforms=(kind,))
         out[f"prefill_packed[{t}]"] = len(packed.mlir_module_serialized)
-        prefix = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), packed.out_tree.unflatten(
-            packed.out_avals))[0]
         rows = eng.geometry.packed_rows
-        out["insert_packed"] = len(eng.lower_insert(state, prefix, np.zeros(rows, np.int32),
+        out["insert_packed"] = len(eng.lower_insert(state, _prefix_of(packed), np.zeros(rows, np.int32),
                                                     platforms=(kind,)).mlir_module_serialized)
     if eng.paged:  # prefix caching: a prompt's rest after cached pages
         ctx = eng.geometry.prefill_buckets[0]
         cached = eng.lower_prefill(params, n, s, platforms=(kind,), decode_state=state, context_tokens=ctx)
         out[f"prefill[{n}x{s}+{ctx}cached]"] = len(cached.mlir_module_serialized)
     return out
+
+
+def _prefix_of(exported):
+    """The Prefix shapes an exported prefill program returns (its first output: the Prefix, then
+    the first tokens' logprobs and, bucketed, the prompt logprobs)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                        exported.out_tree.unflatten(exported.out_avals))[0]
 
 
 def _on_cpu(engine_config, platform: str):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.kv_cache import NEG_INF, KVCache, _set_rows, _softcap
+from engine.kv_cache import NEG_INF, KVCache, _set_rows, _softcap, _write_layers
 
 QUERY_BLOCK = 256  # queries per block of the XLA path
 
@@ -126,10 +126,5 @@ def insert_packed(cache: KVCache, prefix: KVCache, seg, pos, slots=None, page_ro
     def put_scale(dst, src):  # [1, Hkv, T]
         return dst.at[first, :, second].set(src[0].T, mode="drop")
 
-    k = [put(d, x) for d, x in zip(cache.k, prefix.k)]
-    v = [put(d, x) for d, x in zip(cache.v, prefix.v)]
-    if not cache.quantized:
-        return KVCache(k, v)
-    return KVCache(k, v, [put_scale(d, x) for d, x in zip(cache.k_scale, prefix.k_scale)],
-                   [put_scale(d, x) for d, x in zip(cache.v_scale, prefix.v_scale)])
+    return _write_layers(cache, prefix, put, put_scale)
 
