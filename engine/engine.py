@@ -170,6 +170,9 @@ class JaxEngine(PackedPrefill, LoweringHooks, Engine):
     def init_decode_state(self) -> DecodeState:
         if self.config.kv_cache_tokens == "auto":
             self.size_kv_pool()
+        else:
+            from engine.kv_budget import check_fits
+            check_fits(self, self._mesh.devices.flat[0].memory_stats() or {})
         rep = shd.replicated(self._mesh)
         out_shardings = DecodeState(self._cache_sharding, rep, rep, rep, SlotSampling(*([rep] * 4)),
                                     rep if self.paged else None)

@@ -17,6 +17,11 @@ XLA_PYTHON_CLIENT_MEM_FRACTION of the device (75% unless set), so that variable 
 that plays gpu_memory_utilization's part. Devices without memory statistics (the CPU) have no
 free-memory figure: there "auto" sizes the pool like the contiguous cache,
 batch_size * max_cache_length tokens.
+
+A cache sized by hand (a number of pool tokens, or a contiguous cache of batch_size x
+max_cache_length) is checked against the same figures before it is allocated (`check_fits`):
+one that cannot fit beside the weights is a one-line ConfigError naming the sizes, not an
+out-of-memory error from XLA mid-compilation.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Optional
 import jax.numpy as jnp
 
 from engine.model_config import ModelConfig
+from engine.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +131,32 @@ def size_pool(engine, memory_stats: dict) -> tuple[int, Optional[PoolPlan]]:
                      min_pages=pages_per_slot)
     log.info(plan.describe())
     return plan.tokens, plan
+
+
+def check_fits(engine, memory_stats: dict) -> None:
+    """ConfigError when the KV cache a JaxEngine's settings ask for is larger than what the
+    allocator's limit leaves after the bytes in use (the loaded weights) and the margin. The
+    programs' workspace comes on top, so passing this check is necessary, not sufficient.
+    Devices without memory statistics (the CPU) are not checked."""
+    if "bytes_limit" not in memory_stats:
+        return
+    cfg = engine.config
+    per_token = cache_bytes_per_token(engine.model_config, engine.dtype, cfg.quantize_kv_cache,
+                                      kv_shards=engine.mesh.size)
+    if cfg.kv_page_size:
+        tokens = (engine.geometry.num_kv_pages + 1) * cfg.kv_page_size  # with the trash page
+        what, fix = f"kv_cache_tokens {cfg.kv_cache_tokens}", "kv_cache_tokens=auto (the pool that fits) or fewer tokens"
+    else:
+        tokens = cfg.batch_size * cfg.max_cache_length
+        what = f"batch_size {cfg.batch_size} x max_cache_length {cfg.max_cache_length}"
+        fix = "fewer slots, a shorter max_cache_length, or a paged cache with kv_cache_tokens=auto"
+    need = tokens * per_token
+    limit, in_use = int(memory_stats["bytes_limit"]), int(memory_stats.get("bytes_in_use", 0))
+    left = limit - in_use - int(MARGIN_FRACTION * limit)
+    if need > left:
+        raise ConfigError(
+            f"{what}: the KV cache needs {_size(need)} of device memory, but {_size(max(left, 0))} is left of "
+            f"the {_size(limit)} JAX may use after {_size(in_use)} in use (weights) and a "
+            f"{MARGIN_FRACTION:.0%} margin. Use {fix}, "
+            f"{'' if cfg.quantize_kv_cache else 'quantize_kv_cache, '}or raise XLA_PYTHON_CLIENT_MEM_FRACTION "
+            f"(JAX takes 75% of the device unless it is set)")

@@ -206,6 +206,31 @@ def test_auto_pool_sized_from_memory_stats(contiguous):
     assert big.capped and big.pages == 4 * 8 == other.geometry.num_kv_pages
 
 
+def test_cache_sized_by_hand_is_checked_against_device_memory():
+    """A pool of kv_cache_tokens, or a contiguous cache, larger than the allocator's limit leaves
+    after the weights is a one-line ConfigError naming the sizes and the fixes, raised before
+    anything is allocated; one that fits passes; the CPU (no memory statistics) is not checked."""
+    import jax
+
+    from engine import kv_budget
+    from engine.engine import JaxEngine
+    from engine.llm import resolve_model
+    from engine.settings import ConfigError
+    for extra, what in ((dict(kv_page_size=8, kv_cache_tokens=96), "kv_cache_tokens 96"),
+                        ({}, "batch_size 4 x max_cache_length 64")):
+        settings = make_settings("tiny-llama", **dict(KW, batch_size=4, **extra))
+        eng = JaxEngine(settings.engine, resolve_model(settings.source)[0])
+        per_token = kv_budget.cache_bytes_per_token(eng.model_config, eng.dtype, quantized=False)
+        tokens = 13 * 8 if extra else 4 * 64  # paged: 12 pool pages and the trash page
+        room = tokens * per_token + (1 << 20)  # the cache plus 1 MiB of weights, before the margin
+        fits = {"bytes_limit": int(room / (1 - kv_budget.MARGIN_FRACTION)) + 1, "bytes_in_use": 1 << 20}
+        kv_budget.check_fits(eng, fits)
+        with pytest.raises(ConfigError, match=f"^{what}: the KV cache needs .* raise XLA_PYTHON_CLIENT_MEM_FRACTION"):
+            kv_budget.check_fits(eng, dict(fits, bytes_in_use=(1 << 20) + per_token))
+        kv_budget.check_fits(eng, {})
+        assert jax.tree.leaves(eng.init_decode_state().cache.k)[0].shape[0] == (13 if extra else 4)
+
+
 def test_auto_pool_arithmetic_errors_and_cpu_fallback():
     from engine import kv_budget
     from engine.llm import resolve_model
