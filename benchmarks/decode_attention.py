@@ -167,11 +167,13 @@ def main(argv=None):
     bench(f"pallas int8 method={other}", pallas(method=other), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
     bench("pallas fp8 (defaults)", pallas(), (q, kf, vf, ks, vs, pos), bytes_int8, wantf)
     bench(f"pallas fp8 method={other}", pallas(method=other), (q, kf, vf, ks, vs, pos), bytes_int8, wantf)
-    # 8-bit tensor-core dots (q and p quantized per row): compared with XLA, the error includes
-    # that quantization, not only float rounding.
-    if resolve()["method"] != "mma8":
-        for name, kk, vv, want in (("int8", k8, v8, want8), ("fp8", kf, vf, wantf)):
-            bench(f"pallas {name} method=mma8", pallas(method="mma8"), (q, kk, vv, ks, vs, pos), bytes_int8, want)
+    # 8-bit tensor-core dots (q, and for mma8 p, quantized per row): compared with XLA, the
+    # error includes that quantization, not only float rounding.
+    for method in ("mma8", "mma8k"):
+        if resolve()["method"] != method:
+            for name, kk, vv, want in (("int8", k8, v8, want8), ("fp8", kf, vf, wantf)):
+                bench(f"pallas {name} method={method}", pallas(method=method), (q, kk, vv, ks, vs, pos),
+                      bytes_int8, want)
 
     # Every conversion is exact, so each output must be bit-identical to the defaults'.
     for conv in ("cvt", "magic", "prmt"):
@@ -199,10 +201,11 @@ def main(argv=None):
         cf = paginate(qf, a.page, a.seed)[0]
         bench(f"pallas fp8 paged (page {a.page})", paged(),
               (q, cf.k[0], cf.v[0], cf.k_scale[0], cf.v_scale[0], table, pos), bytes_int8, wantf)
-        if resolve()["method"] != "mma8":
-            for name, c, want in (("int8", c8, want8), ("fp8", cf, wantf)):
-                bench(f"pallas {name} paged (page {a.page}) method=mma8", paged(method="mma8"),
-                      (q, c.k[0], c.v[0], c.k_scale[0], c.v_scale[0], table, pos), bytes_int8, want)
+        for method in ("mma8", "mma8k"):
+            if resolve()["method"] != method:
+                for name, c, want in (("int8", c8, want8), ("fp8", cf, wantf)):
+                    bench(f"pallas {name} paged (page {a.page}) method={method}", paged(method=method),
+                          (q, c.k[0], c.v[0], c.k_scale[0], c.v_scale[0], table, pos), bytes_int8, want)
         del paged8, pagedb, c8, cb, cf
 
     if a.sweep:

@@ -6,6 +6,11 @@ output dot p x V, both 8-bit x 8-bit, so the kernel converts no cache element (t
 once per program, and each block's probabilities. On an H100 at 512 slots it is slower than the
 default "fma" method for Llama-2-7B's heads (BENCHMARKS.md, "Decode attention on 8-bit tensor
 cores"), so it is an option, never picked by "auto".
+
+"mma8k" splits the two dots: the score dot q x K runs on the 8-bit tensor cores as in "mma8"
+(K is the dot's K-major operand as stored, and is never converted), and the output p @ V runs
+on the CUDA cores in float32 as in "fma" (V stored [T, D] is the wrong major for an 8-bit
+tensor-core operand, so "mma8" has it reshuffled every block). It reads an 8-bit cache only.
 engine/kernels/ragged_decode.py owns the grid, the loads and the masks; this module the math.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from engine.kernels.int8_convert import int8_to_f32
 from engine.kernels.online_softmax import NEG_INF, run_and_store
 
 
@@ -38,6 +44,29 @@ def _split8(x, dtype, top: float, terms: int):
     return hi, lo, rest_amax / top
 
 
+def _score_dot(q_ref, kdt, scale: float, terms: int):
+    """The slot's query rows quantized once (a scale per row: the row's absolute maximum over
+    the dtype's largest value, `terms` 8-bit terms); returns scores(k, k_scale, valid), the
+    [Gp, block_t] float32 scores of a block on the 8-bit tensor cores, masked past the length."""
+    top = 127.0 if kdt == jnp.int8 else 448.0
+    acc_t = jnp.int32 if kdt == jnp.int8 else jnp.float32
+    q = q_ref[...].astype(jnp.float32)
+    q_amax = jnp.maximum(jnp.max(jnp.abs(q), axis=1), 1e-30)  # [Gp]; padded rows are zero
+    q_hi, q_lo, lo_scale = _split8(q * (top / q_amax)[:, None], kdt, top, terms)
+    q_scale = q_amax * (scale / top)
+    dims = (((1,), (1,)), ((), ()))
+
+    def scores(k, ks, valid):
+        s = lax.dot_general(q_hi, k, dims, preferred_element_type=acc_t).astype(jnp.float32)
+        if terms == 2:
+            s = s + lax.dot_general(q_lo, k, dims, preferred_element_type=acc_t).astype(
+                jnp.float32) * lo_scale[:, None]
+        s = s * q_scale[:, None]
+        return jnp.where(valid[None, :], s * ks[None, :], NEG_INF)
+
+    return scores
+
+
 def mma8_attend(q_ref, k_ref, o_ref, outs, loop, block, *, scale: float, split: bool, terms: int):
     """One program of the "mma8" method: (slot, kv head)'s G query rows (padded to Gp) over
     the filled blocks that `loop` and `block` (from ragged_decode._kernel) walk and load.
@@ -52,21 +81,12 @@ def mma8_attend(q_ref, k_ref, o_ref, outs, loop, block, *, scale: float, split: 
     top = 127.0 if kdt == jnp.int8 else 448.0
     acc_t = jnp.int32 if kdt == jnp.int8 else jnp.float32
     gp, d = q_ref.shape
-    q = q_ref[...].astype(jnp.float32)
-    q_amax = jnp.maximum(jnp.max(jnp.abs(q), axis=1), 1e-30)  # [Gp]; padded rows are zero
-    q_hi, q_lo, lo_scale = _split8(q * (top / q_amax)[:, None], kdt, top, terms)
-    q_scale = q_amax * (scale / top)
+    scores = _score_dot(q_ref, kdt, scale, terms)
 
     def body(i, carry, pg):
         m, l, acc = carry
         valid, k, v, ks, vs = block(i, pg)
-        dims = (((1,), (1,)), ((), ()))
-        s = lax.dot_general(q_hi, k, dims, preferred_element_type=acc_t).astype(jnp.float32)
-        if terms == 2:
-            s = s + lax.dot_general(q_lo, k, dims, preferred_element_type=acc_t).astype(
-                jnp.float32) * lo_scale[:, None]
-        s = s * q_scale[:, None]  # [Gp, block_t]
-        s = jnp.where(valid[None, :], s * ks[None, :], NEG_INF)
+        s = scores(k, ks, valid)  # [Gp, block_t]
         m_next = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_next)
         p = jnp.exp(s - m_next[:, None])
@@ -82,3 +102,41 @@ def mma8_attend(q_ref, k_ref, o_ref, outs, loop, block, *, scale: float, split: 
         return m_next, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + o
 
     run_and_store(loop, body, gp, d, o_ref, outs, split)
+
+
+def mma8k_attend(q_ref, k_ref, o_ref, outs, loop, block, *, g: int, scale: float, split: bool, terms: int,
+                 convert: str, interpret: bool):
+    """One program of the "mma8k" method: scores of the Gp (padded) query rows on the 8-bit
+    tensor cores, then for each of the g real rows its online softmax and p @ V in float32 on
+    the CUDA cores (V converted as the "fma" method converts it). Rows past g are not stored."""
+    scores = _score_dot(q_ref, k_ref.dtype, scale, terms)
+    d = k_ref.shape[-1]
+
+    def body(i, carry, pg):
+        ms, ls, accs = carry
+        valid, k, v, ks, vs = block(i, pg)
+        s_all = scores(k, ks, valid)  # [Gp, block_t]
+        rows = lax.broadcasted_iota(jnp.int32, s_all.shape, 0)
+        v = int8_to_f32(v, convert, interpret)
+        new_m, new_l, new_acc = [], [], []
+        for j in range(g):  # row j of s_all, by a masked sum (no slicing of a block value)
+            s = jnp.sum(jnp.where(rows == j, s_all, 0.0), axis=0)  # [block_t]
+            m_next = jnp.maximum(ms[j], jnp.max(s))
+            alpha = jnp.exp(ms[j] - m_next)
+            p = jnp.exp(s - m_next)
+            pv = jnp.where(valid, p * vs, 0.0)  # stale cache rows may hold anything
+            new_m.append(m_next)
+            new_l.append(ls[j] * alpha + jnp.sum(p))
+            new_acc.append(accs[j] * alpha + jnp.sum(pv[:, None] * v, axis=0))
+        return tuple(new_m), tuple(new_l), tuple(new_acc)
+
+    init = (tuple(jnp.float32(NEG_INF) for _ in range(g)), tuple(jnp.float32(0.0) for _ in range(g)),
+            tuple(jnp.zeros((d,), jnp.float32) for _ in range(g)))
+    ms, ls, accs = loop(body, init)
+    for j in range(g):
+        if split:
+            o_ref[j, :] = accs[j]
+            outs[1][j] = ms[j]
+            outs[2][j] = ls[j]
+        else:
+            o_ref[j, :] = (accs[j] / jnp.maximum(ls[j], 1e-30)).astype(o_ref.dtype)

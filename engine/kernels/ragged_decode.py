@@ -36,6 +36,8 @@ Two ways to compute the G query rows against a block (`method`):
 - "mma8" (8-bit caches only): tensor-core dots in the cache's own 8-bit type, int8 x int8 ->
   int32 or fp8 x fp8 -> float32, so no K/V element is converted at all; q and the probabilities
   are quantized per row instead, as two 8-bit terms each (`terms`, engine/kernels/mma8.py).
+- "mma8k" (8-bit caches only): the score dot as "mma8", the output dot as "fma"
+  (engine/kernels/mma8.py).
 "auto" picks "fma" for G=1 and "dot" for G >= 2, where the tensor cores win (BENCHMARKS.md).
 
 Settings (engine/kernels/settings.py) come as keyword arguments; the engine passes its
@@ -64,7 +66,7 @@ from jax.experimental import pallas as pl
 
 from engine.kernels.int8_convert import int8_to_f32
 from engine.kernels.fma_heads import fma_heads_attend
-from engine.kernels.mma8 import mma8_attend
+from engine.kernels.mma8 import mma8_attend, mma8k_attend
 from engine.kernels.online_softmax import NEG_INF, run_and_store
 from engine.kernels.settings import resolve
 
@@ -217,6 +219,10 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
     if method == "mma8":
         mma8_attend(q_ref, k_ref, o_ref, outs, loop, block, scale=scale, split=split, terms=terms)
         return
+    if method == "mma8k":
+        mma8k_attend(q_ref, k_ref, o_ref, outs, loop, block, g=g, scale=scale, split=split, terms=terms,
+                     convert=convert, interpret=interpret)
+        return
 
     # method == "dot": q_ref holds Gp >= 16 rows (zero-padded past g).
     gp = q_ref.shape[0]
@@ -248,7 +254,7 @@ def _warps(method: str, g: int, d: int) -> int:
     """Warps per program when not set: the fastest count of the sweep per shape (BENCHMARKS.md,
     decode attention). 2 warps for "dot" up to G=16 and for "fma" with G <= 3 and D <= 128;
     4 otherwise (more query rows or wider heads need the registers)."""
-    if method in ("dot", "mma8"):
+    if method in ("dot", "mma8", "mma8k"):
         return 2 if g <= 16 else 4
     return 2 if g <= 3 and d <= 128 else 4
 
@@ -256,7 +262,7 @@ def _warps(method: str, g: int, d: int) -> int:
 def _pick_block(t: int, want: int, method: str) -> int:
     bt = 1 << max(0, int(want).bit_length() - 1)  # power of 2 <= want
     bt = min(bt, 1 << (t - 1).bit_length())  # no bigger than T rounded up to a power of 2
-    return max(bt, {"dot": 16, "mma8": 32}.get(method, 1))  # the tensor cores' smallest K
+    return max(bt, {"dot": 16, "mma8": 32, "mma8k": 32}.get(method, 1))  # the tensor cores' smallest K
 
 
 def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
@@ -280,7 +286,8 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     convert: how the "fma" method turns int8 into float32 ("magic" or "cvt"; both exact).
     heads: kv heads per program for the "fma" method with G=1 (each token's rows of those heads
     are contiguous in the cache, so a program reads heads*D bytes per token instead of D).
-    terms: 8-bit terms per quantized operand of the "mma8" method (1 or 2; engine/kernels/mma8.py).
+    terms: 8-bit terms per quantized operand of the "mma8" and "mma8k" methods (1 or 2;
+    engine/kernels/mma8.py).
     """
     cfg = resolve(block_t=block_t, method=method, num_splits=num_splits, num_warps=num_warps,
                   num_stages=num_stages, mask_loads=mask_loads, convert=convert, terms=terms,
@@ -301,12 +308,12 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     method = cfg["method"]
     if method == "auto":  # tensor cores pay once a kv head serves two or more query heads
         method = "dot" if g >= 2 else "fma"
-    if method not in ("fma", "dot", "mma8"):
-        raise ValueError(f"method must be 'auto', 'fma', 'dot' or 'mma8', not {method!r}")
+    if method not in ("fma", "dot", "mma8", "mma8k"):
+        raise ValueError(f"method must be 'auto', 'fma', 'dot', 'mma8' or 'mma8k', not {method!r}")
     if int(cfg["terms"]) not in (1, 2):
         raise ValueError(f"terms must be 1 or 2, not {cfg['terms']}")
-    if method == "mma8" and not quantized:
-        raise ValueError("method 'mma8' reads an 8-bit cache (int8 or fp8 with scales)")
+    if method in ("mma8", "mma8k") and not quantized:
+        raise ValueError(f"method '{method}' reads an 8-bit cache (int8 or fp8 with scales)")
     splits = max(1, int(cfg["num_splits"]))
     if t % splits:
         raise ValueError(f"num_splits={splits} does not divide the cache length {t}")
@@ -329,7 +336,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     hd = heads if heads > 1 else _SQ  # the kv-head extent of a program's blocks
     qg = q.reshape(b, hkv, g, d)
     gq = g
-    if method in ("dot", "mma8"):
+    if method in ("dot", "mma8", "mma8k"):
         gq = max(16, 1 << (g - 1).bit_length())
         if gq != g:
             qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gq - g), (0, 0)))

@@ -60,18 +60,19 @@ def test_fp8_cache_matches_xla(g, method):
     _check(q, cache, LENGTHS, block_t=16, method=method, convert="prmt")
 
 
-@pytest.mark.parametrize("quantized,g,terms,bound", [(True, 1, 2, 3e-4), (True, 4, 2, 3e-4),
-                                                     ("fp8", 2, 2, 0.01), (True, 1, 1, 0.04),
-                                                     ("fp8", 2, 1, 0.15)])
-def test_mma8_within_its_bound(quantized, g, terms, bound):
+@pytest.mark.parametrize("method,quantized,g,terms,bound", [
+    ("mma8", True, 1, 2, 3e-4), ("mma8", True, 4, 2, 3e-4), ("mma8", "fp8", 2, 2, 0.01),
+    ("mma8", True, 1, 1, 0.04), ("mma8", "fp8", 2, 1, 0.15),
+    ("mma8k", True, 1, 2, 3e-4), ("mma8k", True, 4, 1, 0.04), ("mma8k", "fp8", 2, 2, 0.01)])
+def test_mma8_within_its_bound(method, quantized, g, terms, bound):
     """method="mma8" quantizes q and each block's p * v_scale to the cache's 8 bits (a scale per
-    row, `terms` 8-bit terms each) for the tensor-core dots: each output row stays within
-    `bound` of its largest element (the XLA path's output is the reference), lengths on and off
-    the 32-token block edges."""
+    row, `terms` 8-bit terms each) for the tensor-core dots; "mma8k" quantizes q only, for the
+    score dot. Each output row stays within `bound` of its largest element (the XLA path's
+    output is the reference), lengths on and off the 32-token block edges."""
     q, cache = _case(5, 64, 2, g, 32, quantized=quantized, seed=1)
     lengths = jnp.asarray([1, 32, 33, 64, 40], jnp.int32)
     ref = np.asarray(decode_attention(q, cache, 0, lengths - 1, 32 ** -0.5, impl="xla"))
-    kw = dict(method="mma8", block_t=32, terms=terms, interpret=True)
+    kw = dict(method=method, block_t=32, terms=terms, interpret=True)
     args = (q, cache.k[0], cache.v[0], cache.k_scale[0], cache.v_scale[0], lengths, 32 ** -0.5)
     out = np.asarray(ragged_decode_attention(*args, **kw))
     assert np.isfinite(out).all()
@@ -123,9 +124,10 @@ def test_settings_checked_against_the_model_before_any_compile():
 
 def test_mma8_needs_an_8bit_cache():
     q, cache = _case(2, 32, 1, 1, 16, quantized=False)
-    with pytest.raises(ValueError, match="mma8"):
-        ragged_decode_attention(q, cache.k[0], cache.v[0], None, None, jnp.asarray([1, 2]), 0.2,
-                                method="mma8", interpret=True)
+    for method in ("mma8", "mma8k"):
+        with pytest.raises(ValueError, match=f"method '{method}' reads an 8-bit cache"):
+            ragged_decode_attention(q, cache.k[0], cache.v[0], None, None, jnp.asarray([1, 2]), 0.2,
+                                    method=method, interpret=True)
 
 
 @pytest.mark.parametrize("method", ["fma", "dot"])
@@ -274,12 +276,13 @@ def _paginate(cache, page, seed=0):
 
 
 @pytest.mark.parametrize("g,method,splits,quantized", [(1, "fma", 1, True), (2, "dot", 2, True),
-                                                       (2, "fma", 1, False), (1, "mma8", 1, True)])
+                                                       (2, "fma", 1, False), (1, "mma8", 1, True),
+                                                       (1, "mma8k", 2, True)])
 def test_paged_cache_matches_contiguous(g, method, splits, quantized):
     """Shuffled pages through a page table give the contiguous kernel's output bit for bit,
     and the XLA path (which gathers the pages) agrees with the contiguous XLA path."""
     q, cache = _case(5, 64, 2, g, 32, quantized=quantized, seed=10 + g)
-    block = 32 if method == "mma8" else 16  # the 8-bit tensor cores' smallest K is 32
+    block = 32 if method.startswith("mma8") else 16  # the 8-bit tensor cores' smallest K is 32
     paged, table, _ = _paginate(cache, block, seed=g)
     lengths = jnp.asarray(LENGTHS, jnp.int32)
     args = lambda c: (c.k[0], c.v[0], c.k_scale[0] if quantized else None,
