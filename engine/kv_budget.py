@@ -72,13 +72,14 @@ class PoolPlan:
 
     def describe(self) -> str:
         return (f"KV page pool: {self.pages} pages of {self.page_size} tokens ({self.tokens} tokens, "
-                f"{_size(self.tokens * self.bytes_per_token)}) from a {_size(self.bytes_limit)} allocator "
-                f"limit: {_size(self.bytes_in_use)} in use (weights), {_size(self.workspace_bytes)} "
-                f"workspace, {_size(self.margin_bytes)} margin"
+                f"{format_size(self.tokens * self.bytes_per_token)}) from a {format_size(self.bytes_limit)} allocator "
+                f"limit: {format_size(self.bytes_in_use)} in use (weights), {format_size(self.workspace_bytes)} "
+                f"workspace, {format_size(self.margin_bytes)} margin"
                 + (" (capped at every slot's max_cache_length)" if self.capped else ""))
 
 
-def _size(n: int) -> str:
+def format_size(n: int) -> str:
+    """Bytes as GiB (or MiB below one GiB), as the memory messages print them."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
@@ -96,8 +97,8 @@ def plan_pool(bytes_limit: int, bytes_in_use: int, workspace_bytes: int, bytes_p
     if pages < min_pages:
         raise ValueError(
             f"kv_cache_tokens=auto: only {fit} KV pages of {page_size} tokens fit "
-            f"({_size(max(left, 0))} left of a {_size(bytes_limit)} allocator limit after "
-            f"{_size(bytes_in_use)} in use and {_size(workspace_bytes)} of workspace); one "
+            f"({format_size(max(left, 0))} left of a {format_size(bytes_limit)} allocator limit after "
+            f"{format_size(bytes_in_use)} in use and {format_size(workspace_bytes)} of workspace); one "
             f"request of max_cache_length needs {min_pages}. Use fewer slots or prefill rows, quantize "
             f"(int8 weights or KV cache), raise XLA_PYTHON_CLIENT_MEM_FRACTION, or shard over more devices")
     return PoolPlan(int(pages), page_size, int(bytes_limit), int(bytes_in_use), int(workspace_bytes),
@@ -155,8 +156,8 @@ def check_fits(engine, memory_stats: dict) -> None:
     left = limit - in_use - int(MARGIN_FRACTION * limit)
     if need > left:
         raise ConfigError(
-            f"{what}: the KV cache needs {_size(need)} of device memory, but {_size(max(left, 0))} is left of "
-            f"the {_size(limit)} JAX may use after {_size(in_use)} in use (weights) and a "
+            f"{what}: the KV cache needs {format_size(need)} of device memory, but {format_size(max(left, 0))} is left of "
+            f"the {format_size(limit)} JAX may use after {format_size(in_use)} in use (weights) and a "
             f"{MARGIN_FRACTION:.0%} margin. Use {fix}, "
             f"{'' if cfg.quantize_kv_cache else 'quantize_kv_cache, '}or raise XLA_PYTHON_CLIENT_MEM_FRACTION "
             f"(JAX takes 75% of the device unless it is set)")

@@ -2,12 +2,15 @@
 
 Each tensor is cast, optionally 8-bit quantized on device (engine/quantize.py: weight-only int8
 or W8A8), and laid out with its PartitionSpec as it arrives, so host memory holds at most one
-tensor at a time.
+tensor at a time. Before the first tensor goes to a device, the weights' size on each device is
+checked against what JAX may allocate there (`check_weights_fit`): a model too large for the
+device is a one-line ConfigError, not an out-of-memory error halfway through the load.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import zlib
 from typing import Optional
 
@@ -20,6 +23,7 @@ from engine import sharding as shd
 from engine.model_config import ModelConfig
 from engine.host_memory import return_freed_memory
 from engine.checkpoint import LAYER_KEYS, POST_NORMS, Checkpoint, CheckpointError, expected_shapes
+from engine.settings import ConfigError
 from engine.quantize import QuantizedWeight, W8A8Weight, quantize_w8a8, quantize_weight, w8a8_dtype
 
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")
@@ -100,10 +104,54 @@ def _assemble(cfg: ModelConfig, flat: dict) -> dict:
     return params
 
 
+def device_bytes(cfg: ModelConfig, mesh, dtype, quantize, matrix_dtype=None) -> int:
+    """Bytes the loaded weights take on each device of `mesh`: 8-bit matrices with their float32
+    per-output scales, or each tensor in its stored dtype, split as its PartitionSpec splits it."""
+    mode, _ = weight_form(quantize, mesh)
+    total = 0
+    for name, shape in expected_shapes(cfg).items():
+        split = 1
+        for axes in shd.param_spec(name, shape, cfg, mesh):
+            for axis in (axes if isinstance(axes, tuple) else (axes,)):
+                split *= mesh.shape[axis] if axis is not None else 1
+        if mode != "none" and _is_matrix(name):
+            size = math.prod(shape) + 4 * shape[-1]
+        else:
+            size = math.prod(shape) * jnp.dtype(_stored_dtype(name, dtype, matrix_dtype)).itemsize
+        total += size // split
+    return total
+
+
+def check_weights_fit(cfg: ModelConfig, mesh, dtype, quantize, matrix_dtype, memory_stats: dict) -> None:
+    """ConfigError when the weights (device_bytes) exceed what the allocator's limit leaves on a
+    device after the bytes in use there and the KV budget's margin. Devices without memory
+    statistics (the CPU) are not checked."""
+    from engine.kv_budget import MARGIN_FRACTION, format_size
+    if "bytes_limit" not in memory_stats:
+        return
+    need = device_bytes(cfg, mesh, dtype, quantize, matrix_dtype)
+    limit, in_use = int(memory_stats["bytes_limit"]), int(memory_stats.get("bytes_in_use", 0))
+    left = limit - in_use - int(MARGIN_FRACTION * limit)
+    if need > left:
+        mode = weight_form(quantize, mesh)[0]
+        form = "8-bit" if mode != "none" else jnp.dtype(_stored_dtype("wq", dtype, matrix_dtype)).name
+        fixes = ["quantize them (quantize_weights w8a8 or int8)"] if mode == "none" else []
+        fixes += ["spread them over more devices (platform gpu=N or tpu=N)",
+                  "raise XLA_PYTHON_CLIENT_MEM_FRACTION (JAX takes 75% of the device unless it is set)"]
+        advice = ", ".join(fixes[:-1]) + ", or " + fixes[-1]
+        raise ConfigError(
+            f"model {cfg.name}: its weights ({form} matrices) need {format_size(need)} "
+            f"{'on each of its ' + str(mesh.size) + ' devices' if mesh.size > 1 else 'on its device'}, "
+            f"but {format_size(max(left, 0))} is left of the {format_size(limit)} "
+            f"JAX may use there ({format_size(in_use)} in use, a {MARGIN_FRACTION:.0%} margin). "
+            f"{advice[0].upper()}{advice[1:]}")
+
+
 def load_params(cfg: ModelConfig, checkpoint: Optional[Checkpoint], mesh, dtype, quantize,
                 seed: int = 0, matrix_dtype=None) -> dict:
     """The model's params on `mesh`; `quantize` is a quantize_weights mode (or a bool: int8);
     unquantized matrices and the embedding table are kept in `matrix_dtype` (None: `dtype`)."""
+    check_weights_fit(cfg, mesh, dtype, quantize, matrix_dtype, mesh.devices.flat[0].memory_stats() or {})
     if checkpoint is None:
         return random_params(cfg, mesh, dtype, quantize, seed, matrix_dtype)
     shapes = expected_shapes(cfg)

@@ -231,6 +231,35 @@ def test_cache_sized_by_hand_is_checked_against_device_memory():
         assert jax.tree.leaves(eng.init_decode_state().cache.k)[0].shape[0] == (13 if extra else 4)
 
 
+def test_weights_checked_against_device_memory():
+    """device_bytes counts what the weights take on each device (8-bit matrices with their
+    scales, the rest in its dtype, split as sharded); a model that cannot fit is a one-line
+    ConfigError before any tensor is placed, naming the fixes that apply."""
+    import jax.numpy as jnp
+
+    from engine import sharding as shd
+    from engine.llm import resolve_model
+    from engine.settings import ConfigError
+    from engine.weights import check_weights_fit, device_bytes, load_params
+    mesh = shd.make_mesh("cpu")
+    llama7b = resolve_model(ModelSource(model="llama2-7b"))[0]
+    matrices = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 4096 * 32000  # layers and lm_head
+    other = 32000 * 4096 + (2 * 32 + 1) * 4096  # the embedding table and the norms
+    assert device_bytes(llama7b, mesh, jnp.bfloat16, "none") == 2 * (matrices + other)
+    assert device_bytes(llama7b, mesh, jnp.bfloat16, "w8a8") == matrices + 2 * other + 4 * (
+        32 * (3 * 4096 + 4096 + 2 * 11008 + 4096) + 32000)  # float32 scales per output column
+    stats = {"bytes_limit": 8 * 2**30, "bytes_in_use": 0}
+    with pytest.raises(ConfigError, match=r"^model llama2-7b: its weights \(bfloat16 matrices\) need 12.55 GiB "
+                                          r"on its device.* Quantize them"):
+        check_weights_fit(llama7b, mesh, jnp.bfloat16, "none", None, stats)
+    check_weights_fit(llama7b, mesh, jnp.bfloat16, "w8a8", None, stats)  # 6.40 GiB fits in 8
+    with pytest.raises(ConfigError, match=r"8-bit matrices.*\. Spread them over more devices"):
+        check_weights_fit(llama7b, mesh, jnp.bfloat16, "w8a8", None, dict(stats, bytes_in_use=2 * 2**30))
+    check_weights_fit(llama7b, mesh, jnp.bfloat16, "none", None, {})  # the CPU: no statistics, no check
+    tiny = resolve_model(ModelSource(model="tiny-llama"))[0]
+    assert load_params(tiny, None, mesh, jnp.float32, "none")["embed"].shape == (tiny.vocab_size, tiny.hidden_size)
+
+
 def test_auto_pool_arithmetic_errors_and_cpu_fallback():
     from engine import kv_budget
     from engine.llm import resolve_model
