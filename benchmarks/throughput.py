@@ -253,15 +253,12 @@ def main(argv=None):
         return
     import jax
     from engine.llm import LLM
-    from engine.settings import ConfigError, to_mapping
+    from engine.settings import to_mapping
 
     ceilings = measure_ceilings(settings.engine.quantize_weights) if args.roofline else None
     _count_compiles()
     t0 = time.perf_counter()
-    try:
-        llm = LLM(settings=settings)
-    except ConfigError as e:  # settings this device cannot hold (kv_budget): one line, no traceback
-        raise SystemExit(f"error: {e}") from None
+    llm = LLM(settings=settings)
     t_load = time.perf_counter() - t0
     shapes = planned_shapes(args, settings, llm.model_config, ins, outs) if args.warm_shapes == "planned" else None
     llm.warmup(shapes)
