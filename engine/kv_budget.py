@@ -72,9 +72,9 @@ class PoolPlan:
 
     def describe(self) -> str:
         return (f"KV page pool: {self.pages} pages of {self.page_size} tokens ({self.tokens} tokens, "
-                f"{format_size(self.tokens * self.bytes_per_token)}) from a {format_size(self.bytes_limit)} allocator "
-                f"limit: {format_size(self.bytes_in_use)} in use (weights), {format_size(self.workspace_bytes)} "
-                f"workspace, {format_size(self.margin_bytes)} margin"
+                f"{format_size(self.tokens * self.bytes_per_token)}) from a {format_size(self.bytes_limit)} "
+                f"allocator limit: {format_size(self.bytes_in_use)} in use (weights), "
+                f"{format_size(self.workspace_bytes)} workspace, {format_size(self.margin_bytes)} margin"
                 + (" (capped at every slot's max_cache_length)" if self.capped else ""))
 
 
@@ -146,7 +146,8 @@ def check_fits(engine, memory_stats: dict) -> None:
                                       kv_shards=engine.mesh.size)
     if cfg.kv_page_size:
         tokens = (engine.geometry.num_kv_pages + 1) * cfg.kv_page_size  # with the trash page
-        what, fix = f"kv_cache_tokens {cfg.kv_cache_tokens}", "kv_cache_tokens=auto (the pool that fits) or fewer tokens"
+        what = f"kv_cache_tokens {cfg.kv_cache_tokens}"
+        fix = "kv_cache_tokens=auto (the pool that fits) or fewer tokens"
     else:
         tokens = cfg.batch_size * cfg.max_cache_length
         what = f"batch_size {cfg.batch_size} x max_cache_length {cfg.max_cache_length}"
@@ -156,8 +157,8 @@ def check_fits(engine, memory_stats: dict) -> None:
     left = limit - in_use - int(MARGIN_FRACTION * limit)
     if need > left:
         raise ConfigError(
-            f"{what}: the KV cache needs {format_size(need)} of device memory, but {format_size(max(left, 0))} is left of "
-            f"the {format_size(limit)} JAX may use after {format_size(in_use)} in use (weights) and a "
-            f"{MARGIN_FRACTION:.0%} margin. Use {fix}, "
+            f"{what}: the KV cache needs {format_size(need)} of device memory, but "
+            f"{format_size(max(left, 0))} is left of the {format_size(limit)} JAX may use after "
+            f"{format_size(in_use)} in use (weights) and a {MARGIN_FRACTION:.0%} margin. Use {fix}, "
             f"{'' if cfg.quantize_kv_cache else 'quantize_kv_cache, '}or raise XLA_PYTHON_CLIENT_MEM_FRACTION "
             f"(JAX takes 75% of the device unless it is set)")
