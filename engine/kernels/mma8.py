@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from engine.kernels.int8_convert import int8_to_f32
-from engine.kernels.online_softmax import NEG_INF, run_and_store
+from engine.kernels.online_softmax import NEG_INF, row_update, run_and_store, run_rows_and_store
 
 
 
@@ -110,33 +110,15 @@ def mma8k_attend(q_ref, k_ref, o_ref, outs, loop, block, *, g: int, scale: float
     tensor cores, then for each of the g real rows its online softmax and p @ V in float32 on
     the CUDA cores (V converted as the "fma" method converts it). Rows past g are not stored."""
     scores = _score_dot(q_ref, k_ref.dtype, scale, terms)
-    d = k_ref.shape[-1]
 
     def body(i, carry, pg):
-        ms, ls, accs = carry
         valid, k, v, ks, vs = block(i, pg)
         s_all = scores(k, ks, valid)  # [Gp, block_t]
-        rows = lax.broadcasted_iota(jnp.int32, s_all.shape, 0)
+        at = lax.broadcasted_iota(jnp.int32, s_all.shape, 0)
         v = int8_to_f32(v, convert, interpret)
-        new_m, new_l, new_acc = [], [], []
-        for j in range(g):  # row j of s_all, by a masked sum (no slicing of a block value)
-            s = jnp.sum(jnp.where(rows == j, s_all, 0.0), axis=0)  # [block_t]
-            m_next = jnp.maximum(ms[j], jnp.max(s))
-            alpha = jnp.exp(ms[j] - m_next)
-            p = jnp.exp(s - m_next)
-            pv = jnp.where(valid, p * vs, 0.0)  # stale cache rows may hold anything
-            new_m.append(m_next)
-            new_l.append(ls[j] * alpha + jnp.sum(p))
-            new_acc.append(accs[j] * alpha + jnp.sum(pv[:, None] * v, axis=0))
-        return tuple(new_m), tuple(new_l), tuple(new_acc)
+        rows = []
+        for j, state in enumerate(zip(*carry)):  # row j of s_all, by a masked sum (no slicing of a block value)
+            rows.append(row_update(*state, jnp.sum(jnp.where(at == j, s_all, 0.0), axis=0), valid, v, vs))
+        return tuple(zip(*rows))
 
-    init = (tuple(jnp.float32(NEG_INF) for _ in range(g)), tuple(jnp.float32(0.0) for _ in range(g)),
-            tuple(jnp.zeros((d,), jnp.float32) for _ in range(g)))
-    ms, ls, accs = loop(body, init)
-    for j in range(g):
-        if split:
-            o_ref[j, :] = accs[j]
-            outs[1][j] = ms[j]
-            outs[2][j] = ls[j]
-        else:
-            o_ref[j, :] = (accs[j] / jnp.maximum(ls[j], 1e-30)).astype(o_ref.dtype)
+    run_rows_and_store(loop, body, g, k_ref.shape[-1], o_ref, outs, split)

@@ -28,3 +28,31 @@ def run_and_store(loop, body, rows: int, d: int, o_ref, outs, split: bool, g_axi
         outs[2][at_row] = l
     else:
         o_ref[at] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+
+
+def row_update(m, l, acc, s, valid, v, v_scale=None):
+    """One query row's step over a block, the rows kept apart ("fma", "mma8k"): its scores s
+    [block_t] (NEG_INF past the length), V [block_t, D] in float32 and V's per-token scales
+    (None: an unquantized cache). Returns the row's new (m, l, acc)."""
+    m_next = jnp.maximum(m, jnp.max(s))
+    alpha = jnp.exp(m - m_next)
+    p = jnp.exp(s - m_next)
+    pv = p * v_scale if v_scale is not None else p
+    pv = jnp.where(valid, pv, 0.0)  # stale cache rows may hold anything
+    return m_next, l * alpha + jnp.sum(p), acc * alpha + jnp.sum(pv[:, None] * v, axis=0)
+
+
+def run_rows_and_store(loop, body, rows: int, d: int, o_ref, outs, split: bool):
+    """run_and_store for methods whose state is one (m, l, acc) per query row, as tuples of
+    `rows` scalars and [D] vectors (rows unrolled, stored row by row). `body` updates each row
+    with row_update."""
+    init = (tuple(jnp.float32(NEG_INF) for _ in range(rows)), tuple(jnp.float32(0.0) for _ in range(rows)),
+            tuple(jnp.zeros((d,), jnp.float32) for _ in range(rows)))
+    ms, ls, accs = loop(body, init)
+    for j in range(rows):
+        if split:
+            o_ref[j, :] = accs[j]
+            outs[1][j] = ms[j]
+            outs[2][j] = ls[j]
+        else:
+            o_ref[j, :] = (accs[j] / jnp.maximum(ls[j], 1e-30)).astype(o_ref.dtype)

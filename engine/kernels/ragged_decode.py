@@ -67,7 +67,7 @@ from jax.experimental import pallas as pl
 from engine.kernels.int8_convert import int8_to_f32
 from engine.kernels.fma_heads import fma_heads_attend
 from engine.kernels.mma8 import mma8_attend, mma8k_attend
-from engine.kernels.online_softmax import NEG_INF, run_and_store
+from engine.kernels.online_softmax import NEG_INF, row_update, run_and_store, run_rows_and_store
 from engine.kernels.settings import resolve
 
 try:  # pallas.triton in current jax; pallas.gpu in older releases
@@ -183,37 +183,18 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         qs = [q_ref[j, :].astype(jnp.float32) * scale for j in range(g)]  # [D] each
 
         def body(i, carry, pg):
-            ms, ls, accs = carry
             valid, k, v, ks, vs = block(i, pg)
             k = int8_to_f32(k, convert, interpret)
             v = int8_to_f32(v, convert, interpret)
-            new_m, new_l, new_acc = [], [], []
-            for j in range(g):
+            rows = []
+            for j, state in enumerate(zip(*carry)):
                 s = jnp.sum(k * qs[j][None, :], axis=1)  # [block_t]
                 if quantized:
                     s = s * ks
-                s = jnp.where(valid, s, NEG_INF)
-                m_next = jnp.maximum(ms[j], jnp.max(s))
-                alpha = jnp.exp(ms[j] - m_next)
-                p = jnp.exp(s - m_next)
-                pv = p * vs if quantized else p
-                pv = jnp.where(valid, pv, 0.0)  # stale cache rows may hold anything
-                new_m.append(m_next)
-                new_l.append(ls[j] * alpha + jnp.sum(p))
-                new_acc.append(accs[j] * alpha + jnp.sum(pv[:, None] * v, axis=0))
-            return tuple(new_m), tuple(new_l), tuple(new_acc)
+                rows.append(row_update(*state, jnp.where(valid, s, NEG_INF), valid, v, vs))
+            return tuple(zip(*rows))
 
-        init = (tuple(jnp.float32(NEG_INF) for _ in range(g)),
-                tuple(jnp.float32(0.0) for _ in range(g)),
-                tuple(jnp.zeros((d,), jnp.float32) for _ in range(g)))
-        ms, ls, accs = loop(body, init)
-        for j in range(g):
-            if split:
-                o_ref[j, :] = accs[j]
-                outs[1][j] = ms[j]
-                outs[2][j] = ls[j]
-            else:
-                o_ref[j, :] = (accs[j] / jnp.maximum(ls[j], 1e-30)).astype(o_ref.dtype)
+        run_rows_and_store(loop, body, g, d, o_ref, outs, split)
         return
 
     if method == "mma8":
