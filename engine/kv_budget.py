@@ -78,6 +78,13 @@ class PoolPlan:
                 + (" (capped at every slot's max_cache_length)" if self.capped else ""))
 
 
+def room(memory_stats: dict) -> tuple[int, int, int]:
+    """(allocator limit, bytes in use, bytes left after them and the margin) of a device's
+    memory statistics, which must hold "bytes_limit"."""
+    limit, in_use = int(memory_stats["bytes_limit"]), int(memory_stats.get("bytes_in_use", 0))
+    return limit, in_use, limit - in_use - int(MARGIN_FRACTION * limit)
+
+
 def format_size(n: int) -> str:
     """Bytes as GiB (or MiB below one GiB), as the memory messages print them."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
@@ -153,8 +160,7 @@ def check_fits(engine, memory_stats: dict) -> None:
         what = f"batch_size {cfg.batch_size} x max_cache_length {cfg.max_cache_length}"
         fix = "fewer slots, a shorter max_cache_length, or a paged cache with kv_cache_tokens=auto"
     need = tokens * per_token
-    limit, in_use = int(memory_stats["bytes_limit"]), int(memory_stats.get("bytes_in_use", 0))
-    left = limit - in_use - int(MARGIN_FRACTION * limit)
+    limit, in_use, left = room(memory_stats)
     if need > left:
         raise ConfigError(
             f"{what}: the KV cache needs {format_size(need)} of device memory, but "

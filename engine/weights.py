@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding
 from engine import sharding as shd
 from engine.model_config import ModelConfig
 from engine.host_memory import return_freed_memory
+from engine.kv_budget import MARGIN_FRACTION, format_size, room
 from engine.checkpoint import LAYER_KEYS, POST_NORMS, Checkpoint, CheckpointError, expected_shapes
 from engine.settings import ConfigError
 from engine.quantize import QuantizedWeight, W8A8Weight, quantize_w8a8, quantize_weight, w8a8_dtype
@@ -126,12 +127,10 @@ def check_weights_fit(cfg: ModelConfig, mesh, dtype, quantize, matrix_dtype, mem
     """ConfigError when the weights (device_bytes) exceed what the allocator's limit leaves on a
     device after the bytes in use there and the KV budget's margin. Devices without memory
     statistics (the CPU) are not checked."""
-    from engine.kv_budget import MARGIN_FRACTION, format_size
     if "bytes_limit" not in memory_stats:
         return
     need = device_bytes(cfg, mesh, dtype, quantize, matrix_dtype)
-    limit, in_use = int(memory_stats["bytes_limit"]), int(memory_stats.get("bytes_in_use", 0))
-    left = limit - in_use - int(MARGIN_FRACTION * limit)
+    limit, in_use, left = room(memory_stats)
     if need > left:
         mode = weight_form(quantize, mesh)[0]
         form = "8-bit" if mode != "none" else jnp.dtype(_stored_dtype("wq", dtype, matrix_dtype)).name
