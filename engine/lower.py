@@ -6,8 +6,9 @@ The engine is built as the settings say, but on this host's CPU devices (`--plat
 uses N of them: simulate them with XLA_FLAGS=--xla_force_host_platform_device_count=N), from
 parameter and cache shapes only, so no weights are read or held. Its prefill (largest bucket and
 call size; with packed_prefill, also the largest packed row), insert and generate (longest
-decode window) programs are then exported for the target with `jax.export`, which lowers each to StableHLO for that platform. A program that does
-not lower is reported in one line (exit 2). Model configs and checkpoints give the same shapes.
+decode window) programs are then exported for the target with `jax.export`, which lowers each
+to StableHLO for that platform. A program that does not lower is reported in one line (exit 2).
+Model configs and checkpoints give the same shapes.
 """
 
 from __future__ import annotations

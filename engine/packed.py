@@ -127,4 +127,3 @@ def insert_packed(cache: KVCache, prefix: KVCache, seg, pos, slots=None, page_ro
         return dst.at[first, :, second].set(src[0].T, mode="drop")
 
     return _write_layers(cache, prefix, put, put_scale)
-
