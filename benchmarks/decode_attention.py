@@ -33,6 +33,9 @@ from engine.kernels.settings import DEFAULTS, parse_setting, resolve  # noqa: E4
 from engine.kv_cache import KVCache, decode_attention  # noqa: E402
 from benchmarks.roofline import time_call  # noqa: E402
 
+# Methods that quantize q (and for mma8 the probabilities) for 8-bit dots, and the caches each reads.
+QUANTIZED_DOT_METHODS = {"mma8": ("int8", "fp8"), "mma8k": ("int8", "fp8"), "dp4a": ("int8",)}
+
 
 
 def paginate(cache: KVCache, page: int, seed: int):
@@ -167,13 +170,14 @@ def main(argv=None):
     bench(f"pallas int8 method={other}", pallas(method=other), (q, k8, v8, ks, vs, pos), bytes_int8, want8)
     bench("pallas fp8 (defaults)", pallas(), (q, kf, vf, ks, vs, pos), bytes_int8, wantf)
     bench(f"pallas fp8 method={other}", pallas(method=other), (q, kf, vf, ks, vs, pos), bytes_int8, wantf)
-    # 8-bit tensor-core dots (q, and for mma8 p, quantized per row): compared with XLA, the
-    # error includes that quantization, not only float rounding.
-    for method in ("mma8", "mma8k"):
+    # 8-bit dots (q, and for mma8 p, quantized per row): compared with XLA, the error includes
+    # that quantization, not only float rounding.
+    for method, caches in QUANTIZED_DOT_METHODS.items():
         if resolve()["method"] != method:
             for name, kk, vv, want in (("int8", k8, v8, want8), ("fp8", kf, vf, wantf)):
-                bench(f"pallas {name} method={method}", pallas(method=method), (q, kk, vv, ks, vs, pos),
-                      bytes_int8, want)
+                if name in caches:
+                    bench(f"pallas {name} method={method}", pallas(method=method), (q, kk, vv, ks, vs, pos),
+                          bytes_int8, want)
 
     # Every conversion is exact, so each output must be bit-identical to the defaults'.
     for conv in ("cvt", "magic", "prmt"):
@@ -201,11 +205,12 @@ def main(argv=None):
         cf = paginate(qf, a.page, a.seed)[0]
         bench(f"pallas fp8 paged (page {a.page})", paged(),
               (q, cf.k[0], cf.v[0], cf.k_scale[0], cf.v_scale[0], table, pos), bytes_int8, wantf)
-        for method in ("mma8", "mma8k"):
+        for method, caches in QUANTIZED_DOT_METHODS.items():
             if resolve()["method"] != method:
                 for name, c, want in (("int8", c8, want8), ("fp8", cf, wantf)):
-                    bench(f"pallas {name} paged (page {a.page}) method={method}", paged(method=method),
-                          (q, c.k[0], c.v[0], c.k_scale[0], c.v_scale[0], table, pos), bytes_int8, want)
+                    if name in caches:
+                            bench(f"pallas {name} paged (page {a.page}) method={method}", paged(method=method),
+                              (q, c.k[0], c.v[0], c.k_scale[0], c.v_scale[0], table, pos), bytes_int8, want)
         del paged8, pagedb, c8, cb, cf
 
     if a.sweep:

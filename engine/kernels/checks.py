@@ -14,13 +14,13 @@ from engine.kernels.ragged_decode import ragged_decode_attention
 
 
 def settings_error(kv_heads: int, group: int, head_dim: int, page: int = 0, quantized: bool = True,
-                   **settings) -> str:
-    """"" if the kernel takes `settings` (decode_kernel) for these head shapes and this cache,
-    else why not, in one line. Only traces the kernel (jax.eval_shape, interpret mode): no
-    compile, any platform."""
+                   kv_dtype=None, **settings) -> str:
+    """"" if the kernel takes `settings` (decode_kernel) for these head shapes and this cache
+    (8-bit elements of kv_dtype, int8 unless given), else why not, in one line. Only traces
+    the kernel (jax.eval_shape, interpret mode): no compile, any platform."""
     s = jax.ShapeDtypeStruct
     b, t = 2, max(256, page)
-    kv_dtype = jnp.int8 if quantized else jnp.bfloat16
+    kv_dtype = (kv_dtype or jnp.int8) if quantized else jnp.bfloat16
     if page:
         w = t // page
         kv = s((b * w, page, kv_heads, head_dim), kv_dtype)
@@ -53,7 +53,7 @@ def model_settings_error(model_config, engine_config, devices: int = 1) -> str:
         kv //= devices
     return settings_error(kv, model_config.num_heads // model_config.num_kv_heads, model_config.head_dim,
                           engine_config.kv_page_size, engine_config.quantize_kv_cache,
-                          **dict(kernel_settings(engine_config.decode_kernel)))
+                          engine_config.kv_quant_dtype(), **dict(kernel_settings(engine_config.decode_kernel)))
 
 
 def compiles_for(kv_heads: int, group: int, head_dim: int, dtype, page: int = 0,

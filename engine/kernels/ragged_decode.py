@@ -38,6 +38,8 @@ Two ways to compute the G query rows against a block (`method`):
   are quantized per row instead, as two 8-bit terms each (`terms`, engine/kernels/mma8.py).
 - "mma8k" (8-bit caches only): the score dot as "mma8", the output dot as "fma"
   (engine/kernels/mma8.py).
+- "dp4a" (int8 caches only): scores by 4-way int8 dot-product instructions against the query
+  quantized once, the output dot as "fma" (engine/kernels/dp4a.py).
 "auto" picks "fma" for G=1 and "dot" for G >= 2, where the tensor cores win (BENCHMARKS.md).
 
 Settings (engine/kernels/settings.py) come as keyword arguments; the engine passes its
@@ -64,6 +66,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from engine.kernels.dp4a import MAX_HEAD_DIM, dp4a_attend
 from engine.kernels.int8_convert import int8_to_f32
 from engine.kernels.fma_heads import fma_heads_attend
 from engine.kernels.mma8 import mma8_attend, mma8k_attend
@@ -200,6 +203,10 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
     if method == "mma8":
         mma8_attend(q_ref, k_ref, o_ref, outs, loop, block, scale=scale, split=split, terms=terms)
         return
+    if method == "dp4a":
+        dp4a_attend(q_ref, o_ref, outs, loop, block, g=g, scale=scale, split=split, convert=convert,
+                    interpret=interpret)
+        return
     if method == "mma8k":
         mma8k_attend(q_ref, k_ref, o_ref, outs, loop, block, g=g, scale=scale, split=split, terms=terms,
                      convert=convert, interpret=interpret)
@@ -289,12 +296,14 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     method = cfg["method"]
     if method == "auto":  # tensor cores pay once a kv head serves two or more query heads
         method = "dot" if g >= 2 else "fma"
-    if method not in ("fma", "dot", "mma8", "mma8k"):
-        raise ValueError(f"method must be 'auto', 'fma', 'dot', 'mma8' or 'mma8k', not {method!r}")
+    if method not in ("fma", "dot", "mma8", "mma8k", "dp4a"):
+        raise ValueError(f"method must be 'auto', 'fma', 'dot', 'mma8', 'mma8k' or 'dp4a', not {method!r}")
     if int(cfg["terms"]) not in (1, 2):
         raise ValueError(f"terms must be 1 or 2, not {cfg['terms']}")
     if method in ("mma8", "mma8k") and not quantized:
         raise ValueError(f"method '{method}' reads an 8-bit cache (int8 or fp8 with scales)")
+    if method == "dp4a" and (k.dtype != jnp.int8 or d > MAX_HEAD_DIM):
+        raise ValueError(f"method 'dp4a' reads an int8 cache with heads of at most {MAX_HEAD_DIM}")
     splits = max(1, int(cfg["num_splits"]))
     if t % splits:
         raise ValueError(f"num_splits={splits} does not divide the cache length {t}")

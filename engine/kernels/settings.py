@@ -9,7 +9,7 @@ from __future__ import annotations
 
 DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=0, num_stages=2, mask_loads=1,
                 convert="prmt", terms=2, heads=1)
-CHOICES = {"method": ("auto", "fma", "dot", "mma8", "mma8k"), "convert": ("prmt", "magic", "cvt")}
+CHOICES = {"method": ("auto", "fma", "dot", "mma8", "mma8k", "dp4a"), "convert": ("prmt", "magic", "cvt")}
 
 
 def parse_setting(key: str, val) -> tuple[str, object]:

@@ -63,11 +63,12 @@ def test_fp8_cache_matches_xla(g, method):
 @pytest.mark.parametrize("method,quantized,g,terms,bound", [
     ("mma8", True, 1, 2, 3e-4), ("mma8", True, 4, 2, 3e-4), ("mma8", "fp8", 2, 2, 0.01),
     ("mma8", True, 1, 1, 0.04), ("mma8", "fp8", 2, 1, 0.15),
-    ("mma8k", True, 1, 2, 3e-4), ("mma8k", True, 4, 1, 0.04), ("mma8k", "fp8", 2, 2, 0.01)])
+    ("mma8k", True, 1, 2, 3e-4), ("mma8k", True, 4, 1, 0.04), ("mma8k", "fp8", 2, 2, 0.01),
+    ("dp4a", True, 1, 2, 3e-4), ("dp4a", True, 4, 2, 3e-4)])
 def test_mma8_within_its_bound(method, quantized, g, terms, bound):
     """method="mma8" quantizes q and each block's p * v_scale to the cache's 8 bits (a scale per
     row, `terms` 8-bit terms each) for the tensor-core dots; "mma8k" quantizes q only, for the
-    score dot. Each output row stays within `bound` of its largest element (the XLA path's
+    score dot, and "dp4a" q only, as two int8 terms, for integer dot products. Each output row stays within `bound` of its largest element (the XLA path's
     output is the reference), lengths on and off the 32-token block edges."""
     q, cache = _case(5, 64, 2, g, 32, quantized=quantized, seed=1)
     lengths = jnp.asarray([1, 32, 33, 64, 40], jnp.int32)
@@ -128,6 +129,33 @@ def test_mma8_needs_an_8bit_cache():
         with pytest.raises(ValueError, match=f"method '{method}' reads an 8-bit cache"):
             ragged_decode_attention(q, cache.k[0], cache.v[0], None, None, jnp.asarray([1, 2]), 0.2,
                                     method=method, interpret=True)
+    q, cache = _case(2, 32, 1, 1, 16, quantized="fp8")
+    with pytest.raises(ValueError, match="method 'dp4a' reads an int8 cache"):
+        ragged_decode_attention(q, cache.k[0], cache.v[0], cache.k_scale[0], cache.v_scale[0],
+                                jnp.asarray([1, 2]), 0.2, method="dp4a", interpret=True)
+    from engine.kernels.checks import settings_error
+    assert "int8 cache" in settings_error(4, 1, 128, kv_dtype=jnp.float8_e4m3fn, method="dp4a")
+    assert "at most 256" in settings_error(4, 1, 512, method="dp4a")
+    assert settings_error(4, 1, 256, method="dp4a") == ""
+
+
+def test_dp4a_query_terms_and_integer_scores():
+    """The "dp4a" method's query, two int8 terms with a fixed ratio, carries about 15 bits; its
+    integer scores are exact, and the largest one for 256-wide heads fits in int32."""
+    from engine.kernels.dp4a import LO_RATIO, int_scores, quantize_query
+    r = np.random.default_rng(4)
+    q = jnp.asarray(r.normal(size=(256,)) * 3, jnp.float32)
+    hi, lo, scale = quantize_query(q)
+    assert hi.dtype == lo.dtype == jnp.int8
+    back = (np.asarray(hi, np.float64) * LO_RATIO + np.asarray(lo, np.float64)) * float(scale)
+    err = np.abs(back - np.asarray(q)).max() / np.abs(np.asarray(q)).max()
+    assert 1e-7 < err < 2 ** -15, err
+    k = jnp.asarray(r.integers(-127, 128, size=(8, 256)), jnp.int8)
+    want = np.asarray(k, np.int64) @ (np.asarray(hi, np.int64) * LO_RATIO + np.asarray(lo, np.int64))
+    np.testing.assert_array_equal(np.asarray(int_scores(k, hi, lo, interpret=True)), want)
+    ext = jnp.full((1, 256), 127, jnp.int8)
+    top = int(np.asarray(int_scores(ext, ext[0], ext[0], interpret=True))[0])
+    assert top == 256 * 127 * 127 * (LO_RATIO + 1) < 2 ** 31
 
 
 @pytest.mark.parametrize("method", ["fma", "dot"])
@@ -277,7 +305,7 @@ def _paginate(cache, page, seed=0):
 
 @pytest.mark.parametrize("g,method,splits,quantized", [(1, "fma", 1, True), (2, "dot", 2, True),
                                                        (2, "fma", 1, False), (1, "mma8", 1, True),
-                                                       (1, "mma8k", 2, True)])
+                                                       (1, "mma8k", 2, True), (2, "dp4a", 2, True)])
 def test_paged_cache_matches_contiguous(g, method, splits, quantized):
     """Shuffled pages through a page table give the contiguous kernel's output bit for bit,
     and the XLA path (which gathers the pages) agrees with the contiguous XLA path."""
