@@ -179,6 +179,12 @@ def main(argv=None):
                     bench(f"pallas {name} method={method}", pallas(method=method), (q, kk, vv, ks, vs, pos),
                           bytes_int8, want)
 
+    # V stored token-minor ([B, Hkv, D, T]): dp4a for p @ V as well.
+    vt8 = jnp.transpose(v8, (0, 2, 3, 1))
+    bench("pallas int8 method=dp4a v_layout=dt", pallas(method="dp4a", v_layout="dt"),
+          (q, k8, vt8, ks, vs, pos), bytes_int8, want8)
+    del vt8
+
     # Every conversion is exact, so each output must be bit-identical to the defaults'.
     for conv in ("cvt", "magic", "prmt"):
         if conv == resolve()["convert"]:
@@ -211,6 +217,9 @@ def main(argv=None):
                     if name in caches:
                             bench(f"pallas {name} paged (page {a.page}) method={method}", paged(method=method),
                               (q, c.k[0], c.v[0], c.k_scale[0], c.v_scale[0], table, pos), bytes_int8, want)
+        bench(f"pallas int8 paged (page {a.page}) method=dp4a v_layout=dt", paged(method="dp4a", v_layout="dt"),
+              (q, c8.k[0], jnp.transpose(c8.v[0], (0, 2, 3, 1)), c8.k_scale[0], c8.v_scale[0], table, pos),
+              bytes_int8, want8)
         del paged8, pagedb, c8, cb, cf
 
     if a.sweep:

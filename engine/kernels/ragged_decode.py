@@ -48,7 +48,7 @@ mask_loads=1,convert=cvt". `convert` picks how the "fma" method turns int8 into 
 "prmt" (the default: the float bits of 2**23 + 128 + x built by one byte-permute per element in
 inline PTX), "magic" (the same bits by an integer add) or "cvt" (a plain convert, the slowest).
 All three are exact. An fp8 cache is always converted plainly (Hopper and Ada convert e4m3 in
-hardware). Block size and warps by shape (`_warps`) are the fastest of the sweeps
+hardware). Block size and warps by shape (settings.warps_for) are the fastest of the sweeps
 in BENCHMARKS.md.
 
 Works with jax 0.10 (CPU: interpret=True only) and 0.11 (GPU: Triton). The Triton backend is
@@ -66,12 +66,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from engine.kernels.dp4a import MAX_HEAD_DIM, dp4a_attend
+from engine.kernels.dp4a import MAX_DOT, dp4a_attend
 from engine.kernels.int8_convert import int8_to_f32
 from engine.kernels.fma_heads import fma_heads_attend
 from engine.kernels.mma8 import mma8_attend, mma8k_attend
 from engine.kernels.online_softmax import NEG_INF, row_update, run_and_store, run_rows_and_store
-from engine.kernels.settings import resolve
+from engine.kernels.settings import block_for, resolve, warps_for
 
 try:  # pallas.triton in current jax; pallas.gpu in older releases
     from jax.experimental.pallas import triton as plgpu
@@ -103,7 +103,7 @@ def _load(ref, mask, other):
 
 def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quantized: bool,
             method: str, split: bool, mask_loads: bool, convert: str, interpret: bool,
-            page: int = 0, terms: int = 2, heads: int = 1):
+            page: int = 0, terms: int = 2, heads: int = 1, v_dt: bool = False):
     if page:
         pt_ref, q_ref, k_ref, v_ref, *rest = refs
     else:
@@ -168,11 +168,22 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         # a float zero for float refs: Triton casts no integer constant to fp8
         return _load(ref.at[idx], mask=m, other=0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.0)
 
+    def load_vt(start, valid, pg):
+        """A [D, block_t] block of a V stored token-minor (v_layout "dt")."""
+        if page:
+            off = _multiple_of(lax.rem(chunk_start + start, jnp.int32(page)), block_t)
+            idx = (pg, hi, slice(None), pl.ds(off, block_t))
+        else:
+            idx = (slice(None), pl.ds(start, block_t))
+        if not mask_loads:
+            return v_ref[idx]
+        return _load(v_ref.at[idx], mask=jnp.broadcast_to(valid[None, :], (d, block_t)), other=0)
+
     def block(i, pg):
         start = _multiple_of(i * block_t, block_t)
         valid = (start + iota) < n_valid  # chunk-local positions
         k = load_block(k_ref, start, valid, True, pg)
-        v = load_block(v_ref, start, valid, True, pg)
+        v = load_vt(start, valid, pg) if v_dt else load_block(v_ref, start, valid, True, pg)
         ks = load_block(ks_ref, start, valid, False, pg) if quantized else None
         vs = load_block(vs_ref, start, valid, False, pg) if quantized else None
         return valid, k, v, ks, vs
@@ -205,7 +216,7 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
         return
     if method == "dp4a":
         dp4a_attend(q_ref, o_ref, outs, loop, block, g=g, scale=scale, split=split, convert=convert,
-                    interpret=interpret)
+                    interpret=interpret, v_dt=v_dt)
         return
     if method == "mma8k":
         mma8k_attend(q_ref, k_ref, o_ref, outs, loop, block, g=g, scale=scale, split=split, terms=terms,
@@ -238,28 +249,13 @@ def _kernel(len_ref, *refs, block_t: int, chunk: int, g: int, scale: float, quan
     run_and_store(loop, body, gp, d, o_ref, outs, split)
 
 
-def _warps(method: str, g: int, d: int) -> int:
-    """Warps per program when not set: the fastest count of the sweep per shape (BENCHMARKS.md,
-    decode attention). 2 warps for "dot" up to G=16 and for "fma" with G <= 3 and D <= 128;
-    4 otherwise (more query rows or wider heads need the registers)."""
-    if method in ("dot", "mma8", "mma8k"):
-        return 2 if g <= 16 else 4
-    return 2 if g <= 3 and d <= 128 else 4
-
-
-def _pick_block(t: int, want: int, method: str) -> int:
-    bt = 1 << max(0, int(want).bit_length() - 1)  # power of 2 <= want
-    bt = min(bt, 1 << (t - 1).bit_length())  # no bigger than T rounded up to a power of 2
-    return max(bt, {"dot": 16, "mma8": 32, "mma8k": 32}.get(method, 1))  # the tensor cores' smallest K
-
-
 def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
                             page_table=None,
                             block_t: Optional[int] = None, method: Optional[str] = None,
                             num_splits: Optional[int] = None, num_warps: Optional[int] = None,
                             num_stages: Optional[int] = None, mask_loads: Optional[bool] = None,
                             convert: Optional[str] = None, terms: Optional[int] = None,
-                            heads: Optional[int] = None,
+                            heads: Optional[int] = None, v_layout: str = "td",
                             interpret: bool = False):
     """Attention of q [B, H, D] over cache positions [0, lengths[b]) of K/V [B, T, Hkv, D].
 
@@ -276,6 +272,8 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     are contiguous in the cache, so a program reads heads*D bytes per token instead of D).
     terms: 8-bit terms per quantized operand of the "mma8" and "mma8k" methods (1 or 2;
     engine/kernels/mma8.py).
+    v_layout: "td" (V as K, [.., T, Hkv, D]) or "dt" (V token-minor: [B, Hkv, D, T], paged
+    [P, Hkv, D, page]; the "dp4a" method only, whose output dot then runs on dp4a as well).
     """
     cfg = resolve(block_t=block_t, method=method, num_splits=num_splits, num_warps=num_warps,
                   num_stages=num_stages, mask_loads=mask_loads, convert=convert, terms=terms,
@@ -302,16 +300,21 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
         raise ValueError(f"terms must be 1 or 2, not {cfg['terms']}")
     if method in ("mma8", "mma8k") and not quantized:
         raise ValueError(f"method '{method}' reads an 8-bit cache (int8 or fp8 with scales)")
-    if method == "dp4a" and (k.dtype != jnp.int8 or d > MAX_HEAD_DIM):
-        raise ValueError(f"method 'dp4a' reads an int8 cache with heads of at most {MAX_HEAD_DIM}")
+    if method == "dp4a" and (k.dtype != jnp.int8 or d > MAX_DOT):
+        raise ValueError(f"method 'dp4a' reads an int8 cache with heads of at most {MAX_DOT}")
+    v_dt = v_layout == "dt"
+    if v_layout not in ("td", "dt") or (v_dt and method != "dp4a"):
+        raise ValueError(f"v_layout {v_layout!r}: 'td', or 'dt' with the dp4a method")
     splits = max(1, int(cfg["num_splits"]))
     if t % splits:
         raise ValueError(f"num_splits={splits} does not divide the cache length {t}")
     chunk = t // splits
     if page and chunk % page:
         raise ValueError(f"num_splits={splits} must split the {t}-token page table on page edges")
-    bt = _pick_block(chunk, min(cfg["block_t"], page) if page else cfg["block_t"], method)
-    num_warps = int(cfg["num_warps"]) or _warps(method, g, d)
+    bt = block_for(chunk, min(cfg["block_t"], page) if page else cfg["block_t"], method)
+    num_warps = int(cfg["num_warps"]) or warps_for(method, g, d)
+    if v_dt and bt > MAX_DOT:
+        raise ValueError(f"v_layout 'dt' takes blocks of at most {MAX_DOT} tokens, not {bt}")
     if page and page % bt:
         raise ValueError(f"page size {page} is not a multiple of a {bt}-token block")
     # Loads may stay unmasked when blocks tile the chunk exactly (positions past the length
@@ -343,7 +346,11 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     if page:
         in_specs.append(pl.BlockSpec((_SQ, page_table.shape[1]), lambda hi, bi, si: (bi, 0)))
         args.append(page_table.astype(jnp.int32))
-    in_specs += [pl.BlockSpec((_SQ, hd, gq, d), lambda hi, bi, si: (bi, hi, 0, 0)), kv_spec, kv_spec]
+    v_spec = kv_spec
+    if v_dt:
+        v_spec = (pl.BlockSpec(v.shape, lambda hi, bi, si: (0, 0, 0, 0)) if page else
+                  pl.BlockSpec((_SQ, _SQ, d, chunk), lambda hi, bi, si: (bi, hi, 0, si)))
+    in_specs += [pl.BlockSpec((_SQ, hd, gq, d), lambda hi, bi, si: (bi, hi, 0, 0)), kv_spec, v_spec]
     args += [qg, k, v]
     if quantized:
         in_specs += [sc_spec, sc_spec]
@@ -362,7 +369,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     kernel = functools.partial(_kernel, block_t=bt, chunk=chunk, g=g, scale=float(scale),
                                quantized=quantized, method=method, split=split,
                                mask_loads=mask_loads, convert=cfg["convert"], interpret=interpret,
-                               page=page, terms=int(cfg["terms"]), heads=heads)
+                               page=page, terms=int(cfg["terms"]), heads=heads, v_dt=v_dt)
     kwargs = {}
     params = _compiler_params(num_warps, int(cfg["num_stages"]))
     if params is not None:

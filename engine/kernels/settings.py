@@ -36,3 +36,20 @@ def resolve(**explicit) -> dict:
     out = dict(DEFAULTS)
     out.update({k: v for k, v in explicit.items() if v is not None})
     return out
+
+
+def warps_for(method: str, g: int, d: int) -> int:
+    """Warps per program when not set: the fastest count of the sweep per shape (BENCHMARKS.md,
+    decode attention). 2 warps for "dot" up to G=16 and for "fma" with G <= 3 and D <= 128;
+    4 otherwise (more query rows or wider heads need the registers)."""
+    if method in ("dot", "mma8", "mma8k"):
+        return 2 if g <= 16 else 4
+    return 2 if g <= 3 and d <= 128 else 4
+
+
+def block_for(t: int, want: int, method: str) -> int:
+    """The block of tokens a program loads at a time: a power of 2 at most `want` and no bigger
+    than T rounded up, and at least the tensor cores' smallest K for the dot methods."""
+    bt = 1 << max(0, int(want).bit_length() - 1)  # power of 2 <= want
+    bt = min(bt, 1 << (t - 1).bit_length())  # no bigger than T rounded up to a power of 2
+    return max(bt, {"dot": 16, "mma8": 32, "mma8k": 32}.get(method, 1))  # the tensor cores' smallest K

@@ -142,19 +142,19 @@ def test_mma8_needs_an_8bit_cache():
 def test_dp4a_query_terms_and_integer_scores():
     """The "dp4a" method's query, two int8 terms with a fixed ratio, carries about 15 bits; its
     integer scores are exact, and the largest one for 256-wide heads fits in int32."""
-    from engine.kernels.dp4a import LO_RATIO, int_scores, quantize_query
+    from engine.kernels.dp4a import LO_RATIO, int_dots, two_terms
     r = np.random.default_rng(4)
     q = jnp.asarray(r.normal(size=(256,)) * 3, jnp.float32)
-    hi, lo, scale = quantize_query(q)
+    hi, lo, scale = two_terms(q)
     assert hi.dtype == lo.dtype == jnp.int8
     back = (np.asarray(hi, np.float64) * LO_RATIO + np.asarray(lo, np.float64)) * float(scale)
     err = np.abs(back - np.asarray(q)).max() / np.abs(np.asarray(q)).max()
     assert 1e-7 < err < 2 ** -15, err
     k = jnp.asarray(r.integers(-127, 128, size=(8, 256)), jnp.int8)
     want = np.asarray(k, np.int64) @ (np.asarray(hi, np.int64) * LO_RATIO + np.asarray(lo, np.int64))
-    np.testing.assert_array_equal(np.asarray(int_scores(k, hi, lo, interpret=True)), want)
+    np.testing.assert_array_equal(np.asarray(int_dots(k, hi, lo, interpret=True)), want)
     ext = jnp.full((1, 256), 127, jnp.int8)
-    top = int(np.asarray(int_scores(ext, ext[0], ext[0], interpret=True))[0])
+    top = int(np.asarray(int_dots(ext, ext[0], ext[0], interpret=True))[0])
     assert top == 256 * 127 * 127 * (LO_RATIO + 1) < 2 ** 31
 
 
@@ -301,6 +301,28 @@ def _paginate(cache, page, seed=0):
     if cache.quantized:
         paged = KVCache(paged.k, paged.v, [scale_pages(cache.k_scale[0])], [scale_pages(cache.v_scale[0])])
     return paged, jnp.asarray(table), trash
+
+
+@pytest.mark.parametrize("g,splits", [(1, 1), (2, 2)])
+def test_dp4a_with_token_minor_v(g, splits):
+    """v_layout "dt" (V stored [.., Hkv, D, T]): p @ V on dp4a too, within the quantized-query
+    bound of the XLA path, and paged pages give the contiguous output bit for bit."""
+    q, cache = _case(5, 64, 2, g, 32, quantized=True, seed=20 + g)
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    ref = np.asarray(decode_attention(q, cache, 0, lengths - 1, 0.2, impl="xla"))
+    kw = dict(block_t=16, method="dp4a", num_splits=splits, v_layout="dt", interpret=True)
+    vt = jnp.transpose(cache.v[0], (0, 2, 3, 1))  # [B, Hkv, D, T]
+    out = np.asarray(ragged_decode_attention(q, cache.k[0], vt, cache.k_scale[0], cache.v_scale[0],
+                                             lengths, 0.2, **kw))
+    rel = np.abs(out - ref).max(axis=-1) / np.abs(ref).max(axis=-1)
+    assert 1e-7 < rel.max() < 3e-4, rel.max()
+    paged, table, _ = _paginate(cache, 16, seed=g)
+    got = ragged_decode_attention(q, paged.k[0], jnp.transpose(paged.v[0], (0, 2, 3, 1)),
+                                  paged.k_scale[0], paged.v_scale[0], lengths, 0.2, page_table=table, **kw)
+    np.testing.assert_array_equal(np.asarray(got), out)
+    with pytest.raises(ValueError, match="v_layout 'dt'"):
+        ragged_decode_attention(q, cache.k[0], vt, cache.k_scale[0], cache.v_scale[0], lengths, 0.2,
+                                method="fma", v_layout="dt", interpret=True)
 
 
 @pytest.mark.parametrize("g,method,splits,quantized", [(1, "fma", 1, True), (2, "dot", 2, True),
