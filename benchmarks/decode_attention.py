@@ -215,7 +215,7 @@ def main(argv=None):
             if resolve()["method"] != method:
                 for name, c, want in (("int8", c8, want8), ("fp8", cf, wantf)):
                     if name in caches:
-                            bench(f"pallas {name} paged (page {a.page}) method={method}", paged(method=method),
+                        bench(f"pallas {name} paged (page {a.page}) method={method}", paged(method=method),
                               (q, c.k[0], c.v[0], c.k_scale[0], c.v_scale[0], table, pos), bytes_int8, want)
         bench(f"pallas int8 paged (page {a.page}) method=dp4a v_layout=dt", paged(method="dp4a", v_layout="dt"),
               (q, c8.k[0], jnp.transpose(c8.v[0], (0, 2, 3, 1)), c8.k_scale[0], c8.v_scale[0], table, pos),

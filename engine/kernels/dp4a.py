@@ -67,15 +67,11 @@ def int_dots(x, hi, lo, interpret: bool):
     return jnp.sum(parts, axis=1)
 
 
-def _row_update_dt(m, l, acc, s, valid, v_dt, v_scale, interpret):
-    """row_update (engine/kernels/online_softmax.py) for V stored token-minor, [D, block_t]:
-    p * v_scale as two int8 terms, p @ V by int_dots."""
-    m_next = jnp.maximum(m, jnp.max(s))
-    alpha = jnp.exp(m - m_next)
-    p = jnp.exp(s - m_next)
-    hi, lo, ps = two_terms(jnp.where(valid, p * v_scale, 0.0))
-    o = int_dots(v_dt, hi, lo, interpret).astype(jnp.float32) * ps
-    return m_next, l * alpha + jnp.sum(p), acc * alpha + o
+def _pv_dot_dt(pv, v_dt, interpret: bool):
+    """The [D] output of weights pv [block_t] against a V block stored token-minor, [D, block_t]
+    int8: pv as two int8 terms, the dot by int_dots."""
+    hi, lo, scale = two_terms(pv)
+    return int_dots(v_dt, hi, lo, interpret).astype(jnp.float32) * scale
 
 
 def dp4a_attend(q_ref, o_ref, outs, loop, block, *, g: int, scale: float, split: bool,
@@ -85,6 +81,7 @@ def dp4a_attend(q_ref, o_ref, outs, loop, block, *, g: int, scale: float, split:
     "fma" method converts it, or (v_dt: V blocks [D, block_t]) multiplied by `int_dots` too."""
     rows = [two_terms(q_ref[j, :]) for j in range(g)]  # (hi, lo, scale) per query row
     d = q_ref.shape[-1]
+    pv_dot = (lambda pv, vt: _pv_dot_dt(pv, vt, interpret)) if v_dt else None
 
     def body(i, carry, pg):
         valid, k, v, ks, vs = block(i, pg)
@@ -93,9 +90,7 @@ def dp4a_attend(q_ref, o_ref, outs, loop, block, *, g: int, scale: float, split:
         out = []
         for (h, l, qs), state in zip(rows, zip(*carry)):
             s = int_dots(k, h, l, interpret).astype(jnp.float32) * (ks * (qs * scale))
-            s = jnp.where(valid, s, NEG_INF)
-            out.append(_row_update_dt(*state, s, valid, v, vs, interpret) if v_dt
-                       else row_update(*state, s, valid, v, vs))
+            out.append(row_update(*state, jnp.where(valid, s, NEG_INF), valid, v, vs, pv_dot))
         return tuple(zip(*out))
 
     run_rows_and_store(loop, body, g, d, o_ref, outs, split)

@@ -30,16 +30,19 @@ def run_and_store(loop, body, rows: int, d: int, o_ref, outs, split: bool, g_axi
         o_ref[at] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
 
 
-def row_update(m, l, acc, s, valid, v, v_scale=None):
-    """One query row's step over a block, the rows kept apart ("fma", "mma8k"): its scores s
-    [block_t] (NEG_INF past the length), V [block_t, D] in float32 and V's per-token scales
-    (None: an unquantized cache). Returns the row's new (m, l, acc)."""
+def row_update(m, l, acc, s, valid, v, v_scale=None, pv_dot=None):
+    """One query row's step over a block, the rows kept apart ("fma", "mma8k", "dp4a"): its
+    scores s [block_t] (NEG_INF past the length), the block's V and V's per-token scales (None:
+    an unquantized cache). Returns the row's new (m, l, acc). pv_dot(pv, v) gives the [D]
+    output of the weights pv [block_t] against V; by default V is [block_t, D] float32 and the
+    product is summed on the CUDA cores."""
     m_next = jnp.maximum(m, jnp.max(s))
     alpha = jnp.exp(m - m_next)
     p = jnp.exp(s - m_next)
     pv = p * v_scale if v_scale is not None else p
     pv = jnp.where(valid, pv, 0.0)  # stale cache rows may hold anything
-    return m_next, l * alpha + jnp.sum(p), acc * alpha + jnp.sum(pv[:, None] * v, axis=0)
+    o = pv_dot(pv, v) if pv_dot is not None else jnp.sum(pv[:, None] * v, axis=0)
+    return m_next, l * alpha + jnp.sum(p), acc * alpha + o
 
 
 def run_rows_and_store(loop, body, rows: int, d: int, o_ref, outs, split: bool):

@@ -71,7 +71,7 @@ from engine.kernels.int8_convert import int8_to_f32
 from engine.kernels.fma_heads import fma_heads_attend
 from engine.kernels.mma8 import mma8_attend, mma8k_attend
 from engine.kernels.online_softmax import NEG_INF, row_update, run_and_store, run_rows_and_store
-from engine.kernels.settings import block_for, resolve, warps_for
+from engine.kernels.settings import TENSOR_CORE_METHODS, block_for, resolve, warps_for
 
 try:  # pallas.triton in current jax; pallas.gpu in older releases
     from jax.experimental.pallas import triton as plgpu
@@ -329,7 +329,7 @@ def ragged_decode_attention(q, k, v, k_scale, v_scale, lengths, scale: float, *,
     hd = heads if heads > 1 else _SQ  # the kv-head extent of a program's blocks
     qg = q.reshape(b, hkv, g, d)
     gq = g
-    if method in ("dot", "mma8", "mma8k"):
+    if method in TENSOR_CORE_METHODS:
         gq = max(16, 1 << (g - 1).bit_length())
         if gq != g:
             qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gq - g), (0, 0)))

@@ -10,6 +10,8 @@ from __future__ import annotations
 DEFAULTS = dict(block_t=64, method="auto", num_splits=1, num_warps=0, num_stages=2, mask_loads=1,
                 convert="prmt", terms=2, heads=1)
 CHOICES = {"method": ("auto", "fma", "dot", "mma8", "mma8k", "dp4a"), "convert": ("prmt", "magic", "cvt")}
+# Methods whose score dot runs on the tensor cores, with the query rows padded to a 16-row tile.
+TENSOR_CORE_METHODS = ("dot", "mma8", "mma8k")
 
 
 def parse_setting(key: str, val) -> tuple[str, object]:
@@ -42,7 +44,7 @@ def warps_for(method: str, g: int, d: int) -> int:
     """Warps per program when not set: the fastest count of the sweep per shape (BENCHMARKS.md,
     decode attention). 2 warps for "dot" up to G=16 and for "fma" with G <= 3 and D <= 128;
     4 otherwise (more query rows or wider heads need the registers)."""
-    if method in ("dot", "mma8", "mma8k"):
+    if method in TENSOR_CORE_METHODS:
         return 2 if g <= 16 else 4
     return 2 if g <= 3 and d <= 128 else 4
 

@@ -68,8 +68,9 @@ def test_fp8_cache_matches_xla(g, method):
 def test_mma8_within_its_bound(method, quantized, g, terms, bound):
     """method="mma8" quantizes q and each block's p * v_scale to the cache's 8 bits (a scale per
     row, `terms` 8-bit terms each) for the tensor-core dots; "mma8k" quantizes q only, for the
-    score dot, and "dp4a" q only, as two int8 terms, for integer dot products. Each output row stays within `bound` of its largest element (the XLA path's
-    output is the reference), lengths on and off the 32-token block edges."""
+    score dot, and "dp4a" q only, as two int8 terms, for integer dot products. Each output row
+    stays within `bound` of its largest element (the XLA path's output is the reference),
+    lengths on and off the 32-token block edges."""
     q, cache = _case(5, 64, 2, g, 32, quantized=quantized, seed=1)
     lengths = jnp.asarray([1, 32, 33, 64, 40], jnp.int32)
     ref = np.asarray(decode_attention(q, cache, 0, lengths - 1, 32 ** -0.5, impl="xla"))
