@@ -46,7 +46,13 @@ def _summary(metrics: dict) -> str:
     outputs = (f"  outputs: {metrics['output']}/completions-*.parquet, errors-*.jsonl, "
                f"metrics-{metrics['run_id']}.json (this run), metrics.json (every run)")
     if not metrics.get("engines"):
-        return "\n".join([head, "  nothing was left to generate (--overwrite serves every row again)", outputs])
+        if metrics.get("rows_skipped_existing") and not metrics["errored"]:
+            why = "nothing was left to generate (--overwrite serves every row again)"
+        elif metrics["errored"]:
+            why = "no row reached an engine: the error rows say why"
+        else:
+            why = "the input holds no rows"
+        return "\n".join([head, f"  {why}", outputs])
     lines = [
         head,
         f"  model {metrics.get('model')} on {metrics.get('engines')} engine(s), {metrics.get('device_kind')} "
@@ -95,6 +101,14 @@ def main(argv=None) -> int:
     except (PreflightError, ConfigError) as e:  # found before any work: one clear line, no traceback
         print(f"jetbeam: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a worker's engine could not load: the job failed, every row stays to serve
+        from transforms.serving import load_failure
+        why = load_failure(e)
+        if why is None:
+            raise
+        print(f"jetbeam: error: {why.removeprefix('jetbeam ')} (the job stopped; a re-run resumes it)",
+              file=sys.stderr)
+        return 1
     if metrics is None:
         state = getattr(result, "state", None)
         print(f"jetbeam: job submitted/finished with state {state}; outputs will be in {info['output']}")

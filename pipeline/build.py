@@ -18,7 +18,7 @@ import logging
 from typing import Optional
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, WorkerOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions, WorkerOptions
 
 from engine.config import Settings
 from engine.settings import to_mapping
@@ -63,6 +63,12 @@ def is_local_runner(options: PipelineOptions) -> bool:
     if not isinstance(runner, str):
         runner = type(runner).__name__
     return runner.rsplit(".", 1)[-1].lower() in LOCAL_RUNNERS
+
+
+def runs_in_process(options: PipelineOptions) -> bool:
+    """A local runner whose workers are this process (not --direct_running_mode=multi_processing)."""
+    mode = options.view_as(DirectOptions).direct_running_mode
+    return is_local_runner(options) and mode != "multi_processing"
 
 
 def default_num_engines(options: PipelineOptions, job: JobOptions) -> int:
@@ -131,7 +137,8 @@ def run(argv=None, wait: bool = True, options: Optional[PipelineOptions] = None)
     not wait."""
     options = options or make_options(argv)
     dry_run = bool(options.get_all_options().get("dry_run"))
-    plan = preflight(options, check_model_files=is_local_runner(options), lock=not dry_run)
+    plan = preflight(options, check_model_files=is_local_runner(options), devices_here=runs_in_process(options),
+                     lock=not dry_run)
     status = "failed"
     try:
         p = beam.Pipeline(options=options)

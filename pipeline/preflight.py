@@ -87,6 +87,16 @@ def check_model(settings: Settings) -> None:
     check_decode_kernel(settings, model_config)
 
 
+def check_devices(settings: Settings) -> None:
+    """The devices `platform` names are visible to this process (an in-process run, whose engine
+    loads here): a wrong platform fails now, not after reading and validating every input row."""
+    from engine.sharding import make_mesh
+    try:
+        make_mesh(settings.engine.platform)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+
+
 def check_decode_kernel(settings: Settings, model_config) -> None:
     """With attention pallas asked for, the decode_kernel settings must fit the model's heads
     (an engine on one device; the engine checks its own share under tensor parallelism)."""
@@ -151,8 +161,10 @@ def _clear(output: str) -> int:
     return len(paths)
 
 
-def preflight(options: PipelineOptions, *, check_model_files: bool = True, lock: bool = True) -> RunPlan:
-    """The checked plan of a run; PreflightError (one line) for any mistake found."""
+def preflight(options: PipelineOptions, *, check_model_files: bool = True, devices_here: bool = False,
+              lock: bool = True) -> RunPlan:
+    """The checked plan of a run; PreflightError (one line) for any mistake found. `devices_here`:
+    the engine loads in this process, so the platform's devices are checked here too."""
     try:
         job, settings = job_settings(options)
         files = fs.expand_inputs(job.input)
@@ -160,6 +172,8 @@ def preflight(options: PipelineOptions, *, check_model_files: bool = True, lock:
         raise PreflightError(str(e)) from None
     if check_model_files:
         check_model(settings)
+    if devices_here:
+        check_devices(settings)
     output = output_path(job)
     plan = RunPlan(job, settings, files, output, new_run_id(), time.time(), Scan())
     if not lock:

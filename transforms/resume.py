@@ -7,7 +7,7 @@ Rows, read errors and the keys already committed in the output directory are gro
     committed: it has a completion, or an error row (unless `retry_errors`);
   * each later row with the same id becomes an error row of stage "duplicate" naming the
     first, unless an earlier run committed that error row already;
-  * a read error an earlier run committed is not written again.
+  * a read error an earlier run committed is not written again (it counts as skipped).
 
 So a resume after a kill serves exactly what is missing, and every input row ends in exactly
 one record.
@@ -48,12 +48,14 @@ class _Admit(beam.DoFn):
     def process(self, kv):
         id_, grouped = kv
         facts = list(grouped["committed"])
-        if any(f.get("stage") == "read" for f in facts):
-            read_errors = []
+        read_errors = list(grouped["read_errors"])
+        if any(f.get("stage") == "read" for f in facts):  # committed before: counted, not written again
+            self.skipped.inc(len(read_errors))
+            for _ in read_errors:
+                yield beam.pvalue.TaggedOutput(SKIPPED, 1)
         else:
-            read_errors = list(grouped["read_errors"])
-        for e in read_errors:
-            yield beam.pvalue.TaggedOutput(ERRORS, e)
+            for e in read_errors:
+                yield beam.pvalue.TaggedOutput(ERRORS, e)
         rows = sorted(grouped["rows"], key=lambda r: tuple(r.get("order") or (0, 0)))
         if not rows:
             return

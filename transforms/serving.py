@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
@@ -35,6 +36,46 @@ log = logging.getLogger(__name__)
 _SHARED = shared.Shared()  # module level: one control block per process
 _KEEP: dict = {}  # a strong reference to the current engine: it outlives DoFn teardown/reuse
 
+LOAD_FAILED = "jetbeam engine could not load"
+
+
+class EngineLoadError(RuntimeError):
+    """A worker's engine could not load (devices the platform names are missing, a checkpoint
+    that fails past its headers, out of memory): no row can be served there, so the job stops
+    with this one line instead of one error row per input row."""
+
+
+class _DropLoadTraceback(logging.Filter):
+    """Beam logs a failed DoFn's traceback where it runs it, in the SDK worker, and again where
+    the runner relays worker logs; an EngineLoadError is already logged as its one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return LOAD_FAILED not in record.getMessage()
+
+
+for _name in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker",
+              "apache_beam.runners.portability.local_job_service"):
+    logging.getLogger(_name).addFilter(_DropLoadTraceback())
+
+
+def load_failure(exc: BaseException) -> Optional[str]:
+    """The one-line EngineLoadError message carried by a failed job's exception (in-process, or
+    the text of a worker process's traceback), Beam's step annotation removed; None if the job
+    failed otherwise."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        found = re.search(re.escape(LOAD_FAILED) + r"[^\n]*", str(exc))
+        if found:
+            return re.sub(r"( \[while running '[^']*'\])+$", "", found.group(0).rstrip())
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _one_line(e: BaseException, limit: int = 600) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
 
 class EngineHolder:
     """An LLM plus the lock that serialises it, and what the STATS records report about it."""
@@ -43,7 +84,13 @@ class EngineHolder:
         t0 = time.time()  # the load counts importing JAX and the engine (~1 s on a CPU): they come with it
         from engine.data_parallel import serving_llm
         log.info("jetbeam: loading engine model=%s (pid %d)", settings.source.model or "<default>", os.getpid())
-        self.llm = serving_llm(settings)  # one LLM, or one per engine group ("gpu=8/2")
+        try:
+            self.llm = serving_llm(settings)  # one LLM, or one per engine group ("gpu=8/2")
+        except Exception as e:
+            log.debug("jetbeam: engine load failed", exc_info=True)
+            why = f"{LOAD_FAILED} on {socket.gethostname()}:{os.getpid()}: {type(e).__name__}: {_one_line(e)}"
+            log.error("%s", why)
+            raise EngineLoadError(why) from None
         self.load_time_s = time.time() - t0
         self.lock = threading.Lock()
         self.name = f"{socket.gethostname()}:{os.getpid()}"

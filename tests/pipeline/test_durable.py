@@ -188,6 +188,8 @@ def test_preflight_mistakes(tmp_path, tokenizer_dir, capsys, caplog):
     _refused(main, capsys, base + [f"--output={out}", "--input=/nowhere/*.jsonl"], "matches no files")
     _refused(main, capsys, base + [f"--output={out}", "--attention=pallas", "--decode_kernel=heads=2"],
              "decode_kernel: heads=2 (kv heads per program) needs the fma method")  # tiny-llama: G=2
+    _refused(main, capsys, base + [f"--output={out}", "--platform=cpu=4"],
+             "platform 'cpu=4' asks for 4 devices but only 1 cpu device(s) are visible")  # the engine would load here
 
     assert "loading engine" not in caplog.text and "flushing" not in caplog.text
 
@@ -211,3 +213,24 @@ def test_preflight_exit_code(tmp_path):
     assert len(lines) == 1 and "missing" in lines[0]
     assert "loading engine" not in r.stderr
     assert time.time() - t0 < 60
+
+
+def test_engine_that_cannot_load_stops_the_job_in_one_line(tmp_path, tokenizer_dir):
+    """Beam worker processes whose engine cannot load (here: fewer devices than --platform names;
+    on a cluster also a checkpoint that fails past its headers, or memory): exit status 1, the
+    reason as the last line, nothing committed, the run marked failed and its lock given back, so
+    a re-run with the mistake fixed serves every row."""
+    from transforms.output_dir import read_manifests
+    inp = write_jsonl(tmp_path / "in.jsonl", token_rows(3))
+    out = str(tmp_path / "out")
+    base = [f"--input={inp}", f"--output={out}"] + engine_args(tokenizer_dir)
+    r = subprocess.run([sys.executable, "run_pipeline.py", *base, *MULTI, "--platform=cpu=4"], cwd=REPO,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 1, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("jetbeam: error: engine could not load on "), last
+    assert "ValueError: platform 'cpu=4' asks for 4 devices" in last and "[while running" not in last, last
+    assert pieces(out) == []
+    assert [m["status"] for m in read_manifests(out)] == ["failed"]
+    m, _ = run_job(base)
+    assert (m["completed"], m["errored"]) == (3, 0)

@@ -85,6 +85,9 @@ def test_gcs_input_and_output(gcs, tokenizer_dir):
     assert m2["rows_skipped_existing"] == 5 and m2["completed"] == 0 and m2["errored"] == 1
     comps, errs = read_outputs(out, gcs)
     assert_each_id_once(comps, errs, {"j0", "j1", "j2", "q0", "q1", "part-2.parquet:file"})
+    m3, _ = run_job([f"--input=gs://{BUCKET}/in/*"] + base)  # the read error is committed now: skipped too
+    assert (m3["rows_in"], m3["rows_skipped_existing"], m3["completed"], m3["errored"]) == (6, 6, 0, 0)
+    assert read_outputs(out, gcs)[1] == errs
 
 
 def test_gcs_kill_resume_and_lock(gcs, tokenizer_dir, tmp_path, capsys):
