@@ -37,8 +37,10 @@ class JobOptions:
     """What the pipeline reads and writes, and how it spreads rows over engines."""
 
     input: str = setting(
-        DEFAULT_INPUT, "Glob (or comma-separated globs) of Parquet (*.parquet) or JSONL (*.jsonl, *.json, "
-                       "OpenAI batch files) inputs, local or gs://; the default is the sample prompts in data/")
+        DEFAULT_INPUT, "Files, globs or directories (comma-separated) of Parquet (*.parquet) or JSONL (*.jsonl, "
+                       "*.json, *.ndjson, OpenAI batch files; also .gz, .bz2, .xz, .zst) inputs, local or gs://; a "
+                       "directory is read with its partition folders, skipping _* and .* names; the default is "
+                       "the sample prompts in data/")
     output: str = setting(
         "output", "Output directory, local or gs://: completions-*.parquet, errors-*.jsonl, "
                   "metrics-<run>.json/.csv per run, metrics.json/.csv over every run")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+from typing import Optional
 
 # gcsfs >= 2025 probes for hierarchical-namespace buckets over gRPC on first use (up to
 # 60 s per call without a real GCS); it must be switched off before gcsfs is imported.
@@ -76,17 +77,83 @@ def glob(pattern: str) -> list[str]:
     return sorted(out)
 
 
-def expand_inputs(spec: str) -> list[str]:
-    """Every file of a comma-separated list of globs; ValueError naming a glob that matches nothing."""
-    files: list[str] = []
+PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+
+
+def compression(path: str) -> Optional[str]:
+    """The compression a JSONL file's name says (fsspec's codec name), or None."""
+    return COMPRESSION_SUFFIXES.get(posixpath.splitext(path.lower())[1])
+
+
+def uncompressed_name(path: str) -> str:
+    """The file name without its compression suffix, lower case: "a.jsonl.gz" -> "a.jsonl"."""
+    name = path.lower()
+    return posixpath.splitext(name)[0] if compression(name) else name
+
+
+def is_parquet(path: str) -> bool:
+    return path.lower().endswith(PARQUET_SUFFIXES)
+
+
+def is_data_file(path: str) -> bool:
+    """A Parquet or (possibly compressed) JSONL file by its name: what a directory input reads."""
+    return is_parquet(path) or uncompressed_name(path).endswith(JSON_SUFFIXES)
+
+
+def _glob_base(pattern: str) -> str:
+    """The directory a pattern's matches are named relative to: the part before its first wildcard,
+    up to the last "/" ("data/*/part.parquet" -> "data"; a plain file -> its directory)."""
+    cut = min((i for i, c in enumerate(pattern) if c in "*?["), default=len(pattern))
+    return pattern[:cut].rsplit("/", 1)[0] if "/" in pattern[:cut] else ""
+
+
+def _relative(path: str, base: str) -> str:
+    if base and not is_remote(base):
+        base = os.path.abspath(base.removeprefix("file://"))  # local matches come back absolute
+    base = base.rstrip("/")
+    return path[len(base) + 1:] if base and path.startswith(base + "/") else basename(path)
+
+
+def _directory_files(directory: str) -> list[str]:
+    """Data files under a directory, at any depth, skipping names that start with "_" or "."
+    (_SUCCESS markers, .crc checksums, hidden folders), as full paths, sorted."""
+    fsys, stripped = get_fs(directory)
+    root = stripped.rstrip("/")
+    out = []
+    for p in fsys.find(root):
+        parts = p[len(root):].strip("/").split("/")
+        if any(part.startswith(("_", ".")) for part in parts) or not is_data_file(p):
+            continue
+        out.append(full_path(fsys, p, directory))
+    return sorted(out)
+
+
+def expand_inputs(spec: str) -> list[tuple[str, str]]:
+    """(path, name) of every input file of a comma-separated list of files, globs and directories;
+    ValueError naming an entry that matches nothing. `name` is the file's path relative to the
+    entry's fixed part (a file named directly or matched in one directory: its base name), which
+    rows without an id column are numbered under, so files of the same name in different
+    partition folders ("date=1/part-0.parquet") give different ids."""
+    files: dict[str, str] = {}
     for pattern in [p.strip() for p in spec.split(",") if p.strip()]:
-        matched = glob(pattern)
-        if not matched:
-            raise ValueError(f"--input {pattern!r} matches no files")
-        files.extend(m for m in matched if m not in files)
+        fsys, stripped = get_fs(pattern)
+        if not any(c in stripped for c in "*?[") and fsys.isdir(stripped):
+            matched, base = _directory_files(pattern), pattern
+            if not matched:
+                raise ValueError(f"--input {pattern!r} is a directory with no Parquet or JSONL files "
+                                 f"(.parquet, .pq, .parq, .jsonl, .json, .ndjson; JSON also as .gz, .bz2, "
+                                 f".xz, .zst)")
+        else:
+            matched, base = glob(pattern), _glob_base(pattern)
+            if not matched:
+                raise ValueError(f"--input {pattern!r} matches no files")
+        for m in matched:
+            files.setdefault(m, _relative(m, base))
     if not files:
         raise ValueError("--input is empty")
-    return files
+    return list(files.items())
 
 
 def makedirs(directory: str) -> None:
@@ -97,9 +164,9 @@ def makedirs(directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
 
 
-def open_file(path: str, mode: str = "rb"):
+def open_file(path: str, mode: str = "rb", compression: Optional[str] = None):
     fs, stripped = get_fs(path)
-    return fs.open(stripped, mode)
+    return fs.open(stripped, mode, compression=compression)
 
 
 def list_files(directory: str, prefix: str, suffix: str = "") -> list[str]:

@@ -1,16 +1,18 @@
 """read: input files -> rows `{"id": str, "row": dict}`, plus error records for what cannot be read.
 
 Formats: Parquet (pyarrow, streamed by record batch), JSONL (one JSON object per line; a
-bare JSON string is a prompt; a `.json` file may also hold one JSON array) and OpenAI batch files (JSONL lines with `custom_id` and a
-`body` holding `prompt` or `messages`, `max_tokens`, `temperature`, ...).
+bare JSON string is a prompt; a `.json` file may also hold one JSON array; `.gz`, `.bz2`, `.xz`
+and `.zst` files are decompressed as they stream) and OpenAI batch files (JSONL lines with
+`custom_id` and a `body` holding `prompt` or `messages`, `max_tokens`, `temperature`, ...).
 
-Every row gets a stable id: the value of the id column, else `<file basename>:<row number>`
-(0-based; for JSONL the line index). A file that cannot be opened or parsed yields an error
+Every row gets a stable id: the value of the id column, else `<file name>:<row number>` (0-based;
+for JSONL the line index), the file name relative to its --input entry (fs.expand_inputs). A file that cannot be opened or parsed yields an error
 record instead of failing the job; a bad JSONL line yields an error record for that line.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -22,8 +24,6 @@ from transforms import fs
 log = logging.getLogger(__name__)
 NAMESPACE = "jetbeam"
 ERRORS = "errors"
-
-PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 
 # OpenAI batch `body` fields we understand (others are ignored, like `model` and `n`).
 _OPENAI_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n")
@@ -94,12 +94,11 @@ class ReadFileFn(beam.DoFn):
         self.files_read = Metrics.counter(NAMESPACE, "files_read")
 
     def process(self, numbered):
-        file_no, path = numbered
-        source = fs.basename(path)
-        kind = "parquet" if path.lower().endswith(PARQUET_SUFFIXES) else "jsonl"
+        file_no, (path, source) = numbered
+        kind = "parquet" if fs.is_parquet(path) else "jsonl"
         index = -1
         try:
-            reader = self._parquet(path) if kind == "parquet" else self._jsonl(path, source)
+            reader = self._parquet(path, source) if kind == "parquet" else self._jsonl(path)
             for index, row in reader:
                 if isinstance(row, dict) and "__error__" in row:
                     self.read_errors.inc()
@@ -119,7 +118,7 @@ class ReadFileFn(beam.DoFn):
                 f"{source}:{where}", f"unreadable {kind} input file {path}: {type(e).__name__}: {e}",
                 "read", {"file": path}, path))
 
-    def _parquet(self, path: str):
+    def _parquet(self, path: str, source: str):
         """Rows of each row group; a row group that cannot be decoded becomes one error record
         (its rows keep their numbers, from the footer, so later row groups' ids do not shift)."""
         import pyarrow.parquet as pq
@@ -137,24 +136,28 @@ class ReadFileFn(beam.DoFn):
                 except Exception as e:
                     yield index, {"__error__": f"row group {group} of {path} (rows {start}..{start + n - 1}) is "
                                                f"unreadable from row {index}: {type(e).__name__}: {e}",
-                                  "__id__": f"{fs.basename(path)}:row-group-{group}"}
+                                  "__id__": f"{source}:row-group-{group}"}
                 start += n
 
-    def _jsonl(self, path: str, source: str):
-        with fs.open_file(path, "rb") as f:
-            if path.lower().endswith(".json"):
+    def _jsonl(self, path: str):
+        def open_():  # each pass opens the file afresh: compressed streams do not seek back
+            f = fs.open_file(path, "rb", compression=fs.compression(path))
+            return io.BufferedReader(f) if fs.compression(path) else f  # zstd's reader has no readline
+
+        if fs.uncompressed_name(path).endswith(".json"):
+            with open_() as f:
                 head = f.read(4096).lstrip()
-                f.seek(0)
-                if head.startswith(b"["):  # a .json file holding one JSON array of rows
+            if head.startswith(b"["):  # a .json file holding one JSON array of rows
+                with open_() as f:
                     try:
                         rows = json.load(f)
                     except ValueError:
-                        rows = None  # not an array after all: fall back to JSON lines
-                        f.seek(0)
-                    if rows is not None:
-                        for index, obj in enumerate(rows):
-                            yield index, self._row(obj, path, index, "element")
-                        return
+                        rows = None  # not an array after all: read as JSON lines
+                if rows is not None:
+                    for index, obj in enumerate(rows):
+                        yield index, self._row(obj, path, index, "element")
+                    return
+        with open_() as f:
             for index, raw in enumerate(f):
                 line = raw.strip()
                 if not line:
@@ -181,13 +184,13 @@ class ReadFileFn(beam.DoFn):
 class ReadInputs(beam.PTransform):
     """Files -> rows; `result[ERRORS]` holds error records for unreadable files/lines.
 
-    `files` is the expanded list (fs.expand_inputs), so a glob that matches nothing fails
-    at launch with a clear message instead of producing an empty job.
+    `files` is the expanded list of (path, name) (fs.expand_inputs), so a glob that matches
+    nothing fails at launch with a clear message instead of producing an empty job.
     """
 
-    def __init__(self, files: list[str], id_column: str = "id", prompt_column: str = "prompt"):
+    def __init__(self, files: list[tuple[str, str]], id_column: str = "id", prompt_column: str = "prompt"):
         super().__init__()
-        self.files = list(files)
+        self.files = [tuple(f) for f in files]
         self.id_column = id_column
         self.prompt_column = prompt_column
 

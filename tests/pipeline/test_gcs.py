@@ -66,6 +66,9 @@ def test_gcs_input_and_output(gcs, tokenizer_dir):
     put(gcs, f"{BUCKET}/in/part-1.parquet", buf.getvalue().to_pybytes())
     put(gcs, f"{BUCKET}/in/part-2.parquet", b"garbage")  # -> one read error row
 
+    from transforms import fs
+    assert fs.expand_inputs(f"gs://{BUCKET}/in") == [(f"gs://{BUCKET}/in/{n}", n) for n in (
+        "part-0.jsonl", "part-1.parquet", "part-2.parquet")]  # a directory on GCS: its data files
     out = f"gs://{BUCKET}/out"
     base = [f"--output={out}"] + engine_args(tokenizer_dir)
     m, info = run_job([f"--input=gs://{BUCKET}/in/*.jsonl,gs://{BUCKET}/in/part-1.parquet"] + base)
