@@ -4,10 +4,11 @@
 
 The engine is built as the settings say, but on this host's CPU devices (`--platform tpu=N`
 uses N of them: simulate them with XLA_FLAGS=--xla_force_host_platform_device_count=N), from
-parameter and cache shapes only, so no weights are read or held. Its prefill (largest bucket and
-call size; with packed_prefill, also the largest packed row), insert and generate (longest
-decode window) programs are then exported for the target with `jax.export`, which lowers each
-to StableHLO for that platform. A program that does not lower is reported in one line (exit 2).
+parameter and cache shapes only, so no weights are read or held. Every program it compiles is
+then exported for the target with `jax.export`, which lowers each to StableHLO for that platform:
+prefill for each prompt count and length bucket and the insert of its output, generate for each
+decode window, the two halves of a structured-output step, each packed row length and its
+insert, and (paged) a prefill after cached prefix pages. A program that does not lower is reported in one line (exit 2).
 Model configs and checkpoints give the same shapes.
 """
 
@@ -39,25 +40,27 @@ def export_programs(settings: Settings, target: str) -> dict:
     eng.per_slot_draws = kind == "cpu"  # the target's sampling, not this host's
     params = jax.eval_shape(eng.load_params)
     state = jax.eval_shape(eng.init_decode_state)
-    n, s = eng.geometry.prefill_sizes[-1], eng.geometry.prefill_buckets[-1]
+    geo = eng.geometry
     out = {}
-    prefill = eng.lower_prefill(params, n, s, platforms=(kind,))
-    out[f"prefill[{n}x{s}]"] = len(prefill.mlir_module_serialized)
-    prefix = _prefix_of(prefill)
-    out["insert"] = len(eng.lower_insert(state, prefix, np.zeros(n, np.int32),
-                                         platforms=(kind,)).mlir_module_serialized)
-    out["generate"] = len(eng.lower_generate(params, state, platforms=(kind,)).mlir_module_serialized)
+    for s in geo.prefill_buckets:  # every (prompt count, bucket) prefill, and the insert of its prefix
+        for n in geo.prefill_sizes:
+            prefill = eng.lower_prefill(params, n, s, platforms=(kind,))
+            out[f"prefill[{n}x{s}]"] = len(prefill.mlir_module_serialized)
+            out[f"insert[{n}x{s}]"] = len(eng.lower_insert(state, _prefix_of(prefill), np.zeros(n, np.int32),
+                                                           platforms=(kind,)).mlir_module_serialized)
+    for w in eng.decode_windows():  # XLA attention: one decode program per cache window
+        out[f"generate[{w}]"] = len(eng.lower_generate(params, state, max_length=w,
+                                                       platforms=(kind,)).mlir_module_serialized)
     forward, sampling = eng.lower_masked_step(params, state, platforms=(kind,))
     out["decode_logits"] = len(forward.mlir_module_serialized)  # structured output: forward, then masks
     out["sample_logits"] = len(sampling.mlir_module_serialized)
-    for t in eng.geometry.packed_sizes[-1:]:  # packed prefill: its largest row; insert writes it per token
+    for t in geo.packed_sizes:  # packed prefill: every row length; insert writes a row per token
         packed = eng.lower_prefill_packed(params, t, platforms=(kind,))
         out[f"prefill_packed[{t}]"] = len(packed.mlir_module_serialized)
-        rows = eng.geometry.packed_rows
-        out["insert_packed"] = len(eng.lower_insert(state, _prefix_of(packed), np.zeros(rows, np.int32),
-                                                    platforms=(kind,)).mlir_module_serialized)
-    if eng.paged:  # prefix caching: a prompt's rest after cached pages
-        ctx = eng.geometry.prefill_buckets[0]
+        out[f"insert_packed[{t}]"] = len(eng.lower_insert(state, _prefix_of(packed), np.zeros(geo.packed_rows, np.int32),
+                                                          platforms=(kind,)).mlir_module_serialized)
+    if eng.paged:  # prefix caching: a prompt's rest after cached pages (one context length stands for all)
+        n, s, ctx = geo.prefill_sizes[-1], geo.prefill_buckets[-1], geo.prefill_buckets[0]
         cached = eng.lower_prefill(params, n, s, platforms=(kind,), decode_state=state, context_tokens=ctx)
         out[f"prefill[{n}x{s}+{ctx}cached]"] = len(cached.mlir_module_serialized)
     return out
@@ -100,6 +103,7 @@ def main(argv=None) -> int:
         return 2
     for name, size in programs.items():
         print(f"{target}: {name} lowered ({size:,} bytes of StableHLO)")
+    print(f"{target}: all {len(programs)} programs lowered ({sum(programs.values()):,} bytes)")
     return 0
 
 

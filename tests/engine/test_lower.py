@@ -22,10 +22,13 @@ def test_lowers_for_tpu(flags, capsys):
     assert main(["--platform", "tpu", "--model", "tiny-llama", "--batch_size", "4", "--max_cache_length", "64",
                  "--context_size", "32", "--prefill_batch", "4", *flags]) == 0
     lines = capsys.readouterr().out.splitlines()
-    packed = ["prefill_packed[64]", "insert_packed"] if "--packed_prefill" in flags else []
+    bucketed = [f"{p}[{n}x{s}]" for s in (16, 32) for n in (1, 2, 4) for p in ("prefill", "insert")]
+    packed = [f"{p}[{t}]" for t in (16, 32, 48, 64) for p in ("prefill_packed", "insert_packed")] \
+        if "--packed_prefill" in flags else []
     cached = ["prefill[4x32+16cached]"] if "--kv_page_size" in flags else []
-    assert [ln.split(":")[1].split()[0] for ln in lines] == ["prefill[4x32]", "insert", "generate", "decode_logits",
-                                                             "sample_logits", *packed, *cached], lines
+    names = [*bucketed, "generate[64]", "decode_logits", "sample_logits", *packed, *cached]
+    assert [ln.split(":")[1].split()[0] for ln in lines] == [*names, "all"], lines
+    assert lines[-1].startswith(f"tpu: all {len(names)} programs lowered")
 
 
 @pytest.mark.parametrize("model,flags", [("llama2-7b", []),
@@ -41,7 +44,7 @@ def test_7b_sharded_over_four_tpus_without_weights(model, flags):
                         "--batch_size", "64", *flags],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "tpu=4: generate lowered" in r.stdout
+    assert "tpu=4: prefill[1x16] lowered" in r.stdout and "tpu=4: generate[1024] lowered" in r.stdout
     assert ("tpu=4: prefill_packed[1024] lowered" in r.stdout) == ("--packed_prefill" in flags)
     rss = int(r.stdout.split("maxrss_kb")[1].split()[0])
     assert rss < 6_000_000, rss  # 7B bf16 weights alone would be 13.5 GB (measured alone: about 0.25 GB)
