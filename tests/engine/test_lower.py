@@ -41,7 +41,7 @@ def test_7b_sharded_over_four_tpus_without_weights(model, flags):
     r = subprocess.run([sys.executable, "-c", "import resource, sys; from engine.lower import main; "
                         "rc = main(sys.argv[1:]); print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); "
                         "sys.exit(rc)", "--platform", "tpu=4", "--model", model, "--quantize_kv_cache",
-                        "--batch_size", "64", *flags],
+                        "--batch_size", "64", "--prefill_batch", "1", *flags],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "tpu=4: prefill[1x16] lowered" in r.stdout and "tpu=4: generate[1024] lowered" in r.stdout
