@@ -138,15 +138,20 @@ def expand_inputs(spec: str) -> list[tuple[str, str]]:
     partition folders ("date=1/part-0.parquet") give different ids."""
     files: dict[str, str] = {}
     for pattern in [p.strip() for p in spec.split(",") if p.strip()]:
-        fsys, stripped = get_fs(pattern)
-        if not any(c in stripped for c in "*?[") and fsys.isdir(stripped):
-            matched, base = _directory_files(pattern), pattern
+        try:
+            fsys, stripped = get_fs(pattern)
+            is_dir = not any(c in stripped for c in "*?[") and fsys.isdir(stripped)
+            matched = _directory_files(pattern) if is_dir else glob(pattern)
+        except Exception as e:  # no such protocol, its package missing, credentials, network
+            raise ValueError(f"--input {pattern!r}: cannot list it ({type(e).__name__}: {e})") from None
+        if is_dir:
+            base = pattern
             if not matched:
                 raise ValueError(f"--input {pattern!r} is a directory with no Parquet or JSONL files "
                                  f"(.parquet, .pq, .parq, .jsonl, .json, .ndjson; JSON also as .gz, .bz2, "
                                  f".xz, .zst)")
         else:
-            matched, base = glob(pattern), _glob_base(pattern)
+            base = _glob_base(pattern)
             if not matched:
                 raise ValueError(f"--input {pattern!r} matches no files")
         for m in matched:

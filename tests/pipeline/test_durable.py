@@ -186,6 +186,8 @@ def test_preflight_mistakes(tmp_path, tokenizer_dir, capsys, caplog):
     _refused(main, capsys, base + [f"--output={out}", "--max_token=3"], "unknown flag --max_token (did you mean --max_tokens?)")
     _refused(main, capsys, base + [f"--output={out}", "--skip_existing"], "--skip_existing")
     _refused(main, capsys, base + [f"--output={out}", "--input=/nowhere/*.jsonl"], "matches no files")
+    _refused(main, capsys, base + [f"--output={out}", "--input=nope://b/x.jsonl"],
+             "--input 'nope://b/x.jsonl': cannot list it (ValueError: Protocol not known: nope)")
     _refused(main, capsys, base + [f"--output={out}", "--attention=pallas", "--decode_kernel=heads=2"],
              "decode_kernel: heads=2 (kv heads per program) needs the fma method")  # tiny-llama: G=2
     _refused(main, capsys, base + [f"--output={out}", "--platform=cpu=4"],
