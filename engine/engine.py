@@ -44,6 +44,7 @@ class JaxEngine(PackedPrefill, LoweringHooks, Engine):
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, checkpoint=None, device_group: int = 0):
         self.config = config
+        model_config = model_config.within_cache(config.max_cache_length)
         self.model_config = model_config
         self.checkpoint = checkpoint  # None: random weights (benchmarks, config-name models)
         self.paged = config.kv_page_size > 0

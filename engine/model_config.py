@@ -1,6 +1,6 @@
 """The architecture of a decoder-only transformer: one `ModelConfig` for every supported family.
 
-Llama 2/3, SmolLM2, Mistral (no sliding window), Gemma and Gemma 2 differ only in the switches
+Llama 2/3, SmolLM2, Mistral, Gemma and Gemma 2 differ only in the switches
 below, never in code copies (MaxText style). Shipped configs live in configs/models/*.json;
 checkpoints bring their own (`from_hf`, and the GGUF and Meta loaders).
 """
@@ -122,10 +122,7 @@ class ModelConfig:
                 a in ("LlamaForCausalLM", "GemmaForCausalLM", "MistralForCausalLM") for a in archs):
             raise ValueError(
                 f"unsupported architecture: model_type={model_type!r}, architectures={archs}; "
-                "supported: llama, gemma, gemma2, mistral (no sliding window)")
-        if model_type == "mistral" and hf.get("sliding_window") not in (None, 0):
-            if hf["sliding_window"] < hf.get("max_position_embeddings", 0):
-                raise ValueError("mistral with a sliding window is not supported")
+                "supported: llama, gemma, gemma2, mistral")
         heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
         gemma2 = model_type == "gemma2"
@@ -176,8 +173,25 @@ class ModelConfig:
             eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
             family="gemma2" if gemma2 else ("gemma" if gemma else "llama"),
             name=name,
-            **(_gemma2_fields(hf) if gemma2 else {}),
+            **(_gemma2_fields(hf) if gemma2 else _mistral_fields(hf) if model_type == "mistral" else {}),
         ).validate()
+
+    def within_cache(self, max_cache_length: int) -> "ModelConfig":
+        """This config for an engine holding at most `max_cache_length` positions: a sliding window
+        that spans them all never masks anything and is dropped, so the fused attention paths stay
+        open (Mistral's 4096-token window under a cache of 4096 or less)."""
+        if self.sliding_window is None or max_cache_length > self.sliding_window:
+            return self
+        return dataclasses.replace(self, sliding_window=None, sliding_layers=())
+
+
+def _mistral_fields(hf: dict) -> dict:
+    """Mistral: every layer attends to its last `sliding_window` positions (v0.1: 4096; later
+    versions have none)."""
+    window = hf.get("sliding_window")
+    if not window:
+        return {}
+    return dict(sliding_window=window, sliding_layers=tuple(range(hf["num_hidden_layers"])))
 
 
 def _gemma2_fields(hf: dict) -> dict:

@@ -51,6 +51,17 @@ def tiny_gemma2_config(**overrides):
     return Gemma2Config(**kw)
 
 
+def tiny_mistral_config(**overrides):
+    """Mistral with its sliding window biting on 10-token prompts (window 4); eager attention."""
+    from transformers import MistralConfig
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+              sliding_window=4, attn_implementation="eager")
+    kw.update(overrides)
+    return MistralConfig(**kw)
+
+
 def randomize_(model, seed: int = 0, gemma_norms: bool = False):
     """Re-draw every weight: matrices N(0, 1/fan_in), embeddings N(0, 1), norms 1 + N(0, 0.1)
     (Gemma stores w for a (1 + w) scale, so just N(0, 0.1))."""

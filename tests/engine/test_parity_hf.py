@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.hf_fixtures import (safetensors_header, save_tiny_model, tiny_gemma2_config, tiny_gemma_config,
-                         tiny_llama_config)
+                         tiny_llama_config, tiny_mistral_config)
 from engine.loaders import CheckpointError, open_checkpoint
 from engine.loaders.hf import load_hf
 from engine.model import prefill
@@ -37,6 +37,7 @@ CASES = {
     "llama3_rope": lambda: tiny_llama_config(rope_theta=10000.0, rope_scaling=dict(LLAMA3_ROPE)),
     "gemma": lambda: tiny_gemma_config(),
     "gemma2": lambda: tiny_gemma2_config(),
+    "mistral_window": lambda: tiny_mistral_config(),
 }
 
 
@@ -74,6 +75,8 @@ def test_logits_match_transformers(tmp_path, case):
         assert ckpt.config.rope_scaling and ckpt.config.rope_scaling["factor"] == 8.0
     if case == "gemma":
         assert ckpt.config.family == "gemma" and ckpt.config.tie_embeddings
+    if case == "mistral_window":
+        assert ckpt.config.sliding_window == 4 and ckpt.config.sliding_layers == (0, 1)
     if case == "gemma2":
         c = ckpt.config
         assert c.post_norms and c.sliding_window == 4 and c.sliding_layers == (0, 2)
@@ -172,3 +175,26 @@ def test_missing_config(sharded_dir, tmp_path):
     os.remove(path / "config.json")
     with pytest.raises(CheckpointError, match=r"config\.json"):
         load_hf(str(path))
+
+
+def test_mistral_window_in_decode_equals_transformers_generate(tmp_path):
+    """Mistral's window (4 positions, every layer) holds through the engine's cache as decoding
+    passes it: greedy tokens equal transformers' generate. A window that spans the whole cache
+    masks nothing and is dropped, which leaves the fused attention paths open."""
+    from engine.batcher import ContinuousBatcher
+    from engine.config import make_settings
+    from engine.llm import load_engine
+    from engine.request import Request, SamplingParams
+    model = save_tiny_model(tmp_path, tiny_mistral_config(), seed=3)
+    prompt = [1, 40, 41, 42, 43, 44]
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    loaded = load_engine(make_settings(str(tmp_path), batch_size=2, max_cache_length=32, context_size=16,
+                                       decode_steps=4, dtype="float32", weight_dtype="float32"))
+    assert loaded.engine.model_config.sliding_layers == (0, 1)
+    r, = ContinuousBatcher(loaded.engine, loaded.params).run(
+        [Request(id=0, prompt_token_ids=prompt, sampling=SamplingParams(max_tokens=12, ignore_eos=True))])
+    assert r.completion_token_ids == want
+    cfg = loaded.engine.model_config
+    assert cfg.within_cache(5) is cfg and cfg.within_cache(4).sliding_window is None
