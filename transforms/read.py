@@ -164,7 +164,7 @@ class ReadFileFn(beam.DoFn):
                     continue
                 try:
                     obj = json.loads(line)
-                except (ValueError, UnicodeDecodeError) as e:
+                except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
                     yield index, {"__error__": f"line {index + 1} of {path} is not valid JSON: {e}",
                                   "__line__": index + 1}
                     continue

@@ -232,22 +232,25 @@ def test_bad_rows_accounting(tmp_path, tokenizer_dir):
         {"id": "bad-token", "prompt_token_ids": [1, 999]},
         {"id": "tokens-type", "prompt_token_ids": ["a"]},
     ]
-    bad = write_jsonl(tmp_path / "bad.jsonl", rows, raw_lines=["{not json", "[1, 2]"])
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows, raw_lines=["{not json", "[1, 2]", "[" * 100_000 + "]" * 100_000,
+                                                                 '{"id": "after-deep", "prompt": "fine"}'])
     corrupt = tmp_path / "corrupt.parquet"
     corrupt.write_bytes(b"this is not a parquet file")
     out = tmp_path / "out"
     metrics, _ = run_job([f"--input={bad},{corrupt}", f"--output={out}"] + engine_args(tokenizer_dir))
     comps, errs = read_outputs(str(out))
-    assert [c["id"] for c in comps] == ["ok"]
-    expected = {r["id"] for r in rows} | {"bad.jsonl:18", "bad.jsonl:19", "corrupt.parquet:file"}
+    assert sorted(c["id"] for c in comps) == ["after-deep", "ok"]  # a line nested too deep loses only itself
+    expected = {r["id"] for r in rows} | {"bad.jsonl:18", "bad.jsonl:19", "bad.jsonl:20", "after-deep",
+                                          "corrupt.parquet:file"}
     assert_each_id_once(comps, errs, expected)
-    assert metrics["rows_in"] == len(rows) + 3 == metrics["completed"] + metrics["errored"]
+    assert metrics["rows_in"] == len(rows) + 5 == metrics["completed"] + metrics["errored"]
     reasons = {e["id"]: (e["stage"], e["reason"]) for e in errs}
     # Everything but what only a loaded engine knows (the model's vocabulary) is refused by validate.
     assert reasons["too-long"] == ("validate", "prompt has 45 tokens, longer than context_size 16")
     assert reasons["bad-token"][0] == "generate" and "999" in reasons["bad-token"][1]
     assert {i for i, (stage, _) in reasons.items() if stage == "validate"} == {r["id"] for r in rows} - {
         "ok", "bad-token"}
+    assert reasons["bad.jsonl:20"][0] == "read" and "recursion" in reasons["bad.jsonl:20"][1]
     assert reasons["neg-max"][0] == "validate" and "max_tokens" in reasons["neg-max"][1]
     assert reasons["corrupt.parquet:file"][0] == "read" and "unreadable" in reasons["corrupt.parquet:file"][1]
     assert reasons["bad.jsonl:18"][0] == "read"
@@ -255,5 +258,5 @@ def test_bad_rows_accounting(tmp_path, tokenizer_dir):
     row_of = {e["id"]: e for e in errs}
     assert row_of["hot"]["row"] == {"id": "hot", "prompt": "x", "temperature": -0.5}  # the row, as JSON
     assert row_of["hot"]["source"].endswith("bad.jsonl:7") and row_of["bad-token"]["source"].endswith("bad.jsonl:16")
-    assert metrics["errors_by_stage"]["read"] == 3
+    assert metrics["errors_by_stage"]["read"] == 4
     assert metrics["errors_by_stage"]["validate"] == len(rows) - 2 and metrics["errors_by_stage"]["generate"] == 1
