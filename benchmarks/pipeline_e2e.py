@@ -27,14 +27,15 @@ sys.path.insert(0, ROOT)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from benchmarks import at_least
     from engine.config import add_settings_arguments
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     b = p.add_argument_group("benchmark")
-    b.add_argument("--num_requests", type=int, default=1000, help="(default: 1000)")
-    b.add_argument("--input_len", type=int, default=256, help="(default: 256)")
-    b.add_argument("--output_len", type=int, default=256, help="(default: 256)")
+    b.add_argument("--num_requests", type=at_least(1), default=1000, help="(default: 1000)")
+    b.add_argument("--input_len", type=at_least(1), default=256, help="(default: 256)")
+    b.add_argument("--output_len", type=at_least(1), default=256, help="(default: 256)")
     b.add_argument("--dataset", choices=["fixed", "sharegpt"], default="fixed", help="(default: fixed)")
-    b.add_argument("--flush_rows", type=int, default=None, help="the pipeline's flush size (default: all rows)")
+    b.add_argument("--flush_rows", type=at_least(1), default=None, help="the pipeline's flush size (default: all rows)")
     b.add_argument("--workdir", default=None)
     b.add_argument("--json", default=None)
     from benchmarks import throughput

@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import at_least  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
 from engine.settings import fields_of  # noqa: E402
 
@@ -46,12 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.config import add_settings_arguments
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     b = p.add_argument_group("benchmark")
-    b.add_argument("--num_requests", type=int, default=1000, help="(default: 1000)")
-    b.add_argument("--input_len", type=int, default=256, help="prompt tokens (default: 256)")
-    b.add_argument("--output_len", type=int, default=256, help="tokens generated per request (default: 256)")
+    b.add_argument("--num_requests", type=at_least(1), default=1000, help="(default: 1000)")
+    b.add_argument("--input_len", type=at_least(1), default=256, help="prompt tokens (default: 256)")
+    b.add_argument("--output_len", type=at_least(1), default=256, help="tokens generated per request (default: 256)")
     b.add_argument("--dataset", choices=["fixed", "sharegpt"], default="fixed",
                    help="fixed lengths, or a ShareGPT-like length mix drawn from --seed (default: fixed)")
-    b.add_argument("--shared_prefix", type=int, default=0, metavar="N",
+    b.add_argument("--shared_prefix", type=at_least(0), default=0, metavar="N",
                    help="every prompt starts with the same N random tokens before its --input_len own ones "
                         "(prefix caching: compare with --variant prefix_caching=false; default: 0)")
     b.add_argument("--temperature", type=float, default=0.0, help="vLLM's benchmark samples at 1.0 (default: 0.0)")
@@ -232,16 +233,16 @@ def measure_ceilings(quantize_weights: str) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     ins, outs = make_lengths(args)
+    from engine.llm import resolve_model
     try:
         settings = settings_for(args, ins, outs)
-    except ValueError as e:
+        mc = resolve_model(settings.source)[0]  # headers only: a model that does not resolve is one line
+    except ValueError as e:  # ConfigError and CheckpointError too
         raise SystemExit(f"error: {e}") from None
     if args.peer:
         args.peer_json = run_peer(args, settings)
     if args.dry_run:
         from benchmarks.dry_run import dry_run
-        from engine.llm import resolve_model
-        mc = resolve_model(settings.source)[0]
         warm = make_requests(args, mc.vocab_size, ins[:settings.engine.batch_size],
                              np.minimum(outs[:settings.engine.batch_size], 16), "warm")
         report = dry_run(settings, mc, make_requests(args, mc.vocab_size, ins, outs), warm)

@@ -5,6 +5,8 @@ makes the calls a real run makes."""
 import json
 import os
 
+import pytest
+
 from benchmarks import throughput
 
 
@@ -84,3 +86,15 @@ def test_dry_run_reproduces_the_h100_schedule(tmp_path):
         r = json.loads(out.read_text())
         got = tuple(r[k] for k in ("decode_calls", "prefill_calls", "refills", "page_waits", "kv_pages_peak"))
         assert got == want, schedule
+
+
+def test_flag_mistakes_are_one_line(capsys):
+    """A count below its floor and a model that does not resolve stop the harness in one line,
+    before any device work (or the minutes a --peer run takes)."""
+    with pytest.raises(SystemExit) as e:
+        throughput.parse_args(["--num_requests", "0"])
+    assert e.value.code == 2
+    assert "argument --num_requests: must be an integer >= 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        throughput.main(["--model", "no-such-model", "--peer"])
+    assert str(e.value).startswith("error: model: 'no-such-model' is neither a file")
