@@ -175,6 +175,10 @@ def preflight(options: PipelineOptions, *, check_model_files: bool = True, devic
     if devices_here:
         check_devices(settings)
     output = output_path(job)
+    inside = [path for path, _ in files if path.startswith(output.rstrip("/") + "/")]
+    if inside:
+        raise PreflightError(f"--input takes {len(inside)} file(s) inside --output {output} (e.g. {inside[0]}): "
+                             f"earlier outputs would be read back as prompts; give --input the prompts alone")
     plan = RunPlan(job, settings, files, output, new_run_id(), time.time(), Scan())
     if not lock:
         return plan

@@ -199,6 +199,8 @@ def test_preflight_mistakes(tmp_path, tokenizer_dir, capsys, caplog):
     caplog.clear()
     _refused(main, capsys, base + [f"--output={out}", "--temperature=0.5"],
              "temperature: 0.0 -> 0.5")  # resuming with other sampling settings would mix outputs
+    _refused(main, capsys, base + [f"--output={out}", f"--input={out}"],
+             f"file(s) inside --output {out}")  # a re-run would read its outputs as prompts
     damaged = out / "completions-20990101-000000-bbbbbb-0123456789ab.parquet"
     damaged.write_bytes(b"PAR1 truncated")
     _refused(main, capsys, base + [f"--output={out}"], f"{damaged}: unreadable completions piece")
