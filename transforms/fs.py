@@ -118,13 +118,17 @@ def _relative(path: str, base: str) -> str:
 
 def _directory_files(directory: str) -> list[str]:
     """Data files under a directory, at any depth, skipping names that start with "_" or "."
-    (_SUCCESS markers, .crc checksums, hidden folders), as full paths, sorted."""
+    (_SUCCESS markers, .crc checksums, hidden folders) and jetbeam output directories (those
+    holding a `_jetbeam` folder), as full paths, sorted."""
     fsys, stripped = get_fs(directory)
     root = stripped.rstrip("/")
+    found = [(p, p[len(root):].strip("/").split("/")) for p in fsys.find(root)]
+    outputs = {tuple(parts[:parts.index("_jetbeam")]) for _, parts in found if "_jetbeam" in parts}
     out = []
-    for p in fsys.find(root):
-        parts = p[len(root):].strip("/").split("/")
+    for p, parts in found:
         if any(part.startswith(("_", ".")) for part in parts) or not is_data_file(p):
+            continue
+        if any(tuple(parts[:i]) in outputs for i in range(len(parts))):
             continue
         out.append(full_path(fsys, p, directory))
     return sorted(out)

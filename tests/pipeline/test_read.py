@@ -27,7 +27,7 @@ def lines(*prompts) -> bytes:
 def dataset(tmp_path):
     """A Hive-style folder: two partitions holding files of the same name, compressed JSONL of
     each codec, a Parquet file, and what a directory read must skip (_SUCCESS, _temporary/,
-    .crc checksums, a README)."""
+    .crc checksums, a README, a jetbeam output directory)."""
     root = tmp_path / "ds"
     for d in ("date=1", "date=2", "_temporary", ".hidden"):
         (root / d).mkdir(parents=True)
@@ -44,6 +44,10 @@ def dataset(tmp_path):
     (root / "_temporary/part-9.jsonl").write_bytes(lines("half-written"))
     (root / ".hidden/part-0.jsonl").write_bytes(lines("hidden"))
     (root / "README.md").write_text("not data")
+    (root / "results/_jetbeam/runs").mkdir(parents=True)  # a jetbeam --output inside the input folder
+    (root / "results/_jetbeam/runs/r.json").write_text("{}")
+    pq.write_table(pa.Table.from_pylist([{"id": "x", "prompt": "p", "completion": "c"}]),
+                   str(root / "results/completions-r-0.parquet"))
     return root
 
 
