@@ -150,6 +150,8 @@ def expand_inputs(spec: str) -> list[tuple[str, str]]:
             raise ValueError(f"--input {pattern!r}: cannot list it ({type(e).__name__}: {e})") from None
         if is_dir:
             base = pattern
+            if not matched and fsys.isdir(stripped.rstrip("/") + "/_jetbeam"):
+                raise ValueError(f"--input {pattern!r} is a jetbeam output directory, not prompts")
             if not matched:
                 raise ValueError(f"--input {pattern!r} is a directory with no Parquet or JSONL files "
                                  f"(.parquet, .pq, .parq, .jsonl, .json, .ndjson; JSON also as .gz, .bz2, "

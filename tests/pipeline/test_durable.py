@@ -199,8 +199,9 @@ def test_preflight_mistakes(tmp_path, tokenizer_dir, capsys, caplog):
     caplog.clear()
     _refused(main, capsys, base + [f"--output={out}", "--temperature=0.5"],
              "temperature: 0.0 -> 0.5")  # resuming with other sampling settings would mix outputs
-    _refused(main, capsys, base + [f"--output={out}", f"--input={out}"],
+    _refused(main, capsys, base + [f"--output={out}", f"--input={out}/*.parquet"],
              f"file(s) inside --output {out}")  # a re-run would read its outputs as prompts
+    _refused(main, capsys, base + [f"--output={out}", f"--input={out}"], "is a jetbeam output directory")
     damaged = out / "completions-20990101-000000-bbbbbb-0123456789ab.parquet"
     damaged.write_bytes(b"PAR1 truncated")
     _refused(main, capsys, base + [f"--output={out}"], f"{damaged}: unreadable completions piece")
