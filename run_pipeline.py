@@ -19,6 +19,9 @@ import sys
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported
 
 
+INTERRUPTED = "jetbeam: interrupted: the rows committed so far are kept; the same command resumes the job"
+
+
 def _print_help() -> None:
     import argparse
     import textwrap
@@ -101,8 +104,14 @@ def main(argv=None) -> int:
     except (PreflightError, ConfigError) as e:  # found before any work: one clear line, no traceback
         print(f"jetbeam: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
     except Exception as e:  # a worker's engine could not load: the job failed, every row stays to serve
-        from transforms.serving import load_failure
+        from transforms.serving import interrupted, load_failure
+        if interrupted(e):
+            print(INTERRUPTED, file=sys.stderr)
+            return 130
         why = load_failure(e)
         if why is None:
             raise

@@ -149,6 +149,10 @@ def run(argv=None, wait: bool = True, options: Optional[PipelineOptions] = None)
             result.wait_until_finish()
             metrics = read_metrics(info["output"], info["run_id"])
         status = None
+    except BaseException as e:
+        from transforms.serving import interrupted
+        status = "interrupted" if interrupted(e) else "failed"  # recorded in the run's manifest
+        raise
     finally:
         if wait or status:
             plan.end(status)

@@ -47,10 +47,24 @@ class EngineLoadError(RuntimeError):
 
 class _DropLoadTraceback(logging.Filter):
     """Beam logs a failed DoFn's traceback where it runs it, in the SDK worker, and again where
-    the runner relays worker logs; an EngineLoadError is already logged as its one line."""
+    the runner relays worker logs; an EngineLoadError is already logged as its one line, and an
+    interrupt (Ctrl-C) is reported by the launcher."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return LOAD_FAILED not in record.getMessage()
+        message = record.getMessage()
+        return LOAD_FAILED not in message and not message.startswith("KeyboardInterrupt")
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether a failed job's exception is, or was raised while handling, a KeyboardInterrupt
+    (Beam re-raises one inside a DoFn as a RuntimeError naming it)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt) or str(exc).startswith("KeyboardInterrupt"):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 for _name in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker",

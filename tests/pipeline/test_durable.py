@@ -82,6 +82,29 @@ def test_sigkill_then_resume(tmp_path, tokenizer_dir, kill_after_pieces, workers
     assert not os.path.exists(lock) and not os.listdir(os.path.join(out, "_jetbeam", "tmp"))
 
 
+def test_ctrl_c_then_resume(tmp_path, tokenizer_dir):
+    """SIGINT (Ctrl-C) mid-run: one line and exit status 130, no traceback, the lock given back and
+    the run recorded as interrupted; the same command then serves exactly the rows not committed."""
+    from run_pipeline import INTERRUPTED
+    n = 60
+    inp = write_jsonl(tmp_path / "in.jsonl", token_rows(n))
+    out = str(tmp_path / "out")
+    args = [f"--input={inp}", f"--output={out}", "--flush_rows=5"] + engine_args(tokenizer_dir)
+    proc = launch(args)
+    wait_for(lambda: len(pieces(out)) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, log[-3000:]
+    assert log.strip().splitlines()[-1] == INTERRUPTED and "Traceback" not in log, log[-3000:]
+    assert not os.path.exists(os.path.join(out, "_jetbeam", "lock.json"))
+    before = committed_ids(out)
+    m, _ = run_job(args)
+    assert m["rows_skipped_existing"] == len(before) > 0 and m["completed"] == n - len(before)
+    assert_each_id_once(*read_outputs(out), {f"r{i}" for i in range(n)})
+    summary = json.loads(open(os.path.join(out, "metrics.json")).read())
+    assert [r["status"] for r in summary["runs"]] == ["interrupted", "finished"]
+
+
 def test_concurrent_run_refused(tmp_path, tokenizer_dir, capsys):
     from run_pipeline import main
     inp = write_jsonl(tmp_path / "in.jsonl", token_rows())
