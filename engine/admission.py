@@ -27,12 +27,24 @@ def cache_tokens(geo: EngineGeometry, ids: list, req: Request) -> int:
     return len(ids) + max_tokens(geo, ids, req) - 1
 
 
-def encode_prompt(prompt, tokenizer) -> list:
-    """Token ids of a text prompt, BOS added as the tokenizer adds it; RequestError if it cannot be."""
+# Slack on the characters-per-token bound: Unicode normalization (NFKC) may fold a few code
+# points into one before the vocabulary sees them.
+NORMALIZATION_SLACK = 4
+
+
+def encode_prompt(prompt, tokenizer, context_size: Optional[int] = None) -> list:
+    """Token ids of a text prompt, BOS added as the tokenizer adds it; RequestError if it cannot be.
+    With `context_size`, a prompt with more characters than that many tokens can hold is refused
+    before tokenizing (a multi-megabyte cell would take seconds and gigabytes to tokenize)."""
     if prompt is None or not isinstance(prompt, str) or not prompt.strip():
         raise RequestError("missing or empty prompt")
     if tokenizer is None:
         raise RequestError("this model has no tokenizer: send prompt_token_ids instead of text")
+    if context_size is not None:
+        most = NORMALIZATION_SLACK * context_size * tokenizer.max_token_chars()
+        if len(prompt) > most:
+            raise RequestError(f"prompt has {len(prompt):,} characters, more than context_size {context_size} "
+                               f"tokens can hold (at most {most:,} characters with this tokenizer)")
     return tokenizer.encode(prompt)
 
 
@@ -56,7 +68,7 @@ def prompt_ids(req: Request, geo: EngineGeometry, tokenizer=None, pages: Optiona
         if bad:
             raise RequestError(f"prompt_token_ids contains ids outside [0, {geo.vocab_size}): {bad[:5]}")
     else:
-        ids = encode_prompt(req.prompt, tokenizer)
+        ids = encode_prompt(req.prompt, tokenizer, geo.context_size)
     check_prompt_length(ids, geo.context_size)
     if req.sampling.constrained:
         from engine.constraints import check

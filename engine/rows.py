@@ -204,7 +204,7 @@ class RowValidator:
                 kind, prompt = "chat", render_messages(self.tokenizer, [{"role": "user", "content": spec["prompt"]}])
             else:
                 kind, prompt = "raw", spec["prompt"]
-            ids = encode_prompt(prompt, self.tokenizer)
+            ids = encode_prompt(prompt, self.tokenizer, self.context_size)
         check_prompt_length(ids, self.context_size)
         if spec["sampling"].constrained:  # a constraint that cannot compile is this row's error
             from engine.constraints import check

@@ -37,6 +37,14 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         return self.decode([token_id])
 
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for: the length of its longest vocabulary entry
+        (an upper bound of a token's text), computed once. It bounds the characters a prompt of
+        context_size tokens can have, so an oversized prompt is refused without tokenizing it."""
+        if getattr(self, "_max_chars", None) is None:
+            self._max_chars = max(1, max((len(self.token_text(i)) for i in range(self.vocab_size)), default=1))
+        return self._max_chars
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render role/content messages with the model's chat template (Jinja, as transformers does)."""
         if not self.chat_template:

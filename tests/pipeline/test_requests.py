@@ -89,6 +89,9 @@ def test_refused_rows_become_validate_error_rows(byte_validator):
     long_text = "this prompt is far longer than sixteen bytes"
     cases = {
         "too-long": ({"prompt": long_text}, "prompt has 45 tokens, longer than context_size 16"),
+        # refused by its length in characters, before tokenizing (one byte token is one character)
+        "huge": ({"prompt": "x" * 100_000}, "prompt has 100,000 characters, more than context_size 16 tokens "
+                                            "can hold (at most 64 characters with this tokenizer)"),
         "empty": ({"prompt": "   "}, "empty prompt in column 'prompt'"),
         "noprompt": ({"other": 1}, "missing prompt"),
         "msgs-role": ({"messages": [{"content": "no role"}]}, "messages[0] has no role"),
@@ -109,6 +112,9 @@ def test_refused_rows_become_validate_error_rows(byte_validator):
     with pytest.raises(RequestError) as e:
         prompt_ids(Request(id=0, prompt=long_text), geo, byte_validator.tokenizer)
     assert str(e.value) == cases["too-long"][1]
+    with pytest.raises(RequestError) as e:
+        prompt_ids(Request(id=0, prompt="x" * 100_000), geo, byte_validator.tokenizer)
+    assert str(e.value) == cases["huge"][1]
 
 
 def test_chat_needs_a_template_and_text_needs_a_tokenizer(byte_validator):
