@@ -62,6 +62,7 @@ import numpy as np
 from engine.admission import cache_tokens, max_tokens, prompt_ids, serving_order
 from engine.config import SchedulerConfig
 from engine.constraints import Matcher, open_mask
+from engine.stop_strings import stop_cut, tail_tokens
 from engine.engine_api import Engine
 from engine.kv_pages import PagePool, prefix_hashes
 from engine.logprobs import logprob_at, logprob_entries
@@ -458,10 +459,9 @@ class ContinuousBatcher:
                 a.finish = "stop"
                 return True
         if sp.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(a.tokens)
-            hits = [i for i in (text.find(s) for s in sp.stop) if i >= 0]
-            if hits:
-                a.text = text[:min(hits)]
+            cut = stop_cut(self.tokenizer, a.tokens, sp.stop, tail_tokens(sp.stop))
+            if cut is not None:
+                a.text = cut
                 a.finish = "stop"
                 return True
         if len(a.tokens) >= a.max_tokens:
