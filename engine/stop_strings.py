@@ -1,8 +1,8 @@
 """Stop strings, checked as each token arrives without decoding the whole completion every time.
 
-Decoding a request's tokens from the start at every step costs time quadratic in its length
-(a 2,048-token completion: 2,048 decodes of up to 2,048 tokens, ~0.4 s of host time each on
-SmolLM2's tokenizer), and the batcher's host loop does it for every slot. A stop string that
+Decoding a request's tokens from the start at every step costs host time quadratic in its
+length, and the batcher's host loop does it for every slot (BENCHMARKS.md, CPU: stop strings).
+A stop string that
 first appears at the newest token lies within the text of the last few tokens, so only a tail
 of tokens is decoded each step; the whole completion is decoded once, when that tail holds a
 stop string, to cut it exactly as a full decode would.
