@@ -49,19 +49,32 @@ class Tokenizer:
         """Render role/content messages with the model's chat template (Jinja, as transformers does)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; send a plain prompt instead of messages")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
         bos = self.token_text(self.bos_id) if self.bos_id is not None else ""
         eos = self.token_text(self.eos_ids[0]) if self.eos_ids else ""
-        return env.from_string(self.chat_template).render(
+        return self._compiled_template().render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=bos, eos_token=eos)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_template_cache", None)  # a compiled Jinja template does not pickle: compiled again
+        return state
+
+    def _compiled_template(self):
+        """The chat template compiled once per template text: compiling takes about as long as a
+        whole row's validation otherwise, and every row renders with the same template."""
+        cached = getattr(self, "_template_cache", None)
+        if cached is None or cached[0] != self.chat_template:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise jinja2.exceptions.TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            cached = self._template_cache = (self.chat_template, env.from_string(self.chat_template))
+        return cached[1]
 
 
 # What a tokenizer file may weigh before its parser allocates for it: the largest public ones are

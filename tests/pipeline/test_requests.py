@@ -117,6 +117,20 @@ def test_refused_rows_become_validate_error_rows(byte_validator):
     assert str(e.value) == cases["huge"][1]
 
 
+def test_chat_template_is_compiled_once_per_text(byte_validator):
+    """Rows reuse the compiled template (compiling it cost as much as the rest of a row's
+    validation); a new template text is compiled anew; a tokenizer that rendered still pickles."""
+    import pickle
+    tok = byte_validator.tokenizer
+    msgs = [{"role": "user", "content": "hi"}]
+    first = tok.render_chat(msgs)
+    compiled = tok._compiled_template()
+    assert tok.render_chat(msgs) == first and tok._compiled_template() is compiled
+    assert pickle.loads(pickle.dumps(tok)).render_chat(msgs) == first
+    tok.chat_template = "{{ messages[0].content }}!"
+    assert tok.render_chat(msgs) == "hi!"
+
+
 def test_chat_needs_a_template_and_text_needs_a_tokenizer(byte_validator):
     from dataclasses import replace
     byte_validator.tokenizer.chat_template = None
