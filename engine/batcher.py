@@ -62,7 +62,6 @@ import numpy as np
 from engine.admission import cache_tokens, max_tokens, prompt_ids, serving_order
 from engine.config import SchedulerConfig
 from engine.constraints import Matcher, open_mask
-from engine.stop_strings import stop_cut, tail_tokens
 from engine.engine_api import Engine
 from engine.kv_pages import PagePool, prefix_hashes
 from engine.logprobs import logprob_at, logprob_entries
@@ -71,6 +70,7 @@ from engine.prefill_calls import (PackedCall, PrefillCall, SampleGroups, WorkIte
 from engine.request import Request, RequestError, Result
 from engine.sampling import SlotSampling
 from engine.sched_stats import SCHEDULER_STATS
+from engine.stop_strings import stop_cut, tail_tokens
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ parameter and cache shapes only, so no weights are read or held. Every program i
 then exported for the target with `jax.export`, which lowers each to StableHLO for that platform:
 prefill for each prompt count and length bucket and the insert of its output, generate for each
 decode window, the two halves of a structured-output step, each packed row length and its
-insert, and (paged) a prefill after cached prefix pages. A program that does not lower is reported in one line (exit 2).
-Model configs and checkpoints give the same shapes.
+insert, and (paged) a prefill after cached prefix pages. A program that does not lower is
+reported in one line (exit 2). Model configs and checkpoints give the same shapes.
 """
 
 from __future__ import annotations

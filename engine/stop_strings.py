@@ -2,10 +2,9 @@
 
 Decoding a request's tokens from the start at every step costs host time quadratic in its
 length, and the batcher's host loop does it for every slot (BENCHMARKS.md, CPU: stop strings).
-A stop string that
-first appears at the newest token lies within the text of the last few tokens, so only a tail
-of tokens is decoded each step; the whole completion is decoded once, when that tail holds a
-stop string, to cut it exactly as a full decode would.
+A stop string that first appears at the newest token lies within the text of the last few
+tokens, so only a tail of tokens is decoded each step; the whole completion is decoded once,
+when that tail holds a stop string, to cut it exactly as a full decode would.
 """
 
 from __future__ import annotations

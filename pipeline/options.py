@@ -40,8 +40,7 @@ class JobOptions:
         DEFAULT_INPUT, "Files, globs or directories (comma-separated) of Parquet (*.parquet) or JSONL (*.jsonl, "
                        "*.json, *.ndjson, OpenAI batch files; also .gz, .bz2, .xz, .zst) inputs, local or gs://; a "
                        "directory is read with its partition folders, skipping _* and .* names and jetbeam outputs; "
-                       "the default is "
-                       "the sample prompts in data/")
+                       "the default is the sample prompts in data/")
     output: str = setting(
         "output", "Output directory, local or gs://: completions-*.parquet, errors-*.jsonl, "
                   "metrics-<run>.json/.csv per run, metrics.json/.csv over every run")

@@ -6,8 +6,9 @@ and `.zst` files are decompressed as they stream) and OpenAI batch files (JSONL 
 `custom_id` and a `body` holding `prompt` or `messages`, `max_tokens`, `temperature`, ...).
 
 Every row gets a stable id: the value of the id column, else `<file name>:<row number>` (0-based;
-for JSONL the line index), the file name relative to its --input entry (fs.expand_inputs). A file that cannot be opened or parsed yields an error
-record instead of failing the job; a bad JSONL line yields an error record for that line.
+for JSONL the line index), the file named relative to its --input entry (fs.expand_inputs). A
+file that cannot be opened or parsed yields an error record instead of failing the job; a bad
+JSONL line yields an error record for that line.
 """
 
 from __future__ import annotations
@@ -140,9 +141,11 @@ class ReadFileFn(beam.DoFn):
                 start += n
 
     def _jsonl(self, path: str):
+        codec = fs.compression(path)
+
         def open_():  # each pass opens the file afresh: compressed streams do not seek back
-            f = fs.open_file(path, "rb", compression=fs.compression(path))
-            return io.BufferedReader(f) if fs.compression(path) else f  # zstd's reader has no readline
+            f = fs.open_file(path, "rb", compression=codec)
+            return io.BufferedReader(f) if codec else f  # zstd's reader has no readline
 
         if fs.uncompressed_name(path).endswith(".json"):
             with open_() as f:

@@ -55,34 +55,34 @@ class _DropLoadTraceback(logging.Filter):
         return LOAD_FAILED not in message and not message.startswith("KeyboardInterrupt")
 
 
-def interrupted(exc: BaseException) -> bool:
-    """Whether a failed job's exception is, or was raised while handling, a KeyboardInterrupt
-    (Beam re-raises one inside a DoFn as a RuntimeError naming it)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, KeyboardInterrupt) or str(exc).startswith("KeyboardInterrupt"):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 for _name in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker",
               "apache_beam.runners.portability.local_job_service"):
     logging.getLogger(_name).addFilter(_DropLoadTraceback())
+
+
+def _chain(exc: Optional[BaseException]) -> Iterator[BaseException]:
+    """A failed job's exception, then each one it was raised from or while handling."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether a failed job's exception is, or was raised while handling, a KeyboardInterrupt
+    (Beam re-raises one inside a DoFn as a RuntimeError naming it)."""
+    return any(isinstance(e, KeyboardInterrupt) or str(e).startswith("KeyboardInterrupt") for e in _chain(exc))
 
 
 def load_failure(exc: BaseException) -> Optional[str]:
     """The one-line EngineLoadError message carried by a failed job's exception (in-process, or
     the text of a worker process's traceback), Beam's step annotation removed; None if the job
     failed otherwise."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        found = re.search(re.escape(LOAD_FAILED) + r"[^\n]*", str(exc))
+    for e in _chain(exc):
+        found = re.search(re.escape(LOAD_FAILED) + r"[^\n]*", str(e))
         if found:
             return re.sub(r"( \[while running '[^']*'\])+$", "", found.group(0).rstrip())
-        exc = exc.__cause__ or exc.__context__
     return None
 
 
